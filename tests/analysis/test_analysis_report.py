@@ -118,7 +118,10 @@ def test_report_via_main(logdir: Path, tmp_path: Path) -> None:
     for proxy in ("| combined |", "| κ_softmax |", "| κ_score |", "| κ(V) |"):
         assert proxy in md
     assert "## How to read this" in md
-    pngs = sorted(p.name for p in out.glob("*.png"))
+    curves = sorted(p.name for p in out.glob("curves_*.png"))
+    assert "curves_fp16_version_0.png" in curves  # per-block curves where block tags exist
+    assert all((out / name).stat().st_size > 5000 for name in curves)
+    pngs = sorted(p.name for p in out.glob("*.png") if not p.name.startswith("curves_"))
     assert pngs == [
         "leadlag_bf16_version_0.png",
         "leadlag_fp16_version_0.png",

@@ -260,6 +260,10 @@ def _leadlag_row(
     if s is None or t is None:
         missing = SIGNAL_TAG if s is None else target_tag
         return LeadLagRow(run.name, target, target_tag, 0, 1, note=f"`{missing}` not logged")
+    if target != "fwd error":
+        # Lightning logs training_step values at the step *before* the optimizer step
+        # (4, 9, …) while callbacks log after it (5, 10, …): same batch, step + 1.
+        t = Series(t.steps + 1, t.values)
     steps, (sv, tv) = align(s, t)
     T = int(steps.size)
     stride = step_stride(steps)
@@ -381,6 +385,34 @@ def _plot_scatter(Figure: Any, runs: Sequence[Run], path: Path) -> bool:
     ax.set_title("Predicted vs observed forward mismatch (one point per logged step)")
     ax.legend(title="precision")
     fig.savefig(path, dpi=100)
+    return True
+
+
+def _plot_curves(Figure: Any, run: Run, path: Path) -> bool:
+    """Per-block curves over steps, as TensorBoard's custom-scalars charts show them."""
+    panels = [
+        (r"stability/block\d+/r_block", "forward mismatch r_block", True),
+        (r"stability/block\d+/kappa_softmax", "κ_softmax", True),
+        (r"stability/block\d+/predictor", "combined predictor", True),
+    ]
+    panels = [(pat, label, log) for pat, label, log in panels if run.tags_matching(pat)]
+    if not panels:
+        return False
+    fig = Figure(figsize=(8, 2.3 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (pattern, label, log) in zip(axes, panels, strict=True):
+        tags = sorted(run.tags_matching(pattern), key=lambda t: int(t.split("/")[1].removeprefix("block")))
+        for tag in tags:
+            series = run.get(tag)
+            if series is not None:
+                ax.plot(series.steps, series.values, label=tag.split("/")[1], lw=1.2)
+        if log:
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7, ncol=min(6, len(tags)), loc="upper left")
+    axes[-1].set_xlabel("step")
+    axes[0].set_title(f"{run.name}: per-block stability curves")
+    fig.savefig(path, dpi=80)
     return True
 
 
@@ -599,6 +631,10 @@ def build_report(
             p = out_dir / "predictor_vs_mismatch.png"
             if _plot_scatter(Figure, runs, p):
                 figures.append(p)
+            for run in runs:
+                p = out_dir / f"curves_{slugs[run.name]}.png"
+                if _plot_curves(Figure, run, p):
+                    figures.append(p)
             for run in runs:
                 p = out_dir / f"ln_eps_{slugs[run.name]}.png"
                 if _plot_ln_eps(Figure, run, p):
