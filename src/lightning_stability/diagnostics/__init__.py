@@ -1,0 +1,59 @@
+"""The math of lightning-stability (SPEC §1–§8): pure tensor functions, no Lightning, no hooks."""
+
+from .attention import (
+    AttentionDiagnostics,
+    attention_diagnostics,
+    attention_entropy,
+    kappa_score,
+    kappa_softmax,
+    kappa_v,
+    softmax_jacobian_norm,
+)
+from .bound import UnifiedBound, combined_predictor, residual_gain, unified_bound
+from .linear import (
+    condition_from_singular_values,
+    condition_number,
+    kappa_wkwq,
+    spectral_norm,
+    wkwq_norm,
+)
+from .norm import (
+    ln_error_coefficient,
+    ln_error_coefficient_from_variance,
+    propose_ln_eps,
+    propose_ln_eps_from_variance,
+    rho_ln,
+    rho_ln_from_variance,
+    token_variance,
+)
+from .precision import eps_mach
+from .rolling import RollingZScore, rolling_zscore
+
+__all__ = [
+    "AttentionDiagnostics",
+    "RollingZScore",
+    "UnifiedBound",
+    "attention_diagnostics",
+    "attention_entropy",
+    "combined_predictor",
+    "condition_from_singular_values",
+    "condition_number",
+    "eps_mach",
+    "kappa_score",
+    "kappa_softmax",
+    "kappa_v",
+    "kappa_wkwq",
+    "ln_error_coefficient",
+    "ln_error_coefficient_from_variance",
+    "propose_ln_eps",
+    "propose_ln_eps_from_variance",
+    "residual_gain",
+    "rho_ln",
+    "rho_ln_from_variance",
+    "rolling_zscore",
+    "softmax_jacobian_norm",
+    "spectral_norm",
+    "token_variance",
+    "unified_bound",
+    "wkwq_norm",
+]

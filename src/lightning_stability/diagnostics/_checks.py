@@ -1,0 +1,48 @@
+"""Shared argument validation (private)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(name: str, x: object, min_dim: int, fn: str) -> Tensor:
+    """Raise ``ValueError`` unless ``x`` is a floating tensor with at least ``min_dim`` dims."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{fn}: {name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(
+            f"{fn}: {name} must have at least {min_dim} dims, got shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def check_mask(mask: object, target: tuple[int, ...], fn: str, name: str = "mask") -> Tensor:
+    """Raise ``ValueError`` unless ``mask`` is boolean and broadcastable to ``target``."""
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"{fn}: {name} must be a boolean torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(
+            f"{fn}: {name} must be a boolean tensor (True = attended), got dtype {mask.dtype} "
+            f"with shape {tuple(mask.shape)}"
+        )
+    ok = mask.dim() <= len(target)
+    if ok:
+        try:
+            ok = tuple(torch.broadcast_shapes(tuple(mask.shape), target)) == tuple(target)
+        except RuntimeError:
+            ok = False
+    if not ok:
+        raise ValueError(
+            f"{fn}: {name} of shape {tuple(mask.shape)} is not broadcastable to {tuple(target)}"
+        )
+    return mask
+
+
+def safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num/den`` with the package convention: 0/0 → 1, x/0 → inf, non-finite → inf."""
+    out = num / torch.where(den > 0, den, torch.ones_like(den))
+    out = torch.where(den > 0, out, torch.where(num > 0, torch.full_like(out, float("inf")), 1.0))
+    return torch.where(torch.isfinite(num) & torch.isfinite(den), out, torch.full_like(out, float("inf")))

@@ -1,0 +1,621 @@
+"""Attention diagnostics of SPEC §1 (and the entropy of SPEC §8).
+
+All functions are pure tensor maps: leading dimensions are batch dimensions, the result has
+the leading shape and dtype ``float64`` unless stated otherwise. Conventions shared by every
+function here:
+
+* ``mask`` is boolean, ``True`` = attended, broadcastable to ``(..., n_q, n_k)``. A masked key
+  is not part of its row; a row without any attended key contributes nothing.
+* A non-finite value (NaN/±Inf) on an attended position yields ``inf`` for the affected
+  element — never an exception and never a NaN that would poison a ``max``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._checks import check_mask, check_tensor, safe_ratio
+
+__all__ = [
+    "AttentionDiagnostics",
+    "attention_diagnostics",
+    "attention_entropy",
+    "kappa_score",
+    "kappa_softmax",
+    "kappa_v",
+    "softmax_jacobian_norm",
+]
+
+_F64 = torch.float64
+_INF = float("inf")
+# Extra relative safety margin on the (already widened) float32 row bounds used for pruning.
+_BOUND_MARGIN = 1e-4
+_NEWTON_FIXED = 4
+_NEWTON_MAX = 40
+
+
+# ----------------------------------------------------------------------------------------------
+# exact ‖Diag(p) − ppᵀ‖₂ via the secular equation
+# ----------------------------------------------------------------------------------------------
+def _secular_lambda(rest: Tensor, p1: Tensor, p2: Tensor, r: Tensor, s2: Tensor | None = None) -> Tensor:
+    """Largest eigenvalue of ``Diag(p) − ppᵀ`` (float64, rows of ``rest``).
+
+    ``rest`` is the row with its arg-max entry (value ``p1``) set to zero, ``p2 = max(rest)``,
+    ``r = Σ rest`` (the tail mass, used for ``1 − p1``), ``s2 = Σ rest²`` (optional). Solves the
+    pole-removed secular equation ``F(λ) = (p1−λ)·Σ p_i²/(λ−p_i) + p1·r − λ = 0`` on ``(p2, p1]``
+    by Newton from a lower bound (see :func:`_lambda_bounds`); F is convex and decreasing there,
+    so the iterates increase monotonically to the root.
+    """
+    if s2 is None:
+        s2 = torch.linalg.vecdot(rest, rest)
+    a = p1 * r
+    lam0 = _block_top(a, p1 * p2, p2 * (1.0 - p2))
+    bh = a - s2
+    lam0 = torch.maximum(lam0, 0.5 * (bh + torch.sqrt(bh * bh + 4.0 * p1 * s2)))
+    lam0 = torch.minimum(torch.maximum(lam0, torch.nextafter(p2, p1)), p1)
+    tie = (p1 - p2) <= 4.0 * torch.finfo(_F64).eps * p1
+    one_hot = p2 <= 0.0
+    special = tie | one_hot
+    lam = torch.where(special, p1 + 1.0, lam0)  # dummy away from the poles for special rows
+    lo = torch.where(special, lam, lam0)
+    if rest.numel() > 0:
+        it = 0
+        while True:
+            t = rest / (lam.unsqueeze(-1) - rest)  # p_i/(λ−p_i): avoids underflow of p_i²
+            s1 = torch.linalg.vecdot(rest, t)
+            s1p = torch.linalg.vecdot(t, t)
+            gap = p1 - lam
+            step = (gap * s1 + a - lam) / (-s1 - gap * s1p - 1.0)
+            lam = torch.clamp(torch.minimum(lam - step, p1), min=lo)
+            it += 1
+            if it >= _NEWTON_MAX:
+                break
+            if it >= _NEWTON_FIXED:
+                err = torch.where(special, 0.0, step.abs() - 4e-16 * lam)
+                if not bool((err > 0).any()):
+                    break
+    lam = torch.where(tie, p1, lam)
+    return torch.where(one_hot & ~tie, torch.zeros_like(lam), lam)
+
+
+def softmax_jacobian_norm(p: Tensor) -> Tensor:
+    """Exact spectral norm ``‖Diag(p) − ppᵀ‖₂`` of the softmax Jacobian, row-wise (SPEC §1).
+
+    Solves the secular equation exactly in float64 (O(n) per row, no eigen-solver, no power
+    iteration). ``p`` is a probability vector along the last axis (non-negative). For a row
+    summing to 1 within float64 rounding, ``1 − p₁`` is taken as the tail mass ``Σ_{i≠argmax} p_i``
+    so near-one-hot rows stay exact; otherwise (e.g. probabilities rounded to half precision)
+    the exact norm of the given matrix ``Diag(p) − ppᵀ`` is returned.
+
+    Args:
+        p: Probabilities, shape ``(..., n)``, any floating dtype. Zeros (e.g. masked keys) are
+            allowed.
+
+    Returns:
+        ``(...)`` float64 tensor in ``[0, ½]``. One-hot → 0; a top-2 tie → ``p₁`` (two halves →
+        ½, uniform → 1/n); n = 1 → 0; a row containing NaN/Inf → ``inf``.
+
+    Raises:
+        ValueError: If ``p`` is not a floating tensor with at least one dimension and n ≥ 1.
+
+    Example:
+        >>> p = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.7, 0.3]], dtype=torch.float64)
+        >>> [round(x, 12) for x in softmax_jacobian_norm(p).tolist()]  # 2·p₁p₂ for n = 2
+        [0.5, 0.0, 0.42]
+    """
+    check_tensor("p", p, 1, "softmax_jacobian_norm")
+    if p.shape[-1] == 0:
+        raise ValueError(f"softmax_jacobian_norm: p must have n >= 1 entries, got shape {tuple(p.shape)}")
+    p64 = p.to(_F64)
+    bad = ~torch.isfinite(p64).all(-1)
+    p64 = torch.where(torch.isfinite(p64), p64, 0.0)
+    p1, idx = p64.max(-1, keepdim=True)
+    p1 = p1.squeeze(-1)
+    rest = p64.scatter(-1, idx, 0.0)
+    tail = rest.sum(-1)
+    # A normalised row uses the tail mass for 1 − p1 (exact even when p1 rounds to 1); a row that
+    # does not sum to 1 (e.g. rounded to half precision) uses 1 − p1 itself: the exact matrix.
+    normalised = (p1 + tail - 1.0).abs() <= 4.0 * p.shape[-1] * torch.finfo(_F64).eps
+    r = torch.where(normalised, tail, (1.0 - p1).clamp_min(0.0))
+    lam = _secular_lambda(rest, p1, rest.amax(-1), r)
+    return torch.where(bad, _INF, lam)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers for chunked processing over flattened leading dims
+# ----------------------------------------------------------------------------------------------
+def _expand_rank(t: Tensor, ndim: int) -> Tensor:
+    return t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape))
+
+
+def _take_lead(t: Tensor, lead: tuple[int, ...], g0: int, g1: int) -> Tensor:
+    """Rows ``g0:g1`` of ``t`` (leading dims broadcastable to ``lead``, flattened) as ``(c|1, a, b)``."""
+    tl = tuple(t.shape[:-2])
+    if all(s == 1 for s in tl):
+        return t.reshape((1, *t.shape[-2:]))
+    if tl == tuple(lead) and t.is_contiguous():
+        return t.reshape((-1, *t.shape[-2:]))[g0:g1]
+    g = torch.arange(g0, g1, device=t.device)
+    idx = torch.unravel_index(g, lead)
+    sel = tuple(i if s != 1 else torch.zeros_like(i) for i, s in zip(idx, tl, strict=True))
+    return t[sel]
+
+
+def _chunk_len(g: int, per_item: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return chunk_size
+    # Keep the per-chunk temporaries (about four working copies) near one full float32 score
+    # tensor, but do not split small problems.
+    budget = max(g * per_item // 4, 1 << 20)
+    return max(1, min(g, budget // max(per_item, 1)))
+
+
+def _row_stats(s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Exact softmax statistics of the rows of ``s`` (masked entries = -inf, others finite).
+
+    Returns ``(e, p1, p2, r, s2, p_norm, z)``: ``e = exp(s − max)`` with the arg-max entry zeroed,
+    ``Z = 1 + Σ e``, ``p1 = 1/Z``, ``p2 = max(e)/Z``, ``r = Σ e/Z`` (the tail mass, exact even when
+    ``p1`` rounds to 1), ``s2 = Σ_{i≠argmax} p_i²``, ``p_norm = ‖softmax(s)‖`` and ``z = Z``.
+    """
+    mx, idx = s.max(-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, 0.0)
+    e = s - mx
+    e.exp_()
+    e.scatter_(-1, idx, 0.0)
+    t = e.sum(-1)
+    e2 = e.amax(-1)
+    q2 = torch.linalg.vector_norm(e, dim=-1).square()
+    z = 1.0 + t
+    z2 = z * z
+    return e, 1.0 / z, e2 / z, t / z, q2 / z2, torch.sqrt(1.0 + q2) / z, z
+
+
+def _exact_rows(s_rows: Tensor) -> Tensor:
+    """Exact ``‖J(P_i)‖₂·‖S_i‖/‖P_i‖`` in float64 for finite rows (masked entries = -inf)."""
+    s64 = s_rows.to(_F64)
+    ns = torch.linalg.vector_norm(torch.where(torch.isfinite(s64), s64, 0.0), dim=-1)
+    e, p1, p2, r, s2, pn, z = _row_stats(s64)
+    e.div_(z.unsqueeze(-1))
+    lam = _secular_lambda(e, p1, p2, r, s2)
+    return lam * ns / pn
+
+
+def _block_top(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """Largest eigenvalue of the symmetric 2×2 matrix ``[[a, b], [b, c]]``."""
+    return 0.5 * (a + c) + torch.hypot(0.5 * (a - c), b)
+
+
+def _lambda_bounds(
+    p1_lo: Tensor, p1_hi: Tensor, r_lo: Tensor, r_hi: Tensor,
+    p2_lo: Tensor, p2_hi: Tensor, s2_lo: Tensor, s2_hi: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Rigorous bounds ``lo ≤ ‖J(p)‖₂ ≤ hi`` from intervals on ``p1 = max p``, the tail mass
+    ``r = 1 − p1``, the second largest ``p2`` and ``s2 = Σ_{i≠argmax} p_i²`` (float64).
+
+    Below: the top eigenvalue of the top-2 principal block (interlacing; monotone in p1, r, p2)
+    and the root of ``F`` with ``Σ p_i²/(λ−p_i) ≥ s2/λ``. Above: ``p1``, ½, Gershgorin
+    ``max_i 2p_i(1−p_i)``, the root of ``F`` with ``Σ p_i²/(λ−p_i) ≤ s2/(λ−p2)``, and the 2×2
+    compression ``[[λ_top2, ‖p_top2‖·‖p_tail‖], [·, p2]]`` of the block form of ``J``.
+    """
+    lo = _block_top(p1_lo * r_lo, p1_lo * p2_lo, p2_lo * (1.0 - p2_lo))
+    bh = p1_lo * r_lo - s2_lo
+    lo = torch.maximum(lo, 0.5 * (bh + torch.sqrt(bh * bh + 4.0 * p1_lo * s2_lo)))
+    top2_hi = _block_top(p1_hi * r_hi, p1_hi * p2_hi, p2_hi * (1.0 - p2_hi))
+    # β² = (p1² + x)(s2 − x), x = p2² ∈ [p2_lo², p2_hi²]: maximise the concave quadratic.
+    x = ((s2_hi - p1_hi * p1_hi) * 0.5).clamp(min=p2_lo * p2_lo)
+    x = torch.minimum(x, torch.minimum(p2_hi * p2_hi, s2_hi))
+    beta = ((p1_hi * p1_hi + x) * (s2_hi - x).clamp_min(0.0)).sqrt()
+    hi = _block_top(top2_hi, beta, p2_hi)
+    bg = p1_hi * r_hi + p2_hi - s2_hi
+    cg = p1_hi * (s2_hi - r_hi * p2_hi)
+    lam_g = torch.maximum(0.5 * (bg + torch.sqrt((bg * bg + 4.0 * cg).clamp_min(0.0))), p2_hi)
+    hi = torch.minimum(hi, lam_g)
+    gersh = 2.0 * torch.maximum(p1_hi * r_hi, p2_hi * (1.0 - p2_hi))
+    hi = torch.minimum(torch.minimum(hi, gersh), p1_hi).clamp_max(0.5)
+    return lo, hi
+
+
+def _widen(
+    p1: Tensor, r: Tensor, p2_lo: Tensor, p2_hi: Tensor, s2: Tensor, rel: float, eta: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Intervals around working-precision estimates (relative ``rel``, absolute ``eta`` on r)."""
+    up, dn = 1.0 + rel, 1.0 - rel
+    return (
+        p1 * dn, (p1 * up).clamp_max(1.0),
+        (r * dn - eta).clamp_min(0.0), (r * up + eta).clamp(0.0, 1.0),
+        p2_lo * dn, (p2_hi * up).clamp_max(0.5),
+        s2 * dn, s2 * up,
+    )
+
+
+def _softmax_chunk(
+    s: Tensor, mask: Tensor | None, want_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """kappa_softmax (and mean row entropy) for ``s: (G, n_q, n_k)``; ``mask: (G|1, n_q|1, n_k)``.
+
+    Phase 1 (all rows, working precision, a fused softmax plus a few reductions): rigorous
+    bounds on each row's ``λ·‖S_i‖/‖P_i‖``. Phase 2 (float64, exact): only rows whose upper bound
+    reaches the largest lower bound of their matrix.
+    """
+    g, nq, nk = s.shape
+    if mask is not None:
+        s0 = s.masked_fill(~mask, 0.0)
+        sm = s.masked_fill(~mask, -_INF)
+        valid = mask.any(-1).expand(g, nq)
+    else:
+        s0 = sm = s
+        valid = torch.ones(g, nq, dtype=torch.bool, device=s.device)
+    ns = torch.linalg.vector_norm(s0, dim=-1)
+    nonfin = ~torch.isfinite(ns)
+    ok = valid & ~nonfin
+    prob = torch.softmax(sm, -1)
+    p1 = prob.amax(-1)
+    pn = torch.linalg.vector_norm(prob, dim=-1)
+    entropy: Tensor | None = None
+    if want_entropy:
+        # H_i = −Σ p log p = LSE_i − Σ p s = (max s − log p1) − Σ p s   (masked: p = 0, s0 = 0)
+        dot = (prob * s0).sum(-1)
+        h_row = sm.amax(-1).to(_F64) - torch.log(p1.to(_F64)) - dot.to(_F64)
+        h_row = torch.where(ok, h_row.clamp_min(0.0), 0.0)
+        entropy = h_row.sum(-1) / valid.sum(-1).clamp_min(1)
+    # Phase 1: bounds from p1 and ‖P‖ only (p2 ∈ [s2/r, min(p1, r, √s2)]).
+    p1d, qd = p1.to(_F64), pn.to(_F64).square()
+    rd = 1.0 - p1d
+    s2 = (qd - p1d * p1d).clamp_min(0.0)
+    s2_abs = 4e-6 * qd  # cancellation in q − p1²
+    p2_lo = ((s2 - s2_abs).clamp_min(0.0) / (rd + 1e-6).clamp_max(1.0))
+    p2_lo = torch.minimum(p2_lo, torch.minimum(p1d, rd))
+    p2_hi = torch.minimum(torch.minimum(p1d, rd + 1e-6), (s2 + s2_abs).sqrt())
+    p1l, p1h, rl, rh, p2l, p2h, s2l, s2h = _widen(p1d, rd, p2_lo, p2_hi, s2, 1e-5, 2e-6)
+    lam_lo, lam_hi = _lambda_bounds(
+        p1l, p1h, rl, rh, p2l, p2h, (s2l - s2_abs).clamp_min(0.0), s2h + s2_abs
+    )
+    ratio = ns.to(_F64) / pn.to(_F64)
+    lb = torch.where(ok, lam_lo * ratio * (1.0 - _BOUND_MARGIN), 0.0).reshape(-1)
+    ub = torch.where(ok, lam_hi * ratio * (1.0 + _BOUND_MARGIN), -1.0).reshape(-1)
+    grp = torch.arange(g, device=s.device).repeat_interleave(nq)
+    rows = (ub.view(g, nq) >= lb.view(g, nq).amax(-1, keepdim=True)).reshape(-1).nonzero().squeeze(-1)
+    # Phase 1.5: on those rows, p2 and the tail mass from P itself (float32, one gather).
+    if rows.numel() > 4 * g:
+        pc = prob.reshape(g * nq, nk).index_select(0, rows)
+        p1c, idx = pc.max(-1, keepdim=True)
+        pc.scatter_(-1, idx, 0.0)
+        p2c = pc.amax(-1).to(_F64)
+        rc = pc.sum(-1).to(_F64)
+        s2c = torch.linalg.vector_norm(pc, dim=-1).to(_F64).square()
+        del pc
+        lo_c, hi_c = _lambda_bounds(*_widen(p1c.squeeze(-1).to(_F64), rc, p2c, p2c, s2c, 1e-4, 0.0))
+        rat_c = ratio.reshape(-1)[rows]
+        lb_c = torch.maximum(lb[rows], lo_c * rat_c * (1.0 - _BOUND_MARGIN))
+        ub_c = torch.minimum(ub[rows], hi_c * rat_c * (1.0 + _BOUND_MARGIN))
+        g_c = grp[rows]
+        best = torch.zeros(g, dtype=_F64, device=s.device).scatter_reduce(0, g_c, lb_c, reduce="amax")
+        rows = rows[ub_c >= best[g_c]]
+    del prob
+    # Phase 2: exact float64 solve on the surviving rows.
+    out = torch.zeros(g, dtype=_F64, device=s.device)
+    if rows.numel() > 0:
+        vals = _exact_rows(sm.reshape(g * nq, nk).index_select(0, rows))
+        out.scatter_reduce_(0, grp[rows], vals, reduce="amax")
+    bad = nonfin.any(-1)
+    out = torch.where(bad, _INF, out)
+    if entropy is not None:
+        entropy = torch.where(bad, _INF, entropy)
+    return out, entropy
+
+
+def _prep_mask(mask: Tensor | None, shape: tuple[int, ...], fn: str) -> Tensor | None:
+    if mask is None:
+        return None
+    check_mask(mask, shape, fn)
+    return _expand_rank(mask, len(shape))
+
+
+def kappa_softmax(scores: Tensor, mask: Tensor | None = None, *, chunk_size: int | None = None) -> Tensor:
+    """Softmax amplification ``max_i ‖J(P_i)‖₂·‖S_i‖/‖P_i‖`` per score matrix (SPEC §1).
+
+    ``P = softmax(S)`` row-wise over the attended keys; ``‖J(P_i)‖₂`` is exact (secular equation,
+    probabilities in float64). Rows whose cheap bounds cannot reach the running maximum are
+    pruned, so the result is the exact maximum at a fraction of an eigen-solver's cost.
+
+    Args:
+        scores: Scores ``S``, shape ``(..., n_q, n_k)``, any floating dtype.
+        mask: Optional boolean keep-mask broadcastable to ``scores``.
+        chunk_size: Number of flattened leading elements processed at once (default: bounded so
+            temporaries stay near the size of one float32 copy of ``scores``).
+
+    Returns:
+        ``(...)`` float64. Fully masked matrix → 0; a row with a NaN/Inf attended score, or with
+        an attended score whose square overflows the working precision (float32, or float64 for
+        float64 input), → ``inf``.
+
+    Raises:
+        ValueError: On a non-boolean or non-broadcastable ``mask`` or a scores tensor with < 2 dims.
+
+    Example:
+        >>> kappa_softmax(torch.zeros(3, 3)).item()  # ‖S_i‖ = 0
+        0.0
+        >>> s = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # row 2: 2·p₁p₂·‖S₂‖/‖P₂‖
+        >>> round(kappa_softmax(s).item(), 4)
+        0.5048
+    """
+    fn = "kappa_softmax"
+    check_tensor("scores", scores, 2, fn)
+    shape = tuple(scores.shape)
+    m = _prep_mask(mask, shape, fn)
+    lead, (nq, nk) = shape[:-2], shape[-2:]
+    g = math.prod(lead)
+    work = _F64 if scores.dtype == _F64 else torch.float32
+    out = torch.zeros(g, dtype=_F64, device=scores.device)
+    if nq == 0 or nk == 0 or g == 0:
+        return out.reshape(lead)
+    step = _chunk_len(g, nq * nk, chunk_size)
+    for g0 in range(0, g, step):
+        g1 = min(g, g0 + step)
+        s = _take_lead(scores, lead, g0, g1).to(work)
+        mc = None if m is None else _take_lead(m, lead, g0, g1)
+        out[g0:g1] = _softmax_chunk(s, mc, want_entropy=False)[0]
+    return out.reshape(lead)
+
+
+# ----------------------------------------------------------------------------------------------
+# kappa_score, kappa_v, entropy
+# ----------------------------------------------------------------------------------------------
+def _masked_norms(
+    q: Tensor, k: Tensor, qk: Tensor, mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``‖Q_act‖, ‖K_act‖, ‖(QKᵀ)_attended‖`` in float64 (q, k already in float64 or work dtype)."""
+    qn2 = q.to(_F64).square().sum(-1)
+    kn2 = k.to(_F64).square().sum(-1)
+    if mask is None:
+        sn = torch.linalg.vector_norm(qk, dim=(-2, -1)).to(_F64)
+    else:
+        qn2 = qn2 * mask.any(-1)
+        kn2 = kn2 * mask.any(-2)
+        sn = torch.linalg.vector_norm(torch.where(mask, qk, 0.0), dim=(-2, -1)).to(_F64)
+    return qn2.sum(-1).sqrt(), kn2.sum(-1).sqrt(), sn
+
+
+def kappa_score(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Score conditioning ``‖Q‖·‖K‖/‖QKᵀ‖`` (Frobenius) per head (SPEC §1); ≥ 1, scale-free.
+
+    With a mask, ``‖QKᵀ‖`` is taken over attended entries only and query rows with no attended
+    key (and keys attended by no query) drop out of ``‖Q‖`` (``‖K‖``); the ratio stays ≥ 1.
+
+    Args:
+        q: Queries ``(..., n_q, d)``.
+        k: Keys ``(..., n_k, d)`` with leading dims broadcast-compatible with ``q``.
+        mask: Optional boolean keep-mask broadcastable to ``(..., n_q, n_k)``.
+
+    Returns:
+        ``(...)`` float64. ``‖QKᵀ‖ = 0`` with ``‖Q‖‖K‖ > 0`` (orthogonal Q, K) → ``inf``; 0/0 (zero
+        Q or K, or nothing attended) → 1.0; non-finite input → ``inf``.
+
+    Raises:
+        ValueError: On mismatched shapes or a bad mask.
+
+    Example:
+        >>> q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> round(kappa_score(q, q).item(), 4)  # ‖I‖·‖I‖/‖I‖ = √2
+        1.4142
+    """
+    fn = "kappa_score"
+    check_tensor("q", q, 2, fn)
+    check_tensor("k", k, 2, fn)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{fn}: q {tuple(q.shape)} and k {tuple(k.shape)} differ in the last dim")
+    try:
+        lead = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
+    except RuntimeError as err:
+        raise ValueError(
+            f"{fn}: leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} do not broadcast"
+        ) from err
+    target = (*lead, q.shape[-2], k.shape[-2])
+    m = _prep_mask(mask, target, fn)
+    q64, k64 = q.to(_F64), k.to(_F64)
+    fin = torch.isfinite(q64).flatten(-2).all(-1) & torch.isfinite(k64).flatten(-2).all(-1)
+    q64 = torch.where(torch.isfinite(q64), q64, 0.0)
+    k64 = torch.where(torch.isfinite(k64), k64, 0.0)
+    qn, kn, sn = _masked_norms(q64, k64, q64 @ k64.transpose(-1, -2), m)
+    return torch.where(fin, safe_ratio(qn * kn, sn), _INF)
+
+
+def kappa_v(v: Tensor, ridge: float = 1e-6) -> Tensor:
+    """Value conditioning ``σmax(V)/(σmin(V) + ridge)`` per head (SPEC §1).
+
+    σ runs over the ``min(n, d)`` singular values (float64). The result is clamped at 1 (a
+    condition number is ≥ 1; the ridge would otherwise push a tiny, well-conditioned V below 1).
+
+    Args:
+        v: Values ``(..., n, d)``.
+        ridge: The ridge λ ≥ 0 (SPEC default 1e-6).
+
+    Returns:
+        ``(...)`` float64 ≥ 1. Rank-deficient V → large but finite ``σmax/ridge``; all-zero V → 1.0;
+        ``ridge = 0`` and σmin = 0 → ``inf``; non-finite V → ``inf``.
+
+    Raises:
+        ValueError: On a tensor with < 2 dims or a negative ridge.
+
+    Example:
+        >>> round(kappa_v(torch.diag(torch.tensor([4.0, 2.0]))).item(), 4)
+        2.0
+    """
+    fn = "kappa_v"
+    check_tensor("v", v, 2, fn)
+    if not ridge >= 0.0:
+        raise ValueError(f"{fn}: ridge must be >= 0, got {ridge}")
+    v64 = v.to(_F64)
+    fin = torch.isfinite(v64).flatten(-2).all(-1)
+    v64 = torch.where(torch.isfinite(v64), v64, 0.0)
+    lead = tuple(v.shape[:-2])
+    if v.shape[-1] == 0 or v.shape[-2] == 0:
+        return torch.ones(lead, dtype=_F64, device=v.device)
+    sv = torch.linalg.svdvals(v64)
+    kap = safe_ratio(sv[..., 0], sv[..., -1] + ridge).clamp_min(1.0)
+    return torch.where(fin, kap, _INF)
+
+
+def attention_entropy(p: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean row entropy ``−Σ p log p`` of attention probabilities (entropy collapse, SPEC §8).
+
+    Args:
+        p: Probabilities ``(..., n_q, n_k)``.
+        mask: Optional boolean keep-mask; masked entries are ignored.
+
+    Returns:
+        ``(...)`` float64, natural log, ``0·log 0 = 0``; mean over rows with ≥ 1 attended key
+        (no such row → 0); a NaN/Inf attended probability → ``inf``.
+
+    Raises:
+        ValueError: On < 2 dims or a bad mask.
+
+    Example:
+        >>> round(attention_entropy(torch.full((2, 4), 0.25)).item(), 4)  # log 4
+        1.3863
+    """
+    fn = "attention_entropy"
+    check_tensor("p", p, 2, fn)
+    shape = tuple(p.shape)
+    m = _prep_mask(mask, shape, fn)
+    p64 = p.to(_F64)
+    if m is not None:
+        p64 = torch.where(m, p64, 0.0)
+        valid = m.any(-1).expand(shape[:-1])
+    else:
+        valid = torch.ones(shape[:-1], dtype=torch.bool, device=p.device)
+    fin = torch.isfinite(p64).flatten(-2).all(-1)
+    h = -torch.special.xlogy(p64, p64).sum(-1)
+    h = torch.where(valid, h, 0.0)
+    out = h.sum(-1) / valid.sum(-1).clamp_min(1)
+    return torch.where(fin, out, _INF)
+
+
+# ----------------------------------------------------------------------------------------------
+# one entry point for the monitor
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionDiagnostics:
+    """Per-head attention diagnostics, each a ``(B, H)`` float64 tensor (SPEC §1, §8).
+
+    Attributes:
+        kappa_score: ``‖Q‖‖K‖/‖QKᵀ‖`` over attended entries.
+        kappa_softmax: ``max_i ‖J(P_i)‖₂·‖S_i‖/‖P_i‖``.
+        kappa_v: ``σmax(V)/(σmin(V)+1e-6)``.
+        entropy: Mean row entropy of ``P``.
+    """
+
+    kappa_score: Tensor
+    kappa_softmax: Tensor
+    kappa_v: Tensor
+    entropy: Tensor
+
+
+def attention_diagnostics(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    scale: float | None = None,
+    bias: Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> AttentionDiagnostics:
+    """All per-head attention diagnostics of one attention call (SPEC §1, §8).
+
+    Scores ``S = scale·QKᵀ + bias`` are formed once per chunk of (batch, head) pairs and reused
+    for every diagnostic; temporaries stay near one float32 copy of the scores.
+
+    Args:
+        q: ``(B, H, n_q, d)``.
+        k: ``(B, H, n_k, d)`` (K/V heads already mapped to query heads).
+        v: ``(B, H, n_k, d_v)``.
+        mask: Optional boolean keep-mask broadcastable to ``(B, H, n_q, n_k)``. Pass masking here,
+            not as a large negative ``bias`` (a huge finite bias overflows ``S²`` → ``inf``).
+        scale: Score scale, default ``1/√d``.
+        bias: Optional finite additive float bias broadcastable to the scores.
+        chunk_size: Number of (b, h) pairs per chunk (default: automatic).
+
+    Returns:
+        :class:`AttentionDiagnostics` of ``(B, H)`` float64 tensors, with the degenerate values of
+        :func:`kappa_score`, :func:`kappa_softmax`, :func:`kappa_v` and :func:`attention_entropy`
+        (fully masked head: kappa_softmax 0, entropy 0, kappa_score 1; non-finite scores → inf).
+
+    Raises:
+        ValueError: On inconsistent shapes, a bad mask or a non-float bias.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
+        >>> d = attention_diagnostics(q, k, v)
+        >>> tuple(d.kappa_softmax.shape), bool((d.kappa_score >= 1).all())
+        ((2, 3), True)
+    """
+    fn = "attention_diagnostics"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 4, fn)
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D (B, H, n, d), got shape {tuple(t.shape)}")
+    bsz, nh, nq, d = q.shape
+    nk = k.shape[2]
+    if k.shape[:2] != (bsz, nh) or v.shape[:2] != (bsz, nh) or k.shape[3] != d or v.shape[2] != nk:
+        raise ValueError(
+            f"{fn}: inconsistent shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
+            "expected q (B,H,n_q,d), k (B,H,n_k,d), v (B,H,n_k,d_v)"
+        )
+    target = (bsz, nh, nq, nk)
+    m = _prep_mask(mask, target, fn)
+    bz: Tensor | None = None
+    if bias is not None:
+        if not isinstance(bias, Tensor) or not bias.is_floating_point():
+            raise ValueError(
+                f"{fn}: bias must be a floating-point tensor, got "
+                f"{getattr(bias, 'dtype', type(bias).__name__)}"
+            )
+        try:
+            ok = bias.dim() <= 4 and tuple(torch.broadcast_shapes(tuple(bias.shape), target)) == target
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{fn}: bias of shape {tuple(bias.shape)} is not broadcastable to {target}")
+        bz = _expand_rank(bias, 4)
+    sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    lead = (bsz, nh)
+    g = bsz * nh
+    work = _F64 if _F64 in (q.dtype, k.dtype) else torch.float32
+    ks = torch.zeros(g, dtype=_F64, device=q.device)
+    ksm = torch.zeros_like(ks)
+    ent = torch.zeros_like(ks)
+    kv = kappa_v(v).reshape(g)
+    if g > 0 and nq > 0 and nk > 0:
+        step = _chunk_len(g, nq * nk, chunk_size)
+        for g0 in range(0, g, step):
+            g1 = min(g, g0 + step)
+            qc = _take_lead(q, lead, g0, g1).to(work)
+            kc = _take_lead(k, lead, g0, g1).to(work)
+            fin = torch.isfinite(qc).flatten(1).all(-1) & torch.isfinite(kc).flatten(1).all(-1)
+            mc = None if m is None else _take_lead(m, lead, g0, g1)
+            s = qc @ kc.transpose(-1, -2)
+            qn, kn, sn = _masked_norms(qc, kc, s, mc)
+            ks[g0:g1] = torch.where(fin, safe_ratio(qn * kn, sn), _INF)
+            s.mul_(sc)
+            if bz is not None:
+                s.add_(_take_lead(bz, lead, g0, g1).to(work))
+            kap, h = _softmax_chunk(s, mc, want_entropy=True)
+            ksm[g0:g1] = kap
+            assert h is not None
+            ent[g0:g1] = h
+    else:
+        ks.fill_(1.0)
+    return AttentionDiagnostics(
+        kappa_score=ks.reshape(lead),
+        kappa_softmax=ksm.reshape(lead),
+        kappa_v=kv.reshape(lead),
+        entropy=ent.reshape(lead),
+    )

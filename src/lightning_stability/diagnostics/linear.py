@@ -1,0 +1,152 @@
+"""Linear-map conditioning (SPEC §3) and per-head ``W_Qᵀ W_K`` conditioning (SPEC §8)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_tensor, safe_ratio
+
+__all__ = [
+    "condition_from_singular_values",
+    "condition_number",
+    "kappa_wkwq",
+    "spectral_norm",
+    "wkwq_norm",
+]
+
+
+def _svdvals(w: Tensor, fn: str) -> tuple[Tensor, Tensor]:
+    """Descending singular values (float64 for float64 input, else float32) and a finiteness flag."""
+    check_tensor("w", w, 2, fn)
+    work = torch.float64 if w.dtype == torch.float64 else torch.float32
+    x = w.detach().to(work)
+    fin = torch.isfinite(x).flatten(-2).all(-1)
+    x = torch.where(torch.isfinite(x), x, 0.0)
+    if x.shape[-1] == 0 or x.shape[-2] == 0:
+        return torch.zeros((*x.shape[:-2], 1), dtype=work, device=x.device), fin
+    return torch.linalg.svdvals(x), fin
+
+
+def condition_from_singular_values(s: Tensor) -> Tensor:
+    """``κ = σmax/σmin`` from singular values sorted in descending order (last axis).
+
+    Lets callers that already batched one ``svdvals`` call reuse the package's κ convention.
+
+    Args:
+        s: ``(..., k)`` descending singular values.
+
+    Returns:
+        ``(...)`` tensor (same dtype). σmin = 0 < σmax → ``inf``; all zero → 1.0; non-finite → ``inf``.
+
+    Example:
+        >>> condition_from_singular_values(torch.tensor([4.0, 2.0, 0.5])).item()
+        8.0
+    """
+    check_tensor("s", s, 1, "condition_from_singular_values")
+    if s.shape[-1] == 0:
+        return torch.ones(s.shape[:-1], dtype=s.dtype, device=s.device)
+    return safe_ratio(s[..., 0], s[..., -1])
+
+
+def spectral_norm(w: Tensor) -> Tensor:
+    """Spectral norm ``‖W‖₂ = σmax`` of a weight or a batch ``(..., m, n)`` of weights (SPEC §1, §3).
+
+    Batch same-shape weights to pay for one ``svdvals`` call. Computed in float32 (float64 for
+    float64 input).
+
+    Args:
+        w: ``(m, n)`` or ``(..., m, n)``.
+
+    Returns:
+        0-d / ``(...)`` tensor; non-finite weights → ``inf``; an empty matrix → 0.
+
+    Example:
+        >>> spectral_norm(torch.diag(torch.tensor([3.0, -5.0]))).item()
+        5.0
+    """
+    s, fin = _svdvals(w, "spectral_norm")
+    return torch.where(fin, s[..., 0], float("inf"))
+
+
+def condition_number(w: Tensor) -> Tensor:
+    """Condition number ``κ(W) = σmax/σmin`` over the ``min(m, n)`` singular values (SPEC §3).
+
+    Args:
+        w: ``(m, n)`` or a batch ``(..., m, n)`` of same-shape weights (one ``svdvals`` call).
+
+    Returns:
+        0-d / ``(...)`` tensor: rank-deficient → ``inf``; zero matrix → 1.0; non-finite → ``inf``.
+
+    Example:
+        >>> condition_number(torch.diag(torch.tensor([3.0, -6.0]))).item()
+        2.0
+    """
+    s, fin = _svdvals(w, "condition_number")
+    return torch.where(fin, condition_from_singular_values(s), float("inf"))
+
+
+def _wkwq_sigma(w_q: Tensor, w_k: Tensor, n_heads: int, fn: str) -> Tensor:
+    """Per head, the ``r = min(d_head, d_in)`` leading singular values of ``W_Q^hᵀ W_K^h`` (float64)."""
+    check_tensor("w_q", w_q, 2, fn)
+    check_tensor("w_k", w_k, 2, fn)
+    if w_q.dim() != 2 or w_q.shape != w_k.shape:
+        raise ValueError(
+            f"{fn}: w_q and w_k must be 2-D of equal shape (d_out, d_in), got {tuple(w_q.shape)} "
+            f"and {tuple(w_k.shape)}"
+        )
+    if not isinstance(n_heads, int) or n_heads < 1 or w_q.shape[0] % n_heads != 0:
+        raise ValueError(f"{fn}: n_heads={n_heads!r} must be a positive divisor of d_out={w_q.shape[0]}")
+    d_in = w_q.shape[1]
+    dh = w_q.shape[0] // n_heads
+    # W^h (d_head × d_in); W_Q^hᵀ W_K^h = Q_q R_q R_kᵀ Q_kᵀ with (W^h)ᵀ = Q R (reduced QR).
+    wq = w_q.detach().to(torch.float64).reshape(n_heads, dh, d_in).transpose(-1, -2)
+    wk = w_k.detach().to(torch.float64).reshape(n_heads, dh, d_in).transpose(-1, -2)
+    wq = torch.where(torch.isfinite(wq), wq, float("nan"))
+    wk = torch.where(torch.isfinite(wk), wk, float("nan"))
+    fin = torch.isfinite(wq).flatten(-2).all(-1) & torch.isfinite(wk).flatten(-2).all(-1)
+    rq = torch.linalg.qr(torch.nan_to_num(wq, nan=0.0), mode="r")[1]
+    rk = torch.linalg.qr(torch.nan_to_num(wk, nan=0.0), mode="r")[1]
+    s = torch.linalg.svdvals(rq @ rk.transpose(-1, -2))
+    return torch.where(fin.unsqueeze(-1), s, float("inf"))
+
+
+def kappa_wkwq(w_q: Tensor, w_k: Tensor, n_heads: int) -> Tensor:
+    """Per-head ``κ(W_Q^hᵀ W_K^h)`` over its ``d_head`` leading singular values (SPEC §8).
+
+    Weight-only (needs no data). Heads are the ``n_heads`` consecutive row blocks of the
+    ``nn.Linear``-style weights. The companion :func:`wkwq_norm` gives ``‖W_Q^hᵀ W_K^h‖₂``.
+
+    Args:
+        w_q: ``(d_out, d_in)`` query projection weight.
+        w_k: ``(d_out, d_in)`` key projection weight (K heads already mapped to query heads).
+        n_heads: Number of heads; must divide ``d_out``.
+
+    Returns:
+        ``(n_heads,)`` float64: rank-deficient head → ``inf``; zero head → 1.0; non-finite → ``inf``.
+
+    Raises:
+        ValueError: On mismatched shapes or a bad ``n_heads``.
+
+    Example:
+        >>> w = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        >>> kappa_wkwq(w, w, n_heads=2).tolist()
+        [4.0, 1.7777777777777777]
+    """
+    s = _wkwq_sigma(w_q, w_k, n_heads, "kappa_wkwq")
+    return torch.where(torch.isfinite(s).all(-1), condition_from_singular_values(s), float("inf"))
+
+
+def wkwq_norm(w_q: Tensor, w_k: Tensor, n_heads: int) -> Tensor:
+    """Per-head spectral norm ``‖W_Q^hᵀ W_K^h‖₂`` (SPEC §8); arguments as :func:`kappa_wkwq`.
+
+    Returns:
+        ``(n_heads,)`` float64; non-finite weights → ``inf``.
+
+    Example:
+        >>> w = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        >>> wkwq_norm(w, w, n_heads=2).tolist()
+        [4.0, 16.0]
+    """
+    s = _wkwq_sigma(w_q, w_k, n_heads, "wkwq_norm")
+    return torch.where(torch.isfinite(s).all(-1), s[..., 0], float("inf"))
