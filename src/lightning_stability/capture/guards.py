@@ -1,0 +1,76 @@
+"""Contexts that let the monitor run extra forwards without changing training.
+
+Each one restores exactly what it changed, in ``finally``: module ``training``
+flags, RNG streams, the fused-attention fast-path flag, TF32 and matmul-precision
+settings, and the storage of parameters temporarily viewed in FP32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, restoring each one's own ``training`` flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+@contextmanager
+def fastpath_disabled() -> Iterator[None]:
+    """Turn off PyTorch's fused MHA / encoder-layer fast path (it bypasses hooks and autocast rules)."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore the CPU (and initialised CUDA) RNG state afterwards."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextmanager
+def exact_fp32(model: nn.Module) -> Iterator[None]:
+    """Exact FP32: autocast off, TF32 off, floating parameters and buffers viewed in FP32.
+
+    Parameters of another floating dtype (``bf16-true``/``16-true`` training) get an FP32
+    copy for the duration; the original tensors are put back untouched.
+    """
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    with ExitStack() as stack:
+        try:
+            for device_type in ("cpu", "cuda"):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.set_float32_matmul_precision("highest")
+            for tensor in [*model.parameters(), *model.buffers()]:
+                if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                    swapped.append((tensor, tensor.data))
+                    tensor.data = tensor.data.float()
+            yield
+        finally:
+            for tensor, data in swapped:
+                tensor.data = data
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+            torch.backends.cudnn.allow_tf32 = cudnn_tf32
+            torch.set_float32_matmul_precision(precision)

@@ -1,0 +1,192 @@
+"""The two-pass probe on real model families: hand-written, torch.nn and transformers."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_stability import diagnostics as D
+from lightning_stability.capture import StabilityProbe, compose_report
+from lightning_stability.capture.guards import fastpath_disabled
+from lightning_stability.report import StabilityReport
+
+transformers = pytest.importorskip("transformers")
+warnings.filterwarnings("ignore", message=".*enable_nested_tensor.*")
+
+
+def run_probe(model: nn.Module, args=(), kwargs=None, dtype=torch.bfloat16, **probe_kw) -> StabilityReport:  # type: ignore[no-untyped-def]
+    probe = StabilityProbe(model, **probe_kw)
+    raw = probe.measure(tuple(args), dict(kwargs or {}), lambda: torch.autocast("cpu", dtype=dtype))
+    keys, vec = raw.flat()
+    values = dict(zip(keys, vec.tolist(), strict=True))
+    report = compose_report(probe, raw, values, step=0)
+    assert raw.attention_calls == len(probe.blocks)
+    return report
+
+
+def assert_complete(report: StabilityReport, n_blocks: int, wkwq: bool = True) -> None:
+    assert len(report.blocks) == n_blocks
+    assert report.dtype == "bfloat16"
+    for block in report.blocks:
+        names = [
+            "kappa_score",
+            "kappa_softmax",
+            "kappa_v",
+            "wo_norm",
+            "kappa_eff",
+            "c_ln",
+            "rho_ln",
+            "predictor",
+            "r_block",
+            "r_block_median",
+            "attention_entropy",
+        ]
+        names += ["kappa_wkwq"] if wkwq else []
+        for name in names:
+            value = getattr(block, name)
+            assert value is not None and math.isfinite(value), (block.name, name, value)
+        assert block.kappa_score >= 1 - 1e-9 and block.kappa_v >= 1 - 1e-9
+        assert 0 < block.r_block < 0.1
+
+
+def small(cls_name: str, **kw):  # type: ignore[no-untyped-def]
+    return getattr(transformers, cls_name)(**kw)
+
+
+def gpt2(impl: str) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = small("GPT2Config", n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=50)
+    return transformers.GPT2Model._from_config(cfg, attn_implementation=impl).eval()
+
+
+def llama(impl: str) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = small(
+        "LlamaConfig",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        max_position_embeddings=32,
+    )
+    return transformers.LlamaModel._from_config(cfg, attn_implementation=impl).eval()
+
+
+def bert(impl: str) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = small(
+        "BertConfig",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=50,
+        max_position_embeddings=32,
+    )
+    return transformers.BertModel._from_config(cfg, attn_implementation=impl).eval()
+
+
+def vit(impl: str) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = small(
+        "ViTConfig",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+    )
+    return transformers.ViTModel._from_config(cfg, attn_implementation=impl).eval()
+
+
+IDS = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(1))
+PAD = torch.ones(3, 10, dtype=torch.long)
+PAD[0, :4] = 0  # left padding
+PAD[1, 7:] = 0  # right padding
+
+
+@pytest.mark.parametrize("family", [gpt2, llama, bert])
+@pytest.mark.parametrize("padding", [False, True])
+def test_text_models_sdpa_and_eager_agree(family, padding) -> None:  # type: ignore[no-untyped-def]
+    kwargs = {"input_ids": IDS, "attention_mask": PAD if padding else None}
+    reports = {impl: run_probe(family(impl), kwargs=kwargs) for impl in ("sdpa", "eager")}
+    for report in reports.values():
+        assert_complete(report, 2)
+    for a, b in zip(reports["sdpa"].blocks, reports["eager"].blocks, strict=True):
+        # same weights, same inputs: the exact-FP32 diagnostics cannot depend on the kernel
+        for name in ("kappa_score", "kappa_softmax", "kappa_v", "attention_entropy", "rho_ln", "kappa_eff"):
+            assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-4), name
+
+
+def test_vit_sdpa_and_eager_agree() -> None:
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    a, b = (run_probe(vit(impl), kwargs={"pixel_values": pixels}) for impl in ("sdpa", "eager"))
+    assert_complete(a, 2)
+    assert a.blocks[0].kappa_softmax == pytest.approx(b.blocks[0].kappa_softmax, rel=1e-4)
+
+
+def test_llama_gated_mlp_gqa_weights_against_float64() -> None:
+    model = llama("sdpa")
+    report = run_probe(model, kwargs={"input_ids": IDS})
+    for i, layer in enumerate(model.layers):
+        mlp = layer.mlp
+        kappa = sum(
+            D.condition_number(m.weight.double()).item() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        )
+        assert report.blocks[i].kappa_eff == pytest.approx(kappa, rel=1e-4)
+        s = torch.linalg.svdvals(layer.self_attn.o_proj.weight.double())
+        assert report.blocks[i].wo_norm == pytest.approx(s[0].item(), rel=1e-5)
+        # K/V heads shared by 2 query heads: W_K repeated per query head
+        w_q = layer.self_attn.q_proj.weight.double()
+        w_k = layer.self_attn.k_proj.weight.double().reshape(2, 8, 32).repeat_interleave(2, 0).reshape(32, 32)
+        ref = max(
+            (lambda s: (s[0] / s[7]).item())(
+                torch.linalg.svdvals(w_q[h * 8 : (h + 1) * 8].T @ w_k[h * 8 : (h + 1) * 8])
+            )
+            for h in range(4)
+        )
+        assert report.blocks[i].kappa_wkwq == pytest.approx(ref, rel=1e-3)
+
+
+def test_gpt2_conv1d_weights_against_float64() -> None:
+    model = gpt2("sdpa")
+    report = run_probe(model, kwargs={"input_ids": IDS})
+    for i, block in enumerate(model.h):
+        kappa = sum(D.condition_number(m.weight.double()).item() for m in (block.mlp.c_fc, block.mlp.c_proj))
+        assert report.blocks[i].kappa_eff == pytest.approx(kappa, rel=1e-4)
+        assert report.blocks[i].wo_norm == pytest.approx(
+            torch.linalg.svdvals(block.attn.c_proj.weight.double())[0].item(), rel=1e-5
+        )
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_torch_transformer_encoder_seq_first(norm_first: bool) -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, norm_first=norm_first)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    x = torch.randn(7, 3, 32)  # (n, B, d)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 5:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(7)
+    report = run_probe(model, args=(x,), kwargs={"mask": causal, "src_key_padding_mask": pad})
+    assert_complete(report, 2)
+    # the mismatch is the one a plain bf16-autocast forward shows at the block outputs
+    with torch.no_grad(), fastpath_disabled():
+        ref = model.layers[0](x, src_mask=causal, src_key_padding_mask=pad)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = model.layers[0](x, src_mask=causal, src_key_padding_mask=pad)
+    expected = ((lp.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert report.blocks[0].r_block == pytest.approx(expected, rel=1e-4)
+
+
+def test_block_patterns_override_detection() -> None:
+    model = gpt2("sdpa")
+    probe = StabilityProbe(model, blocks=["h.1"])
+    assert [b.name for b in probe.blocks] == ["h.1"]
