@@ -1,0 +1,6 @@
+"""Lightning callbacks: the glue between the capture layer and a ``Trainer``."""
+
+from lightning_stability.callbacks.ln_eps import LNEpsilonBump
+from lightning_stability.callbacks.monitor import StabilityMonitor
+
+__all__ = ["LNEpsilonBump", "StabilityMonitor"]

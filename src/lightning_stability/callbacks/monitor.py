@@ -1,0 +1,300 @@
+"""``StabilityMonitor``: where and when the low-precision forward pass is fragile."""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_stability.callbacks._common import (
+    DTYPES,
+    PrecisionName,
+    check_choice,
+    check_int,
+    check_number,
+    check_patterns,
+    inputs_or_raise,
+    low_precision_context,
+)
+from lightning_stability.capture.batch import sample_inputs
+from lightning_stability.capture.blocks import first_tensor
+from lightning_stability.capture.guards import eval_mode, fastpath_disabled, preserved_rng
+from lightning_stability.capture.probe import (
+    NO_ATTENTION_WARNING,
+    RawMeasurement,
+    StabilityProbe,
+    compose_report,
+)
+from lightning_stability.diagnostics import RollingZScore
+from lightning_stability.report import BLOCK_METRICS, StabilityReport
+
+
+class StabilityMonitor(Callback):
+    r"""Measure the forward pass's low-precision fragility every ``every_n_steps`` training steps.
+
+    At a sampled step it takes ``sample_size`` examples of the current batch and runs
+    the model twice without gradients — in the training's low precision and in exact
+    FP32 — and logs, per block and for the model, the forward mismatch ``r_block`` and
+    the diagnostics that predict it (``../shared/SPEC.md``): κ_score, κ_softmax, κ(V),
+    ‖W_O‖₂, ρ_LN, C_LN, κ_eff, the combined predictor, optionally the residual gains and
+    the unified bound. Training is not changed: same parameters, RNG stream, module
+    modes, no hooks left behind; steps that are not sampled cost nothing.
+
+    Args:
+        every_n_steps: measure when ``trainer.global_step`` is a multiple of this.
+        sample_size: examples of the batch to measure (fewer if the batch is smaller).
+        precision: low precision of the measured pass: ``None`` uses the trainer's own;
+            ``"bf16"``/``"fp16"`` force that autocast (an FP32 run can ask "what would BF16
+            do?"); ``"fp32"`` measures plain FP32.
+        head_reduction: combine attention heads by ``"max"`` or ``"sum"`` (conservative).
+        batch_reduction: combine the sampled examples by ``"max"`` or ``"mean"``.
+        residual_gain_iters: power-iteration steps for each block's residual gain ``ρ_ℓ``;
+            0 turns it off, and with it the unified bound (it costs about
+            ``3·residual_gain_iters`` extra block forwards per block).
+        blocks: ``fnmatch`` patterns naming the blocks (e.g. ``["model.h.*"]``); ``None``
+            finds the repeated layers (the longest uniform ``nn.ModuleList``).
+        log_per_head: also log ``stability/block{i}/head{h}/<name>``.
+        alarm_window: sampled steps of history for the rolling z-score of ``kappa_softmax_max``
+            (the paper's 20); the alarm stays silent until that many samples exist.
+        alarm_threshold: z-score above which the early warning fires (the paper's 1.5).
+        ln_c1: constant ``C1`` of ``C_LN`` (Proposition 1).
+        ln_c2: constant ``C2`` of ``C_LN``.
+        ln_c3: constant ``C3`` of ``C_LN``.
+        bound_c: the absolute constant ``c`` of the unified bound.
+        seed: seed of the private generator choosing the sampled examples.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        sample_size: int = 16,
+        precision: PrecisionName | None = None,
+        head_reduction: Literal["max", "sum"] = "max",
+        batch_reduction: Literal["max", "mean"] = "max",
+        residual_gain_iters: int = 0,
+        blocks: list[str] | None = None,
+        log_per_head: bool = False,
+        alarm_window: int = 20,
+        alarm_threshold: float = 1.5,
+        ln_c1: float = 1.0,
+        ln_c2: float = 1.0,
+        ln_c3: float = 1.0,
+        bound_c: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        check_int("every_n_steps", every_n_steps)
+        check_int("sample_size", sample_size)
+        check_choice("precision", precision, (None, *DTYPES))
+        check_choice("head_reduction", head_reduction, ("max", "sum"))
+        check_choice("batch_reduction", batch_reduction, ("max", "mean"))
+        check_int("residual_gain_iters", residual_gain_iters, minimum=0)
+        check_patterns("blocks", blocks)
+        check_choice("log_per_head", log_per_head, (True, False))
+        check_int("alarm_window", alarm_window, minimum=2)
+        for name, value in (
+            ("alarm_threshold", alarm_threshold),
+            ("ln_c1", ln_c1),
+            ("ln_c2", ln_c2),
+            ("ln_c3", ln_c3),
+            ("bound_c", bound_c),
+        ):
+            check_number(name, value, 0.0, math.inf, open_high=True)
+        check_int("seed", seed, minimum=0)
+        self.every_n_steps = every_n_steps
+        self.sample_size = sample_size
+        self.precision = precision
+        self.head_reduction = head_reduction
+        self.batch_reduction = batch_reduction
+        self.residual_gain_iters = residual_gain_iters
+        self.blocks = blocks
+        self.log_per_head = log_per_head
+        self.alarm_threshold = float(alarm_threshold)
+        self.ln_constants = (float(ln_c1), float(ln_c2), float(ln_c3))
+        self.bound_c = float(bound_c)
+        self.seed = seed
+        self.last_report: StabilityReport | None = None
+        self._alarm = RollingZScore(alarm_window)
+        self._probe: StabilityProbe | None = None
+        self._last_step = -1
+        self._warned_no_attention = False
+        self._layout_written = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, precision=self.precision)
+
+    # ----------------------------------------------------------------- inputs
+    def inputs_from_batch(self, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The model inputs in a training batch: ``model(*args, **kwargs)``.
+
+        A tensor is the input; a tuple or list holds the input first (``(x, y)``); a dict
+        is passed as keyword arguments, label keys (``labels``, ``label``, ``target``,
+        ``targets``, ``y``, ``class_labels``) dropped. Override this for other batches.
+        The monitor samples along the leading axis of every tensor of the batch size.
+        """
+        return inputs_or_raise(batch, "StabilityMonitor")
+
+    def on_alarm(self, trainer: Trainer, pl_module: LightningModule, report: StabilityReport) -> None:
+        """Called (on every rank) when the κ_softmax early warning fires. Override to act on it.
+
+        For example save a checkpoint, tighten precision, or lower the learning rate. The
+        default does nothing beyond the logged ``stability/alarm`` and the warning.
+        """
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        args, kwargs = self.inputs_from_batch(batch)
+        try:
+            report = self.measure(trainer, pl_module, args, kwargs)
+        except Exception as err:  # the monitor never stops training
+            rank_zero_warn(f"StabilityMonitor skipped step {step}: {type(err).__name__}: {err}")
+            return
+        self._log(trainer, pl_module, report)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step, "alarm": self._alarm.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict.get("last_step", -1))
+        if "alarm" in state_dict:
+            self._alarm.load_state_dict(state_dict["alarm"])
+
+    # ------------------------------------------------------------ measurement
+    def measure(
+        self, trainer: Trainer, pl_module: LightningModule, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> StabilityReport:
+        """Sample, run both passes, reduce across ranks and build :attr:`last_report`."""
+        step = trainer.global_step
+        args, kwargs = sample_inputs(args, kwargs, self.sample_size, self.seed + step)
+        if self._probe is None or self._probe.model is not pl_module:
+            self._probe = StabilityProbe(
+                pl_module,
+                self.blocks,
+                self.head_reduction,
+                self.batch_reduction,
+                self.residual_gain_iters,
+                self.log_per_head,
+            )
+        probe = self._probe
+        raw = probe.measure(
+            args, kwargs, lambda: self._low_precision(trainer, pl_module), seed=self.seed + step
+        )
+        if raw.attention_calls == 0 and not self._warned_no_attention:
+            self._warned_no_attention = True
+            rank_zero_warn(NO_ATTENTION_WARNING)
+        values = self._reduce(trainer, raw)
+        report = compose_report(probe, raw, values, step, self.ln_constants, self.bound_c)
+        if report.nonfinite:
+            report.first_nonfinite = first_nonfinite_module(
+                pl_module, args, kwargs, lambda: self._low_precision(trainer, pl_module)
+            )
+            rank_zero_warn(
+                f"StabilityMonitor: the low-precision ({report.dtype}) forward went non-finite "
+                f"at step {step} "
+                f"({report.nonfinite} values in block outputs); first non-finite module: "
+                f"{report.first_nonfinite!r}. r_block is inf; training goes on."
+            )
+        self.last_report = report
+        return report
+
+    def _low_precision(self, trainer: Trainer, pl_module: LightningModule) -> AbstractContextManager[Any]:
+        return low_precision_context(trainer, pl_module, self.precision)
+
+    @staticmethod
+    def _reduce(trainer: Trainer, raw: RawMeasurement) -> dict[str, float]:
+        """Combine ranks (max for κ's and r, min for variances, sum for counts), then one transfer."""
+        keys, vec = raw.flat()
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = trainer.strategy.all_gather(vec)  # (world, k)
+            cols = []
+            for j, key in enumerate(keys):
+                column = gathered[:, j]
+                op = raw.ops[key]
+                cols.append(column.amax() if op == "max" else column.amin() if op == "min" else column.sum())
+            vec = torch.stack(cols) if cols else vec
+        return dict(zip(keys, vec.cpu().tolist(), strict=True))
+
+    # ---------------------------------------------------------------- logging
+    def _log(self, trainer: Trainer, pl_module: LightningModule, report: StabilityReport) -> None:
+        metrics = report.metrics()
+        fired = False
+        if report.kappa_softmax_max is not None:
+            warm = len(self._alarm) >= self._alarm.window  # silent until the window is full
+            z = self._alarm.update(report.kappa_softmax_max)
+            fired = warm and z is not None and z > self.alarm_threshold
+            metrics["stability/alarm"] = float(fired)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and not self._layout_written and trainer.is_global_zero:
+                logger.experiment.add_custom_scalars(custom_scalars_layout(len(report.blocks)))
+                self._layout_written = True
+            logger.log_metrics(metrics, step=report.step)
+        if fired:
+            worst = max(
+                (b for b in report.blocks if b.kappa_softmax is not None),
+                key=lambda b: b.kappa_softmax or 0.0,
+                default=None,
+            )
+            rank_zero_warn(
+                f"StabilityMonitor early warning at step {report.step}: kappa_softmax_max = "
+                f"{report.kappa_softmax_max:.4g} jumped above its rolling mean "
+                f"(z > {self.alarm_threshold}); largest in block {worst.name if worst else '?'!r}."
+            )
+            self.on_alarm(trainer, pl_module, report)
+
+
+def custom_scalars_layout(n_blocks: int) -> dict[str, dict[str, list[Any]]]:
+    """TensorBoard custom-scalars layout: one multi-line chart per diagnostic across blocks."""
+    per_block = {name: ["Multiline", [rf"stability/block\d+/{name}$"]] for name in BLOCK_METRICS}
+    model = {
+        "mismatch vs predictor": ["Multiline", ["stability/r_block$", "stability/predictor_scaled$"]],
+        "early warning": ["Multiline", ["stability/kappa_softmax_max$", "stability/alarm$"]],
+        "bound": ["Multiline", ["stability/bound$", "stability/bound_rigorous$", "stability/r_block$"]],
+    }
+    return {"stability (model)": model, f"stability per block ({n_blocks} blocks)": per_block}
+
+
+def first_nonfinite_module(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    low_precision: Any,
+) -> str | None:
+    """Re-run the low-precision pass; name the first module (in execution order) with a non-finite output."""
+    found: list[str] = []
+    handles = []
+
+    def hook(name: str) -> Any:
+        def fn(module: nn.Module, inputs: Any, output: Any) -> None:
+            out = first_tensor(output)
+            if not found and out is not None and out.is_floating_point() and not torch.isfinite(out).all():
+                found.append(name)
+
+        return fn
+
+    try:
+        for name, module in model.named_modules():
+            if not any(True for _ in module.children()):
+                handles.append(module.register_forward_hook(hook(name)))
+        with torch.no_grad(), preserved_rng(), eval_mode(model), fastpath_disabled(), low_precision():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None

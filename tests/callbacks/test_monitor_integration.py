@@ -1,0 +1,111 @@
+"""StabilityMonitor on a transformers model inside Lightning, and under DDP (2 CPU processes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger
+from tests.conftest import TinyTransformer, make_loader, trainer_kwargs
+from torch.utils.data import DataLoader
+
+from lightning_stability import StabilityMonitor
+
+transformers = pytest.importorskip("transformers")
+
+
+class TinyGPT(LightningModule):
+    def __init__(self, impl: str) -> None:
+        super().__init__()
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=40)
+        self.lm = transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation=impl)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.lm(**batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_gpt2_dict_batches_with_padding(tmp_path: Path, impl: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(8):
+        ids = torch.randint(0, 40, (12,), generator=gen)
+        mask = torch.ones(12, dtype=torch.long)
+        mask[: i % 4] = 0  # left padding of varying length
+        items.append({"input_ids": ids, "attention_mask": mask, "labels": ids})
+    torch.manual_seed(0)
+    model = TinyGPT(impl)
+    monitor = StabilityMonitor(every_n_steps=1, sample_size=3, log_per_head=True)
+    Trainer(**trainer_kwargs(tmp_path, max_steps=2, precision="bf16-mixed"), callbacks=[monitor]).fit(
+        model, DataLoader(items, batch_size=4)
+    )
+    report = monitor.last_report
+    assert report is not None and [b.name for b in report.blocks] == [
+        "lm.transformer.h.0",
+        "lm.transformer.h.1",
+    ]
+    for block in report.blocks:
+        assert block.kappa_softmax is not None and math.isfinite(block.kappa_softmax)
+        assert block.r_block is not None and 0 < block.r_block < 0.1
+        assert len(block.per_head["kappa_softmax"]) == 4
+        assert max(block.per_head["kappa_softmax"]) == pytest.approx(block.kappa_softmax)
+    assert "stability/block1/head3/kappa_v" in report.metrics()
+
+
+class RecordingMonitor(StabilityMonitor):
+    """Writes each rank's local (pre-reduction) values next to the reduced ones."""
+
+    out_dir = ""
+
+    def _reduce(self, trainer: Trainer, raw: Any) -> dict[str, float]:  # type: ignore[override]
+        keys, vec = raw.flat()
+        reduced = StabilityMonitor._reduce(trainer, raw)
+        path = Path(self.out_dir) / f"rank{trainer.global_rank}_step{trainer.global_step}.json"
+        path.write_text(json.dumps({"local": dict(zip(keys, vec.tolist(), strict=True)), "reduced": reduced}))
+        return reduced
+
+
+def test_ddp_two_processes_reduce_across_ranks(tmp_path: Path) -> None:
+    monitor = RecordingMonitor(every_n_steps=2, sample_size=4)
+    monitor.out_dir = str(tmp_path)  # an instance attribute travels to the spawned ranks
+    trainer = Trainer(
+        **{
+            **trainer_kwargs(tmp_path, max_steps=2, logger=CSVLogger(str(tmp_path), name="ddp")),
+            "devices": 2,
+            "strategy": "ddp_spawn",
+        },
+        callbacks=[monitor],
+    )
+    trainer.fit(TinyTransformer(), make_loader(n=32, batch_size=4))
+    ranks = [json.loads((tmp_path / f"rank{r}_step2.json").read_text()) for r in (0, 1)]
+    local = [r["local"] for r in ranks]
+    assert local[0]["kappa_softmax_max"] != local[1]["kappa_softmax_max"]  # different samples per rank
+    for rank in ranks:  # every rank ends with the same reduced numbers
+        assert rank["reduced"] == ranks[0]["reduced"]
+    reduced = ranks[0]["reduced"]
+    assert reduced["kappa_softmax_max"] == max(v["kappa_softmax_max"] for v in local)
+    assert reduced["block0/err_sq"] == pytest.approx(sum(v["block0/err_sq"] for v in local))
+    assert reduced["norm/blocks.0.norm1"] == min(v["norm/blocks.0.norm1"] for v in local)
+    with open(next((tmp_path / "ddp").rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    logged = [r for r in rows if r.get("stability/kappa_softmax_max")]
+    assert len(logged) == 1 and float(logged[0]["step"]) == 2
+    assert float(logged[0]["stability/kappa_softmax_max"]) == pytest.approx(
+        reduced["kappa_softmax_max"], rel=1e-6
+    )
+    ref_sq = reduced["block1/ref_sq"]
+    assert float(logged[0]["stability/block1/r_block"]) == pytest.approx(
+        math.sqrt(reduced["block1/err_sq"] / ref_sq)
+    )

@@ -1,0 +1,110 @@
+"""Shared tiny models for the test suite."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+os.environ.setdefault("LITLOGGER_DISABLED", "1")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+warnings.filterwarnings("ignore", message=".*litlogger.*")
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = Attention(d, heads)
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyTransformer(LightningModule):
+    """Pre-LN Transformer classifier over (B, n, d_in) inputs: the suite's BoringModel."""
+
+    def __init__(
+        self,
+        d_in: int = 8,
+        d: int = 32,
+        heads: int = 4,
+        depth: int = 2,
+        dropout: float = 0.0,
+        n_classes: int = 3,
+        lr: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Linear(d_in, d)
+        self.blocks = nn.ModuleList(Block(d, heads, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, n_classes)
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(1))
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def make_loader(
+    n: int = 32, tokens: int = 6, d_in: int = 8, batch_size: int = 8, seed: int = 0
+) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, tokens, d_in, generator=gen)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def trainer_kwargs(tmp_path, **extra):  # type: ignore[no-untyped-def]
+    kw = dict(
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        devices=1,
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    kw.update(extra)
+    return kw
+
+
+@pytest.fixture
+def tiny_model() -> TinyTransformer:
+    torch.manual_seed(0)
+    return TinyTransformer()

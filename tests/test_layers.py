@@ -1,0 +1,59 @@
+"""Data flows one way: diagnostics → capture → callbacks → analysis.
+
+Checked on the source (every import statement, not only top-level ones), so a lazy
+import cannot sneak a dependency in the wrong direction.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "lightning_stability"
+
+#: layer → modules it must never import
+FORBIDDEN = {
+    "diagnostics": {
+        "lightning",
+        "pytorch_lightning",
+        "lightning_stability.capture",
+        "lightning_stability.callbacks",
+        "lightning_stability.analysis",
+        "matplotlib",
+        "tensorboard",
+    },
+    "capture": {
+        "lightning",
+        "pytorch_lightning",
+        "lightning_stability.callbacks",
+        "lightning_stability.analysis",
+    },
+    "callbacks": {"lightning_stability.analysis", "matplotlib"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layer_imports_only_downwards(layer: str) -> None:
+    for path in sorted((PKG / layer).glob("*.py")):
+        for name in _imports(path):
+            bad = [f for f in FORBIDDEN[layer] if name == f or name.startswith(f + ".")]
+            assert not bad, f"{path.name} imports {name}"
+
+
+def test_analysis_package_import_is_light() -> None:
+    # the report and its matplotlib/tensorboard imports load only when used
+    for name in ("__init__.py", "leadlag.py", "spikes.py", "regression.py"):
+        top = {n.split(".")[0] for n in _imports(PKG / "analysis" / name)}
+        assert not top & {"matplotlib", "tensorboard", "lightning"}, name
