@@ -1,0 +1,40 @@
+"""Smoke test of ``examples/benchmarks/bench_overhead.py --quick`` (runs it, times nothing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "benchmarks" / "bench_overhead.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_overhead", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_overhead", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(240)
+def test_bench_overhead_quick(tmp_path: Path) -> None:
+    bench = _load()
+    out = tmp_path / "bench.json"
+    result = bench.main(["--quick", "--device", "cpu", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["machine"].startswith("machine:")
+    for key in bench.RATIO_KEYS:
+        value = data["ratios"][key]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+        assert result["ratios"][key] == pytest.approx(value)
+    parts = data["sampled"]["parts_s"]
+    for key in ("lp_pass", "fp32_pass", "probe_measure", "diagnostics", "logging", "sampled_step"):
+        assert math.isfinite(parts[key]) and parts[key] > 0
+    assert data["scaling"] and all(row["layer_score_bytes"] > 0 for row in data["scaling"])
+    assert all(row["peak_extra_bytes"] > 0 for row in data["scaling"])
