@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -108,3 +110,25 @@ def trainer_kwargs(tmp_path, **extra):  # type: ignore[no-untyped-def]
 def tiny_model() -> TinyTransformer:
     torch.manual_seed(0)
     return TinyTransformer()
+
+
+class MemoryLogger(Logger):
+    """Collects ``log_metrics`` calls: ``records`` is a list of ``(step, metrics)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((step, dict(metrics)))

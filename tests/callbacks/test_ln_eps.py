@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tests.conftest import MemoryLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -99,26 +99,6 @@ class Recorder(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, out: Any, batch: Any,
                            i: int) -> None:
         self.end.append((trainer.global_step, getattr(pl_module, self.attr).eps))
-
-
-class MemoryLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.records.append((step, dict(metrics)))
 
 
 class LiteralLayerNorm(nn.Module):

@@ -10,37 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from tests.conftest import TinyTransformer, make_loader, trainer_kwargs
+from tests.conftest import MemoryLogger, TinyTransformer, make_loader, trainer_kwargs
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 from lightning_stability import StabilityMonitor
 from lightning_stability import diagnostics as D
-
-
-class MemoryLogger(Logger):
-    """Collects ``log_metrics`` calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.records.append((int(step or 0), dict(metrics)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 def fit(model, tmp_path, monitor=None, steps=4, loader=None, **kw):  # type: ignore[no-untyped-def]

@@ -208,3 +208,22 @@ def test_unified_bound_matches_loops() -> None:
     assert unified_bound(nan, wo, ks, sc, kv, cl, rho, 1e-3).first_order == math.inf
     with pytest.raises(ValueError, match="kappa_wo has 4 layers, expected 5"):
         unified_bound(ke, wo[:4], ks, sc, kv, cl, rho, 1e-3)
+
+
+@pytest.mark.parametrize("cond", [1.0, 50.0, 1e3, 1e5, 1e9, math.inf])
+def test_extreme_singular_values_match_svdvals_at_any_conditioning(cond: float) -> None:
+    from lightning_stability.diagnostics import extreme_singular_values
+
+    gen = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(7, 40, 12, generator=gen, dtype=torch.float64))
+    w, _ = torch.linalg.qr(torch.randn(7, 12, 12, generator=gen, dtype=torch.float64))
+    top = 1.0 / cond if math.isfinite(cond) else 0.0
+    s = torch.logspace(0, math.log10(top) if top > 0 else -1, 12, dtype=torch.float64)
+    if top == 0:
+        s[-1] = 0.0  # rank deficient
+    a = u @ torch.diag_embed(s.expand(7, 12)) @ w.mT
+    for m in (a, a.mT):  # tall and wide
+        ref = torch.linalg.svdvals(m)
+        hi, lo = extreme_singular_values(m)
+        torch.testing.assert_close(hi, ref[..., 0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(lo, ref[..., -1], rtol=1e-8, atol=1e-14)

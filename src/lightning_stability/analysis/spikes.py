@@ -1,24 +1,8 @@
-"""Rolling z-scores (batch and online) and Spike Precision@K (paper, Exp-2).
+"""Spike Precision@K (paper, Exp-2).
 
-The rolling z-score of a value is taken **against the previous values only**
-(the current value is not part of its own reference window), so a spike is
-measured against the regime that preceded it, and the online form
-(:class:`RollingZScore`, used by the monitor's early-warning alarm) and the
-vectorised form (:func:`rolling_zscore`) give the same numbers.
-
-Definition shared by both forms, for a series ``x`` and a window ``w``:
-
-* Non-finite values are never part of a reference window. The window of step
-  ``t`` is the last ``min(w, m)`` **finite** values before ``t`` (``m`` = number
-  of finite values before ``t``); early steps use the partial window.
-* ``z[t] = (x[t] − mean(window)) / std(window)``, ``std`` the **population**
-  standard deviation (``ddof=0``; for a full window of 20 this is
-  ``sqrt(19/20)`` of pandas' default ``ddof=1``, i.e. z-scores 2.6 % larger).
-* Undefined (NaN / ``None``) while the window holds fewer than 2 values, and
-  when ``x[t]`` is NaN. ``x[t] = ±inf`` gives ``z = ±inf``.
-* A constant window (``std == 0``): ``z = 0`` when ``x[t]`` equals the window
-  mean, otherwise ``±inf`` (a jump off a perfectly flat baseline is an
-  unbounded spike).
+The rolling z-score it scores spikes with is defined once, in
+:mod:`lightning_stability.diagnostics.rolling` (shared with the monitor's online
+early-warning alarm), and re-exported here.
 """
 
 from __future__ import annotations

@@ -343,14 +343,20 @@ def _residual_branch(
 
 
 def _grouped_singular_values(fns: Sequence[WeightFn]) -> list[Tensor]:
-    """Singular values (descending) of each weight, one batched ``svdvals`` per shape."""
-    weights = [fn().detach().float() for fn in fns]
+    """``[σmax, σmin]`` of each weight, one batched call per weight shape.
+
+    A weight with a non-finite entry gets ``[inf, 0]`` (so ``‖W‖₂`` and ``κ(W)`` read ``inf``).
+    """
+    weights = [fn().detach() for fn in fns]
     out: list[Tensor | None] = [None] * len(weights)
     groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for j, w in enumerate(weights):
         groups[(tuple(w.shape), w.device)].append(j)
     for idx in groups.values():
-        sigma = torch.linalg.svdvals(torch.stack([weights[j] for j in idx]))
+        stack = torch.stack([weights[j] for j in idx])
+        smax, smin = D.extreme_singular_values(stack)
+        finite = torch.isfinite(stack).flatten(-2).all(-1)
+        sigma = torch.stack([smax.masked_fill(~finite, math.inf), smin.masked_fill(~finite, 0.0)], -1)
         for row, j in zip(sigma, idx, strict=True):
             out[j] = row
     return [s for s in out if s is not None]

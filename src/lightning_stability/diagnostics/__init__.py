@@ -13,6 +13,7 @@ from .bound import UnifiedBound, combined_predictor, residual_gain, unified_boun
 from .linear import (
     condition_from_singular_values,
     condition_number,
+    extreme_singular_values,
     kappa_wkwq,
     spectral_norm,
     wkwq_norm,
@@ -39,6 +40,7 @@ __all__ = [
     "condition_from_singular_values",
     "condition_number",
     "eps_mach",
+    "extreme_singular_values",
     "kappa_score",
     "kappa_softmax",
     "kappa_v",

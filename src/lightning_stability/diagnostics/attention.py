@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_mask, check_tensor, safe_ratio
+from .linear import extreme_singular_values
 
 __all__ = [
     "AttentionDiagnostics",
@@ -429,8 +430,9 @@ def kappa_score(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
 def kappa_v(v: Tensor, ridge: float = 1e-6) -> Tensor:
     """Value conditioning ``σmax(V)/(σmin(V) + ridge)`` per head (SPEC §1).
 
-    σ runs over the ``min(n, d)`` singular values (float64). The result is clamped at 1 (a
-    condition number is ≥ 1; the ridge would otherwise push a tiny, well-conditioned V below 1).
+    σ runs over the ``min(n, d)`` singular values (float64, via ``extreme_singular_values``).
+    The result is clamped at 1 (a condition number is ≥ 1; the ridge would otherwise push a
+    tiny, well-conditioned V below 1).
 
     Args:
         v: Values ``(..., n, d)``.
@@ -457,8 +459,8 @@ def kappa_v(v: Tensor, ridge: float = 1e-6) -> Tensor:
     lead = tuple(v.shape[:-2])
     if v.shape[-1] == 0 or v.shape[-2] == 0:
         return torch.ones(lead, dtype=_F64, device=v.device)
-    sv = torch.linalg.svdvals(v64)
-    kap = safe_ratio(sv[..., 0], sv[..., -1] + ridge).clamp_min(1.0)
+    smax, smin = extreme_singular_values(v64)
+    kap = safe_ratio(smax, smin + ridge).clamp_min(1.0)
     return torch.where(fin, kap, _INF)
 
 
