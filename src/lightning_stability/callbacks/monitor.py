@@ -42,7 +42,7 @@ class StabilityMonitor(Callback):
     At a sampled step it takes ``sample_size`` examples of the current batch and runs
     the model twice without gradients — in the training's low precision and in exact
     FP32 — and logs, per block and for the model, the forward mismatch ``r_block`` and
-    the diagnostics that predict it (``../shared/SPEC.md``): κ_score, κ_softmax, κ(V),
+    the diagnostics that predict it (``docs/SPEC.md``): κ_score, κ_softmax, κ(V),
     ‖W_O‖₂, ρ_LN, C_LN, κ_eff, the combined predictor, optionally the residual gains and
     the unified bound. Training is not changed: same parameters, RNG stream, module
     modes, no hooks left behind; steps that are not sampled cost nothing.
