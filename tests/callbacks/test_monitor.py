@@ -348,3 +348,15 @@ def test_alarm_fires_on_a_kappa_softmax_jump_and_calls_hook(tmp_path) -> None:
     alarms = {s: m["stability/alarm"] for s, m in logger.records}
     assert alarms[7] == 1.0 and alarms[5] == 0.0 and alarms[6] == 0.0
     assert monitor.state_dict()["alarm"]["history"]
+
+
+def test_blocks_that_never_run_or_none_found_are_reported(tmp_path, tiny_model) -> None:
+    with pytest.warns(UserWarning, match=r"found no blocks.*blocks=\['nothing\.\*'\]"):
+        fit(tiny_model, tmp_path, StabilityMonitor(every_n_steps=1, blocks=["nothing.*"]), steps=1)
+
+    class SkipsBlocks(TinyTransformer):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.norm(self.embed(x)).mean(1))
+
+    with pytest.warns(UserWarning, match=r"skipped step 1: RuntimeError: none of the blocks"):
+        fit(SkipsBlocks(), tmp_path, StabilityMonitor(every_n_steps=1), steps=1)

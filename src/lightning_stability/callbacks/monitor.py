@@ -124,6 +124,7 @@ class StabilityMonitor(Callback):
         self._probe: StabilityProbe | None = None
         self._last_step = -1
         self._warned_no_attention = False
+        self._warned_no_blocks = False
         self._layout_written = False
 
     @property
@@ -193,6 +194,13 @@ class StabilityMonitor(Callback):
                 self.log_per_head,
             )
         probe = self._probe
+        if not probe.blocks and not self._warned_no_blocks:
+            self._warned_no_blocks = True
+            rank_zero_warn(
+                "StabilityMonitor found no blocks (no repeated layers in an nn.ModuleList, or no module "
+                f"matching blocks={self.blocks}); only model-level attention values are logged. "
+                "Name the residual blocks with `blocks=[...]` patterns."
+            )
         raw = probe.measure(
             args, kwargs, lambda: self._low_precision(trainer, pl_module), seed=self.seed + step
         )

@@ -217,6 +217,12 @@ class StabilityProbe:
                     BlockTap(block_modules, keep_ref, keep_input if self.residual_gain_iters > 0 else None)
                 )
                 run(*cast_floating(args, torch.float32), **cast_floating(kwargs, torch.float32))
+                if self.blocks and not ref:
+                    names = [b.name for b in self.blocks]
+                    raise RuntimeError(
+                        f"none of the blocks {names} produced an output during the forward; check the "
+                        "`blocks` patterns and that the forward runs them"
+                    )
                 if self.residual_gain_iters > 0:
                     raw.residual_gains = self._residual_gains(inputs, seed)
             # 2. the low-precision pass, compared block by block as it runs.
