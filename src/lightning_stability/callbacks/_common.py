@@ -11,6 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_stability.capture.batch import split_batch
+from lightning_stability.capture.guards import compute_dtype
 
 PrecisionName = Literal["bf16", "fp16", "fp32"]
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -86,11 +87,5 @@ def low_precision_dtype(
     Read from inside the context, so Lightning's silent CPU switch of ``16-mixed`` to
     bfloat16 is reported as bfloat16; for ``*-true`` precision it is the parameters' dtype.
     """
-    device_type = pl_module.device.type
     with low_precision_context(trainer, pl_module, precision):
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-    for p in pl_module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
+        return compute_dtype(pl_module)

@@ -74,3 +74,17 @@ def exact_fp32(model: nn.Module) -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
             torch.backends.cudnn.allow_tf32 = cudnn_tf32
             torch.set_float32_matmul_precision(precision)
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``model``'s matmuls compute in under the current context.
+
+    The autocast dtype when autocast is on for the model's device (so Lightning's silent CPU
+    switch of ``16-mixed`` to bfloat16 reads as bfloat16), else the parameters' dtype
+    (``*-true`` precision), else float32.
+    """
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    device_type = params[0].device.type if params else "cpu"
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return params[0].dtype if params else torch.float32

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -212,9 +212,3 @@ class NormCapture:
 
         return hook
 
-
-def iter_eps(layers: Sequence[NormLayer]) -> Iterator[tuple[str, float | None]]:
-    """``(name, ε attribute value)`` for every layer (``None`` where the attribute is ``None``)."""
-    for layer in layers:
-        value = getattr(layer.module, layer.eps_attr or "eps", None)
-        yield layer.name, None if value is None else float(value)

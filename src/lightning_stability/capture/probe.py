@@ -25,7 +25,13 @@ from lightning_stability import diagnostics as D
 from lightning_stability.capture.attention import AttentionCall, AttentionCapture
 from lightning_stability.capture.batch import cast_floating
 from lightning_stability.capture.blocks import BlockTap, first_tensor
-from lightning_stability.capture.guards import eval_mode, exact_fp32, fastpath_disabled, preserved_rng
+from lightning_stability.capture.guards import (
+    compute_dtype,
+    eval_mode,
+    exact_fp32,
+    fastpath_disabled,
+    preserved_rng,
+)
 from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
 from lightning_stability.capture.structure import Block, WeightFn, model_blocks
 from lightning_stability.report import BlockReport, StabilityReport
@@ -83,11 +89,6 @@ def _reduce(x: Tensor, how: str, dim: int) -> Tensor:
     return x.mean(dim)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
 
 class StabilityProbe:
     """Two-pass measurement of one model.
@@ -144,7 +145,6 @@ class StabilityProbe:
         """
         run = forward or self.model
         raw = RawMeasurement()
-        device_type = _device_type(self.model)
         ref: dict[tuple[int, int], Tensor] = {}
         inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         attn: dict[int, list[dict[str, Tensor]]] = defaultdict(list)
@@ -228,7 +228,7 @@ class StabilityProbe:
             # 2. the low-precision pass, compared block by block as it runs.
             with ExitStack() as lp:
                 lp.enter_context(low_precision())
-                raw.dtype = _autocast_dtype(device_type) or _param_dtype(self.model)
+                raw.dtype = compute_dtype(self.model)
                 lp_norms = lp.enter_context(NormCapture(self.norms, variances=False))
                 lp.enter_context(BlockTap(block_modules, compare))
                 run(*args, **kwargs)
@@ -368,17 +368,6 @@ def _grouped_singular_values(fns: Sequence[WeightFn]) -> list[Tensor]:
     return [s for s in out if s is not None]
 
 
-def _device_type(model: nn.Module) -> str:
-    for p in model.parameters():
-        return p.device.type
-    return "cpu"
-
-
-def _param_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.get_default_dtype()
 
 
 def _ratio(err_sq: float, ref_sq: float) -> float:
