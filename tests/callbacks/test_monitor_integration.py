@@ -109,3 +109,28 @@ def test_ddp_two_processes_reduce_across_ranks(tmp_path: Path) -> None:
     assert float(logged[0]["stability/block1/r_block"]) == pytest.approx(
         math.sqrt(reduced["block1/err_sq"] / ref_sq)
     )
+
+
+class FailsOnRankOne(TinyTransformer):
+    """Raises inside the monitor's passes (eval mode) on rank 1 only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.global_rank == 1:
+            raise RuntimeError("rank 1 cannot measure")
+        return super().forward(x)
+
+
+@pytest.mark.timeout(240)
+def test_ddp_one_rank_failing_skips_the_step_on_all_ranks_without_hanging(tmp_path: Path) -> None:
+    monitor = StabilityMonitor(every_n_steps=1, sample_size=2)
+    trainer = Trainer(
+        **{
+            **trainer_kwargs(tmp_path, max_steps=2, logger=CSVLogger(str(tmp_path), name="fail")),
+            "devices": 2,
+            "strategy": "ddp_spawn",
+        },
+        callbacks=[monitor],
+    )
+    trainer.fit(FailsOnRankOne(), make_loader(n=16, batch_size=4))  # returns: no rank waits forever
+    # every rank skipped both steps together: nothing of the monitor's was logged
+    assert all("stability/" not in p.read_text() for p in (tmp_path / "fail").rglob("metrics.csv"))

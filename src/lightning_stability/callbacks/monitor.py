@@ -181,9 +181,45 @@ class StabilityMonitor(Callback):
     def measure(
         self, trainer: Trainer, pl_module: LightningModule, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> StabilityReport:
-        """Sample, run both passes, reduce across ranks and build :attr:`last_report`."""
+        """Sample, run both passes, reduce across ranks and build :attr:`last_report`.
+
+        Under DDP the ranks first agree that every one of them measured (one small
+        collective), so a rank that failed makes all of them skip the step instead of
+        leaving the others waiting in the reduction.
+        """
         step = trainer.global_step
-        args, kwargs = sample_inputs(args, kwargs, self.sample_size, self.seed + step)
+        raw: RawMeasurement | None = None
+        error: Exception | None = None
+        try:
+            args, kwargs = sample_inputs(args, kwargs, self.sample_size, self.seed + step)
+            raw = self._measure_locally(trainer, pl_module, args, kwargs)
+        except Exception as err:
+            error = err
+        if not _all_ranks_measured(trainer, pl_module, raw):
+            raise error or RuntimeError("another rank could not measure this step")
+        assert raw is not None
+        probe = self._probe
+        assert probe is not None
+        values = self._reduce(trainer, raw)
+        report = compose_report(probe, raw, values, step, self.ln_constants, self.bound_c)
+        if report.nonfinite:
+            report.first_nonfinite = first_nonfinite_module(
+                pl_module, args, kwargs, lambda: self._low_precision(trainer, pl_module)
+            )
+            rank_zero_warn(
+                f"StabilityMonitor: the low-precision ({report.dtype}) forward went non-finite "
+                f"at step {step} "
+                f"({report.nonfinite} values in block outputs); first non-finite module: "
+                f"{report.first_nonfinite!r}. r_block is inf; training goes on."
+            )
+        self.last_report = report
+        return report
+
+    def _measure_locally(
+        self, trainer: Trainer, pl_module: LightningModule, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> RawMeasurement:
+        """Both passes on this rank's sample (no collective)."""
+        step = trainer.global_step
         if self._probe is None or self._probe.model is not pl_module:
             self._probe = StabilityProbe(
                 pl_module,
@@ -207,20 +243,7 @@ class StabilityMonitor(Callback):
         if raw.attention_calls == 0 and not self._warned_no_attention:
             self._warned_no_attention = True
             rank_zero_warn(NO_ATTENTION_WARNING)
-        values = self._reduce(trainer, raw)
-        report = compose_report(probe, raw, values, step, self.ln_constants, self.bound_c)
-        if report.nonfinite:
-            report.first_nonfinite = first_nonfinite_module(
-                pl_module, args, kwargs, lambda: self._low_precision(trainer, pl_module)
-            )
-            rank_zero_warn(
-                f"StabilityMonitor: the low-precision ({report.dtype}) forward went non-finite "
-                f"at step {step} "
-                f"({report.nonfinite} values in block outputs); first non-finite module: "
-                f"{report.first_nonfinite!r}. r_block is inf; training goes on."
-            )
-        self.last_report = report
-        return report
+        return raw
 
     def _low_precision(self, trainer: Trainer, pl_module: LightningModule) -> AbstractContextManager[Any]:
         return low_precision_context(trainer, pl_module, self.precision)
@@ -265,6 +288,22 @@ class StabilityMonitor(Callback):
                 f"(z > {self.alarm_threshold}); largest in block {worst.name if worst else '?'!r}."
             )
             self.on_alarm(trainer, pl_module, report)
+
+
+def _all_ranks_measured(
+    trainer: Trainer, pl_module: LightningModule, raw: RawMeasurement | None
+) -> bool:
+    """Whether every rank measured this step with the same statistics (a collective under DDP)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if trainer.world_size <= 1 or not distributed:
+        return raw is not None
+    mine = torch.tensor(
+        [float(raw is not None), float(len(raw.values)) if raw is not None else -1.0],
+        dtype=torch.float64,
+        device=pl_module.device,
+    )
+    flags = trainer.strategy.all_gather(mine).reshape(-1, 2)
+    return bool((flags[:, 0] == 1).all() and (flags[:, 1] == flags[0, 1]).all())
 
 
 def custom_scalars_layout(n_blocks: int) -> dict[str, dict[str, list[Any]]]:
