@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -190,3 +191,85 @@ def test_block_patterns_override_detection() -> None:
     model = gpt2("sdpa")
     probe = StabilityProbe(model, blocks=["h.1"])
     assert [b.name for b in probe.blocks] == ["h.1"]
+
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, -1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).squeeze(1)
+
+
+class _NanoBlock(nn.Module):
+    """nanoGPT-lecture style: heads in a ModuleList, blocks in an nn.Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(16)
+        self.heads = nn.ModuleList(_Head() for _ in range(2))
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(x)
+        return x + self.proj(torch.cat([head(h) for head in self.heads], -1))
+
+
+class _MoEBlock(nn.Module):
+    def __init__(self, experts: int) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(16)
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + sum(e(h) for e in self.experts) / len(self.experts)
+
+
+def test_block_detection_prefers_layers_with_norms_over_heads_and_experts() -> None:
+    from lightning_stability.capture import find_blocks
+
+    nano = nn.Sequential(nn.Linear(16, 16), nn.Sequential(*[_NanoBlock() for _ in range(2)]))
+    assert [n for n, _ in find_blocks(nano)] == ["1.0", "1.1"]
+    moe = nn.Module()
+    moe.layers = nn.ModuleList(_MoEBlock(experts=8) for _ in range(2))
+    assert [n for n, _ in find_blocks(moe)] == ["layers.0", "layers.1"]
+
+
+class _RMSModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_MoEBlock(experts=1) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_rmsnorm_eps_none_uses_the_training_dtype_eps() -> None:
+    torch.manual_seed(0)
+    model = _RMSModel().to(torch.bfloat16)  # bf16-true: nn.RMSNorm(eps=None) uses finfo(bf16).eps
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    report = run_probe_nocheck(model, (x,))
+    with torch.no_grad():
+        var = x.double().square().mean(-1).median().item()  # RMS layer: mean square of block 0's input
+    expected = var / torch.finfo(torch.bfloat16).eps * 16 * 2.0**-7
+    assert report.blocks[0].rho_ln == pytest.approx(expected, rel=1e-2)  # bf16 input rounding
+
+
+def run_probe_nocheck(model: nn.Module, args: tuple) -> StabilityReport:  # type: ignore[type-arg]
+    probe = StabilityProbe(model)
+    raw = probe.measure(args, {}, contextlib.nullcontext)
+    keys, vec = raw.flat()
+    return compose_report(probe, raw, dict(zip(keys, vec.tolist(), strict=True)), step=0)
+
+
+def test_residual_gain_power_iteration_is_not_recorded_as_attention_calls() -> None:
+    model = gpt2("sdpa")
+    probe = StabilityProbe(model, residual_gain_iters=3)
+    raw = probe.measure((), {"input_ids": IDS}, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert raw.attention_calls == 2  # one per layer, none from the JVP/VJP block calls
+    assert {f"block{i}/residual_gain" for i in (0, 1)} <= set(raw.values)  # reduced across ranks too

@@ -125,6 +125,7 @@ class StabilityMonitor(Callback):
         self._last_step = -1
         self._warned_no_attention = False
         self._warned_no_blocks = False
+        self._warned_skip = False
         self._layout_written = False
 
     @property
@@ -163,7 +164,14 @@ class StabilityMonitor(Callback):
         try:
             report = self.measure(trainer, pl_module, args, kwargs)
         except Exception as err:  # the monitor never stops training
-            rank_zero_warn(f"StabilityMonitor skipped step {step}: {type(err).__name__}: {err}")
+            hint = ""
+            if not self._warned_skip:
+                self._warned_skip = True
+                hint = (
+                    " (if the model is not called as pl_module(*args, **kwargs) with the batch's inputs, "
+                    "override `StabilityMonitor.inputs_from_batch(batch)`)"
+                )
+            rank_zero_warn(f"StabilityMonitor skipped step {step}: {type(err).__name__}: {err}{hint}")
             return
         self._log(trainer, pl_module, report)
 

@@ -89,7 +89,6 @@ def _reduce(x: Tensor, how: str, dim: int) -> Tensor:
     return x.mean(dim)
 
 
-
 class StabilityProbe:
     """Two-pass measurement of one model.
 
@@ -208,22 +207,27 @@ class StabilityProbe:
             stack.enter_context(preserved_rng())
             stack.enter_context(eval_mode(self.model))
             stack.enter_context(fastpath_disabled())
+            # measure the eager arithmetic, and do not make torch.compile recompile for our hooks
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
             # 1. exact FP32 reference: attention and normalization statistics, block outputs.
             with ExitStack() as fp32:
                 fp32.enter_context(exact_fp32(self.model))
-                fp32.enter_context(AttentionCapture(self.model, on_attention))
-                norms = fp32.enter_context(NormCapture(self.norms))
-                fp32.enter_context(
-                    BlockTap(block_modules, keep_ref, keep_input if self.residual_gain_iters > 0 else None)
-                )
-                run(*cast_floating(args, torch.float32), **cast_floating(kwargs, torch.float32))
+                with ExitStack() as taps:
+                    taps.enter_context(AttentionCapture(self.model, on_attention))
+                    norms = taps.enter_context(NormCapture(self.norms))
+                    taps.enter_context(
+                        BlockTap(
+                            block_modules, keep_ref, keep_input if self.residual_gain_iters > 0 else None
+                        )
+                    )
+                    run(*cast_floating(args, torch.float32), **cast_floating(kwargs, torch.float32))
                 if self.blocks and not ref:
                     names = [b.name for b in self.blocks]
                     raise RuntimeError(
                         f"none of the blocks {names} produced an output during the forward; check the "
                         "`blocks` patterns and that the forward runs them"
                     )
-                if self.residual_gain_iters > 0:
+                if self.residual_gain_iters > 0:  # with the taps removed: its block calls are not recorded
                     raw.residual_gains = self._residual_gains(inputs, seed)
             # 2. the low-precision pass, compared block by block as it runs.
             with ExitStack() as lp:
@@ -232,7 +236,11 @@ class StabilityProbe:
                 lp_norms = lp.enter_context(NormCapture(self.norms, variances=False))
                 lp.enter_context(BlockTap(block_modules, compare))
                 run(*args, **kwargs)
-        raw.norm_meta = {name: (s.d, s.eps) for name, s in norms.stats.items()}
+        # ε as training uses it (nn.RMSNorm(eps=None) means finfo of the low-precision input dtype)
+        raw.norm_meta = {
+            name: (s.d, lp_norms.stats[name].eps if name in lp_norms.stats else s.eps)
+            for name, s in norms.stats.items()
+        }
         raw.norm_dtypes = {
             name: str(s.compute_dtype).replace("torch.", "") for name, s in lp_norms.stats.items()
         }
@@ -281,11 +289,18 @@ class StabilityProbe:
             )
             if self.log_per_head:
                 for name in ("kappa_score", "kappa_softmax", "kappa_v", "attention_entropy"):
-                    per_head = calls[0][name + "@heads"]
+                    per_call = [c[name + "@heads"] for c in calls]
+                    if len({t.shape for t in per_call}) != 1:
+                        per_call = per_call[:1]  # calls with different head counts: the first one's heads
+                    entropy = name == "attention_entropy"
+                    stacked = torch.stack(per_call)
+                    per_head = stacked.amin(0) if entropy else stacked.amax(0)
                     for h in range(per_head.shape[0]):
-                        raw.put(f"block{index}/head{h}/{name}", per_head[h], "max")
+                        raw.put(f"block{index}/head{h}/{name}", per_head[h], "min" if entropy else "max")
         for name, stats in norms.stats.items():
             raw.put(f"norm/{name}", stats.median_variance(), "min")
+        for index, gain in raw.residual_gains.items():
+            raw.put(f"block{index}/residual_gain", torch.tensor(gain), "max")
         for index, items in mismatch.items():
             raw.put(f"block{index}/err_sq", torch.stack([m[0] for m in items]).sum(), "sum")
             raw.put(f"block{index}/ref_sq", torch.stack([m[1] for m in items]).sum(), "sum")
@@ -368,8 +383,6 @@ def _grouped_singular_values(fns: Sequence[WeightFn]) -> list[Tensor]:
     return [s for s in out if s is not None]
 
 
-
-
 def _ratio(err_sq: float, ref_sq: float) -> float:
     if not math.isfinite(err_sq):
         return math.inf
@@ -432,7 +445,7 @@ def compose_report(
             report.r_block = math.inf if count else _ratio(err_sq, ref_sq)
             if count:
                 report.r_block_median = math.inf
-        report.residual_gain = raw.residual_gains.get(i)
+        report.residual_gain = get("residual_gain")
         attention = 0.0
         ksm, ksc, kv = report.kappa_softmax, report.kappa_score, report.kappa_v
         if ksm is not None and ksc is not None and kv is not None:
@@ -470,7 +483,7 @@ def compose_report(
     if blocks:
         out.r_block = blocks[-1].r_block
         out.r_block_median = blocks[-1].r_block_median
-    if blocks and len(raw.residual_gains) == len(blocks):
+    if blocks and all(b.residual_gain is not None for b in blocks):
 
         def col(name: str) -> list[float]:
             return [float(getattr(b, name) or 0.0) for b in blocks]

@@ -75,8 +75,9 @@ def find_blocks(model: nn.Module, patterns: Sequence[str] | None = None) -> list
     Args:
         model: the model.
         patterns: ``fnmatch`` patterns on qualified module names; when given, every
-            module matching one is a block. By default the children of the longest
-            ``nn.ModuleList`` whose children share one class (the repeated layers).
+            module matching one is a block. By default the repeated layers: the children
+            of the longest uniform ``nn.ModuleList`` (or ``nn.Sequential``) whose members
+            contain a normalization layer, else of the longest uniform ``nn.ModuleList``.
 
     Example:
         >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2), num_layers=3)
@@ -89,16 +90,31 @@ def find_blocks(model: nn.Module, patterns: Sequence[str] | None = None) -> list
             for name, module in model.named_modules()
             if name and any(fnmatch.fnmatchcase(name, p) for p in patterns)
         ]
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            kinds = {type(child) for child in module}
-            if len(kinds) == 1 and (best is None or len(module) > len(best[1])):
-                best = (name, module)
+    best: tuple[str, nn.Module] | None = None
+    best_key: tuple[bool, int] = (False, 0)
+    for name, module in model.named_modules():  # pre-order: a container before its descendants
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if isinstance(module, nn.Sequential) and not _has_norm(module[0]):
+            continue  # a uniform Sequential of plain layers is not a stack of blocks
+        # residual blocks contain a normalization layer; attention heads and MoE experts do not
+        key = (_has_norm(module[0]), len(module))
+        if best is None or key > best_key:
+            best, best_key = (name, module), key
     if best is None:
         return []
     prefix = best[0] + "." if best[0] else ""
-    return [(f"{prefix}{i}", child) for i, child in enumerate(best[1])]
+    return [(f"{prefix}{i}", child) for i, child in enumerate(best[1].children())]
+
+
+def _has_norm(module: nn.Module) -> bool:
+    return any(
+        isinstance(m, (nn.LayerNorm, nn.RMSNorm))
+        or type(m).__name__.lower().endswith(("layernorm", "rmsnorm"))
+        for m in module.modules()
+    )
 
 
 def describe_block(index: int, name: str, module: nn.Module) -> Block:
