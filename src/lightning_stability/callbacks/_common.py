@@ -57,6 +57,11 @@ def check_patterns(name: str, value: Any) -> None:
         )
 
 
+def is_distributed(trainer: Trainer) -> bool:
+    """Whether ``trainer`` runs several processes with an initialised process group."""
+    return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def inputs_or_raise(batch: Any, owner: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """:func:`~lightning_stability.capture.batch.split_batch`, with an error naming the method to override."""
     try:

@@ -17,6 +17,7 @@ from lightning_stability.callbacks._common import (
     check_number,
     check_patterns,
     inputs_or_raise,
+    is_distributed,
     low_precision_context,
     low_precision_dtype,
 )
@@ -265,7 +266,7 @@ class LNEpsilonBump(Callback):
         # (layers, 3): median σ², d, current ε
         meta_t = torch.tensor(meta, dtype=torch.float64, device=device)
         table = torch.cat([torch.stack(medians)[:, None], meta_t], 1)
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed(trainer):
             table = trainer.strategy.all_gather(table).reshape(-1, len(self._layers), 3)
         else:
             table = table.unsqueeze(0)

@@ -10,7 +10,6 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import nn
 from typing_extensions import override
 
 from lightning_stability.callbacks._common import (
@@ -21,16 +20,16 @@ from lightning_stability.callbacks._common import (
     check_number,
     check_patterns,
     inputs_or_raise,
+    is_distributed,
     low_precision_context,
 )
 from lightning_stability.capture.batch import sample_inputs
-from lightning_stability.capture.blocks import first_tensor
-from lightning_stability.capture.guards import eval_mode, fastpath_disabled, preserved_rng
 from lightning_stability.capture.probe import (
     NO_ATTENTION_WARNING,
     RawMeasurement,
     StabilityProbe,
     compose_report,
+    first_nonfinite_module,
 )
 from lightning_stability.diagnostics import RollingZScore
 from lightning_stability.report import BLOCK_METRICS, StabilityReport
@@ -260,7 +259,7 @@ class StabilityMonitor(Callback):
     def _reduce(trainer: Trainer, raw: RawMeasurement) -> dict[str, float]:
         """Combine ranks (max for κ's and r, min for variances, sum for counts), then one transfer."""
         keys, vec = raw.flat()
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed(trainer):
             gathered = trainer.strategy.all_gather(vec)  # (world, k)
             cols = []
             for j, key in enumerate(keys):
@@ -298,12 +297,9 @@ class StabilityMonitor(Callback):
             self.on_alarm(trainer, pl_module, report)
 
 
-def _all_ranks_measured(
-    trainer: Trainer, pl_module: LightningModule, raw: RawMeasurement | None
-) -> bool:
+def _all_ranks_measured(trainer: Trainer, pl_module: LightningModule, raw: RawMeasurement | None) -> bool:
     """Whether every rank measured this step with the same statistics (a collective under DDP)."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if trainer.world_size <= 1 or not distributed:
+    if not is_distributed(trainer):
         return raw is not None
     mine = torch.tensor(
         [float(raw is not None), float(len(raw.values)) if raw is not None else -1.0],
@@ -323,33 +319,3 @@ def custom_scalars_layout(n_blocks: int) -> dict[str, dict[str, list[Any]]]:
         "bound": ["Multiline", ["stability/bound$", "stability/bound_rigorous$", "stability/r_block$"]],
     }
     return {"stability (model)": model, f"stability per block ({n_blocks} blocks)": per_block}
-
-
-def first_nonfinite_module(
-    model: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    low_precision: Any,
-) -> str | None:
-    """Re-run the low-precision pass; name the first module (in execution order) with a non-finite output."""
-    found: list[str] = []
-    handles = []
-
-    def hook(name: str) -> Any:
-        def fn(module: nn.Module, inputs: Any, output: Any) -> None:
-            out = first_tensor(output)
-            if not found and out is not None and out.is_floating_point() and not torch.isfinite(out).all():
-                found.append(name)
-
-        return fn
-
-    try:
-        for name, module in model.named_modules():
-            if not any(True for _ in module.children()):
-                handles.append(module.register_forward_hook(hook(name)))
-        with torch.no_grad(), preserved_rng(), eval_mode(model), fastpath_disabled(), low_precision():
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found[0] if found else None

@@ -509,3 +509,34 @@ def _count_heads(values: dict[str, float], i: int, name: str) -> int:
     while f"block{i}/head{h}/{name}" in values:
         h += 1
     return h
+
+
+def first_nonfinite_module(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    low_precision: Callable[[], AbstractContextManager[Any]],
+) -> str | None:
+    """Re-run the low-precision pass; name the first leaf module whose output is non-finite.
+
+    Only called after a step found non-finite block outputs, so the per-module check (a host
+    sync each) costs nothing in normal steps.
+    """
+    found: list[str] = []
+
+    def hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def fn(module: nn.Module, inputs: Any, output: Any) -> None:
+            out = first_tensor(output)
+            if not found and out is not None and out.is_floating_point() and not torch.isfinite(out).all():
+                found.append(name)
+
+        return fn
+
+    with ExitStack() as stack:
+        for name, module in model.named_modules():
+            if not any(True for _ in module.children()):
+                stack.enter_context(module.register_forward_hook(hook(name)))
+        for ctx in (torch.no_grad(), preserved_rng(), eval_mode(model), fastpath_disabled(), low_precision()):
+            stack.enter_context(ctx)
+        model(*args, **kwargs)
+    return found[0] if found else None
