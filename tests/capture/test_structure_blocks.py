@@ -346,6 +346,11 @@ def test_star_stays_within_one_name_segment() -> None:
         "transformer.h.1",
     ]
     assert unmatched_patterns(model, ["transformer.h.*", "h.*", "nothing"]) == ["h.*", "nothing"]
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2), num_layers=2)
+    assert [n for n, _ in find_blocks(enc, ["**.layers.*"])] == ["layers.0", "layers.1"]  # **. may be empty
+    assert [n for n, _ in find_blocks(_bart(), ["**.layers.*"])] == [
+        f"{stack}.layers.{i}" for stack, n in (("encoder", 2), ("decoder", 3)) for i in range(n)
+    ]
     assert pattern_regex("a?c").match("abc") and not pattern_regex("a?c").match("a.c")
     assert pattern_regex("h.[!0]").match("h.1") and not pattern_regex("h.[!0]").match("h.0")
 

@@ -357,3 +357,33 @@ def test_module_list_experts_router_and_shared_expert() -> None:
     assert [list(w) for w in block.experts] == [
         [f"layers.1.moe.experts.{e}.0", f"layers.1.moe.experts.{e}.1"] for e in range(4)
     ]
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "falcon_gqa", "phi3"])
+def test_probe_kappa_wkwq_is_the_max_of_the_models_own_per_head_values(family: str) -> None:
+    from lightning_stability.capture import StabilityProbe, compose_report
+
+    model, attention_of = _family(family)
+    model = model.eval()
+    probe = StabilityProbe(model)
+    ids = torch.randint(0, 60, (2, 6), generator=torch.Generator().manual_seed(0))
+    raw = probe.measure((), {"input_ids": ids}, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    keys, vec = raw.flat()
+    report = compose_report(probe, raw, dict(zip(keys, vec.tolist(), strict=True)), step=0)
+    got = report.blocks[0].kappa_wkwq  # the probe as it is: float32 weights, heads from the call
+    expected = _kappa_per_head(*_model_qk(model.double(), attention_of(model), 32)).max().item()
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_phi3_fused_gate_up_counts_as_gate_and_up() -> None:
+    model, _ = _family("phi3")
+    block = model_blocks(model)[0]
+    mlp = model.layers[0].mlp
+    assert list(block.ffn) == [
+        "layers.0.mlp.gate_up_proj.gate",
+        "layers.0.mlp.gate_up_proj.up",
+        "layers.0.mlp.down_proj",
+    ]
+    gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)  # Phi3MLP: gate, up = gate_up_proj(x).chunk(2, -1)
+    assert torch.equal(block.ffn["layers.0.mlp.gate_up_proj.gate"](), gate)
+    assert torch.equal(block.ffn["layers.0.mlp.gate_up_proj.up"](), up)

@@ -12,7 +12,19 @@ from lightning_stability.capture.attention import (
 from lightning_stability.capture.blocks import BlockTap
 from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
 from lightning_stability.capture.probe import RawMeasurement, StabilityProbe, compose_report
-from lightning_stability.capture.structure import Block, find_blocks, model_blocks
+from lightning_stability.capture.structure import (
+    Block,
+    QKProjection,
+    Stack,
+    find_blocks,
+    find_stacks,
+    model_blocks,
+    moe_kappa_eff,
+    structure_notes,
+    structure_warnings,
+    unattended_blocks,
+    unmatched_patterns,
+)
 
 __all__ = [
     "AttentionCall",
@@ -22,14 +34,22 @@ __all__ = [
     "MaskParts",
     "NormCapture",
     "NormLayer",
+    "QKProjection",
     "RawMeasurement",
     "StabilityProbe",
+    "Stack",
     "causal_keep",
     "compose_report",
     "find_blocks",
     "find_norms",
+    "find_stacks",
     "fold_mask",
     "keep_mask",
     "model_blocks",
+    "moe_kappa_eff",
     "observe_attention",
+    "structure_notes",
+    "structure_warnings",
+    "unattended_blocks",
+    "unmatched_patterns",
 ]

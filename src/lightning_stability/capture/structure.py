@@ -149,17 +149,23 @@ class Block:
 def pattern_regex(pattern: str) -> re.Pattern[str]:
     """Compile a block pattern: ``*`` and ``?`` stay within one dotted name segment, ``**`` spans any depth.
 
+    ``**.`` also matches no segment at all (``**.layers.*`` matches ``layers.0``);
     ``[seq]`` / ``[!seq]`` are character classes as in ``fnmatch``. The whole name must match.
 
     Example:
         >>> bool(pattern_regex("h.*").match("h.0")), bool(pattern_regex("h.*").match("h.0.attn"))
         (True, False)
-        >>> bool(pattern_regex("**.attn").match("model.h.0.attn"))
-        True
+        >>> deep = pattern_regex("**.attn")
+        >>> bool(deep.match("model.h.0.attn")), bool(deep.match("attn"))
+        (True, True)
     """
     out, i = [], 0
     while i < len(pattern):
         c = pattern[i]
+        if pattern.startswith("**.", i):  # any number of leading segments, none included
+            out.append(r"(?:.*\.)?")
+            i += 3
+            continue
         if pattern.startswith("**", i):
             out.append(".*")
             i += 2
@@ -477,6 +483,10 @@ def describe_block(index: int, name: str, module: nn.Module, stack: str = "") ->
         in_attention = any(w in p.lower() for p in parts[:-1] for w in _ATTENTION_WORDS)
         if in_attention or any(w in leaf for w in _ATTENTION_WORDS):
             _attention_weight(block, module, parts, leaf, full, weight, q_found, k_found)
+        elif leaf == "gate_up_proj" and weight().shape[0] % 2 == 0:
+            # fused gated FFN (Phi-3): its forward chunks [gate | up]; counted like Llama's two maps
+            block.ffn[f"{full}.gate"] = _half(weight, 0, 0)
+            block.ffn[f"{full}.up"] = _half(weight, 1, 0)
         else:
             block.ffn[full] = weight
     for parent, w_q in q_found.items():
