@@ -387,3 +387,23 @@ def test_phi3_fused_gate_up_counts_as_gate_and_up() -> None:
     gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)  # Phi3MLP: gate, up = gate_up_proj(x).chunk(2, -1)
     assert torch.equal(block.ffn["layers.0.mlp.gate_up_proj.gate"](), gate)
     assert torch.equal(block.ffn["layers.0.mlp.gate_up_proj.up"](), up)
+
+
+class _HeadsBlock(nn.Module):
+    """nanoGPT-lecture style: per-head modules with a fused ``qkv`` under a name without "attn"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(16)
+        self.heads = nn.ModuleList(nn.ModuleDict({"qkv": nn.Linear(16, 24)}) for _ in range(2))
+        self.ffwd = nn.Linear(16, 16)
+
+
+def test_a_fused_qkv_is_attention_whatever_its_parent_is_called() -> None:
+    model = nn.Module()
+    model.blocks = nn.ModuleList(_HeadsBlock() for _ in range(2))
+    block = model_blocks(model)[0]
+    assert [p.name for p in block.qk] == ["blocks.0.heads.0.qkv", "blocks.0.heads.1.qkv"]
+    assert list(block.ffn) == ["blocks.0.ffwd"]  # the qkv weights are not counted in kappa_eff
+    w = model.blocks[0].heads[0]["qkv"].weight
+    assert torch.equal(block.qk[0].w_q(), w[:8]) and torch.equal(block.qk[0].w_k(), w[8:16])

@@ -481,7 +481,7 @@ def describe_block(index: int, name: str, module: nn.Module, stack: str = "") ->
         if weight is None:
             continue
         in_attention = any(w in p.lower() for p in parts[:-1] for w in _ATTENTION_WORDS)
-        if in_attention or any(w in leaf for w in _ATTENTION_WORDS):
+        if in_attention or any(w in leaf for w in _ATTENTION_WORDS) or leaf in _QKV_NAMES:
             _attention_weight(block, module, parts, leaf, full, weight, q_found, k_found)
         elif leaf == "gate_up_proj" and weight().shape[0] % 2 == 0:
             # fused gated FFN (Phi-3): its forward chunks [gate | up]; counted like Llama's two maps
