@@ -466,15 +466,8 @@ def describe_block(index: int, name: str, module: nn.Module, stack: str = "") ->
             block.qk.append(_mha_qk(full, sub))
             skip.append(rel)
             continue
-        experts = getattr(sub, "experts", None)
-        if isinstance(experts, nn.Module):
-            groups = _expert_weights(experts, f"{full}.experts")
-            if groups:
-                block.experts += groups
-                block.notes.append(
-                    f"{full}: mixture of {len(groups)} experts; kappa_eff = dense FFN + max over experts "
-                    "of the expert's sum of kappa(W), router excluded"
-                )
+        if isinstance(getattr(sub, "experts", None), nn.Module):
+            _add_experts(block, sub, full)
             skip += [f"{rel}.{c}" if rel else c for c in ("experts", *_ROUTER_NAMES)]
             continue
         weight = _linear_weight(sub)
@@ -504,6 +497,17 @@ def describe_block(index: int, name: str, module: nn.Module, stack: str = "") ->
         if not found:
             block.missing.append(kind)
     return block
+
+
+def _add_experts(block: Block, moe: nn.Module, full: str) -> None:
+    """Record the experts of an MoE module (its router is skipped by the caller)."""
+    groups = _expert_weights(moe.get_submodule("experts"), f"{full}.experts")
+    if groups:
+        block.experts += groups
+        block.notes.append(
+            f"{full}: mixture of {len(groups)} experts; kappa_eff = dense FFN + max over experts "
+            "of the expert's sum of kappa(W), router excluded"
+        )
 
 
 def _attention_weight(
