@@ -93,7 +93,7 @@ class FP32Override:
             with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
                 return original(*_up(args), **_up(kwargs))
 
-        self.module.forward = forward  # type: ignore[method-assign]
+        self.module.forward = forward
         self.active = True
         return self
 
@@ -101,8 +101,8 @@ class FP32Override:
         """Put the previous ``forward`` back (idempotent)."""
         if not self.active:
             return
-        if self._had_instance_forward:
-            self.module.forward = self._saved  # type: ignore[method-assign]
+        if self._had_instance_forward and self._saved is not None:
+            self.module.forward = self._saved
         else:
             del self.module.__dict__["forward"]
         self._saved = None
@@ -162,12 +162,12 @@ def qk_params(block: Block, proj: QKProjection) -> QKParams:
     owner = block.module.get_submodule(rel) if rel else block.module
     b_q: Tensor | None = None
     b_k: Tensor | None = None
+    fused: Any = None
     if isinstance(owner, nn.MultiheadAttention):
         fused = owner.in_proj_bias
     elif isinstance(getattr(owner, "weight", None), Tensor):
         fused = getattr(owner, "bias", None)
     else:
-        fused = None
         for child_name, child in owner.named_children():
             bias = getattr(child, "bias", None)
             if child_name.lower() in _Q_NAMES:
