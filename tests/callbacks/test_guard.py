@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -323,3 +325,36 @@ def test_fp32_fit_guards_the_fp16_fragile_block_and_a_resumed_run_keeps_it(tmp_p
     assert guard2.fp32_blocks == ["blocks.1"]
     assert [(a.step, a.action) for a in guard2.actions] == [(2, "fp32")]  # kept, not repeated
     assert "forward" not in resumed.blocks[1].__dict__
+
+
+# ------------------------------------------------------------------------------------ DDP
+class RecordingGuard(StabilityGuard):
+    """Writes each rank's decisions and the ε its norm trains with, before the fit-end restore."""
+
+    out_dir = ""
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        record = {
+            "actions": [(a.step, a.block_name, a.action, a.applied, a.detail) for a in self.actions],
+            "eps": pl_module.blocks[0].norm1.eps,  # type: ignore[index]
+        }
+        path = Path(self.out_dir) / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(record))
+        super().on_fit_end(trainer, pl_module)
+
+
+@pytest.mark.timeout(240)
+def test_ddp_two_processes_take_the_same_action(tmp_path: Path) -> None:
+    model = tiny()  # lr = 0: the shrunk embedding stays ε-dominated
+    fragile_norm(model)
+    guard = RecordingGuard()
+    guard.out_dir = str(tmp_path)  # an instance attribute travels to the spawned ranks
+    trainer = Trainer(
+        **{**trainer_kwargs(tmp_path, max_steps=4), "devices": 2, "strategy": "ddp_spawn"},
+        callbacks=[StabilityMonitor(every_n_steps=2, sample_size=4, precision="bf16"), guard],
+    )
+    trainer.fit(model, make_loader(n=32, batch_size=4))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # same decisions, same new ε, though each rank saw other examples
+    assert [a[:4] for a in ranks[0]["actions"]] == [[2, "blocks.0", "eps_bump", True]]
+    assert ranks[0]["eps"] > 1e-5
