@@ -358,3 +358,19 @@ def test_ddp_two_processes_take_the_same_action(tmp_path: Path) -> None:
     assert ranks[0] == ranks[1]  # same decisions, same new ε, though each rank saw other examples
     assert [a[:4] for a in ranks[0]["actions"]] == [[2, "blocks.0", "eps_bump", True]]
     assert ranks[0]["eps"] > 1e-5
+
+
+# ------------------------------------------------------------------------------ benchmark
+@pytest.mark.timeout(240)
+def test_bench_guard_quick_runs(tmp_path: Path) -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "benchmarks" / "bench_guard.py"
+    spec = importlib.util.spec_from_file_location("bench_guard", script)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "guard.json"
+    result = bench.main(["--quick", "--reps", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["ratios"] == result["ratios"]
+    assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
