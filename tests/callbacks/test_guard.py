@@ -189,6 +189,20 @@ def test_bad_arguments(kwargs: dict[str, Any], name: str) -> None:
         StabilityGuard(**kwargs)
 
 
+def test_arguments_settable_from_cli_parser() -> None:
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(StabilityGuard, "guard")
+    cfg = parser.parse_args(["--guard.tau=50", "--guard.fp32_scope=attention", "--guard.dry_run=true",
+                             "--guard.eps_bump=false"])
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
+    guard = instantiate(cfg).guard
+    got = (guard.tau, guard.fp32_scope, guard.dry_run, guard.enabled["eps_bump"])
+    assert got == (50.0, "attention", True, False)
+    with pytest.raises(jsonargparse.ArgumentError, match="fp32_scope"):
+        parser.parse_args(["--guard.fp32_scope=ffn"])
+
+
 def test_needs_a_monitor_listed_before_it(tmp_path: Any) -> None:
     with pytest.raises(MisconfigurationException, match="list a StabilityMonitor before it"):
         fit(tiny(), tmp_path, [StabilityGuard(), StabilityMonitor(every_n_steps=2)], max_steps=1)
