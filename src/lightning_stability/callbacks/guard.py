@@ -194,6 +194,8 @@ class StabilityGuard(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
         callbacks: list[Callback] = list(trainer.callbacks)  # type: ignore[attr-defined]
         monitors = [i for i, cb in enumerate(callbacks) if isinstance(cb, StabilityMonitor)]
         mine = next(i for i, cb in enumerate(callbacks) if cb is self)
@@ -345,19 +347,23 @@ class StabilityGuard(Callback):
         batch: Any,
     ) -> GuardAction:
         block = self._blocks.get(plan.block_name)
-        if plan.action == "none":
-            pass
-        elif block is None:
-            plan.detail = f"block {plan.block_name!r} not found in the model; nothing done"
-        elif self.dry_run:
-            plan.detail = "dry run: would " + _would(plan, self)
-        elif plan.action == "qk_clip":
-            self._qk_clip(plan, block)
-        elif plan.action == "eps_bump":
-            args, kwargs = monitor.inputs_from_batch(batch)
-            self._bump(trainer, pl_module, plan, block, args, kwargs)
-        else:
-            self._fp32(plan, block)
+        try:
+            if plan.action == "none":
+                pass
+            elif block is None:
+                plan.detail = f"block {plan.block_name!r} not found in the model; nothing done"
+            elif self.dry_run:
+                plan.detail = "dry run: would " + _would(plan, self)
+            elif plan.action == "qk_clip":
+                self._qk_clip(plan, block)
+            elif plan.action == "eps_bump":
+                args, kwargs = monitor.inputs_from_batch(batch)
+                self._bump(trainer, pl_module, plan, block, args, kwargs)
+            else:
+                self._fp32(plan, block)
+        except Exception as err:  # the guard never stops training
+            plan.applied = False
+            plan.detail = f"failed: {type(err).__name__}: {err}"
         verb = "" if plan.applied or plan.action == "none" or self.dry_run else "not applied: "
         rank_zero_warn(
             f"StabilityGuard at step {plan.step}: block {plan.block_name!r}: {plan.cause} -> "
