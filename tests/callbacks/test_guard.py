@@ -340,6 +340,13 @@ def test_fp32_fit_guards_the_fp16_fragile_block_and_a_resumed_run_keeps_it(tmp_p
     assert [(a.step, a.action) for a in guard2.actions] == [(2, "fp32")]  # kept, not repeated
     assert "forward" not in resumed.blocks[1].__dict__
 
+    control = tiny()
+    control_dtypes = ffn_dtypes(control, 1)
+    guard_c = StabilityGuard()
+    fit(control, tmp_path, [SignalMonitor(every_n_steps=2, precision="fp16"), guard_c], max_steps=4,
+        precision="bf16-mixed")
+    assert guard_c.actions == [] and control_dtypes == [torch.bfloat16] * 4
+
 
 # ------------------------------------------------------------------------------------ DDP
 class RecordingGuard(StabilityGuard):

@@ -24,9 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_stability.capture.structure import _K_NAMES, _Q_NAMES, Block, QKProjection
-
-_ATTENTION_WORDS = ("attn", "attention")
+from lightning_stability.capture.structure import _ATTENTION_WORDS, _K_NAMES, _Q_NAMES, Block, QKProjection
 
 
 # ----------------------------------------------------------------------------- FP32 override
