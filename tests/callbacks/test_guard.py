@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tests.conftest import MemoryLogger, TinyTransformer, make_loader, trainer_kwargs
 from torch import Tensor, nn
@@ -255,11 +255,14 @@ def test_dry_run_changes_nothing_and_says_what_it_would_do(tmp_path: Any) -> Non
     assert (2, "stability/guard/dry_run/block0/qk_clip") in logged(trainer)
 
 
-def fragile_norm(model: TinyTransformer) -> None:
-    """Shrink the embedding: block 0's first LayerNorm sees σ² ≈ 3e-5, ρ_LN ≈ 0.7 at BF16's ε_mach."""
+def fragile_norm(model: TinyTransformer, scale: float = 0.01) -> None:
+    """Shrink the embedding: block 0's first LayerNorm sees σ² ≈ 3e-5, ρ_LN ≈ 0.7 at BF16's ε_mach.
+
+    ``scale=0.028`` gives the same ρ_LN at FP16's ε_mach (8× smaller).
+    """
     with torch.no_grad():
-        model.embed.weight.mul_(0.01)
-        model.embed.bias.mul_(0.01)
+        model.embed.weight.mul_(scale)
+        model.embed.bias.mul_(scale)
 
 
 def test_eps_fit_bumps_block0_norm_once_by_lnepsilonbumps_rule_and_restores(tmp_path: Any) -> None:
@@ -346,6 +349,31 @@ def test_fp32_fit_guards_the_fp16_fragile_block_and_a_resumed_run_keeps_it(tmp_p
     fit(control, tmp_path, [SignalMonitor(every_n_steps=2, precision="fp16"), guard_c], max_steps=4,
         precision="bf16-mixed")
     assert guard_c.actions == [] and control_dtypes == [torch.bfloat16] * 4
+
+
+class FailAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("boom")
+
+
+def test_fp32_and_eps_restored_when_fit_raises(tmp_path: Any) -> None:
+    model = tiny()
+    fragile_norm(model, 0.028)
+    fragile_range(model)
+    guard = StabilityGuard()
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(model, tmp_path, [SignalMonitor(every_n_steps=2, precision="fp16"), guard, FailAt(3)],
+            max_steps=6, precision="bf16-mixed")
+    assert {(a.block_name, a.action, a.applied) for a in guard.actions} == {
+        ("blocks.0", "eps_bump", True),
+        ("blocks.1", "fp32", True),
+    }
+    assert "forward" not in model.blocks[1].__dict__
+    assert model.blocks[0].norm1.eps == 1e-5
 
 
 # ------------------------------------------------------------------------------------ DDP
