@@ -129,6 +129,7 @@ def test_decide_thresholds_are_strict_and_a_control_gets_nothing() -> None:
     # at the thresholds (logit = τ, ρ_LN = 1, r_local = 10 ε_mach): nothing fires
     assert guard.decide(report(b0__attn_logit_max=100.0, b1__rho_ln=1.0, b2__r_local=floor)) == []
     assert guard.decide(report()) == []
+    assert guard.decide(report("float32", 2.0**-23, b0__rho_ln=0.1)) == []  # FP32: ρ_LN < 1 is normal
     assert guard.decide(report(b0__attn_logit_max=100.0 * (1 + 1e-5))) == []  # a head clipped to τ
     # without per-head maxima the block maximum stands for every head
     (plan,) = guard.decide(report(b0__attn_logit_max=100.5))
@@ -349,6 +350,31 @@ def test_fp32_fit_guards_the_fp16_fragile_block_and_a_resumed_run_keeps_it(tmp_p
     fit(control, tmp_path, [SignalMonitor(every_n_steps=2, precision="fp16"), guard_c], max_steps=4,
         precision="bf16-mixed")
     assert guard_c.actions == [] and control_dtypes == [torch.bfloat16] * 4
+
+
+def test_fp32_scope_attention_moves_only_the_attention(tmp_path: Any) -> None:
+    model = tiny()
+    fragile_range(model)
+    attn: list[torch.dtype] = []
+    model.blocks[1].attn.register_forward_hook(lambda m, a, o: attn.append(o.dtype) if m.training else None)
+    ffn = ffn_dtypes(model, 1)
+    guard = StabilityGuard(fp32_scope="attention")
+    fit(model, tmp_path, [SignalMonitor(every_n_steps=2, precision="fp16"), guard], max_steps=4,
+        precision="bf16-mixed")
+    assert "'blocks.1.attn' runs outside autocast" in guard.actions[0].detail
+    assert attn == [torch.bfloat16] * 2 + [torch.float32] * 2
+    assert ffn == [torch.bfloat16] * 4
+
+
+def test_nothing_fired_means_training_unchanged_bitwise(tmp_path: Any) -> None:
+    runs = []
+    guard = StabilityGuard()
+    for callbacks in ([StabilityMonitor(every_n_steps=2)], [StabilityMonitor(every_n_steps=2), guard]):
+        model = tiny(lr=1e-2)
+        fit(model, tmp_path, callbacks, max_steps=4)
+        runs.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+    assert guard.actions == []
 
 
 class FailAt(Callback):

@@ -73,10 +73,11 @@ class StabilityGuard(Callback):
       Per-head maxima come from ``per_head["attn_logit_max"]`` (``log_per_head=True``); without
       them every head is scaled by the block's ``η``. It changes weights: **not reversible**.
       It acts again whenever a block's logits pass ``τ`` again.
-    - ``rho_ln < rho_ln_threshold`` (an ε-dominated norm) → raise the ε of that block's norms by
-      :class:`LNEpsilonBump`'s rule (Algorithm 1), which this guard runs for those norms only,
-      with the report's ``ε_mach``; restored at fit end. Once per block (the rule brings ``ρ_LN``
-      to ``target_rho``, still below 1; add :class:`LNEpsilonBump` itself to keep adjusting).
+    - ``rho_ln < rho_ln_threshold`` (an ε-dominated norm; not when measured in FP32) → raise the
+      ε of that block's norms by :class:`LNEpsilonBump`'s rule (Algorithm 1), which this guard
+      runs for those norms only, with the report's ``ε_mach``; restored at fit end. Once per
+      block (the rule brings ``ρ_LN`` to ``target_rho``, still below 1; add
+      :class:`LNEpsilonBump` itself to keep adjusting).
     - ``r_local > r_local_factor · ε_mach`` (the block's own rounding error far above its floor),
       or, when the measured precision is FP16, a block ``amax`` within ``min_fp16_headroom`` bits
       of 65504 → run that block (``fp32_scope="block"``) or its attention outside autocast, in
@@ -309,7 +310,8 @@ class StabilityGuard(Callback):
             plans.append(GuardAction(step, i, name, f"attn_logit_max {logit:.4g} > tau {self.tau:g}",
                                      "qk_clip", heads=heads))
         rho = block.rho_ln
-        once = name not in self._eps
+        # measured in FP32, ρ_LN < 1 is the norm and harmless (ε_mach = 2⁻²³): not a cause
+        once = name not in self._eps and report.dtype != "float32"
         if self.enabled["eps_bump"] and once and rho is not None and rho < self.rho_ln_threshold:
             cause = f"rho_ln {rho:.3g} < {self.rho_ln_threshold:g}"
             plans.append(GuardAction(step, i, name, cause, "eps_bump"))
