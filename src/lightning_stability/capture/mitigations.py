@@ -126,9 +126,8 @@ def attention_module(block: nn.Module) -> tuple[str, nn.Module] | None:
     """
     for name, sub in block.named_modules():
         leaf = name.rsplit(".", 1)[-1].lower()
-        if name and any(w in leaf for w in _ATTENTION_WORDS) and not isinstance(sub, nn.Linear):
-            if type(sub).__name__ == "Conv1D":
-                continue
+        projection = isinstance(sub, nn.Linear) or type(sub).__name__ == "Conv1D"
+        if name and not projection and any(w in leaf for w in _ATTENTION_WORDS):
             return name, sub
     return None
 
