@@ -5,7 +5,7 @@ lives in :mod:`lightning_stability.diagnostics`, the log analysis in
 :mod:`lightning_stability.analysis`.
 """
 
-from lightning_stability.callbacks import LNEpsilonBump, StabilityMonitor
+from lightning_stability.callbacks import GuardAction, LNEpsilonBump, StabilityGuard, StabilityMonitor
 from lightning_stability.capture.attention import observe_attention
 from lightning_stability.report import BlockReport, StabilityReport
 
@@ -13,7 +13,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockReport",
+    "GuardAction",
     "LNEpsilonBump",
+    "StabilityGuard",
     "StabilityMonitor",
     "StabilityReport",
     "__version__",

@@ -1,6 +1,7 @@
 """Lightning callbacks: the glue between the capture layer and a ``Trainer``."""
 
+from lightning_stability.callbacks.guard import GuardAction, StabilityGuard
 from lightning_stability.callbacks.ln_eps import LNEpsilonBump
 from lightning_stability.callbacks.monitor import StabilityMonitor
 
-__all__ = ["LNEpsilonBump", "StabilityMonitor"]
+__all__ = ["GuardAction", "LNEpsilonBump", "StabilityGuard", "StabilityMonitor"]
