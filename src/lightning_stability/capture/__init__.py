@@ -1,6 +1,7 @@
 """Capture layer: observe a model's forward pass (no Lightning imports here)."""
 
 from lightning_stability.capture.attention import (
+    MASK_GAP,
     AttentionCall,
     AttentionCapture,
     MaskParts,
@@ -17,6 +18,7 @@ from lightning_stability.capture.probe import RawMeasurement, StabilityProbe, co
 from lightning_stability.capture.structure import Block, find_blocks, model_blocks
 
 __all__ = [
+    "MASK_GAP",
     "AttentionCall",
     "AttentionCapture",
     "Block",

@@ -63,6 +63,7 @@ from torch.overrides import TorchFunctionMode
 from lightning_stability.diagnostics.attention import AttentionDiagnostics, attention_diagnostics
 
 __all__ = [
+    "MASK_GAP",
     "AttentionCall",
     "AttentionCapture",
     "MaskParts",
@@ -581,8 +582,9 @@ def _track(
         x = args[0] if args else kwargs.get("input")
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if isinstance(x, Tensor) and isinstance(out, Tensor) and x.dim() == 4 and dim in (-1, 3):
+            scores: Tensor = x.detach()
             trace = _lookup(st.traces, x)
-            _remember(st.probs, out, lambda r: _Probs(r, x.detach(), trace))
+            _remember(st.probs, out, lambda r: _Probs(r, scores, trace))
         return None
     if not (st.traces or st.probs) or not args or not isinstance(out, Tensor):
         return None
