@@ -18,8 +18,21 @@ record, :class:`AttentionCall`:
    file's ``eager_attention_forward``), so outputs stay bitwise identical. The registry's
    contents are never changed (no name is registered). Only done if ``transformers`` is already
    imported; it is never imported here.
-4. Attention written with an explicit softmax calls :func:`observe_attention` (a cheap no-op
-   unless a capture is active).
+   T5's ``position_bias`` keyword (added to the scores) and Gemma-2's ``softcap`` (tanh
+   soft-capping) enter the record; the eager function's own softmax/matmuls are not recorded
+   again.
+4. Attention written out by hand (timm's non-fused path, Swin, nanoGPT's manual path,
+   research code: ``softmax(q @ kᵀ · scale + mask) @ v``) is seen by the same mode without an
+   adapter: a softmax over the last axis of a 4-D tensor, and the matmul (``@``,
+   ``torch.matmul``, ``bmm``) consuming its output (also through dropout, views and casts),
+   give a record whose ``scores`` are the softmax input (masks included) and whose ``v`` is the
+   matmul's other operand. ``q``/``k`` are the operands of the 4-D matmul that produced the
+   scores, followed by tensor identity through ``* scale``, ``/ scale``, ``+ mask``/``+ bias``,
+   ``masked_fill``, views and casts (in place too); ``None`` when the chain is broken (e.g. a
+   ``tanh``), then ``kappa_score`` is unknown. Only identities are kept until a softmax is seen
+   (no copies); entries vanish with their tensors.
+5. Attention the above cannot see calls :func:`observe_attention` (a cheap no-op unless a
+   capture is active); the explicit softmax that follows it is then not recorded twice.
 
 The innermost module of ``model`` running at the time of the call is tracked with forward
 pre-hooks and ``always_call=True`` forward hooks that push/pop its qualified name.
@@ -38,7 +51,16 @@ Known limitations:
       ``reorder_and_upcast_attn=True`` (bypasses the attention interface), models that fetch
       attention with ``getattr(ALL_ATTENTION_FUNCTIONS, impl, default)`` (kosmos2_5), fused
       kernels called directly (``torch._native_multi_head_attention``), compiled graphs.
-    * Dropout is ignored (the record describes the attention before dropout).
+    * Dropout inside the attention call (SDPA ``dropout_p``, ``F.dropout`` on the probabilities)
+      is ignored: the record describes the attention before dropout.
+    * Hand-written attention: only a softmax over the last axis of a 4-D ``(B, H, n_q, n_k)``
+      tensor consumed by a matmul is recorded (not 3-D ``(B·H, n, n)`` layouts, ``einsum``,
+      ``baddbmm``, or a softmax whose output reaches the matmul through other ops). Without
+      traced Q/K its keep-mask comes from the scores themselves (``s <= max_row s - MASK_GAP``),
+      so a row that is entirely masked by a finite value is then taken as attended.
+    * A finite additive "mask" shallower than ``MASK_GAP`` ≈ 87.3 below its row (e.g. ``-50``)
+      is kept as bias; an ALiBi key further than ``87.3/slope`` tokens counts as masked (see
+      :func:`fold_mask`).
     * MHA's ``need_weights=True`` path scales q by ``sqrt(1/d)``; the record reports ``1/sqrt(d)``
       (equal up to one ulp).
 """
@@ -871,8 +893,10 @@ class AttentionCapture:
     """Context manager calling ``on_call`` once per attention evaluation, in model order.
 
     While active, every attention evaluation (SDPA, ``nn.MultiheadAttention`` and the
-    ``nn.Transformer*`` layers, transformers ``eager``/``sdpa`` attention, and
-    :func:`observe_attention`) calls ``on_call(AttentionCall(...))`` synchronously. The model's
+    ``nn.Transformer*`` layers, transformers ``eager``/``sdpa`` attention, hand-written
+    ``softmax(q @ kᵀ·scale + mask) @ v``, and :func:`observe_attention`) calls
+    ``on_call(AttentionCall(...))`` synchronously. Turn a record into numbers with
+    :func:`call_diagnostics` (it honours ``scores`` and ``softcap``). The model's
     outputs are bit-identical with and without a capture (at the same MHA fast-path setting: the
     capture turns the fused eval fast paths off while active, and they compute differently).
 
