@@ -516,3 +516,22 @@ def test_kappa_v_of_padded_keys_in_capture() -> None:
         assert math.isclose(
             d.kappa_v[1, h].item(), kappa_v(call.v[1, h, :6].double()).item(), rel_tol=1e-9
         )
+
+
+def test_manual_record_sdpa_fields_reproduce_scores() -> None:
+    """scale·q kᵀ + bias of a traced record equals its scores on attended entries (Swin-like)."""
+    torch.manual_seed(7)
+    attn = WindowAttention(w=4)
+    mask = shift_mask(8, 4, 2)
+    windows = window_partition(torch.randn(1, 8, 8, 32), 4)
+    _, calls, _ = run_captured(attn, lambda: attn(windows, mask))
+    call = calls[0]
+    assert call.q is not None and call.k is not None and call.bias is not None and call.scores is not None
+    keep = call.keep
+    assert keep is not None
+    s = call.scale * call.q.double() @ call.k.double().mT + call.bias.double()
+    assert (s - call.scores.double()).abs()[keep].max().item() < 1e-5
+    d_scores = call_diagnostics(call)
+    d_fields = call_diagnostics(AttentionCall(call.name, call.q, call.k, call.v, keep, call.bias, call.scale))
+    for name in ("kappa_softmax", "kappa_score", "kappa_v", "entropy", "logit_max"):
+        assert torch.allclose(getattr(d_scores, name), getattr(d_fields, name), rtol=1e-5), name

@@ -133,8 +133,10 @@ class AttentionCall:
         scores: The softmax input itself ``(B, H, n_q, n_k)`` (masks included, detached), for
             attention written out by hand (``softmax(q @ kᵀ · scale + mask) @ v``). When set it is
             authoritative: ``q``/``k`` are the matmul operands traced back from it (``None`` when
-            they could not be traced: ``kappa_score`` is then unknown), ``scale`` is the traced
-            scalar factor (informational) and ``bias`` is ``None``.
+            they could not be traced: ``kappa_score`` is then unknown); with them, ``scale`` (the
+            traced scalar factor, else 1) and ``bias`` (``scores − scale·q kᵀ`` on attended
+            entries, ``None`` when that is only rounding) reproduce ``scores`` to rounding, so
+            a consumer of the SDPA-form fields still sees the same attention.
     """
 
     name: str
@@ -679,16 +681,28 @@ def _manual_call(name: str, scores: Tensor, trace: _Trace | None, v: Tensor) -> 
             q4 = torch.broadcast_to(trace.q.detach(), (b, h, n_q, d))
             k4 = torch.broadcast_to(trace.k_t.detach().mT, (b, h, n_k, d))
             factor = f if isinstance(f, float) else 1.0
+            bias = _reproducing_bias(s, factor * qk, keep)
         else:
             trace = None
     if trace is None:
         top = s.amax(-1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         keep = s > top - MASK_GAP
+        bias = None
     keep_or_none = None if bool(keep.all()) else keep
     return AttentionCall(
-        name=name, q=q4, k=k4, v=v4, keep=keep_or_none, bias=None, scale=factor, scores=s
+        name=name, q=q4, k=k4, v=v4, keep=keep_or_none, bias=bias, scale=factor, scores=s
     )
+
+
+def _reproducing_bias(s: Tensor, scaled_qk: Tensor, keep: Tensor) -> Tensor | None:
+    """``s − scale·q kᵀ`` on attended entries (0 elsewhere), in ``s``'s float dtype, so that the
+    SDPA-form fields of the record reproduce ``s`` too; ``None`` when that is rounding noise."""
+    diff = torch.where(keep, s.double() - scaled_qk, 0.0)
+    size = torch.where(keep, s.double().abs(), 0.0).amax() + 1.0
+    if bool(diff.abs().amax() <= 64 * torch.finfo(s.dtype).eps * size):
+        return None
+    return diff.to(s.dtype if s.is_floating_point() else torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
