@@ -167,3 +167,21 @@ def test_extras_errors() -> None:
         attention_diagnostics(None, None, q, scores=torch.randn(1, 2, 4, 5))
     with pytest.raises(ValueError, match="softcap"):
         attention_diagnostics(q, q, q, softcap=0.0)
+
+
+def test_kappa_v_sigma_min_below_rounding_counts_as_zero() -> None:
+    """Two equal token rows (a repeated token): σmin is rounding noise, κ = σmax/ridge exactly."""
+    g = gen(8)
+    v = torch.randn(6, 8, generator=g)
+    v[3] = v[2]
+    noisy = v.clone()
+    noisy[3] = torch.nextafter(v[3], torch.full_like(v[3], math.inf))  # one ulp apart
+    smax = torch.linalg.svdvals(v.double())[0].item()
+    for x in (v, noisy):
+        sv = torch.linalg.svdvals(x.double())
+        assert sv[-1].item() <= math.sqrt(6) * 2**-24 * sv[0].item()  # below V's own rounding
+        assert math.isclose(kappa_v(x).item(), max(1.0, sv[0].item() / 1e-6), rel_tol=1e-12)
+    assert math.isclose(kappa_v(noisy).item(), smax / 1e-6, rel_tol=1e-6)
+    # float64 input keeps a σmin of 1e-9 (far above float64 rounding)
+    w = torch.diag(torch.tensor([1.0, 1e-9], dtype=F64))
+    assert math.isclose(kappa_v(w).item(), 1.0 / (1e-9 + 1e-6), rel_tol=1e-12)

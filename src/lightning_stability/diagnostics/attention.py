@@ -488,7 +488,9 @@ def kappa_v(v: Tensor, ridge: float = 1e-6, key_mask: Tensor | None = None) -> T
 
     Returns:
         ``(...)`` float64 ≥ 1. Rank-deficient V → large but finite ``σmax/ridge``; all-zero V → 1.0;
-        ``ridge = 0`` and σmin = 0 → ``inf``; non-finite V → ``inf``.
+        ``ridge = 0`` and σmin = 0 → ``inf``; non-finite V → ``inf``. A σmin at or below
+        ``√r·u·σmax`` (``u`` the unit roundoff of ``v``'s dtype, ``r`` the number of singular
+        values) is below the rounding level of V itself and counts as 0.
 
     Raises:
         ValueError: On a tensor with < 2 dims or a negative ridge.
@@ -513,9 +515,15 @@ def kappa_v(v: Tensor, ridge: float = 1e-6, key_mask: Tensor | None = None) -> T
         return torch.ones(lead, dtype=_F64, device=v.device)
     if key_mask is not None:
         smax, smin = _extreme_sv_rows(v64, keys)
-        kap = safe_ratio(smax, smin + ridge).clamp_min(1.0)
-        return torch.where(fin, kap, _INF)
-    smax, smin = extreme_singular_values(v64)
+        rank = keys.sum(-1).clamp_max(v.shape[-1]).to(_F64)
+    else:
+        smax, smin = extreme_singular_values(v64)
+        rank = torch.full_like(smax, float(min(v.shape[-2:])))
+    # Rounding V's entries to its dtype moves every σ by up to ‖E‖₂ ≤ √r·u·σmax (Weyl): a σmin
+    # below that is indistinguishable from 0 and counts as 0 (else it is rounding noise, which
+    # κ ≈ σmax/ridge would amplify into kernel-dependent values).
+    unit = torch.finfo(v.dtype).eps / 2
+    smin = torch.where(smin <= rank.sqrt() * unit * smax, 0.0, smin)
     kap = safe_ratio(smax, smin + ridge).clamp_min(1.0)
     return torch.where(fin, kap, _INF)
 
