@@ -535,3 +535,14 @@ def test_manual_record_sdpa_fields_reproduce_scores() -> None:
     d_fields = call_diagnostics(AttentionCall(call.name, call.q, call.k, call.v, keep, call.bias, call.scale))
     for name in ("kappa_softmax", "kappa_score", "kappa_v", "entropy", "logit_max"):
         assert torch.allclose(getattr(d_scores, name), getattr(d_fields, name), rtol=1e-5), name
+
+
+def test_dropout_on_probabilities_record_is_before_dropout() -> None:
+    """Dropout active on the probabilities (training mode): the record is the pre-dropout P."""
+    torch.manual_seed(8)
+    attn = NanoAttention(dropout=0.5).train()
+    x = torch.randn(2, 12, 32)
+    _, calls, n = run_captured(attn, lambda: attn(x))
+    assert n == 1
+    q, k, v, s, keep = attn.reference(x)
+    assert_matches(call_diagnostics(calls[0]), ref_diagnostics(q, k, v, s, keep))

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lightning_stability.diagnostics import attention_diagnostics, kappa_softmax, kappa_v
+from lightning_stability.diagnostics import attention_diagnostics, attention_logit_max, kappa_softmax, kappa_v
 
 F64 = torch.float64
 
@@ -185,3 +185,14 @@ def test_kappa_v_sigma_min_below_rounding_counts_as_zero() -> None:
     # float64 input keeps a σmin of 1e-9 (far above float64 rounding)
     w = torch.diag(torch.tensor([1.0, 1e-9], dtype=F64))
     assert math.isclose(kappa_v(w).item(), 1.0 / (1e-9 + 1e-6), rel_tol=1e-12)
+
+
+def test_attention_logit_max_function_equals_field() -> None:
+    g = gen(9)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g) * 4 for _ in range(3))
+    bias = torch.randn(3, 7, 7, generator=g)
+    mask = torch.rand(2, 1, 7, 7, generator=g) > 0.5
+    d = attention_diagnostics(q, k, v, mask=mask, scale=0.2, bias=bias)
+    assert torch.equal(attention_logit_max(q, k, mask, 0.2, bias), d.logit_max)
+    ref = (0.2 * q.double() @ k.double().mT + bias.double()).abs().masked_fill(~mask, 0).amax((-2, -1))
+    assert torch.allclose(d.logit_max, ref, rtol=1e-14, atol=0)

@@ -25,6 +25,7 @@ __all__ = [
     "AttentionDiagnostics",
     "attention_diagnostics",
     "attention_entropy",
+    "attention_logit_max",
     "kappa_score",
     "kappa_softmax",
     "kappa_v",
@@ -772,3 +773,54 @@ def attention_diagnostics(
         entropy=ent.reshape(lead),
         logit_max=lmax.reshape(lead),
     )
+
+
+def attention_logit_max(
+    q: Tensor, k: Tensor, mask: Tensor | None = None, scale: float | None = None, bias: Tensor | None = None
+) -> Tensor:
+    """Per head ``max |scale·q·kᵀ + bias|`` over query rows and attended keys, ``(B, H)`` float64.
+
+    The attention-logit size Megatron's QK-clip watches (τ = 100) and Wortsman et al. (2023)
+    saw pass ~1e4 before divergence. The same value as :attr:`AttentionDiagnostics.logit_max`
+    (exact in float64: the candidates of the working-precision maximum are recomputed in
+    float64); 0 for a head with no attended entry.
+
+    Args:
+        q: ``(B, H, n_q, d)``.
+        k: ``(B, H, n_k, d)``.
+        mask: Optional boolean keep-mask broadcastable to ``(B, H, n_q, n_k)``.
+        scale: Score scale, default ``1/√d``.
+        bias: Optional additive float bias broadcastable to the scores.
+
+    Example:
+        >>> q = torch.tensor([[[[1.0, 0.0]]]]); k = torch.tensor([[[[-3.0, 0.0], [2.0, 0.0]]]])
+        >>> attention_logit_max(q, k, scale=1.0).tolist()
+        [[3.0]]
+    """
+    fn = "attention_logit_max"
+    check_tensor("q", q, 4, fn)
+    check_tensor("k", k, 4, fn)
+    bsz, nh, nq, d = q.shape
+    target = (bsz, nh, nq, k.shape[2])
+    if k.dim() != 4 or k.shape[:2] != (bsz, nh) or k.shape[3] != d or q.dim() != 4:
+        raise ValueError(f"{fn}: inconsistent shapes q {tuple(q.shape)}, k {tuple(k.shape)}")
+    m = _prep_mask(mask, target, fn)
+    bz = _check_bias(bias, target, fn)
+    sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    work = _F64 if _F64 in (q.dtype, k.dtype) else torch.float32
+    lead, g = (bsz, nh), bsz * nh
+    out = torch.zeros(g, dtype=_F64, device=q.device)
+    if g == 0 or nq == 0 or k.shape[2] == 0:
+        return out.reshape(lead)
+    step = _chunk_len(g, nq * k.shape[2], None)
+    for g0 in range(0, g, step):
+        g1 = min(g, g0 + step)
+        qc = _take_lead(q, lead, g0, g1).to(work)
+        kc = _take_lead(k, lead, g0, g1).to(work)
+        s = (qc @ kc.transpose(-1, -2)).mul_(sc)
+        bc = None if bz is None else _take_lead(bz, lead, g0, g1).to(work)
+        if bc is not None:
+            s.add_(bc)
+        mc = None if m is None else _take_lead(m, lead, g0, g1)
+        out[g0:g1] = _logit_max_exact(qc, kc, s, mc, sc, bc)
+    return out.reshape(lead)
