@@ -84,14 +84,14 @@ def test_attention_diagnostics_kappa_v_excludes_padded_keys() -> None:
     assert torch.allclose(d.kappa_v[0], kappa_v(v[0]), rtol=1e-12)
 
 
-# ------------------------------------------------------------------ entropy in float64
+# ------------------------------------------------------------------ entropy without cancellation
 def test_entropy_tiny_value_is_resolved() -> None:
     # one dominant key: H = log Z + Σ p_i (max − s_i) ≈ 6.5e-7 nats
     s = torch.tensor([[[[18.3, 0.0, 0.0, 0.0]]]])
     ref = entropy_ref(s, None).item()
     assert 6e-7 < ref < 7e-7
     d = attention_diagnostics(None, None, torch.randn(1, 1, 4, 2), scores=s)
-    assert math.isclose(d.entropy.item(), ref, rel_tol=1e-9)
+    assert math.isclose(d.entropy.item(), ref, rel_tol=1e-6)  # float32 terms, no cancellation
     # the former float32 formula (max − log p1 − Σ p s) lost it entirely
     p = torch.softmax(s, -1)
     old = (s.amax(-1) - p.amax(-1).log() - (p * s).sum(-1)).clamp_min(0).item()

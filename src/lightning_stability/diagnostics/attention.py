@@ -236,22 +236,24 @@ def _widen(
     )
 
 
-def _row_entropy64(sm: Tensor) -> Tensor:
-    """Row entropies ``−Σ p log p`` of ``softmax(sm)`` in float64 (masked entries are ``-inf``).
+def _row_entropy(prob: Tensor, p1: Tensor, idx: Tensor, s0: Tensor, top: Tensor) -> Tensor:
+    """Row entropies ``−Σ p log p`` (float64) from the softmax ``prob`` of the scores.
 
-    Written as ``H = log Z + Σ p_i·(max − s_i)`` with ``Z = Σ exp(s_i − max) ≥ 1``: every term is
-    non-negative, so there is no cancellation and a near-one-hot row keeps its relative accuracy
-    (a true 6.5e-7 nats does not read 0, as ``LSE − Σ p s`` in float32 did).
+    Written as ``H = log Z + Σ p_i·g_i`` with ``g_i = max − s_i ≥ 0`` and ``log Z = log1p(r/p₁)``,
+    ``r = Σ_{i≠argmax} p_i`` the tail mass (``idx`` is the arg-max): every term is non-negative,
+    so nothing cancels, unlike ``LSE − Σ p s`` (which read a true 6.5e-7 nats as 0). The terms
+    come from the working-precision probabilities and scores (a few ulps each) and are summed
+    pairwise, so each row's entropy carries a relative error of ~``log₂(n)·u`` (≈ 1e-6 in
+    float32) however small it is; rows are combined in float64. (A float64 softmax over every
+    entry would cost ~3× the whole diagnostic.) ``s0`` holds the scores with masked entries
+    zeroed (their ``p`` is 0).
     """
-    s64 = sm.to(_F64)
-    mx = s64.amax(-1, keepdim=True)
-    gap = torch.where(torch.isfinite(mx), mx, 0.0) - s64  # ≥ 0; +inf at masked keys
-    e = torch.exp(-gap)  # masked → 0
-    gap.masked_fill_(~torch.isfinite(gap), 0.0)
-    z = e.sum(-1)
-    e.mul_(gap)
-    h = torch.log(z.clamp_min(1.0)) + e.sum(-1) / z.clamp_min(1.0)
-    return torch.where(torch.isfinite(h), h, 0.0)
+    r = prob.scatter(-1, idx.unsqueeze(-1), 0.0).sum(-1).to(_F64)
+    gap = top - s0
+    gap.mul_(prob)
+    p1d = p1.to(_F64).clamp_min(torch.finfo(_F64).tiny)
+    h = torch.log1p(r / p1d) + gap.sum(-1).to(_F64)
+    return torch.where(torch.isfinite(h), h.clamp_min(0.0), 0.0)
 
 
 def _softmax_chunk(
@@ -275,11 +277,12 @@ def _softmax_chunk(
     nonfin = ~torch.isfinite(ns)
     ok = valid & ~nonfin
     prob = torch.softmax(sm, -1)
-    p1 = prob.amax(-1)
+    p1, arg = prob.max(-1)
     pn = torch.linalg.vector_norm(prob, dim=-1)
     entropy: Tensor | None = None
     if want_entropy:
-        h_row = torch.where(ok, _row_entropy64(sm), 0.0)
+        top = torch.where(valid.unsqueeze(-1), sm.amax(-1, keepdim=True), 0.0)
+        h_row = torch.where(ok, _row_entropy(prob, p1, arg, s0, top), 0.0)
         entropy = h_row.sum(-1) / valid.sum(-1).clamp_min(1)
     # Phase 1: bounds from p1 and ‖P‖ only (p2 ∈ [s2/r, min(p1, r, √s2)]).
     p1d, qd = p1.to(_F64), pn.to(_F64).square()
@@ -576,7 +579,8 @@ class AttentionDiagnostics:
             (a call recorded from its scores only).
         kappa_softmax: ``max_i ‖J(P_i)‖₂·‖S_i‖/‖P_i‖``.
         kappa_v: ``σmax(V)/(σmin(V)+1e-6)`` over the rows of attended keys.
-        entropy: Mean row entropy of ``P`` (float64 throughout).
+        entropy: Mean row entropy of ``P``, from a cancellation-free form (relative error
+            ~1e-6 per row however small the entropy).
         logit_max: ``max |scale·q·kᵀ + bias|`` over query rows and attended keys, before any
             soft-capping (for a scores-only call: ``max |S|`` over attended entries), exact in
             float64 for the given inputs; 0 for a fully masked head.
@@ -617,21 +621,25 @@ def _logit_max_exact(
     c, nq, nk = s.shape
     a = s.abs()
     if mc is not None:
-        a = a.masked_fill(~mc, -1.0)
-    top = a.flatten(1).amax(-1)
+        a.masked_fill_(~mc, -1.0)
+    row_top = a.amax(-1)  # (c, n_q); -1 for a row without attended keys
+    top = row_top.amax(-1)
     out = torch.zeros(c, dtype=_F64, device=s.device)
     if not bool((top >= 0).any()):
-        return out
+        return torch.where(torch.isfinite(top), out, _INF)
     u = torch.finfo(s.dtype).eps
     qn = torch.linalg.vector_norm(qc.to(_F64), dim=-1).amax(-1)
     kn = torch.linalg.vector_norm(kc.to(_F64), dim=-1).amax(-1)
     bmax = torch.zeros_like(qn) if bc is None else bc.abs().to(_F64).flatten(1).amax(-1).expand(c)
     tol = 2.0 * (qc.shape[-1] + 4) * u * (abs(sc) * qn * kn + bmax) + torch.finfo(_F64).tiny
-    cand = (a.to(_F64) >= (top.to(_F64) - tol).view(c, 1, 1)) & (a >= 0)
-    g, i, j = cand.nonzero().unbind(1)
-    val = torch.linalg.vecdot(qc[g, i].to(_F64), kc[g, j].to(_F64)) * sc
+    thr = (top.to(_F64) - tol).clamp_min(0.0).view(c, 1)
+    g, i = ((row_top.to(_F64) >= thr) & (row_top >= 0)).nonzero().unbind(1)  # candidate rows
+    rows = a[g, i].to(_F64)  # (m, n_k)
+    gg, jj = ((rows >= thr[g]) & (rows >= 0)).nonzero().unbind(1)
+    g, i = g[gg], i[gg]
+    val = torch.linalg.vecdot(qc[g, i].to(_F64), kc[g, jj].to(_F64)) * sc
     if bc is not None:
-        val = val + bc.expand(c, nq, nk)[g, i, j].to(_F64)
+        val = val + bc.expand(c, nq, nk)[g, i, jj].to(_F64)
     out.scatter_reduce_(0, g, val.abs(), reduce="amax")
     return torch.where(torch.isfinite(top), out, _INF)
 
@@ -685,7 +693,7 @@ def attention_diagnostics(
     is given (Gemma-2 style soft-capping), else ``S = L``; or ``S = scores`` when the softmax
     input itself is given (attention written out by hand). ``S`` is formed once per chunk of
     (batch, head) pairs and reused for every diagnostic; temporaries stay near one float32 copy
-    of the scores (plus float64 for the entropy).
+    of the scores.
 
     Args:
         q: ``(B, H, n_q, d)``, or ``None`` with ``scores`` (then ``kappa_score`` is NaN: unknown).
