@@ -546,3 +546,51 @@ def test_dropout_on_probabilities_record_is_before_dropout() -> None:
     assert n == 1
     q, k, v, s, keep = attn.reference(x)
     assert_matches(call_diagnostics(calls[0]), ref_diagnostics(q, k, v, s, keep))
+
+
+class ManualBertSelfAttention(nn.Module):
+    """Older transformers BERT eager path written out: scores + extended mask (-1e4) → softmax."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, extended_mask: Tensor) -> Tensor:
+        b, n, c = x.shape
+
+        def split(t: Tensor) -> Tensor:
+            return t.view(b, n, self.heads, c // self.heads).permute(0, 2, 1, 3)
+
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        scores = scores / math.sqrt(c // self.heads)
+        scores = scores + extended_mask
+        probs = nn.functional.softmax(scores, dim=-1)
+        return torch.matmul(probs, v).permute(0, 2, 1, 3).reshape(b, n, c)
+
+
+def test_manual_minus_1e4_padding_is_masked() -> None:
+    torch.manual_seed(9)
+    attn = ManualBertSelfAttention()
+    with torch.no_grad():
+        attn.query.weight.mul_(4)
+        attn.key.weight.mul_(4)
+    x = torch.randn(2, 10, 32)
+    am = torch.ones(2, 10)
+    am[1, 7:] = 0
+    ext = (1.0 - am)[:, None, None, :] * -10000.0
+    _, calls, n = run_captured(attn, lambda: attn(x, ext))
+    assert n == 1
+    call = calls[0]
+    keep = am.bool()[:, None, None, :].expand(2, 4, 10, 10)
+    assert call.keep is not None and torch.equal(call.keep.expand(2, 4, 10, 10), keep)
+    def heads(t: Tensor) -> Tensor:
+        return t.view(2, 10, 4, 8).permute(0, 2, 1, 3)
+
+    q, k, v = (heads(linear64(x, lin)) for lin in (attn.query, attn.key, attn.value))
+    s = q @ k.mT / math.sqrt(8)  # the -1e4 entries are masked, not part of S
+    d = call_diagnostics(call)
+    assert_matches(d, ref_diagnostics(q, k, v, s, keep))
+    as_bias = kappa_softmax(s + ext.double())  # what the former rule measured for example 1
+    assert as_bias[1].max().item() > 100 * d.kappa_softmax[1].max().item()
