@@ -594,3 +594,18 @@ def test_manual_minus_1e4_padding_is_masked() -> None:
     assert_matches(d, ref_diagnostics(q, k, v, s, keep))
     as_bias = kappa_softmax(s + ext.double())  # what the former rule measured for example 1
     assert as_bias[1].max().item() > 100 * d.kappa_softmax[1].max().item()
+
+
+def test_nan_scores_are_flagged_not_masked() -> None:
+    class NaNAttention(nn.Module):
+        def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            s = q @ k.transpose(-2, -1)
+            s = s + torch.tensor([0.0, float("nan"), 0.0, 0.0])
+            return s.softmax(-1) @ v
+
+    q, k, v = (torch.randn(1, 1, 4, 2, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    _, calls, _ = run_captured(NaNAttention(), lambda: NaNAttention()(q, k, v))
+    assert calls[0].keep is None  # the NaN key is not silently dropped
+    assert call_diagnostics(calls[0]).kappa_softmax.item() == math.inf
+    keep = fold_mask(torch.tensor([0.0, float("nan"), -math.inf])).keep
+    assert keep is not None and keep.tolist() == [True, True, False]

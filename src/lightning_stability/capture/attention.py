@@ -258,7 +258,7 @@ def fold_mask(
         if mask.dtype == torch.bool:
             keep = mask
         else:
-            kept = mask > additive_floor(mask)
+            kept = ~(mask <= additive_floor(mask))  # NaN stays "attended": flagged, not hidden
             if not bool(kept.all()):
                 keep = kept
             finite = torch.where(kept, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
@@ -676,7 +676,7 @@ def _manual_call(name: str, scores: Tensor, trace: _Trace | None, v: Tensor) -> 
         if tuple(torch.broadcast_shapes(qk.shape, s.shape)) == tuple(s.shape) and trace.k_t.shape[-1] == n_k:
             additive = s.double() - (f.double() if isinstance(f, Tensor) else f) * qk
             additive = torch.where(torch.isneginf(s), float("-inf"), additive)
-            keep = additive > additive_floor(additive)
+            keep = ~(additive <= additive_floor(additive))
             d = trace.q.shape[-1]
             q4 = torch.broadcast_to(trace.q.detach(), (b, h, n_q, d))
             k4 = torch.broadcast_to(trace.k_t.detach().mT, (b, h, n_k, d))
@@ -687,7 +687,7 @@ def _manual_call(name: str, scores: Tensor, trace: _Trace | None, v: Tensor) -> 
     if trace is None:
         top = s.amax(-1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        keep = s > top - MASK_GAP
+        keep = ~(s <= top - MASK_GAP)
         bias = None
     keep_or_none = None if bool(keep.all()) else keep
     return AttentionCall(
