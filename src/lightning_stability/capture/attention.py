@@ -29,8 +29,8 @@ record, :class:`AttentionCall`:
    matmul's other operand. ``q``/``k`` are the operands of the 4-D matmul that produced the
    scores, followed by tensor identity through ``* scale``, ``/ scale``, ``+ mask``/``+ bias``,
    ``masked_fill``, views and casts (in place too); ``None`` when the chain is broken (e.g. a
-   ``tanh``), then ``kappa_score`` is unknown. Only identities are kept until a softmax is seen
-   (no copies); entries vanish with their tensors.
+   ``tanh``), then ``kappa_score`` is unknown. The bookkeeping keeps references, never copies,
+   keyed by tensor identity; an entry vanishes with its tensor (weak reference).
 5. Attention the above cannot see calls :func:`observe_attention` (a cheap no-op unless a
    capture is active); the explicit softmax that follows it is then not recorded twice.
 
@@ -45,8 +45,9 @@ told about every call. Not thread-safe: use one capture at a time per process.
 
 Known limitations:
     * Calls made while a capture is active but outside ``model`` are recorded too (name ``''``).
-    * ``q``/``k``/``v`` are detached views sharing storage with the model's tensors: read them
-      inside ``on_call`` (or clone them) — a static KV cache may be updated in place later.
+    * ``q``/``k``/``v`` (and ``scores``) are detached views sharing storage with the model's
+      tensors: read them inside ``on_call`` (or clone them) — a static KV cache may be updated
+      in place later, and hand-written code may reuse the score buffer.
     * Not seen: flash/flex/paged transformers backends, GPT-2 ``eager`` with
       ``reorder_and_upcast_attn=True`` (bypasses the attention interface), models that fetch
       attention with ``getattr(ALL_ATTENTION_FUNCTIONS, impl, default)`` (kosmos2_5), fused
