@@ -1,9 +1,12 @@
 """Capture layer: observe a model's forward pass (no Lightning imports here)."""
 
 from lightning_stability.capture.attention import (
+    MASK_GAP,
     AttentionCall,
     AttentionCapture,
     MaskParts,
+    additive_floor,
+    call_diagnostics,
     causal_keep,
     fold_mask,
     keep_mask,
@@ -27,6 +30,7 @@ from lightning_stability.capture.structure import (
 )
 
 __all__ = [
+    "MASK_GAP",
     "AttentionCall",
     "AttentionCapture",
     "Block",
@@ -38,6 +42,8 @@ __all__ = [
     "RawMeasurement",
     "StabilityProbe",
     "Stack",
+    "additive_floor",
+    "call_diagnostics",
     "causal_keep",
     "compose_report",
     "find_blocks",

@@ -18,8 +18,21 @@ record, :class:`AttentionCall`:
    file's ``eager_attention_forward``), so outputs stay bitwise identical. The registry's
    contents are never changed (no name is registered). Only done if ``transformers`` is already
    imported; it is never imported here.
-4. Attention written with an explicit softmax calls :func:`observe_attention` (a cheap no-op
-   unless a capture is active).
+   T5's ``position_bias`` keyword (added to the scores) and Gemma-2's ``softcap`` (tanh
+   soft-capping) enter the record; the eager function's own softmax/matmuls are not recorded
+   again.
+4. Attention written out by hand (timm's non-fused path, Swin, nanoGPT's manual path,
+   research code: ``softmax(q @ kᵀ · scale + mask) @ v``) is seen by the same mode without an
+   adapter: a softmax over the last axis of a 4-D tensor, and the matmul (``@``,
+   ``torch.matmul``, ``bmm``) consuming its output (also through dropout, views and casts),
+   give a record whose ``scores`` are the softmax input (masks included) and whose ``v`` is the
+   matmul's other operand. ``q``/``k`` are the operands of the 4-D matmul that produced the
+   scores, followed by tensor identity through ``* scale``, ``/ scale``, ``+ mask``/``+ bias``,
+   ``masked_fill``, views and casts (in place too); ``None`` when the chain is broken (e.g. a
+   ``tanh``), then ``kappa_score`` is unknown. The bookkeeping keeps references, never copies,
+   keyed by tensor identity; an entry vanishes with its tensor (weak reference).
+5. Attention the above cannot see calls :func:`observe_attention` (a cheap no-op unless a
+   capture is active); the explicit softmax that follows it is then not recorded twice.
 
 The innermost module of ``model`` running at the time of the call is tracked with forward
 pre-hooks and ``always_call=True`` forward hooks that push/pop its qualified name.
@@ -32,13 +45,23 @@ told about every call. Not thread-safe: use one capture at a time per process.
 
 Known limitations:
     * Calls made while a capture is active but outside ``model`` are recorded too (name ``''``).
-    * ``q``/``k``/``v`` are detached views sharing storage with the model's tensors: read them
-      inside ``on_call`` (or clone them) — a static KV cache may be updated in place later.
+    * ``q``/``k``/``v`` (and ``scores``) are detached views sharing storage with the model's
+      tensors: read them inside ``on_call`` (or clone them) — a static KV cache may be updated
+      in place later, and hand-written code may reuse the score buffer.
     * Not seen: flash/flex/paged transformers backends, GPT-2 ``eager`` with
       ``reorder_and_upcast_attn=True`` (bypasses the attention interface), models that fetch
       attention with ``getattr(ALL_ATTENTION_FUNCTIONS, impl, default)`` (kosmos2_5), fused
       kernels called directly (``torch._native_multi_head_attention``), compiled graphs.
-    * Dropout is ignored (the record describes the attention before dropout).
+    * Dropout inside the attention call (SDPA ``dropout_p``, ``F.dropout`` on the probabilities)
+      is ignored: the record describes the attention before dropout.
+    * Hand-written attention: only a softmax over the last axis of a 4-D ``(B, H, n_q, n_k)``
+      tensor consumed by a matmul is recorded (not 3-D ``(B·H, n, n)`` layouts, ``einsum``,
+      ``baddbmm``, or a softmax whose output reaches the matmul through other ops). Without
+      traced Q/K its keep-mask comes from the scores themselves (``s <= max_row s - MASK_GAP``),
+      so a row that is entirely masked by a finite value is then taken as attended.
+    * A finite additive "mask" shallower than ``MASK_GAP`` ≈ 87.3 below its row (e.g. ``-50``)
+      is kept as bias; an ALiBi key further than ``87.3/slope`` tokens counts as masked (see
+      :func:`fold_mask`).
     * MHA's ``need_weights=True`` path scales q by ``sqrt(1/d)``; the record reports ``1/sqrt(d)``
       (equal up to one ulp).
 """
@@ -50,6 +73,7 @@ import inspect
 import math
 import sys
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -59,20 +83,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_stability.diagnostics.attention import AttentionDiagnostics, attention_diagnostics
+
 __all__ = [
+    "MASK_GAP",
     "AttentionCall",
     "AttentionCapture",
     "MaskParts",
+    "additive_floor",
+    "call_diagnostics",
     "causal_keep",
     "fold_mask",
     "keep_mask",
     "observe_attention",
 ]
 
-#: Additive mask entries at or below this value count as "masked" (not kept). It is float16's most
-#: negative finite number, so ``-inf`` and ``finfo(dtype).min`` of fp16/bf16/fp32/fp64 all qualify;
-#: ``exp`` of such a logit difference is exactly 0 in every floating dtype anyway.
-MASKED_THRESHOLD: float = float(torch.finfo(torch.float16).min)
+#: An additive mask entry ``m`` counts as "masked" (not attended) when
+#: ``m <= max(0, max_row m) - MASK_GAP``; see :func:`fold_mask`. ``MASK_GAP = -ln(2**-126)``:
+#: ``exp(-MASK_GAP)`` is float32's smallest normal number, so such an entry's softmax factor
+#: relative to its row's best key (at equal scores) is below float32's normal range (exactly 0
+#: where subnormals are flushed, as in GPU softmax kernels).
+MASK_GAP: float = -math.log(torch.finfo(torch.float32).tiny)
 
 CausalAlignment = Literal["top_left", "bottom_right"]
 
@@ -98,15 +129,26 @@ class AttentionCall:
         bias: The finite additive part of a float mask (masked entries zeroed), broadcastable to
             the scores; ``None`` when the mask is purely 0/masked.
         scale: Softmax scale actually used (SDPA's default is ``1/sqrt(d)``).
+        softcap: Soft-capping constant ``c`` when the logits ``L = scale·q kᵀ + bias`` pass
+            through ``c·tanh(L/c)`` before the softmax (Gemma-2 ``attn_logit_softcapping``).
+        scores: The softmax input itself ``(B, H, n_q, n_k)`` (masks included, detached), for
+            attention written out by hand (``softmax(q @ kᵀ · scale + mask) @ v``). When set it is
+            authoritative: ``q``/``k`` are the matmul operands traced back from it (``None`` when
+            they could not be traced: ``kappa_score`` is then unknown); with them, ``scale`` (the
+            traced scalar factor, else 1) and ``bias`` (``scores − scale·q kᵀ`` on attended
+            entries, ``None`` when that is only rounding) reproduce ``scores`` to rounding, so
+            a consumer of the SDPA-form fields still sees the same attention.
     """
 
     name: str
-    q: Tensor
-    k: Tensor
+    q: Tensor | None
+    k: Tensor | None
     v: Tensor
     keep: Tensor | None
     bias: Tensor | None
     scale: float
+    softcap: float | None = None
+    scores: Tensor | None = None
 
 
 class MaskParts(NamedTuple):
@@ -167,9 +209,25 @@ def fold_mask(
     """Fold an SDPA-style mask and a causal flag into a keep-mask and a finite bias.
 
     Conventions are those of ``F.scaled_dot_product_attention``: a boolean mask is ``True`` where
-    attended; a float mask is added to the scores, and entries ``<= MASKED_THRESHOLD`` (``-inf``,
-    any ``finfo.min``) mean "not attended". A ``CausalBias`` mask is understood as causal with its
-    own alignment.
+    attended; a float mask is added to the scores. A ``CausalBias`` mask is understood as causal
+    with its own alignment.
+
+    **Which finite additive entries are masks.** An entry ``m`` of a float mask is "not attended"
+    iff ``m <= max(0, max_j m_j) - MASK_GAP`` (row max over the keys; ``MASK_GAP = -ln 2⁻¹²⁶ ≈
+    87.34``); every other entry is a genuine bias and enters the scores. The rule depends on the
+    mask alone (not on the scores), so both passes and every batch classify alike. Its meaning: at
+    equal scores the entry's softmax factor ``exp(m - max m)`` relative to the row's most
+    favoured key is below float32's smallest normal number — exactly 0 with subnormals flushed,
+    and at most ``e^{Δs}·2⁻¹²⁶`` for a score advantage ``Δs`` otherwise, so it cannot move a
+    float32 output. ``-inf``, ``finfo(dtype).min`` of any dtype, the fp16-safe padding ``-1e4`` of
+    older transformers models and Swin's shifted-window ``-100`` (also with its relative position
+    bias added, up to ±12) are masked; ALiBi, T5 relative position and Swin's relative position
+    table (|bias| ≪ 87) stay bias. ``max(0, ·)`` makes a row whose every entry is that negative
+    (a fully padded query) fully masked instead of a uniform row with a huge bias. Why not "weight
+    exactly 0 in float32": ``exp(-100) ≈ 3.7e-44`` is a float32 subnormal, so Swin's mask would
+    keep non-zero weights, and a rule on ``score - rowmax`` would classify by the scores. Limits:
+    an ALiBi key further than ``87.3/slope`` tokens counts as masked (its weight is below 2⁻¹²⁶
+    there anyway); a "mask" shallower than 87 (e.g. ``-50``) is kept as bias.
 
     Args:
         attn_mask: Boolean or float mask broadcastable to ``(..., n_q, n_k)``, or ``None``.
@@ -201,7 +259,7 @@ def fold_mask(
         if mask.dtype == torch.bool:
             keep = mask
         else:
-            kept = mask > MASKED_THRESHOLD
+            kept = ~(mask <= additive_floor(mask))  # NaN stays "attended": flagged, not hidden
             if not bool(kept.all()):
                 keep = kept
             finite = torch.where(kept, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
@@ -213,6 +271,17 @@ def fold_mask(
         causal = causal_keep(n_q, n_k, causal_alignment, device=device)
         keep = causal if keep is None else keep & causal
     return MaskParts(keep, bias)
+
+
+def additive_floor(mask: Tensor) -> Tensor:
+    """Row-wise level at or below which an additive mask entry means "not attended".
+
+    ``max(0, max_row mask) - MASK_GAP`` over the last axis (keepdim), the rule of
+    :func:`fold_mask`; rows without a finite entry give ``-MASK_GAP``.
+    """
+    top = mask.detach().amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).clamp_min(0.0)
+    return top - MASK_GAP
 
 
 def keep_mask(
@@ -267,6 +336,7 @@ def _normalize(
     attn_mask: Tensor | None,
     is_causal: bool,
     scale: float | None,
+    softcap: float | None = None,
 ) -> AttentionCall:
     """Build an :class:`AttentionCall` from SDPA-convention arguments.
 
@@ -327,7 +397,8 @@ def _normalize(
         v = v.expand(batch, *v.shape[1:])
     n_heads = q.shape[1]
     k, v = _expand_heads(k, n_heads), _expand_heads(v, n_heads)
-    return AttentionCall(name=name, q=q, k=k, v=v, keep=keep, bias=bias, scale=scale_f)
+    cap = None if softcap is None else float(softcap)
+    return AttentionCall(name=name, q=q, k=k, v=v, keep=keep, bias=bias, scale=scale_f, softcap=cap)
 
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -424,6 +495,218 @@ def _mha_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Atten
 
 
 # --------------------------------------------------------------------------------------------
+# Attention written out by hand: softmax(q @ kᵀ · scale + mask) @ v
+# --------------------------------------------------------------------------------------------
+
+
+def _methods(*names: str) -> frozenset[Any]:
+    """The function objects a ``TorchFunctionMode`` receives for these ``Tensor`` methods."""
+    found = {getattr(cls, n, None) for cls in (Tensor, torch._C.TensorBase) for n in names}
+    found.discard(None)
+    return frozenset(found)
+
+
+_MATMUL = _methods("matmul", "__matmul__", "bmm") | {torch.matmul, torch.bmm}
+_SOFTMAX = _methods("softmax") | {F.softmax, torch.softmax}
+#: ops whose output is the traced input times a factor (the factor is tracked)
+_SCALE = _methods("mul", "__mul__", "__rmul__", "div", "__truediv__", "true_divide") | {
+    torch.mul,
+    torch.div,
+    torch.true_divide,
+}
+_SCALE_INPLACE = _methods("mul_", "__imul__", "div_", "__itruediv__", "true_divide_")
+#: ops that add to / overwrite entries of the traced input (masks, biases): the trace carries on
+_SHIFT = _methods("add", "__add__", "__radd__", "sub", "__sub__", "masked_fill") | {
+    torch.add,
+    torch.sub,
+    torch.masked_fill,
+}
+_SHIFT_INPLACE = _methods("add_", "__iadd__", "sub_", "__isub__", "masked_fill_")
+#: ops that keep the values (views, copies, casts) and, for probabilities, dropout
+_SAME = _methods("view", "reshape", "contiguous", "float", "to", "type_as", "clone") | {
+    torch.reshape,
+    F.dropout,
+    torch.dropout,
+}
+_ADDS = _methods("add", "__add__", "__radd__") | {torch.add}
+_DIVIDES = _methods("div", "__truediv__", "true_divide", "div_", "__itruediv__", "true_divide_") | {
+    torch.div,
+    torch.true_divide,
+}
+
+
+@dataclass
+class _Trace:
+    """A tensor computed as ``factor · (q @ kT)`` plus additive/overwritten entries."""
+
+    ref: weakref.ref[Tensor]
+    q: Tensor
+    k_t: Tensor
+    factor: float | Tensor
+
+
+@dataclass
+class _Probs:
+    """A softmax output (``ref``) of ``scores``; ``trace`` is the scores' trace, if any."""
+
+    ref: weakref.ref[Tensor]
+    scores: Tensor
+    trace: _Trace | None
+
+
+def _remember(table: dict[int, Any], out: Tensor, make: Callable[[weakref.ref[Tensor]], Any]) -> None:
+    """``table[id(out)] = make(ref)``; the entry is dropped when ``out`` is freed."""
+    key = id(out)
+
+    def drop(_: object, key: int = key) -> None:
+        entry = table.get(key)
+        if entry is not None and entry.ref() is None:
+            del table[key]
+
+    table[key] = make(weakref.ref(out, drop))
+
+
+def _lookup(table: dict[int, Any], t: object) -> Any:
+    if not isinstance(t, Tensor):
+        return None
+    entry = table.get(id(t))
+    return entry if entry is not None and entry.ref() is t else None
+
+
+def _factor(x: object) -> float | Tensor | None:
+    """A multiplier that keeps ``q @ kT``'s rows and columns (a number, or a tensor whose last two
+    dims are 1, e.g. a per-head logit scale); ``None`` for anything else."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, Tensor) and x.is_floating_point() and (x.dim() < 2 or x.shape[-2:] == (1, 1)):
+        return x.detach() if x.numel() > 1 else float(x.detach().reshape(()))
+    return None
+
+
+def _track(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+) -> tuple[_Probs, Tensor] | None:
+    """Bookkeeping by tensor identity after ``out = func(*args, **kwargs)``; no copies are made.
+
+    Returns ``(probabilities, V)`` when ``func`` is the matmul consuming a softmax output.
+    """
+    st = _STATE
+    if func in _MATMUL:
+        a, b = (*args, None, None)[:2]
+        probs = _lookup(st.probs, a)
+        if probs is not None:
+            del st.probs[id(a)]
+            return (probs, b) if isinstance(b, Tensor) else None
+        operands = isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() >= 2 and b.dim() >= 2
+        if operands and isinstance(out, Tensor) and out.dim() == 4 and out.is_floating_point():
+            _remember(st.traces, out, lambda r: _Trace(r, a, b, 1.0))
+        return None
+    if func in _SOFTMAX:
+        x = args[0] if args else kwargs.get("input")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if isinstance(x, Tensor) and isinstance(out, Tensor) and x.dim() == 4 and dim in (-1, 3):
+            scores: Tensor = x.detach()
+            trace = _lookup(st.traces, x)
+            _remember(st.probs, out, lambda r: _Probs(r, scores, trace))
+        return None
+    if not (st.traces or st.probs) or not args or not isinstance(out, Tensor):
+        return None
+    if func in _SAME:
+        probs = _lookup(st.probs, args[0])
+        if probs is not None and out is not args[0]:
+            _remember(st.probs, out, lambda r: _Probs(r, probs.scores, probs.trace))
+            return None
+        trace = _lookup(st.traces, args[0])
+        if trace is not None and out is not args[0]:
+            _remember(st.traces, out, lambda r: _Trace(r, trace.q, trace.k_t, trace.factor))
+        return None
+    if func in _SCALE or func in _SCALE_INPLACE:
+        x, y = (*args, kwargs.get("other"))[:2]
+        trace = _lookup(st.traces, x)
+        if trace is None and func not in _DIVIDES:
+            x, y = y, x
+            trace = _lookup(st.traces, x)
+        f = _factor(y)
+        if trace is None or f is None:
+            return None
+        new = trace.factor * (1.0 / f if func in _DIVIDES else f)
+        if out is x:
+            trace.factor = new
+        else:
+            _remember(st.traces, out, lambda r: _Trace(r, trace.q, trace.k_t, new))
+        return None
+    if func in _SHIFT or func in _SHIFT_INPLACE:
+        trace = _lookup(st.traces, args[0])
+        if trace is None and func in _ADDS and len(args) > 1:
+            trace = _lookup(st.traces, args[1])
+        if trace is not None and out is not trace.ref():
+            _remember(st.traces, out, lambda r: _Trace(r, trace.q, trace.k_t, trace.factor))
+    return None
+
+
+def _observed(*tensors: Tensor) -> bool:
+    return any(r() is t for r in _STATE.observed for t in tensors)
+
+
+def _dispatch_manual(probs: _Probs, v: Tensor) -> None:
+    """Record ``softmax(scores) @ v`` unless :func:`observe_attention` already reported it."""
+    trace = probs.trace
+    if _observed(v) or (trace is not None and _observed(trace.q)):
+        return
+    _dispatch(lambda name, _m: _manual_call(name, probs.scores, trace, v))
+
+
+def _manual_call(name: str, scores: Tensor, trace: _Trace | None, v: Tensor) -> AttentionCall:
+    """An :class:`AttentionCall` from a softmax input, its traced Q/K (if any) and V.
+
+    The keep-mask is the :func:`fold_mask` rule applied to the additive part of the scores,
+    ``A = scores - factor·(q @ kT)`` (masks and biases added, ``masked_fill``-ed entries), when
+    Q and K are traced; otherwise to the scores themselves shifted by their row maximum
+    (``s <= max_row s - MASK_GAP``). ``-inf`` entries are always masked.
+    """
+    s = scores.detach()
+    b, h, n_q, n_k = s.shape
+    v4 = torch.broadcast_to(v.detach(), (b, h, n_k, v.shape[-1]))
+    q4 = k4 = None
+    factor = 1.0
+    if trace is not None:
+        qk = trace.q.detach().double() @ trace.k_t.detach().double()
+        f = trace.factor
+        if tuple(torch.broadcast_shapes(qk.shape, s.shape)) == tuple(s.shape) and trace.k_t.shape[-1] == n_k:
+            additive = s.double() - (f.double() if isinstance(f, Tensor) else f) * qk
+            additive = torch.where(torch.isneginf(s), float("-inf"), additive)
+            keep = ~(additive <= additive_floor(additive))
+            d = trace.q.shape[-1]
+            q4 = torch.broadcast_to(trace.q.detach(), (b, h, n_q, d))
+            k4 = torch.broadcast_to(trace.k_t.detach().mT, (b, h, n_k, d))
+            factor = f if isinstance(f, float) else 1.0
+            bias = _reproducing_bias(s, factor * qk, keep)
+        else:
+            trace = None
+    if trace is None:
+        top = s.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        keep = ~(s <= top - MASK_GAP)
+        bias = None
+    keep_or_none = None if bool(keep.all()) else keep
+    return AttentionCall(
+        name=name, q=q4, k=k4, v=v4, keep=keep_or_none, bias=bias, scale=factor, scores=s
+    )
+
+
+def _reproducing_bias(s: Tensor, scaled_qk: Tensor, keep: Tensor) -> Tensor | None:
+    """``s − scale·q kᵀ`` on attended entries (0 elsewhere), in ``s``'s float dtype, so that the
+    SDPA-form fields of the record reproduce ``s`` too; ``None`` when that is rounding noise."""
+    diff = torch.where(keep, s.double() - scaled_qk, 0.0)
+    size = torch.where(keep, s.double().abs(), 0.0).amax() + 1.0
+    if bool(diff.abs().amax() <= 64 * torch.finfo(s.dtype).eps * size):
+        return None
+    return diff.to(s.dtype if s.is_floating_point() else torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
 # Global machinery shared by active captures
 # --------------------------------------------------------------------------------------------
 
@@ -435,6 +718,20 @@ class _State:
         self.captures: list[AttentionCapture] = []
         self.machinery: contextlib.ExitStack | None = None
         self.busy = False
+        #: > 0 while a call already recorded as a whole runs (transformers eager): its own
+        #: softmax and matmuls are not traced again.
+        self.recorded = 0
+        #: id(tensor) → trace of a score tensor made by a matmul (see :class:`_Trace`).
+        self.traces: dict[int, _Trace] = {}
+        #: id(tensor) → a softmax output waiting for the matmul that consumes it.
+        self.probs: dict[int, _Probs] = {}
+        #: weak references to tensors handed to :func:`observe_attention` (no double count).
+        self.observed: list[weakref.ref[Tensor]] = []
+
+    def reset_tracing(self) -> None:
+        self.traces.clear()
+        self.probs.clear()
+        self.observed.clear()
 
 
 _STATE = _State()
@@ -478,24 +775,43 @@ class _AttentionMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if not _STATE.busy and _STATE.captures:
-            if func is F.scaled_dot_product_attention:
-                b = _sdpa_args(args, kwargs)
-                _dispatch(
-                    lambda name, module: _normalize(
-                        name,
-                        module,
-                        b["query"],
-                        b["key"],
-                        b["value"],
-                        b["attn_mask"],
-                        bool(b["is_causal"]),
-                        b["scale"],
-                    )
+        st = _STATE
+        if st.busy or not st.captures:
+            return func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention or func is F.multi_head_attention_forward:
+            self._record(func, args, kwargs)
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if st.recorded:
+            return out
+        try:
+            found = _track(func, args, kwargs, out)
+        except Exception as err:  # bookkeeping must never break the model's forward
+            warnings.warn(f"AttentionCapture: tracing {func!r} failed: {err!r}", RuntimeWarning, stacklevel=2)
+            found = None
+        if found is not None:
+            _dispatch_manual(*found)
+        return out
+
+    @staticmethod
+    def _record(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Record an SDPA or ``F.multi_head_attention_forward`` call."""
+        if func is F.scaled_dot_product_attention:
+            b = _sdpa_args(args, kwargs)
+            _dispatch(
+                lambda name, module: _normalize(
+                    name,
+                    module,
+                    b["query"],
+                    b["key"],
+                    b["value"],
+                    b["attn_mask"],
+                    bool(b["is_causal"]),
+                    b["scale"],
                 )
-            elif func is F.multi_head_attention_forward:
-                _dispatch(lambda name, module: _mha_call(name, args, kwargs))
-        return func(*args, **kwargs)
+            )
+        else:
+            _dispatch(lambda name, module: _mha_call(name, args, kwargs))
 
 
 def _attention_interface_class() -> Any:
@@ -504,15 +820,33 @@ def _attention_interface_class() -> Any:
     return getattr(mu, "AttentionInterface", None) if mu is not None else None
 
 
+def _eager_mask(mask: Tensor | None, position_bias: Tensor | None) -> Tensor | None:
+    """The additive mask an eager function applies: T5 adds ``position_bias`` before the mask."""
+    if position_bias is None or not isinstance(position_bias, Tensor):
+        return mask
+    bias = position_bias.detach().float()
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, float("-inf"))
+    return bias + mask.detach().float()
+
+
 def _eager_recorder(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap transformers' eager attention ``fn``: record the call, then run ``fn`` unchanged."""
 
     def eager(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
         if _STATE.captures and not _STATE.busy:
-            mask = args[0] if args else kwargs.get("attention_mask")
-            scaling = kwargs.get("scaling")
-            _dispatch(lambda name, _m: _normalize(name, module, query, key, value, mask, False, scaling))
-        return fn(module, query, key, value, *args, **kwargs)
+            mask = _eager_mask(args[0] if args else kwargs.get("attention_mask"), kwargs.get("position_bias"))
+            scaling, softcap = kwargs.get("scaling"), kwargs.get("softcap")
+            _dispatch(
+                lambda name, _m: _normalize(name, module, query, key, value, mask, False, scaling, softcap)
+            )
+        _STATE.recorded += 1  # the eager function's own softmax/matmuls are this same call
+        try:
+            return fn(module, query, key, value, *args, **kwargs)
+        finally:
+            _STATE.recorded -= 1
 
     eager.__wrapped__ = fn  # type: ignore[attr-defined]
     return eager
@@ -574,8 +908,10 @@ class AttentionCapture:
     """Context manager calling ``on_call`` once per attention evaluation, in model order.
 
     While active, every attention evaluation (SDPA, ``nn.MultiheadAttention`` and the
-    ``nn.Transformer*`` layers, transformers ``eager``/``sdpa`` attention, and
-    :func:`observe_attention`) calls ``on_call(AttentionCall(...))`` synchronously. The model's
+    ``nn.Transformer*`` layers, transformers ``eager``/``sdpa`` attention, hand-written
+    ``softmax(q @ kᵀ·scale + mask) @ v``, and :func:`observe_attention`) calls
+    ``on_call(AttentionCall(...))`` synchronously. Turn a record into numbers with
+    :func:`call_diagnostics` (it honours ``scores`` and ``softcap``). The model's
     outputs are bit-identical with and without a capture (at the same MHA fast-path setting: the
     capture turns the fused eval fast paths off while active, and they compute differently).
 
@@ -650,6 +986,8 @@ class AttentionCapture:
     def _leave(self) -> None:
         if self in _STATE.captures:
             _STATE.captures.remove(self)
+        if not _STATE.captures:
+            _STATE.reset_tracing()
         if not _STATE.captures and _STATE.machinery is not None:
             machinery, _STATE.machinery = _STATE.machinery, None
             machinery.close()
@@ -688,4 +1026,42 @@ def observe_attention(
     if not _STATE.captures or _STATE.busy:
         return
     del enable_gqa
+    # the explicit softmax that follows is this same call: do not record it a second time
+    _STATE.observed.extend(weakref.ref(t) for t in (q, k, v) if isinstance(t, Tensor))
     _dispatch(lambda name, module: _normalize(name, module, q, k, v, attn_mask, is_causal, scale))
+
+
+def call_diagnostics(call: AttentionCall, *, chunk_size: int | None = None) -> AttentionDiagnostics:
+    """The per-head diagnostics of one recorded call, whatever form it was recorded in.
+
+    Passes every field the record has (``scores`` of hand-written attention, ``softcap``, the
+    bias) to :func:`~lightning_stability.diagnostics.attention_diagnostics` in float32
+    (float64 stays float64), with contiguous Q/K/V (they are usually permuted views).
+
+    Args:
+        call: A record handed to an :class:`AttentionCapture` callback.
+        chunk_size: Passed on (number of (b, h) pairs per chunk).
+
+    Returns:
+        ``(B, H)`` float64 diagnostics; ``kappa_score`` is NaN for a call recorded from its scores
+        without traceable Q/K.
+    """
+
+    def work(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        return (t if t.dtype == torch.float64 else t.float()).contiguous()
+
+    v = work(call.v)
+    assert v is not None
+    return attention_diagnostics(
+        work(call.q),
+        work(call.k),
+        v,
+        mask=call.keep,
+        scale=call.scale,
+        bias=work(call.bias),
+        softcap=call.softcap,
+        scores=work(call.scores),
+        chunk_size=chunk_size,
+    )

@@ -25,6 +25,7 @@ __all__ = [
     "AttentionDiagnostics",
     "attention_diagnostics",
     "attention_entropy",
+    "attention_logit_max",
     "kappa_score",
     "kappa_softmax",
     "kappa_v",
@@ -235,6 +236,26 @@ def _widen(
     )
 
 
+def _row_entropy(prob: Tensor, p1: Tensor, idx: Tensor, s0: Tensor, top: Tensor) -> Tensor:
+    """Row entropies ``−Σ p log p`` (float64) from the softmax ``prob`` of the scores.
+
+    Written as ``H = log Z + Σ p_i·g_i`` with ``g_i = max − s_i ≥ 0`` and ``log Z = log1p(r/p₁)``,
+    ``r = Σ_{i≠argmax} p_i`` the tail mass (``idx`` is the arg-max): every term is non-negative,
+    so nothing cancels, unlike ``LSE − Σ p s`` (which read a true 6.5e-7 nats as 0). The terms
+    come from the working-precision probabilities and scores (a few ulps each) and are summed
+    pairwise, so each row's entropy carries a relative error of ~``log₂(n)·u`` (≈ 1e-6 in
+    float32) however small it is; rows are combined in float64. (A float64 softmax over every
+    entry would cost ~3× the whole diagnostic.) ``s0`` holds the scores with masked entries
+    zeroed (their ``p`` is 0).
+    """
+    r = prob.scatter(-1, idx.unsqueeze(-1), 0.0).sum(-1).to(_F64)
+    gap = top - s0
+    gap.mul_(prob)
+    p1d = p1.to(_F64).clamp_min(torch.finfo(_F64).tiny)
+    h = torch.log1p(r / p1d) + gap.sum(-1).to(_F64)
+    return torch.where(torch.isfinite(h), h.clamp_min(0.0), 0.0)
+
+
 def _softmax_chunk(
     s: Tensor, mask: Tensor | None, want_entropy: bool
 ) -> tuple[Tensor, Tensor | None]:
@@ -256,14 +277,12 @@ def _softmax_chunk(
     nonfin = ~torch.isfinite(ns)
     ok = valid & ~nonfin
     prob = torch.softmax(sm, -1)
-    p1 = prob.amax(-1)
+    p1, arg = prob.max(-1)
     pn = torch.linalg.vector_norm(prob, dim=-1)
     entropy: Tensor | None = None
     if want_entropy:
-        # H_i = −Σ p log p = LSE_i − Σ p s = (max s − log p1) − Σ p s   (masked: p = 0, s0 = 0)
-        dot = (prob * s0).sum(-1)
-        h_row = sm.amax(-1).to(_F64) - torch.log(p1.to(_F64)) - dot.to(_F64)
-        h_row = torch.where(ok, h_row.clamp_min(0.0), 0.0)
+        top = torch.where(valid.unsqueeze(-1), sm.amax(-1, keepdim=True), 0.0)
+        h_row = torch.where(ok, _row_entropy(prob, p1, arg, s0, top), 0.0)
         entropy = h_row.sum(-1) / valid.sum(-1).clamp_min(1)
     # Phase 1: bounds from p1 and ‖P‖ only (p2 ∈ [s2/r, min(p1, r, √s2)]).
     p1d, qd = p1.to(_F64), pn.to(_F64).square()
@@ -427,20 +446,55 @@ def kappa_score(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
     return torch.where(fin, safe_ratio(qn * kn, sn), _INF)
 
 
-def kappa_v(v: Tensor, ridge: float = 1e-6) -> Tensor:
+def _extreme_sv_rows(v64: Tensor, keys: Tensor, gram_max_cond: float = 1e3) -> tuple[Tensor, Tensor]:
+    """``(σmax, σmin)`` of ``V`` restricted to its attended rows, without gathering them.
+
+    Masked rows are zeroed: ``V₀ᵀV₀ = V_keptᵀV_kept``, so the zeroed matrix has the same non-zero
+    singular values as the matrix with those rows dropped; it only gains exact zeros when the
+    number of kept rows ``r`` is below ``d``. Of the ``m = min(n, d)`` eigenvalues (ascending) of
+    the smaller Gram matrix, the top ``min(r, d)`` are those of ``V_kept``, so ``σmin`` is the
+    one at index ``m − min(r, d)`` (not the trailing zeros). Ill-conditioned heads
+    (``κ > gram_max_cond``) are redone with ``svdvals`` (descending: index ``min(r, d) − 1``).
+    """
+    x = v64 * keys.unsqueeze(-1).to(v64.dtype)
+    n, d = x.shape[-2], x.shape[-1]
+    m = min(n, d)
+    r = keys.sum(-1).clamp_max(d)  # (...) number of singular values of V_kept
+    gram = x.mT @ x if n >= d else x @ x.mT
+    lam = torch.linalg.eigvalsh(gram).clamp_min(0.0)
+    hi = lam[..., -1]
+    pos = (m - r).clamp(0, m - 1).unsqueeze(-1)
+    lo = lam.gather(-1, pos).squeeze(-1)
+    lo = torch.where(r > 0, lo, 0.0)
+    smax, smin = hi.sqrt(), lo.sqrt()
+    redo = (lo < hi / (gram_max_cond * gram_max_cond)) & (r > 0)
+    if bool(redo.any()):
+        sv = torch.linalg.svdvals(x[redo])
+        smax[redo] = sv[..., 0]
+        smin[redo] = sv.gather(-1, (r[redo] - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return smax, smin
+
+
+def kappa_v(v: Tensor, ridge: float = 1e-6, key_mask: Tensor | None = None) -> Tensor:
     """Value conditioning ``σmax(V)/(σmin(V) + ridge)`` per head (SPEC §1).
 
     σ runs over the ``min(n, d)`` singular values (float64, via ``extreme_singular_values``).
     The result is clamped at 1 (a condition number is ≥ 1; the ridge would otherwise push a
-    tiny, well-conditioned V below 1).
+    tiny, well-conditioned V below 1). With ``key_mask``, V is the matrix of the attended keys'
+    rows only (a padded key that no query attends is not part of V): its ``min(r, d)`` singular
+    values, ``r`` the number of attended keys.
 
     Args:
         v: Values ``(..., n, d)``.
         ridge: The ridge λ ≥ 0 (SPEC default 1e-6).
+        key_mask: Optional boolean broadcastable to ``(..., n)``, ``True`` = the key is attended
+            by at least one query. No attended key → 1.0.
 
     Returns:
         ``(...)`` float64 ≥ 1. Rank-deficient V → large but finite ``σmax/ridge``; all-zero V → 1.0;
-        ``ridge = 0`` and σmin = 0 → ``inf``; non-finite V → ``inf``.
+        ``ridge = 0`` and σmin = 0 → ``inf``; non-finite V → ``inf``. A σmin at or below
+        ``√r·u·σmax`` (``u`` the unit roundoff of ``v``'s dtype, ``r`` the number of singular
+        values) is below the rounding level of V itself and counts as 0.
 
     Raises:
         ValueError: On a tensor with < 2 dims or a negative ridge.
@@ -457,9 +511,23 @@ def kappa_v(v: Tensor, ridge: float = 1e-6) -> Tensor:
     fin = torch.isfinite(v64).flatten(-2).all(-1)
     v64 = torch.where(torch.isfinite(v64), v64, 0.0)
     lead = tuple(v.shape[:-2])
+    if key_mask is not None:
+        check_mask(key_mask, tuple(v.shape[:-1]), fn, "key_mask")
+        keys = _expand_rank(key_mask, v.dim() - 1).expand(v.shape[:-1])
+        fin = (torch.isfinite(v.to(_F64)) | ~keys.unsqueeze(-1)).flatten(-2).all(-1)
     if v.shape[-1] == 0 or v.shape[-2] == 0:
         return torch.ones(lead, dtype=_F64, device=v.device)
-    smax, smin = extreme_singular_values(v64)
+    if key_mask is not None:
+        smax, smin = _extreme_sv_rows(v64, keys)
+        rank = keys.sum(-1).clamp_max(v.shape[-1]).to(_F64)
+    else:
+        smax, smin = extreme_singular_values(v64)
+        rank = torch.full_like(smax, float(min(v.shape[-2:])))
+    # Rounding V's entries to its dtype moves every σ by up to ‖E‖₂ ≤ √r·u·σmax (Weyl): a σmin
+    # below that is indistinguishable from 0 and counts as 0 (else it is rounding noise, which
+    # κ ≈ σmax/ridge would amplify into kernel-dependent values).
+    unit = torch.finfo(v.dtype).eps / 2
+    smin = torch.where(smin <= rank.sqrt() * unit * smax, 0.0, smin)
     kap = safe_ratio(smax, smin + ridge).clamp_min(1.0)
     return torch.where(fin, kap, _INF)
 
@@ -507,50 +575,148 @@ class AttentionDiagnostics:
     """Per-head attention diagnostics, each a ``(B, H)`` float64 tensor (SPEC §1, §8).
 
     Attributes:
-        kappa_score: ``‖Q‖‖K‖/‖QKᵀ‖`` over attended entries.
+        kappa_score: ``‖Q‖‖K‖/‖QKᵀ‖`` over attended entries; NaN where Q and K are not known
+            (a call recorded from its scores only).
         kappa_softmax: ``max_i ‖J(P_i)‖₂·‖S_i‖/‖P_i‖``.
-        kappa_v: ``σmax(V)/(σmin(V)+1e-6)``.
-        entropy: Mean row entropy of ``P``.
+        kappa_v: ``σmax(V)/(σmin(V)+1e-6)`` over the rows of attended keys.
+        entropy: Mean row entropy of ``P``, from a cancellation-free form (relative error
+            ~1e-6 per row however small the entropy).
+        logit_max: ``max |scale·q·kᵀ + bias|`` over query rows and attended keys, before any
+            soft-capping (for a scores-only call: ``max |S|`` over attended entries), exact in
+            float64 for the given inputs; 0 for a fully masked head.
     """
 
     kappa_score: Tensor
     kappa_softmax: Tensor
     kappa_v: Tensor
     entropy: Tensor
+    logit_max: Tensor
+
+
+def _check_bias(bias: Tensor | None, target: tuple[int, int, int, int], fn: str) -> Tensor | None:
+    if bias is None:
+        return None
+    if not isinstance(bias, Tensor) or not bias.is_floating_point():
+        raise ValueError(
+            f"{fn}: bias must be a floating-point tensor, got {getattr(bias, 'dtype', type(bias).__name__)}"
+        )
+    try:
+        ok = bias.dim() <= 4 and tuple(torch.broadcast_shapes(tuple(bias.shape), target)) == target
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{fn}: bias of shape {tuple(bias.shape)} is not broadcastable to {target}")
+    return _expand_rank(bias, 4)
+
+
+def _logit_max_exact(
+    qc: Tensor, kc: Tensor, s: Tensor, mc: Tensor | None, sc: float, bc: Tensor | None
+) -> Tensor:
+    """``max |sc·q·kᵀ + b|`` over attended entries, per chunk element, exact in float64.
+
+    ``s`` holds the same logits in working precision. Entries within a rigorous bound of the
+    working-precision maximum (``(d+4)·u·(|sc|·max‖q‖·max‖k‖ + max|b|)``, doubled) are recomputed
+    in float64; the maximum of those is the exact one.
+    """
+    c, nq, nk = s.shape
+    a = s.abs()
+    if mc is not None:
+        a.masked_fill_(~mc, -1.0)
+    row_top = a.amax(-1)  # (c, n_q); -1 for a row without attended keys
+    top = row_top.amax(-1)
+    out = torch.zeros(c, dtype=_F64, device=s.device)
+    if not bool((top >= 0).any()):
+        return torch.where(torch.isfinite(top), out, _INF)
+    u = torch.finfo(s.dtype).eps
+    qn = torch.linalg.vector_norm(qc.to(_F64), dim=-1).amax(-1)
+    kn = torch.linalg.vector_norm(kc.to(_F64), dim=-1).amax(-1)
+    bmax = torch.zeros_like(qn) if bc is None else bc.abs().to(_F64).flatten(1).amax(-1).expand(c)
+    tol = 2.0 * (qc.shape[-1] + 4) * u * (abs(sc) * qn * kn + bmax) + torch.finfo(_F64).tiny
+    thr = (top.to(_F64) - tol).clamp_min(0.0).view(c, 1)
+    g, i = ((row_top.to(_F64) >= thr) & (row_top >= 0)).nonzero().unbind(1)  # candidate rows
+    rows = a[g, i].to(_F64)  # (m, n_k)
+    gg, jj = ((rows >= thr[g]) & (rows >= 0)).nonzero().unbind(1)
+    g, i = g[gg], i[gg]
+    val = torch.linalg.vecdot(qc[g, i].to(_F64), kc[g, jj].to(_F64)) * sc
+    if bc is not None:
+        val = val + bc.expand(c, nq, nk)[g, i, jj].to(_F64)
+    out.scatter_reduce_(0, g, val.abs(), reduce="amax")
+    return torch.where(torch.isfinite(top), out, _INF)
+
+
+def _check_qkv(
+    q: Tensor | None, k: Tensor | None, v: Tensor, scores: Tensor | None, fn: str
+) -> tuple[int, int, int, int]:
+    """Validate shapes; return ``(B, H, n_q, n_k)``."""
+    named = [(n, t) for n, t in (("q", q), ("k", k), ("v", v), ("scores", scores)) if t is not None]
+    check_tensor("v", v, 0, fn)
+    for name, t in named:
+        check_tensor(name, t, 4, fn)
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D (B, H, n, ·), got shape {tuple(t.shape)}")
+    if (q is None) != (k is None):
+        raise ValueError(f"{fn}: give both q and k, or neither (with scores)")
+    if q is None and scores is None:
+        raise ValueError(f"{fn}: needs q and k, or scores")
+    bsz, nh, nk = v.shape[0], v.shape[1], v.shape[2]
+    nq = scores.shape[2] if scores is not None else q.shape[2]  # type: ignore[union-attr]
+    ok = True
+    if q is not None and k is not None:
+        ok = q.shape[:2] == (bsz, nh) and k.shape[:3] == (bsz, nh, nk) and k.shape[3] == q.shape[3]
+        ok = ok and q.shape[2] == nq
+    if scores is not None:
+        ok = ok and tuple(scores.shape) == (bsz, nh, nq, nk)
+    if not ok:
+        shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named)
+        raise ValueError(
+            f"{fn}: inconsistent shapes {shapes}; expected q (B,H,n_q,d), k (B,H,n_k,d), "
+            "v (B,H,n_k,d_v), scores (B,H,n_q,n_k)"
+        )
+    return bsz, nh, nq, nk
 
 
 def attention_diagnostics(
-    q: Tensor,
-    k: Tensor,
+    q: Tensor | None,
+    k: Tensor | None,
     v: Tensor,
     mask: Tensor | None = None,
     scale: float | None = None,
     bias: Tensor | None = None,
     *,
+    softcap: float | None = None,
+    scores: Tensor | None = None,
     chunk_size: int | None = None,
 ) -> AttentionDiagnostics:
     """All per-head attention diagnostics of one attention call (SPEC §1, §8).
 
-    Scores ``S = scale·QKᵀ + bias`` are formed once per chunk of (batch, head) pairs and reused
-    for every diagnostic; temporaries stay near one float32 copy of the scores.
+    The softmax input is ``S = c·tanh(L/c)`` with ``L = scale·QKᵀ + bias`` when ``softcap = c``
+    is given (Gemma-2 style soft-capping), else ``S = L``; or ``S = scores`` when the softmax
+    input itself is given (attention written out by hand). ``S`` is formed once per chunk of
+    (batch, head) pairs and reused for every diagnostic; temporaries stay near one float32 copy
+    of the scores.
 
     Args:
-        q: ``(B, H, n_q, d)``.
-        k: ``(B, H, n_k, d)`` (K/V heads already mapped to query heads).
+        q: ``(B, H, n_q, d)``, or ``None`` with ``scores`` (then ``kappa_score`` is NaN: unknown).
+        k: ``(B, H, n_k, d)`` (K/V heads already mapped to query heads), or ``None`` like ``q``.
         v: ``(B, H, n_k, d_v)``.
         mask: Optional boolean keep-mask broadcastable to ``(B, H, n_q, n_k)``. Pass masking here,
             not as a large negative ``bias`` (a huge finite bias overflows ``S²`` → ``inf``).
-        scale: Score scale, default ``1/√d``.
-        bias: Optional finite additive float bias broadcastable to the scores.
+        scale: Score scale, default ``1/√d`` (ignored with ``scores``).
+        bias: Optional finite additive float bias broadcastable to the scores, added before the
+            soft-capping (ignored with ``scores``).
+        softcap: Soft-capping constant ``c > 0`` (ignored with ``scores``).
+        scores: The softmax input ``(B, H, n_q, n_k)``; when given it is used as ``S`` directly and
+            ``q``/``k`` (if given) serve ``kappa_score`` only.
         chunk_size: Number of (b, h) pairs per chunk (default: automatic).
 
     Returns:
         :class:`AttentionDiagnostics` of ``(B, H)`` float64 tensors, with the degenerate values of
         :func:`kappa_score`, :func:`kappa_softmax`, :func:`kappa_v` and :func:`attention_entropy`
-        (fully masked head: kappa_softmax 0, entropy 0, kappa_score 1; non-finite scores → inf).
+        (fully masked head: kappa_softmax 0, entropy 0, kappa_score 1, logit_max 0; non-finite
+        scores → inf). ``kappa_v`` counts only the rows of keys some query attends.
 
     Raises:
-        ValueError: On inconsistent shapes, a bad mask or a non-float bias.
+        ValueError: On inconsistent shapes, a bad mask, a non-float bias or a non-positive softcap.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -560,64 +726,109 @@ def attention_diagnostics(
         ((2, 3), True)
     """
     fn = "attention_diagnostics"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, 4, fn)
-        if t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be 4-D (B, H, n, d), got shape {tuple(t.shape)}")
-    bsz, nh, nq, d = q.shape
-    nk = k.shape[2]
-    if k.shape[:2] != (bsz, nh) or v.shape[:2] != (bsz, nh) or k.shape[3] != d or v.shape[2] != nk:
-        raise ValueError(
-            f"{fn}: inconsistent shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
-            "expected q (B,H,n_q,d), k (B,H,n_k,d), v (B,H,n_k,d_v)"
-        )
+    bsz, nh, nq, nk = _check_qkv(q, k, v, scores, fn)
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"{fn}: softcap must be a finite number > 0, got {softcap}")
     target = (bsz, nh, nq, nk)
     m = _prep_mask(mask, target, fn)
-    bz: Tensor | None = None
-    if bias is not None:
-        if not isinstance(bias, Tensor) or not bias.is_floating_point():
-            raise ValueError(
-                f"{fn}: bias must be a floating-point tensor, got "
-                f"{getattr(bias, 'dtype', type(bias).__name__)}"
-            )
-        try:
-            ok = bias.dim() <= 4 and tuple(torch.broadcast_shapes(tuple(bias.shape), target)) == target
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{fn}: bias of shape {tuple(bias.shape)} is not broadcastable to {target}")
-        bz = _expand_rank(bias, 4)
-    sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    bz = _check_bias(bias, target, fn) if scores is None else None
+    sc = 1.0
+    if scores is None:
+        assert q is not None
+        sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     lead = (bsz, nh)
     g = bsz * nh
-    work = _F64 if _F64 in (q.dtype, k.dtype) else torch.float32
-    ks = torch.zeros(g, dtype=_F64, device=q.device)
-    ksm = torch.zeros_like(ks)
-    ent = torch.zeros_like(ks)
-    kv = kappa_v(v).reshape(g)
-    if g > 0 and nq > 0 and nk > 0:
-        step = _chunk_len(g, nq * nk, chunk_size)
-        for g0 in range(0, g, step):
-            g1 = min(g, g0 + step)
+    dtypes = [t.dtype for t in (q, k, scores) if t is not None]
+    work = _F64 if _F64 in dtypes else torch.float32
+    ks = torch.full((g,), math.nan if q is None else 1.0, dtype=_F64, device=v.device)
+    ksm = torch.zeros(g, dtype=_F64, device=v.device)
+    ent = torch.zeros_like(ksm)
+    lmax = torch.zeros_like(ksm)
+    keys = None if m is None else m.any(-2)
+    kv = kappa_v(v, key_mask=keys).expand(lead).reshape(g)
+    step = _chunk_len(g, nq * nk, chunk_size) if g > 0 else 1
+    for g0 in range(0, g if nq > 0 and nk > 0 else 0, step):
+        g1 = min(g, g0 + step)
+        mc = None if m is None else _take_lead(m, lead, g0, g1)
+        if q is not None and k is not None:
             qc = _take_lead(q, lead, g0, g1).to(work)
             kc = _take_lead(k, lead, g0, g1).to(work)
             fin = torch.isfinite(qc).flatten(1).all(-1) & torch.isfinite(kc).flatten(1).all(-1)
-            mc = None if m is None else _take_lead(m, lead, g0, g1)
             s = qc @ kc.transpose(-1, -2)
             qn, kn, sn = _masked_norms(qc, kc, s, mc)
             ks[g0:g1] = torch.where(fin, safe_ratio(qn * kn, sn), _INF)
+        if scores is None:
             s.mul_(sc)
-            if bz is not None:
-                s.add_(_take_lead(bz, lead, g0, g1).to(work))
-            kap, h = _softmax_chunk(s, mc, want_entropy=True)
-            ksm[g0:g1] = kap
-            assert h is not None
-            ent[g0:g1] = h
-    else:
-        ks.fill_(1.0)
+            bc = None if bz is None else _take_lead(bz, lead, g0, g1).to(work)
+            if bc is not None:
+                s.add_(bc)
+            lmax[g0:g1] = _logit_max_exact(qc, kc, s, mc, sc, bc)
+            if softcap is not None:
+                s.div_(softcap).tanh_().mul_(softcap)
+        else:
+            s = _take_lead(scores, lead, g0, g1).to(work)
+            a = s.abs() if mc is None else s.abs().masked_fill(~mc, 0.0)
+            top = a.flatten(1).amax(-1).to(_F64)
+            lmax[g0:g1] = torch.where(torch.isfinite(top), top, _INF)
+        kap, h = _softmax_chunk(s, mc, want_entropy=True)
+        ksm[g0:g1] = kap
+        assert h is not None
+        ent[g0:g1] = h
     return AttentionDiagnostics(
         kappa_score=ks.reshape(lead),
         kappa_softmax=ksm.reshape(lead),
         kappa_v=kv.reshape(lead),
         entropy=ent.reshape(lead),
+        logit_max=lmax.reshape(lead),
     )
+
+
+def attention_logit_max(
+    q: Tensor, k: Tensor, mask: Tensor | None = None, scale: float | None = None, bias: Tensor | None = None
+) -> Tensor:
+    """Per head ``max |scale·q·kᵀ + bias|`` over query rows and attended keys, ``(B, H)`` float64.
+
+    The attention-logit size Megatron's QK-clip watches (τ = 100) and Wortsman et al. (2023)
+    saw pass ~1e4 before divergence. The same value as :attr:`AttentionDiagnostics.logit_max`
+    (exact in float64: the candidates of the working-precision maximum are recomputed in
+    float64); 0 for a head with no attended entry.
+
+    Args:
+        q: ``(B, H, n_q, d)``.
+        k: ``(B, H, n_k, d)``.
+        mask: Optional boolean keep-mask broadcastable to ``(B, H, n_q, n_k)``.
+        scale: Score scale, default ``1/√d``.
+        bias: Optional additive float bias broadcastable to the scores.
+
+    Example:
+        >>> q = torch.tensor([[[[1.0, 0.0]]]]); k = torch.tensor([[[[-3.0, 0.0], [2.0, 0.0]]]])
+        >>> attention_logit_max(q, k, scale=1.0).tolist()
+        [[3.0]]
+    """
+    fn = "attention_logit_max"
+    check_tensor("q", q, 4, fn)
+    check_tensor("k", k, 4, fn)
+    bsz, nh, nq, d = q.shape
+    target = (bsz, nh, nq, k.shape[2])
+    if k.dim() != 4 or k.shape[:2] != (bsz, nh) or k.shape[3] != d or q.dim() != 4:
+        raise ValueError(f"{fn}: inconsistent shapes q {tuple(q.shape)}, k {tuple(k.shape)}")
+    m = _prep_mask(mask, target, fn)
+    bz = _check_bias(bias, target, fn)
+    sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    work = _F64 if _F64 in (q.dtype, k.dtype) else torch.float32
+    lead, g = (bsz, nh), bsz * nh
+    out = torch.zeros(g, dtype=_F64, device=q.device)
+    if g == 0 or nq == 0 or k.shape[2] == 0:
+        return out.reshape(lead)
+    step = _chunk_len(g, nq * k.shape[2], None)
+    for g0 in range(0, g, step):
+        g1 = min(g, g0 + step)
+        qc = _take_lead(q, lead, g0, g1).to(work)
+        kc = _take_lead(k, lead, g0, g1).to(work)
+        s = (qc @ kc.transpose(-1, -2)).mul_(sc)
+        bc = None if bz is None else _take_lead(bz, lead, g0, g1).to(work)
+        if bc is not None:
+            s.add_(bc)
+        mc = None if m is None else _take_lead(m, lead, g0, g1)
+        out[g0:g1] = _logit_max_exact(qc, kc, s, mc, sc, bc)
+    return out.reshape(lead)

@@ -1,0 +1,611 @@
+"""Issue 10, attention items: finite additive masks, hand-written softmax attention captured
+without an adapter (nanoGPT, timm-style, Swin-like windows), transformers T5 ``position_bias``
+and Gemma-2 ``softcap`` — every value against an independent float64 recomputation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_stability.capture import (
+    MASK_GAP,
+    AttentionCall,
+    AttentionCapture,
+    call_diagnostics,
+    fold_mask,
+)
+from lightning_stability.diagnostics import AttentionDiagnostics, kappa_score, kappa_softmax, kappa_v
+
+F64 = torch.float64
+RTOL = 2e-5  # float32 model arithmetic vs the float64 recomputation
+
+
+def run_captured(model: nn.Module, fn: Callable[[], Any]) -> tuple[Any, list[AttentionCall], int]:
+    calls: list[AttentionCall] = []
+    with torch.no_grad(), AttentionCapture(model, calls.append) as cap:
+        out = fn()
+    return out, calls, cap.calls
+
+
+def ref_diagnostics(q: Tensor, k: Tensor, v: Tensor, s: Tensor, keep: Tensor | None) -> dict[str, Tensor]:
+    """Independent float64 values from Q, K, V and the softmax input S (all float64)."""
+    b, h, n_q, n_k = s.shape
+    full = torch.ones(b, h, n_q, n_k, dtype=torch.bool) if keep is None else keep.expand(b, h, n_q, n_k)
+    p = torch.softmax(s.masked_fill(~full, -math.inf), -1).nan_to_num(0.0)
+    rows = full.any(-1)
+    ent = (-torch.special.xlogy(p, p).sum(-1) * rows).sum(-1) / rows.sum(-1).clamp_min(1)
+    kv = torch.ones(b, h, dtype=F64)
+    for i in range(b):
+        for j in range(h):
+            used = full[i, j].any(0)
+            if used.any():
+                sv = torch.linalg.svdvals(v[i, j][used])
+                kv[i, j] = max(1.0, (sv[0] / (sv[-1] + 1e-6)).item())
+    return {
+        "kappa_softmax": kappa_softmax(s, full),
+        "kappa_score": kappa_score(q, k, full),
+        "kappa_v": kv,
+        "entropy": ent,
+        "logit_max": s.abs().masked_fill(~full, 0.0).amax((-2, -1)),
+    }
+
+
+def assert_matches(d: AttentionDiagnostics, ref: dict[str, Tensor], rtol: float = RTOL) -> None:
+    for name, want in ref.items():
+        got = getattr(d, name)
+        assert got.shape == want.shape, name
+        assert torch.allclose(got, want, rtol=rtol, atol=1e-9), (name, got, want)
+
+
+def linear64(x: Tensor, lin: nn.Linear) -> Tensor:
+    return F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. finite additive masks
+# ----------------------------------------------------------------------------------------------
+
+
+def alibi(n: int, heads: int) -> Tensor:
+    slopes = torch.tensor([2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)])
+    dist = (torch.arange(n)[None, :] - torch.arange(n)[:, None]).clamp_max(0).float()
+    return slopes[:, None, None] * dist  # (H, n, n), ≤ 0
+
+
+def test_fold_mask_rule_masks_and_biases() -> None:
+    fmin = torch.finfo(torch.float32).min
+    for value in (-1e4, -100.0, fmin, float(torch.finfo(torch.bfloat16).min), -math.inf):
+        m = torch.tensor([[0.0, value, 0.0], [value, 0.0, 0.0]])
+        keep, bias = fold_mask(m)
+        assert keep is not None and keep.tolist() == [[True, False, True], [False, True, True]], value
+        assert bias is None
+    # genuine biases stay bias: ALiBi (n = 64, 8 heads), a T5-like and a Swin-like table
+    a = alibi(64, 8)
+    keep, bias = fold_mask(a)
+    assert keep is None and bias is not None and torch.equal(bias, a)
+    table = (torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(0)) * 5).clamp(-12, 12)
+    parts = fold_mask(table)
+    assert parts.keep is None and parts.bias is not None and torch.equal(parts.bias, table)
+    # Swin's fused form: relative-position bias + (-100) shift mask in one tensor
+    shift = torch.zeros(4, 16, 16)
+    shift[:, :, 8:] = -100.0
+    keep, bias = fold_mask(table + shift)
+    assert keep is not None and torch.equal(keep, (shift == 0).expand_as(keep))
+    assert bias is not None and torch.equal(bias[keep], table[keep])
+    # a fully padded query row (every entry -1e4) is fully masked, not a uniform row of bias -1e4
+    keep, _ = fold_mask(torch.tensor([[-1e4, -1e4], [0.0, -1e4]]))
+    assert keep is not None and keep.tolist() == [[False, False], [True, False]]
+    # the boundary is MASK_GAP below max(0, row max)
+    edge = torch.tensor([[1.0, 1.0 - MASK_GAP, 1.0 - MASK_GAP + 1e-3]])
+    keep = fold_mask(edge).keep
+    assert keep is not None and keep.tolist() == [[True, False, True]]
+    # why not "weight exactly 0 in float32": exp(-100) is a float32 subnormal, not 0
+    assert torch.softmax(torch.tensor([0.0, -100.0]), -1)[1].item() > 0
+
+
+class PaddedEncoder(nn.Module):
+    """BERT-style encoder layer stack through SDPA; the mask is given as the model prepares it."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, depth: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(depth))
+        self.out = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.norm = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        b, n, dim = x.shape
+        for qkv, out, norm in zip(self.qkv, self.out, self.norm, strict=True):
+            q, k, v = qkv(x).reshape(b, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = norm(x + out(o.transpose(1, 2).reshape(b, n, dim)))
+        return x
+
+
+def test_minus_1e4_padding_equals_boolean_mask() -> None:
+    torch.manual_seed(0)
+    model = PaddedEncoder().eval()
+    x = torch.randn(2, 10, 32)
+    attn = torch.ones(2, 10)
+    attn[1, 6:] = 0  # four padded keys
+    additive = ((1.0 - attn) * -1e4)[:, None, None, :]  # older transformers' extended mask
+    boolean = attn.bool()[:, None, None, :]
+    _, c_add, _ = run_captured(model, lambda: model(x, additive))
+    _, c_bool, _ = run_captured(model, lambda: model(x, boolean))
+    for ca, cb in zip(c_add, c_bool, strict=True):
+        assert ca.bias is None and ca.keep is not None and torch.equal(ca.keep, cb.keep)
+        da, db = call_diagnostics(ca), call_diagnostics(cb)
+        for name in ("kappa_softmax", "kappa_score", "kappa_v", "entropy", "logit_max"):
+            assert torch.allclose(getattr(da, name), getattr(db, name), rtol=1e-6), name
+        assert 0.1 < da.kappa_softmax.max().item() < 5.0
+        # what the former rule (only entries <= fp16 min are masks) reported: -1e4 as a bias
+        old = call_diagnostics(
+            AttentionCall(ca.name, ca.q, ca.k, ca.v, None, additive.expand(2, 1, 10, 10), ca.scale)
+        )
+        assert old.kappa_softmax[1].max().item() > 1e3 * da.kappa_softmax[1].max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. hand-written attention, no adapter
+# ----------------------------------------------------------------------------------------------
+
+
+class NanoAttention(nn.Module):
+    """nanoGPT's manual CausalSelfAttention path."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, block: int = 16, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.heads = heads
+        self.c_attn = nn.Linear(dim, 3 * dim)
+        self.c_proj = nn.Linear(dim, dim)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.register_buffer("bias", torch.tril(torch.ones(block, block)).view(1, 1, block, block))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.size()
+        q, k, v = self.c_attn(x).split(c, dim=2)
+        k = k.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        q = q.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        v = v.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        att = self.attn_dropout(att)
+        y = att @ v
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+    def reference(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        b, t, c = x.shape
+        q, k, v = linear64(x, self.c_attn).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        keep = torch.ones(t, t, dtype=torch.bool).tril()
+        s = q @ k.mT / math.sqrt(c // self.heads)
+        return q, k, v, s, keep
+
+
+class TimmAttention(nn.Module):
+    """timm ``Attention`` with ``fused_attn`` off."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.attn_drop = nn.Dropout(0.1)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        x = attn @ v
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+    def reference(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+        b, n, _ = x.shape
+        qkv = linear64(x, self.qkv).reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v, q @ k.mT * self.scale, None
+
+
+class Block(nn.Module):
+    def __init__(self, attn: nn.Module, dim: int = 32) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = attn
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+@pytest.mark.parametrize("kind", ["nanogpt", "timm"])
+def test_manual_attention_captured_without_adapter(kind: str) -> None:
+    torch.manual_seed(1)
+    make = NanoAttention if kind == "nanogpt" else TimmAttention
+    model = nn.Sequential(Block(make()), Block(make())).eval()
+    with torch.no_grad():
+        for blk in model:  # larger logits than the default init, so the softmax is not flat
+            blk.attn.c_attn.weight.mul_(3) if kind == "nanogpt" else blk.attn.qkv.weight.mul_(3)
+    x = torch.randn(2, 12, 32)
+    inputs: list[Tensor] = []
+    hooks = [blk.attn.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach())) for blk in model]
+    with torch.no_grad():
+        base = model(x)
+        inputs.clear()
+    out, calls, n = run_captured(model, lambda: model(x))
+    for h in hooks:
+        h.remove()
+    assert torch.equal(out, base)  # bit-identical
+    assert n == 2 and [c.name for c in calls] == ["0.attn", "1.attn"]
+    for blk, call, xin in zip(model, calls, inputs, strict=True):
+        q, k, v, s, keep = blk.attn.reference(xin)
+        assert call.scores is not None and call.q is not None and call.k is not None
+        assert call.bias is None and call.softcap is None
+        if keep is None:
+            assert call.keep is None
+        else:
+            assert call.keep is not None
+            assert torch.equal(call.keep.expand(2, 4, 12, 12), keep.expand(2, 4, 12, 12))
+        assert_matches(call_diagnostics(call), ref_diagnostics(q, k, v, s, keep))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def window_partition(x: Tensor, w: int) -> Tensor:
+    b, h, wd, c = x.shape
+    x = x.view(b, h // w, w, wd // w, w, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, c)
+
+
+def shift_mask(size: int, w: int, shift: int) -> Tensor:
+    """Swin's shifted-window attention mask (nW, N, N) with 0 / -100 entries."""
+    img = torch.zeros(1, size, size, 1)
+    cnt = 0
+    for hs in (slice(0, -w), slice(-w, -shift), slice(-shift, None)):
+        for ws in (slice(0, -w), slice(-w, -shift), slice(-shift, None)):
+            img[:, hs, ws, :] = cnt
+            cnt += 1
+    win = window_partition(img, w).squeeze(-1)
+    diff = win.unsqueeze(1) - win.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+class WindowAttention(nn.Module):
+    """Swin's ``WindowAttention`` (non-fused path): relative position bias table + shift mask."""
+
+    def __init__(self, dim: int = 32, w: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        self.w, self.num_heads = w, heads
+        self.scale = (dim // heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.randn((2 * w - 1) ** 2, heads) * 2.0)
+        coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (w - 1)
+        self.register_buffer("relative_position_index", rel[..., 0] * (2 * w - 1) + rel[..., 1])
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.softmax = nn.Softmax(dim=-1)
+        self.attn_drop = nn.Dropout(0.0)
+
+    def bias(self) -> Tensor:
+        n = self.w * self.w
+        table = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return table.view(n, n, -1).permute(2, 0, 1).contiguous()
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        b_, n, c = x.shape
+        qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
+        attn = attn + self.bias().unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = attn.view(b_ // nw, nw, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, n, n)
+        attn = self.attn_drop(self.softmax(attn))
+        x = (attn @ v).transpose(1, 2).reshape(b_, n, c)
+        return self.proj(x)
+
+
+def test_swin_like_window_attention() -> None:
+    torch.manual_seed(2)
+    size, w = 8, 4
+    attn = WindowAttention(w=w)
+    model = nn.Sequential()
+    model.add_module("attn", attn)
+    model.eval()
+    mask = shift_mask(size, w, w // 2)  # (nW=4, 16, 16)
+    x = torch.randn(2, size, size, 32)
+    shifted = torch.roll(x, shifts=(-2, -2), dims=(1, 2))
+    windows = window_partition(shifted, w)  # (2·4, 16, 32)
+    with torch.no_grad():
+        base = attn(windows, mask)
+    out, calls, n = run_captured(model, lambda: attn(windows, mask))
+    assert torch.equal(out, base) and n == 1
+    call = calls[0]
+    assert call.name == "attn" and call.q is not None and call.scores is not None
+    keep = (mask == 0).repeat(2, 1, 1).unsqueeze(1)  # (8, 1, 16, 16)
+    assert call.keep is not None and torch.equal(call.keep, keep.expand(8, 4, 16, 16))
+    # reference: scores with the relative-position bias, the -100 entries not attended
+    qkv = linear64(windows, attn.qkv).reshape(8, 16, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    s = q * attn.scale @ k.mT + attn.bias().double().detach()
+    d = call_diagnostics(call)
+    assert_matches(d, ref_diagnostics(q, k, v, s, keep))
+    # the same windows with -100 taken as bias (the former rule) inflate kappa_softmax
+    s_bias = s + mask.double().repeat(2, 1, 1).unsqueeze(1)
+    as_bias = kappa_softmax(s_bias)
+    assert as_bias.max().item() > 10 * d.kappa_softmax.max().item()
+    # fused form (one SDPA attn_mask = bias + shift mask) folds to the same keep-mask and bias
+    fused = attn.bias().detach().unsqueeze(0) + mask.repeat(2, 1, 1).unsqueeze(1)
+    parts = fold_mask(fused)
+    assert parts.keep is not None and torch.equal(parts.keep, keep.expand(8, 4, 16, 16))
+
+
+def test_untraced_scores_and_in_place_ops() -> None:
+    """tanh between matmul and softmax breaks the trace: scores only, kappa_score unknown."""
+
+    class Odd(nn.Module):
+        def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            s = torch.tanh(q @ k.transpose(-2, -1)) * 4.0
+            s[..., 0] = -1e9  # an in-place mask on an untraced tensor
+            return torch.matmul(s.softmax(-1), v)
+
+    class InPlace(nn.Module):
+        def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            s = torch.matmul(q, k.transpose(-2, -1))
+            s *= 0.5
+            s += torch.zeros(1, 1, 1, 6).index_fill_(-1, torch.tensor([5]), -1e4)
+            return torch.bmm(s.softmax(-1).flatten(0, 1), v.flatten(0, 1)).view(v.shape)
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=g) for _ in range(3))
+    _, calls, n = run_captured(Odd(), lambda: Odd()(q, k, v))
+    assert n == 1 and calls[0].q is None and calls[0].k is None and calls[0].keep is not None
+    assert not calls[0].keep[..., 0].any() and calls[0].keep[..., 1:].all()
+    d = call_diagnostics(calls[0])
+    assert d.kappa_score.isnan().all()
+    s = torch.tanh(q.double() @ k.double().mT) * 4.0
+    keep = torch.ones(6, dtype=torch.bool)
+    keep[0] = False
+    ref = ref_diagnostics(q.double(), k.double(), v.double(), s, keep.expand(1, 2, 6, 6))
+    del ref["kappa_score"]
+    assert_matches(d, ref)
+    # 4-D matmul traced through in-place *= and +=; the V matmul is a bmm over flattened heads:
+    # not the 4-D pattern, so nothing is recorded (documented limitation)
+    _, calls, n = run_captured(InPlace(), lambda: InPlace()(q, k, v))
+    assert n == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# no double counting
+# ----------------------------------------------------------------------------------------------
+
+
+def test_transformers_eager_not_double_counted() -> None:
+    tr = pytest.importorskip("transformers")
+    cfg = tr.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)
+    model = tr.GPT2Model._from_config(cfg, attn_implementation="eager").eval()
+    ids = torch.randint(0, 64, (2, 8))
+    _, calls, n = run_captured(model, lambda: model(input_ids=ids))
+    assert n == 2 and all(c.scores is None and c.q is not None for c in calls)
+    assert [c.name for c in calls] == ["h.0.attn", "h.1.attn"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. transformers eager extras: T5 position_bias, Gemma-2 softcap
+# ----------------------------------------------------------------------------------------------
+
+
+def test_t5_eager_equals_sdpa_and_float64() -> None:
+    tr = pytest.importorskip("transformers")
+    cfg = tr.T5Config(
+        d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64, vocab_size=64,
+        relative_attention_num_buckets=8, dropout_rate=0.0,
+    )
+    torch.manual_seed(4)
+    ids = torch.randint(1, 64, (2, 8))
+    am = torch.ones(2, 8, dtype=torch.long)
+    am[1, -3:] = 0
+    results: dict[str, list[AttentionDiagnostics]] = {}
+    state: dict[str, Tensor] | None = None
+    refs: list[dict[str, Tensor]] = []
+    for impl in ("eager", "sdpa"):
+        model = tr.T5EncoderModel._from_config(cfg, attn_implementation=impl).eval()
+        if state is None:
+            state = model.state_dict()
+        model.load_state_dict(state)
+        seen: list[tuple[Tensor, Tensor]] = []
+
+        def hook(m: nn.Module, args: Any, kwargs: Any, out: Any, seen: list[Any] = seen) -> None:
+            seen.append((kwargs.get("hidden_states", args[0] if args else None).detach(), out[1].detach()))
+
+        mods = [blk.layer[0].SelfAttention for blk in model.encoder.block]
+        handles = [mod.register_forward_hook(hook, with_kwargs=True) for mod in mods]
+        _, calls, n = run_captured(model, lambda model=model: model(input_ids=ids, attention_mask=am))
+        for h in handles:
+            h.remove()
+        assert n == 2
+        results[impl] = [call_diagnostics(c) for c in calls]
+        if impl == "eager":
+            keep = am.bool()[:, None, None, :].expand(2, 4, 8, 8)
+            for mod, (hid, pos_bias) in zip(mods, seen, strict=True):
+                def heads(t: Tensor) -> Tensor:
+                    return t.view(2, 8, 4, 8).transpose(1, 2)
+
+                q, k, v = (heads(linear64(hid, lin)) for lin in (mod.q, mod.k, mod.v))
+                s = q @ k.mT + pos_bias.double()  # T5: no 1/sqrt(d) scaling
+                refs.append(ref_diagnostics(q, k, v, s, keep))
+    for de, ds, ref in zip(results["eager"], results["sdpa"], refs, strict=True):
+        assert_matches(de, ref)
+        assert_matches(ds, ref)
+
+
+def test_gemma2_softcap_enters_the_record() -> None:
+    tr = pytest.importorskip("transformers")
+    cfg = tr.Gemma2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=64, query_pre_attn_scalar=8,
+        attn_logit_softcapping=0.5, sliding_window=4, max_position_embeddings=32,
+    )
+    torch.manual_seed(5)
+    model = tr.Gemma2Model._from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():  # logits of order 1–10, so that the 0.5 cap bites
+        for layer in model.layers:
+            layer.self_attn.q_proj.weight.mul_(40)
+            layer.self_attn.k_proj.weight.mul_(40)
+    ids = torch.randint(1, 64, (2, 8))
+    am = torch.ones(2, 8, dtype=torch.long)
+    am[1, :2] = 0
+    outs: list[Tensor] = []
+    handles = [
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: outs.append(a[0].detach()))
+        for layer in model.layers
+    ]
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=am).last_hidden_state
+    outs.clear()
+    out, calls, n = run_captured(model, lambda: model(input_ids=ids, attention_mask=am).last_hidden_state)
+    for h in handles:
+        h.remove()
+    assert torch.equal(out, base) and n == 2
+    for call, real in zip(calls, outs, strict=True):
+        assert call.softcap == 0.5 and call.q is not None and call.k is not None and call.keep is not None
+        q, k, v = call.q.double(), call.k.double(), call.v.double()
+        logits = call.scale * q @ k.mT
+        s = 0.5 * torch.tanh(logits / 0.5)
+        keep = call.keep.expand(2, 4, 8, 8)
+        # the record reproduces the model's attention output (softcap included)
+        p = torch.softmax(s.masked_fill(~keep, -math.inf), -1).nan_to_num(0.0)
+        o = (p @ v).transpose(1, 2).reshape(2, 8, 32)
+        rows = keep.any(-1).any(1)  # (2, 8) query rows with a kept key
+        assert (o - real.double()).abs().amax(-1)[rows].max().item() < 1e-5
+        d = call_diagnostics(call)
+        ref = ref_diagnostics(q, k, v, s, keep)
+        ref["logit_max"] = logits.abs().masked_fill(~keep, 0.0).amax((-2, -1))  # before the cap
+        assert_matches(d, ref)
+        # without the cap the numbers differ: the cap matters here
+        plain = call_diagnostics(
+            AttentionCall(call.name, call.q, call.k, call.v, call.keep, None, call.scale)
+        )
+        assert not torch.allclose(plain.kappa_softmax, d.kappa_softmax, rtol=1e-2)
+
+
+def test_kappa_v_of_padded_keys_in_capture() -> None:
+    torch.manual_seed(6)
+    model = PaddedEncoder(depth=1).eval()
+    x = torch.randn(2, 10, 32)
+    x[1, 6:] = 30.0  # padded positions hold large values
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    mask[1, ..., 6:] = False
+    _, calls, _ = run_captured(model, lambda: model(x, mask))
+    call = calls[0]
+    d = call_diagnostics(call)
+    for h in range(4):
+        assert math.isclose(
+            d.kappa_v[1, h].item(), kappa_v(call.v[1, h, :6].double()).item(), rel_tol=1e-9
+        )
+
+
+def test_manual_record_sdpa_fields_reproduce_scores() -> None:
+    """scale·q kᵀ + bias of a traced record equals its scores on attended entries (Swin-like)."""
+    torch.manual_seed(7)
+    attn = WindowAttention(w=4)
+    mask = shift_mask(8, 4, 2)
+    windows = window_partition(torch.randn(1, 8, 8, 32), 4)
+    _, calls, _ = run_captured(attn, lambda: attn(windows, mask))
+    call = calls[0]
+    assert call.q is not None and call.k is not None and call.bias is not None and call.scores is not None
+    keep = call.keep
+    assert keep is not None
+    s = call.scale * call.q.double() @ call.k.double().mT + call.bias.double()
+    assert (s - call.scores.double()).abs()[keep].max().item() < 1e-5
+    d_scores = call_diagnostics(call)
+    d_fields = call_diagnostics(AttentionCall(call.name, call.q, call.k, call.v, keep, call.bias, call.scale))
+    for name in ("kappa_softmax", "kappa_score", "kappa_v", "entropy", "logit_max"):
+        assert torch.allclose(getattr(d_scores, name), getattr(d_fields, name), rtol=1e-5), name
+
+
+def test_dropout_on_probabilities_record_is_before_dropout() -> None:
+    """Dropout active on the probabilities (training mode): the record is the pre-dropout P."""
+    torch.manual_seed(8)
+    attn = NanoAttention(dropout=0.5).train()
+    x = torch.randn(2, 12, 32)
+    _, calls, n = run_captured(attn, lambda: attn(x))
+    assert n == 1
+    q, k, v, s, keep = attn.reference(x)
+    assert_matches(call_diagnostics(calls[0]), ref_diagnostics(q, k, v, s, keep))
+
+
+class ManualBertSelfAttention(nn.Module):
+    """Older transformers BERT eager path written out: scores + extended mask (-1e4) → softmax."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, extended_mask: Tensor) -> Tensor:
+        b, n, c = x.shape
+
+        def split(t: Tensor) -> Tensor:
+            return t.view(b, n, self.heads, c // self.heads).permute(0, 2, 1, 3)
+
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        scores = scores / math.sqrt(c // self.heads)
+        scores = scores + extended_mask
+        probs = nn.functional.softmax(scores, dim=-1)
+        return torch.matmul(probs, v).permute(0, 2, 1, 3).reshape(b, n, c)
+
+
+def test_manual_minus_1e4_padding_is_masked() -> None:
+    torch.manual_seed(9)
+    attn = ManualBertSelfAttention()
+    with torch.no_grad():
+        attn.query.weight.mul_(4)
+        attn.key.weight.mul_(4)
+    x = torch.randn(2, 10, 32)
+    am = torch.ones(2, 10)
+    am[1, 7:] = 0
+    ext = (1.0 - am)[:, None, None, :] * -10000.0
+    _, calls, n = run_captured(attn, lambda: attn(x, ext))
+    assert n == 1
+    call = calls[0]
+    keep = am.bool()[:, None, None, :].expand(2, 4, 10, 10)
+    assert call.keep is not None and torch.equal(call.keep.expand(2, 4, 10, 10), keep)
+    def heads(t: Tensor) -> Tensor:
+        return t.view(2, 10, 4, 8).permute(0, 2, 1, 3)
+
+    q, k, v = (heads(linear64(x, lin)) for lin in (attn.query, attn.key, attn.value))
+    s = q @ k.mT / math.sqrt(8)  # the -1e4 entries are masked, not part of S
+    d = call_diagnostics(call)
+    assert_matches(d, ref_diagnostics(q, k, v, s, keep))
+    as_bias = kappa_softmax(s + ext.double())  # what the former rule measured for example 1
+    assert as_bias[1].max().item() > 100 * d.kappa_softmax[1].max().item()
+
+
+def test_nan_scores_are_flagged_not_masked() -> None:
+    class NaNAttention(nn.Module):
+        def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            s = q @ k.transpose(-2, -1)
+            s = s + torch.tensor([0.0, float("nan"), 0.0, 0.0])
+            return s.softmax(-1) @ v
+
+    q, k, v = (torch.randn(1, 1, 4, 2, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    _, calls, _ = run_captured(NaNAttention(), lambda: NaNAttention()(q, k, v))
+    assert calls[0].keep is None  # the NaN key is not silently dropped
+    assert call_diagnostics(calls[0]).kappa_softmax.item() == math.inf
+    keep = fold_mask(torch.tensor([0.0, float("nan"), -math.inf])).keep
+    assert keep is not None and keep.tolist() == [True, True, False]
