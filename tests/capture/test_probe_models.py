@@ -13,7 +13,7 @@ from torch import nn
 from lightning_stability import diagnostics as D
 from lightning_stability.capture import StabilityProbe, compose_report
 from lightning_stability.capture.guards import fastpath_disabled
-from lightning_stability.report import StabilityReport
+from lightning_stability.stability_report import StabilityReport
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", message=".*enable_nested_tensor.*")
