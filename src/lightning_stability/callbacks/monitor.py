@@ -53,7 +53,8 @@ class StabilityMonitor(Callback):
         precision: low precision of the measured pass: ``None`` uses the trainer's own;
             ``"bf16"``/``"fp16"`` force that autocast (an FP32 run can ask "what would BF16
             do?"); ``"fp32"`` measures plain FP32.
-        head_reduction: combine attention heads by ``"max"`` or ``"sum"`` (conservative).
+        head_reduction: combine the heads' ``kappa_softmax`` by ``"max"`` or ``"sum"`` (the paper's
+            conservative form, SPEC §1); ``kappa_score`` and ``kappa_v`` are always the max over heads.
         batch_reduction: combine the sampled examples by ``"max"`` or ``"mean"``.
         residual_gain_iters: power-iteration steps for each block's residual gain ``ρ_ℓ``;
             0 turns it off, and with it the unified bound (it costs about
