@@ -34,6 +34,7 @@ from lightning_stability.capture.probe import (
 from lightning_stability.diagnostics import RollingZScore
 from lightning_stability.metrics import METRICS
 from lightning_stability.stability_report import StabilityReport
+from lightning_stability.verdict import FitVerdict
 
 
 class StabilityMonitor(Callback):
@@ -132,6 +133,9 @@ class StabilityMonitor(Callback):
         self.eps_mach = None if eps_mach is None else float(eps_mach)
         self.local_errors = local_errors
         self.last_report: StabilityReport | None = None
+        #: the verdict of the last fit (set at its end): see :meth:`on_fit_end`
+        self.summary: str | None = None
+        self._verdict = FitVerdict()
         self._alarm = RollingZScore(alarm_window)
         self._probe: StabilityProbe | None = None
         self._last_step = -1
@@ -188,14 +192,44 @@ class StabilityMonitor(Callback):
         self._log(trainer, pl_module, report)
 
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":  # before a checkpoint's state is restored
+            self._verdict = FitVerdict()
+            self.summary = None
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The verdict: printed on rank zero, kept as :attr:`summary`, written to TensorBoard as text.
+
+        It names the most fragile block by ``r_local`` (its worst value and step), the FP16
+        headroom and its module, the largest attention logit, the alarms that fired, and what to
+        try for what was measured.
+        """
+        self.summary = self._verdict.summary()
+        if not trainer.is_global_zero:
+            return
+        print(self.summary)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # two trailing spaces: a markdown line break in TensorBoard's text tab
+                text = self.summary.replace("\n", "  \n")
+                logger.experiment.add_text("stability/summary", text, global_step=trainer.global_step)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step, "alarm": self._alarm.state_dict()}
+        return {
+            "last_step": self._last_step,
+            "alarm": self._alarm.state_dict(),
+            "verdict": self._verdict.state_dict(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
         if "alarm" in state_dict:
             self._alarm.load_state_dict(state_dict["alarm"])
+        if "verdict" in state_dict:
+            self._verdict.load_state_dict(state_dict["verdict"])
 
     # ------------------------------------------------------------ measurement
     def measure(
@@ -293,6 +327,7 @@ class StabilityMonitor(Callback):
             fired = warm and z is not None and z > self.alarm_threshold
             report.alarm = fired
             metrics["stability/alarm"] = float(fired)
+        self._verdict.update(report)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and not self._layout_written and trainer.is_global_zero:
                 logger.experiment.add_custom_scalars(custom_scalars_layout(len(report.blocks)))
