@@ -304,7 +304,7 @@ class _Collector:
         self.attn: dict[int, list[dict[str, Tensor]]] = defaultdict(list)
         self.heads: dict[int, int] = {}
         self.ksm_max: list[Tensor] = []
-        self.mismatch: dict[str, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = defaultdict(list)
+        self.mismatch: dict[str, list[tuple[Tensor, ...]]] = defaultdict(list)
         self.amax: dict[str, Tensor] = {}
         # teacher forcing: (metric, block index, module) → exact-pass calls
         self.local: dict[tuple[str, int], list[_Call]] = defaultdict(list)
@@ -329,6 +329,9 @@ class _Collector:
         n_blocks = len(probe.blocks)
 
         def on_input(j: int, c: int, a: tuple[Any, ...], kw: dict[str, Any]) -> None:
+            if keys[j][0] == "r_attention_local":  # tapped inside its block's re-run: output only
+                self.local[keys[j]].append(_Call((), {}, []))
+                return
             a, kw = _without_cache(a, kw)
             self.local[keys[j]].append(_Call(_copy(a), _copy(kw), rng_snapshot()))
 
@@ -444,21 +447,44 @@ class _Collector:
 
     # ----------------------------------------------------------- step 4: local errors
     def local_passes(self, low_precision: Callable[[], AbstractContextManager[Any]]) -> None:
-        """Teacher forcing: each block and sub-layer in low precision on its exact FP32 input."""
+        """Teacher forcing: each block, and its FFN, in low precision on its exact FP32 input.
+
+        The attention sub-layer is tapped inside its block's re-run (the paper taps after
+        attention): with the block fed its exact input, the attention's input is exact too
+        whenever the ops before it compute in FP32 (pre-/post-LN norms under autocast), so no
+        separate attention re-run is needed.
+        """
         for (metric, i), calls in self.local.items():
+            if metric == "r_attention_local":
+                continue
             module = self.local_modules[(metric, i)]
-            for call in calls:
-                if call.output is None:
-                    continue
-                a, kw = call.args, call.kwargs
-                rng_restore(call.rng)
-                with low_precision():
-                    dtype = _input_dtype(module)
-                    if dtype is not None:  # `*-true` precision: the format the module receives in training
-                        a, kw = cast_floating(a, dtype), cast_floating(kw, dtype)
-                    out = first_tensor(module(*a, **kw))
-                if out is not None:
-                    self.mismatch[f"block{i}/{metric}"].append(_mismatch(out.detach(), call.output))
+            attention = self.local.get(("r_attention_local", i)) if metric == "r_local" else None
+            seen: list[Tensor] = []
+            with ExitStack() as stack:
+                if attention:
+                    tap = self.local_modules[("r_attention_local", i)]
+                    stack.enter_context(tap.register_forward_hook(_collect_first(seen)))
+                for call in calls:
+                    out = self._rerun(module, call, low_precision)
+                    if out is not None and call.output is not None:
+                        self.mismatch[f"block{i}/{metric}"].append(_squares(out, call.output))
+            for got, exact in zip(seen, attention or [], strict=False):
+                if exact.output is not None:
+                    self.mismatch[f"block{i}/r_attention_local"].append(_squares(got, exact.output))
+
+    @staticmethod
+    def _rerun(
+        module: nn.Module, call: _Call, low_precision: Callable[[], AbstractContextManager[Any]]
+    ) -> Tensor | None:
+        """``module`` in the low precision on the inputs of one exact-pass call, same random stream."""
+        a, kw = call.args, call.kwargs
+        rng_restore(call.rng)
+        with low_precision():
+            dtype = _input_dtype(module)
+            if dtype is not None:  # `*-true` precision: the format the module receives in training
+                a, kw = cast_floating(a, dtype), cast_floating(kw, dtype)
+            out = first_tensor(module(*a, **kw))
+        return None if out is None else out.detach()
 
     # ----------------------------------------------------------- step 5: statistics
     def finish(self) -> RawMeasurement:
@@ -528,6 +554,15 @@ class _Collector:
                 raw.put(f"block{block.index}/amax", torch.stack(inside).amax())
 
 
+def _collect_first(into: list[Tensor]) -> Callable[[nn.Module, Any, Any], None]:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        out = first_tensor(output)
+        if out is not None:
+            into.append(out.detach())
+
+    return hook
+
+
 def _input_dtype(module: nn.Module) -> torch.dtype | None:
     """Under autocast ``None`` (inputs stay FP32, as in mixed precision); else the parameters' dtype
     when it is not float32 (``bf16-true``/``16-true``)."""
@@ -553,14 +588,21 @@ def _without_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple
     )
 
 
-def _mismatch(lp: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _mismatch(lp: Tensor, x: Tensor) -> tuple[Tensor, ...]:
     """``(Σ‖X̃−X‖², Σ‖X‖², per-token ‖X̃−X‖/‖X‖, non-finite count)`` of one output against its reference."""
     lp = lp.float()
     diff = (lp - x).reshape(-1, x.shape[-1]) if x.dim() > 0 else (lp - x).reshape(1, 1)
-    xr = x.reshape(diff.shape)
-    per_token = diff.norm(dim=-1) / xr.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    err_tok = diff.square().sum(-1)
+    ref_tok = x.reshape(diff.shape).square().sum(-1)
+    per_token = (err_tok / ref_tok.clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
     nonfinite = (~torch.isfinite(lp)).sum()
-    return diff.double().square().sum(), xr.double().square().sum(), per_token, nonfinite
+    return err_tok.double().sum(), ref_tok.double().sum(), per_token, nonfinite
+
+
+def _squares(lp: Tensor, x: Tensor) -> tuple[Tensor, ...]:
+    """``(Σ‖X̃−X‖², Σ‖X‖²)`` only (local errors: no per-token statistics)."""
+    err = torch.linalg.vector_norm(lp.float() - x, dtype=torch.float64)
+    return err.square(), torch.linalg.vector_norm(x, dtype=torch.float64).square()
 
 
 def _residual_branch(
