@@ -143,7 +143,8 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "r_attention_local",
         "block",
-        "r_local of the block's attention sub-layer (where found)",
+        "error at the attention sub-layer's output in the block's teacher-forced re-run "
+        "(its exact input when the ops before it are FP32, e.g. norms under autocast)",
         examples="pooled",
         ranks=_ERR,
         log_scale=True,
@@ -151,7 +152,7 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "r_ffn_local",
         "block",
-        "r_local of the block's FFN sub-layer (where found)",
+        "the FFN sub-layer (mlp/ffn/feed_forward…, where found) in low precision on its exact FP32 input",
         examples="pooled",
         ranks=_ERR,
         log_scale=True,

@@ -629,25 +629,27 @@ def attention_logit_max(
     """Per head ``max |scale·q·kᵀ + bias|`` over query rows and attended keys, ``(B, H)`` float64.
 
     The attention-logit size Megatron's QK-clip watches (τ = 100) and Wortsman et al. (2023)
-    saw pass ~1e4 before divergence. Computed one example at a time (float32 scores, or
-    float64 for float64 input); 0 for a head with no attended entry.
+    saw pass ~1e4 before divergence. Scores are formed for a few examples at a time (about
+    64 MiB each), in float32 (float64 for float64 input); 0 for a head with no attended entry.
 
     Example:
         >>> q = torch.tensor([[[[1.0, 0.0]]]]); k = torch.tensor([[[[-3.0, 0.0], [2.0, 0.0]]]])
         >>> attention_logit_max(q, k, scale=1.0).tolist()
         [[3.0]]
     """
-    bsz, nh = q.shape[:2]
+    bsz, nh, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     work = _F64 if _F64 in (q.dtype, k.dtype) else torch.float32
     out = torch.zeros(bsz, nh, dtype=_F64, device=q.device)
-    target = (bsz, nh, q.shape[2], k.shape[2])
-    for b in range(bsz):
-        s = (q[b].to(work) @ k[b].to(work).transpose(-1, -2)).mul_(sc)
+    target = (bsz, nh, nq, nk)
+    step = max(1, (64 << 20) // max(1, nh * nq * nk * 8))
+    for b0 in range(0, bsz, step):
+        b1 = min(bsz, b0 + step)
+        s = (q[b0:b1].to(work) @ k[b0:b1].to(work).transpose(-1, -2)).mul_(sc)
         if bias is not None:
-            s.add_(bias.expand(target)[b].to(work))
+            s.add_(bias.expand(target)[b0:b1].to(work))
         s.abs_()
         if mask is not None:
-            s.masked_fill_(~mask.expand(target)[b], 0.0)
-        out[b] = s.flatten(1).amax(-1).to(_F64)
+            s.masked_fill_(~mask.expand(target)[b0:b1], 0.0)
+        out[b0:b1] = s.flatten(2).amax(-1).to(_F64)
     return out
