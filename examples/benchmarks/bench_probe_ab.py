@@ -41,13 +41,14 @@ def main() -> None:
     parser.add_argument("before")
     parser.add_argument("after")
     parser.add_argument("--reps", type=int, default=11)
+    parser.add_argument("--quick", action="store_true", help="bench_overhead's --quick model (d=16, 2 blocks)")
     cfg = parser.parse_args()
     torch.set_num_threads(1)
     before, after = load_probe(cfg.before), load_probe(cfg.after)
     from tiny_vit import TinyViT
 
     torch.manual_seed(0)
-    model = TinyViT()
+    model = TinyViT(d_model=16, depth=2, n_heads=2, patch_size=8) if cfg.quick else TinyViT()
     x = torch.randn(16, 3, 32, 32)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
