@@ -41,7 +41,9 @@ def main() -> None:
     parser.add_argument("before")
     parser.add_argument("after")
     parser.add_argument("--reps", type=int, default=11)
-    parser.add_argument("--quick", action="store_true", help="bench_overhead's --quick model (d=16, 2 blocks)")
+    parser.add_argument(
+        "--quick", action="store_true", help="bench_overhead's --quick model (d=16, 2 blocks)"
+    )
     cfg = parser.parse_args()
     torch.set_num_threads(1)
     before, after = load_probe(cfg.before), load_probe(cfg.after)
