@@ -96,3 +96,17 @@ def test_analysis_and_cli_do_not_import_lightning() -> None:
     ).stdout.split("\n")
     assert out[0] == "[]"
     assert out[1] == "True"  # the lazy names still resolve
+
+
+def test_tensorboard_layout_has_a_chart_for_every_metric() -> None:
+    from lightning_stability.callbacks.monitor import custom_scalars_layout
+
+    layout = custom_scalars_layout(4)
+    per_block, model = layout["stability per block (4 blocks)"], layout["stability (model)"]
+    assert set(per_block) == set(BLOCK_METRICS)
+    assert per_block["r_local"] == ["Multiline", [r"stability/block\d+/r_local$"]]
+    assert set(MODEL_METRICS) <= set(model)
+    assert model["where: local vs propagated error"][1] == [
+        r"stability/block\d+/r_local$",
+        "stability/r_block$",
+    ]
