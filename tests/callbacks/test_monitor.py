@@ -286,6 +286,9 @@ def test_true_half_training_gets_fp32_copy(tmp_path) -> None:
     assert report is not None and report.dtype == "bfloat16"
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert 1e-4 < report.r_block < 1
+    for block in report.blocks:  # the local re-runs get their exact input rounded to the weights' bf16
+        assert 1e-4 < block.r_local < 1e-1 and 1e-4 < block.r_ffn_local < 1e-1
+        assert 1e-4 < block.r_attention_local < 1e-1
 
 
 class DictModel(TinyTransformer):
