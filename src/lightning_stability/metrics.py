@@ -66,7 +66,12 @@ METRICS: tuple[Metric, ...] = (
     # ---- attention, per head
     Metric("kappa_score", "head", "‖Q‖‖K‖/‖QKᵀ‖ over attended entries (SPEC §1)", "max", _BR, log_scale=True),
     Metric(
-        "kappa_softmax", "head", "max over rows of ‖J(P_i)‖₂‖S_i‖/‖P_i‖ (SPEC §1)", _HR, _BR, log_scale=True
+        "kappa_softmax",
+        "head",
+        "max over rows of ‖J(P_i)‖₂‖S_i‖/‖P_i‖, exact (secular equation) (SPEC §1)",
+        _HR,
+        _BR,
+        log_scale=True,
     ),
     Metric("kappa_v", "head", "σmax(V)/(σmin(V)+1e-6) (SPEC §1)", "max", _BR, log_scale=True),
     Metric(
@@ -88,19 +93,29 @@ METRICS: tuple[Metric, ...] = (
     ),
     # ---- weights and normalization, per block
     Metric("wo_norm", "block", "‖W_O‖₂ of the attention output projection"),
-    Metric("kappa_eff", "block", "Σ κ(W) over the block's FFN linear maps (SPEC §3)", log_scale=True),
+    Metric(
+        "kappa_eff",
+        "block",
+        "Σ κ(W) over the block's FFN linear maps, gated MLPs: all three (SPEC §3)",
+        log_scale=True,
+    ),
     Metric("kappa_wkwq", "block", "max over heads of κ(W_Kᵀ W_Q) (SPEC §8)", log_scale=True),
-    Metric("c_ln", "block", "Σ C_LN over the block's normalization layers (SPEC §2)", ranks="from min σ²"),
+    Metric(
+        "c_ln",
+        "block",
+        "Σ C_LN = C1·σ/√ε + C2·σ²/ε + C3 over the block's normalization layers (SPEC §2)",
+        ranks="from min σ²",
+    ),
     Metric(
         "rho_ln",
         "block",
-        "min ρ_LN over the block's normalization layers (< 1: ε-dominated)",
+        "min ρ_LN = σ²·d·ε_mach/ε over the block's normalization layers (< 1: ε-dominated) (SPEC §2)",
         ranks="from min σ²",
     ),
     Metric(
         "predictor",
         "block",
-        "combined predictor (SPEC §4)",
+        "combined predictor κ_softmax(1+κ_score)κ_V‖W_O‖₂ + κ_eff + C_LN (SPEC §4)",
         blocks="max",
         ranks="from its terms",
         log_scale=True,
@@ -118,7 +133,7 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "r_block_median",
         "block",
-        "median over tokens of the per-token relative error at the block output",
+        "median over tokens of the per-token relative error at the block output (DDP: max of rank medians)",
         examples="pooled tokens",
         blocks="last",
         log_scale=True,
@@ -281,7 +296,8 @@ def markdown_table() -> str:
         if m.level == "head":
             name += " (+ `head{h}/`)"
         rollup = f"`stability/{m.name}` = {m.blocks}" if m.blocks else "—"
-        rows.append(f"| {name} | {m.level} | {m.heads} | {m.examples} | {rollup} | {m.ranks} | {m.doc} |")
+        doc = m.doc.replace("|", "\\|")  # a literal | would end the markdown cell
+        rows.append(f"| {name} | {m.level} | {m.heads} | {m.examples} | {rollup} | {m.ranks} | {doc} |")
     return "\n".join(rows)
 
 
