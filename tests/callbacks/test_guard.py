@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lightning_stability import StabilityGuard, StabilityMonitor
 from lightning_stability.capture.batch import sample_inputs
 from lightning_stability.capture.guards import eval_mode, preserved_rng
-from lightning_stability.report import BlockReport, StabilityReport
+from lightning_stability.stability_report import BlockReport, StabilityReport
 
 D, H = 32, 4
 DH = D // H

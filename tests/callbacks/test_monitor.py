@@ -43,6 +43,9 @@ def fit(model, tmp_path, monitor=None, steps=4, loader=None, **kw):  # type: ign
         ("alarm_window", 1),
         ("alarm_threshold", float("nan")),
         ("ln_c2", -1.0),
+        ("eps_mach", 0.0),
+        ("eps_mach", "bf16"),
+        ("local_errors", "yes"),
     ],
 )
 def test_bad_arguments_name_argument_and_value(arg: str, value: Any) -> None:
@@ -178,6 +181,41 @@ def test_training_unchanged_bitwise_with_dropout(tmp_path) -> None:
     assert torch.equal(params[1], params[3])
 
 
+class AttentionDropout(TinyTransformer):
+    """SDPA called with a dropout_p that is not tied to ``self.training``."""
+
+    def __init__(self) -> None:
+        super().__init__(dropout=0.1)
+        for block in self.blocks:
+            attn = block.attn
+
+            def forward(x: torch.Tensor, attn: nn.Module = attn) -> torch.Tensor:
+                b, n, d = x.shape
+                q, k, v = attn.qkv(x).reshape(b, n, 3, attn.heads, d // attn.heads).permute(2, 0, 3, 1, 4)
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
+                return attn.proj(out.transpose(1, 2).reshape(b, n, d))
+
+            attn.forward = forward  # type: ignore[method-assign]
+
+
+def test_dropout_inside_attention_same_masks_training_unchanged_bitwise(tmp_path) -> None:
+    state = []
+    monitor = StabilityMonitor(every_n_steps=1, sample_size=4, eps_mach=2.0**-8)
+    for cb in (None, monitor):
+        seed_everything(3)
+        model = AttentionDropout()
+        fit(model, tmp_path, cb, steps=3, precision="bf16-mixed")
+        state.append(([p.detach().clone() for p in model.parameters()], torch.random.get_rng_state()))
+        assert _no_hooks(model)
+    assert all(torch.equal(a, b) for a, b in zip(state[0][0], state[1][0], strict=True))
+    assert torch.equal(state[0][1], state[1][1])
+    report = monitor.last_report
+    assert report is not None and report.eps_mach == 2.0**-8
+    for block in report.blocks:  # same dropout masks in both passes: BF16 rounding, not 0.08
+        assert block.r_block is not None and block.r_block < 2e-2
+        assert block.r_local is not None and block.r_local < 2e-2
+
+
 def test_global_settings_restored(tmp_path, tiny_model) -> None:
     before = _state()
     fit(tiny_model, tmp_path, StabilityMonitor(every_n_steps=1, precision="fp16"), steps=2)
@@ -248,6 +286,9 @@ def test_true_half_training_gets_fp32_copy(tmp_path) -> None:
     assert report is not None and report.dtype == "bfloat16"
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert 1e-4 < report.r_block < 1
+    for block in report.blocks:  # the local re-runs get their exact input rounded to the weights' bf16
+        assert 1e-4 < block.r_local < 1e-1 and 1e-4 < block.r_ffn_local < 1e-1
+        assert 1e-4 < block.r_attention_local < 1e-1
 
 
 class DictModel(TinyTransformer):

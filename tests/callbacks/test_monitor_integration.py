@@ -96,8 +96,11 @@ def test_ddp_two_processes_reduce_across_ranks(tmp_path: Path) -> None:
         assert rank["reduced"] == ranks[0]["reduced"]
     reduced = ranks[0]["reduced"]
     assert reduced["kappa_softmax_max"] == max(v["kappa_softmax_max"] for v in local)
-    assert reduced["block0/err_sq"] == pytest.approx(sum(v["block0/err_sq"] for v in local))
-    assert reduced["norm/blocks.0.norm1"] == min(v["norm/blocks.0.norm1"] for v in local)
+    for key in ("block0/r_block/err_sq", "block1/r_local/err_sq", "block1/r_block/token_sum"):
+        assert reduced[key] == pytest.approx(sum(v[key] for v in local))
+    assert reduced["block1/r_block/token_count"] == 2 * local[0]["block1/r_block/token_count"]
+    norm = "norm/blocks.0.norm1/variance"
+    assert reduced[norm] == min(v[norm] for v in local)
     with open(next((tmp_path / "ddp").rglob("metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
     logged = [r for r in rows if r.get("stability/kappa_softmax_max")]
@@ -105,9 +108,15 @@ def test_ddp_two_processes_reduce_across_ranks(tmp_path: Path) -> None:
     assert float(logged[0]["stability/kappa_softmax_max"]) == pytest.approx(
         reduced["kappa_softmax_max"], rel=1e-6
     )
-    ref_sq = reduced["block1/ref_sq"]
+    ref_sq = reduced["block1/r_block/ref_sq"]
     assert float(logged[0]["stability/block1/r_block"]) == pytest.approx(
-        math.sqrt(reduced["block1/err_sq"] / ref_sq)
+        math.sqrt(reduced["block1/r_block/err_sq"] / ref_sq)
+    )
+    # the mean over tokens is exact under DDP: pooled token sums over pooled counts
+    pooled = reduced["block1/r_block/token_sum"] / reduced["block1/r_block/token_count"]
+    assert float(logged[0]["stability/r_block_mean_token"]) == pytest.approx(pooled, rel=1e-6)
+    assert float(logged[0]["stability/block1/r_local"]) == pytest.approx(
+        math.sqrt(reduced["block1/r_local/err_sq"] / reduced["block1/r_local/ref_sq"]), rel=1e-6
     )
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from lightning_stability import diagnostics as D
 from lightning_stability.capture import StabilityProbe, compose_report
 from lightning_stability.capture.guards import fastpath_disabled
-from lightning_stability.report import StabilityReport
+from lightning_stability.stability_report import StabilityReport
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", message=".*enable_nested_tensor.*")
@@ -44,6 +44,11 @@ def assert_complete(report: StabilityReport, n_blocks: int, wkwq: bool = True) -
             "predictor",
             "r_block",
             "r_block_median",
+            "r_block_mean_token",
+            "r_local",
+            "r_attention_local",
+            "attn_logit_max",
+            "amax",
             "attention_entropy",
         ]
         names += ["kappa_wkwq"] if wkwq else []
@@ -52,6 +57,9 @@ def assert_complete(report: StabilityReport, n_blocks: int, wkwq: bool = True) -
             assert value is not None and math.isfinite(value), (block.name, name, value)
         assert block.kappa_score >= 1 - 1e-9 and block.kappa_v >= 1 - 1e-9
         assert 0 < block.r_block < 0.1
+        assert 0 < block.r_local < 0.1 and 0 < block.r_attention_local < 0.1
+    assert report.worst_block in [b.name for b in report.blocks]
+    assert report.fp16_headroom is not None and report.fp16_headroom > 0 and report.amax_module is not None
 
 
 def small(cls_name: str, **kw):  # type: ignore[no-untyped-def]

@@ -23,7 +23,7 @@ from lightning_stability.capture.mitigations import (
     qk_clip_factors,
 )
 from lightning_stability.capture.structure import Block, model_blocks
-from lightning_stability.report import BlockReport, StabilityReport
+from lightning_stability.stability_report import BlockReport, StabilityReport
 
 #: The mitigations, by the name they are logged under (``stability/guard/block{i}/<action>``).
 ActionName = Literal["qk_clip", "eps_bump", "fp32", "none"]

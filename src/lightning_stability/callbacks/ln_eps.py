@@ -22,7 +22,7 @@ from lightning_stability.callbacks._common import (
     low_precision_dtype,
 )
 from lightning_stability.capture.batch import sample_inputs
-from lightning_stability.capture.guards import eval_mode, fastpath_disabled, preserved_rng
+from lightning_stability.capture.guards import preserved_rng, side_forward
 from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
 from lightning_stability.diagnostics import eps_mach as dtype_eps_mach
 from lightning_stability.diagnostics import propose_ln_eps_from_variance
@@ -240,14 +240,7 @@ class LNEpsilonBump(Callback):
         args, kwargs = sample_inputs(args, kwargs, self.sample_size, self.seed + step)
         capture = NormCapture(self._layers)
         try:
-            with (
-                torch.no_grad(),
-                preserved_rng(),
-                eval_mode(pl_module),
-                fastpath_disabled(),
-                capture,
-                low_precision_context(trainer, pl_module, None),
-            ):
+            with side_forward(pl_module), capture, low_precision_context(trainer, pl_module, None):
                 pl_module(*args, **kwargs)
         except Exception as err:  # never stop training; ranks still take part in the gather below
             rank_zero_warn(f"LNEpsilonBump skipped step {step}: {type(err).__name__}: {err}")
@@ -281,8 +274,11 @@ class LNEpsilonBump(Callback):
                 var, d, eps_r = rank_rows[j]
                 if math.isfinite(var) and math.isfinite(eps_r) and eps_r > 0 and d > 0:
                     eps = eps_r
-                    proposals.append(propose_ln_eps_from_variance(
-                        var, int(d), eps_r, em, self.target_rho, self.eps_min, self.eps_max))
+                    proposals.append(
+                        propose_ln_eps_from_variance(
+                            var, int(d), eps_r, em, self.target_rho, self.eps_min, self.eps_max
+                        )
+                    )
             if not proposals:
                 continue
             new = max(proposals)

@@ -32,7 +32,9 @@ from lightning_stability.capture.probe import (
     first_nonfinite_module,
 )
 from lightning_stability.diagnostics import RollingZScore
-from lightning_stability.report import BLOCK_METRICS, StabilityReport
+from lightning_stability.metrics import METRICS
+from lightning_stability.stability_report import StabilityReport
+from lightning_stability.verdict import FitVerdict
 
 
 class StabilityMonitor(Callback):
@@ -52,7 +54,8 @@ class StabilityMonitor(Callback):
         precision: low precision of the measured pass: ``None`` uses the trainer's own;
             ``"bf16"``/``"fp16"`` force that autocast (an FP32 run can ask "what would BF16
             do?"); ``"fp32"`` measures plain FP32.
-        head_reduction: combine attention heads by ``"max"`` or ``"sum"`` (conservative).
+        head_reduction: combine the heads' ``kappa_softmax`` by ``"max"`` or ``"sum"`` (the paper's
+            conservative form, SPEC §1); ``kappa_score`` and ``kappa_v`` are always the max over heads.
         batch_reduction: combine the sampled examples by ``"max"`` or ``"mean"``.
         residual_gain_iters: power-iteration steps for each block's residual gain ``ρ_ℓ``;
             0 turns it off, and with it the unified bound (it costs about
@@ -68,6 +71,10 @@ class StabilityMonitor(Callback):
         ln_c3: constant ``C3`` of ``C_LN``.
         bound_c: the absolute constant ``c`` of the unified bound.
         seed: seed of the private generator choosing the sampled examples.
+        eps_mach: numeric ``ε_mach`` override (SPEC §2) for ``ρ_LN``, ``C_LN``, ``predictor_scaled``
+            and the bound; ``None`` uses that of the measured low precision.
+        local_errors: measure ``r_local`` / ``r_attention_local`` / ``r_ffn_local`` (each block and
+            sub-layer run once more in the low precision on its exact FP32 input).
     """
 
     def __init__(
@@ -87,6 +94,8 @@ class StabilityMonitor(Callback):
         ln_c3: float = 1.0,
         bound_c: float = 1.0,
         seed: int = 0,
+        eps_mach: float | None = None,
+        local_errors: bool = True,
     ) -> None:
         check_int("every_n_steps", every_n_steps)
         check_int("sample_size", sample_size)
@@ -106,6 +115,9 @@ class StabilityMonitor(Callback):
         ):
             check_number(name, value, 0.0, math.inf, open_high=True)
         check_int("seed", seed, minimum=0)
+        if eps_mach is not None:
+            check_number("eps_mach", eps_mach, 0.0, 1.0, open_low=True, open_high=True)
+        check_choice("local_errors", local_errors, (True, False))
         self.every_n_steps = every_n_steps
         self.sample_size = sample_size
         self.precision = precision
@@ -118,7 +130,12 @@ class StabilityMonitor(Callback):
         self.ln_constants = (float(ln_c1), float(ln_c2), float(ln_c3))
         self.bound_c = float(bound_c)
         self.seed = seed
+        self.eps_mach = None if eps_mach is None else float(eps_mach)
+        self.local_errors = local_errors
         self.last_report: StabilityReport | None = None
+        #: the verdict of the last fit (set at its end): see :meth:`on_fit_end`
+        self.summary: str | None = None
+        self._verdict = FitVerdict()
         self._alarm = RollingZScore(alarm_window)
         self._probe: StabilityProbe | None = None
         self._last_step = -1
@@ -175,14 +192,44 @@ class StabilityMonitor(Callback):
         self._log(trainer, pl_module, report)
 
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":  # before a checkpoint's state is restored
+            self._verdict = FitVerdict()
+            self.summary = None
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The verdict: printed on rank zero, kept as :attr:`summary`, written to TensorBoard as text.
+
+        It names the most fragile block by ``r_local`` (its worst value and step), the FP16
+        headroom and its module, the largest attention logit, the alarms that fired, and what to
+        try for what was measured.
+        """
+        self.summary = self._verdict.summary()
+        if not trainer.is_global_zero:
+            return
+        print(self.summary)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # two trailing spaces: a markdown line break in TensorBoard's text tab
+                text = self.summary.replace("\n", "  \n")
+                logger.experiment.add_text("stability/summary", text, global_step=trainer.global_step)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step, "alarm": self._alarm.state_dict()}
+        return {
+            "last_step": self._last_step,
+            "alarm": self._alarm.state_dict(),
+            "verdict": self._verdict.state_dict(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
         if "alarm" in state_dict:
             self._alarm.load_state_dict(state_dict["alarm"])
+        if "verdict" in state_dict:
+            self._verdict.load_state_dict(state_dict["verdict"])
 
     # ------------------------------------------------------------ measurement
     def measure(
@@ -208,7 +255,7 @@ class StabilityMonitor(Callback):
         probe = self._probe
         assert probe is not None
         values = self._reduce(trainer, raw)
-        report = compose_report(probe, raw, values, step, self.ln_constants, self.bound_c)
+        report = compose_report(probe, raw, values, step, self.ln_constants, self.bound_c, self.eps_mach)
         if report.nonfinite:
             report.first_nonfinite = first_nonfinite_module(
                 pl_module, args, kwargs, lambda: self._low_precision(trainer, pl_module)
@@ -235,6 +282,7 @@ class StabilityMonitor(Callback):
                 self.batch_reduction,
                 self.residual_gain_iters,
                 self.log_per_head,
+                self.local_errors,
             )
         probe = self._probe
         if not probe.blocks and not self._warned_no_blocks:
@@ -277,7 +325,9 @@ class StabilityMonitor(Callback):
             warm = len(self._alarm) >= self._alarm.window  # silent until the window is full
             z = self._alarm.update(report.kappa_softmax_max)
             fired = warm and z is not None and z > self.alarm_threshold
+            report.alarm = fired
             metrics["stability/alarm"] = float(fired)
+        self._verdict.update(report)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and not self._layout_written and trainer.is_global_zero:
                 logger.experiment.add_custom_scalars(custom_scalars_layout(len(report.blocks)))
@@ -311,11 +361,21 @@ def _all_ranks_measured(trainer: Trainer, pl_module: LightningModule, raw: RawMe
 
 
 def custom_scalars_layout(n_blocks: int) -> dict[str, dict[str, list[Any]]]:
-    """TensorBoard custom-scalars layout: one multi-line chart per diagnostic across blocks."""
-    per_block = {name: ["Multiline", [rf"stability/block\d+/{name}$"]] for name in BLOCK_METRICS}
-    model = {
+    """TensorBoard custom-scalars layout from the metric table: one multi-line chart per block
+    metric across blocks, one per model-level metric, plus the side-by-side comparisons."""
+    per_block = {
+        m.name: ["Multiline", [rf"stability/block\d+/{m.name}$"]] for m in METRICS if m.level != "model"
+    }
+    model: dict[str, list[Any]] = {
         "mismatch vs predictor": ["Multiline", ["stability/r_block$", "stability/predictor_scaled$"]],
         "early warning": ["Multiline", ["stability/kappa_softmax_max$", "stability/alarm$"]],
         "bound": ["Multiline", ["stability/bound$", "stability/bound_rigorous$", "stability/r_block$"]],
+        "where: local vs propagated error": [
+            "Multiline",
+            [r"stability/block\d+/r_local$", "stability/r_block$"],
+        ],
     }
+    for m in METRICS:
+        if m.level == "model" or m.blocks:
+            model.setdefault(m.name, ["Multiline", [f"stability/{m.name}$"]])
     return {"stability (model)": model, f"stability per block ({n_blocks} blocks)": per_block}

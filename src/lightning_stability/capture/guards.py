@@ -7,8 +7,9 @@ settings, and the storage of parameters temporarily viewed in FP32.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,8 +41,7 @@ def fastpath_disabled() -> Iterator[None]:
 @contextmanager
 def preserved_rng() -> Iterator[None]:
     """Restore the CPU (and initialised CUDA) RNG state afterwards."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=_cuda_devices()):
         yield
 
 
@@ -74,6 +74,57 @@ def exact_fp32(model: nn.Module) -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
             torch.backends.cudnn.allow_tf32 = cudnn_tf32
             torch.set_float32_matmul_precision(precision)
+
+
+#: Seed of the private random stream every side forward starts from.
+SIDE_SEED = 0x5EED
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
+def reseed(seed: int = SIDE_SEED) -> None:
+    """Seed the CPU (and initialised CUDA) generators; only call inside :func:`preserved_rng`.
+
+    Uninitialised CUDA is left alone: seeding it would be queued and change training's stream later.
+    """
+    torch.random.default_generator.manual_seed(seed)
+    for device in _cuda_devices():
+        torch.cuda.default_generators[device].manual_seed(seed)
+
+
+def rng_snapshot() -> list[Any]:
+    """The CPU (and initialised CUDA) generator states, for :func:`rng_restore`."""
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in _cuda_devices())]
+
+
+def rng_restore(states: list[Any]) -> None:
+    """Put back states from :func:`rng_snapshot` (inside :func:`preserved_rng`)."""
+    torch.set_rng_state(states[0])
+    for device, state in zip(_cuda_devices(), states[1:], strict=False):
+        torch.cuda.set_rng_state(state, device)
+
+
+@contextmanager
+def side_forward(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """The context of every extra forward the package runs (probe, ``LNEpsilonBump``, overflow finder).
+
+    No grad; the RNG forked (training's stream is restored afterwards) and the yielded
+    ``same_stream()`` reseeds it, so passes that call it first draw the same random numbers
+    (dropout inside an attention call gets the same mask in both passes, SPEC §5); every module
+    in eval mode (each one's flag restored); PyTorch's fused MHA fast path off (it bypasses
+    hooks and autocast rules); ``torch.compile`` forced eager (eager arithmetic is measured and
+    our hooks cause no recompilation).
+    """
+    with ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(preserved_rng())
+        stack.enter_context(eval_mode(model))
+        stack.enter_context(fastpath_disabled())
+        stack.enter_context(torch.compiler.set_stance("force_eager"))
+        reseed()
+        yield reseed
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:

@@ -176,9 +176,7 @@ class NormCapture:
         self.stats = {}
         try:
             for layer in self.layers:
-                self._stack.enter_context(
-                    layer.module.register_forward_pre_hook(self._pre_hook(layer))
-                )
+                self._stack.enter_context(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
                 self._stack.enter_context(layer.module.register_forward_hook(self._post_hook(layer)))
         except BaseException:
             self._stack.close()
@@ -211,4 +209,3 @@ class NormCapture:
                 stats.compute_dtype = out.dtype
 
         return hook
-

@@ -4,8 +4,9 @@ No Lightning here. :class:`StabilityProbe` knows a model's blocks, normalization
 layers and attention; :meth:`StabilityProbe.measure` runs the two passes and returns
 raw statistics as 0-d tensors still on the device (so a caller can reduce them across
 ranks and move them to the host in one transfer); :func:`compose_report` turns those
-numbers into a :class:`~lightning_stability.report.StabilityReport` with the pure
-functions of :mod:`lightning_stability.diagnostics`.
+numbers into a :class:`~lightning_stability.stability_report.StabilityReport` with the pure
+functions of :mod:`lightning_stability.diagnostics`. Raw keys end with a name of the metric
+table (:mod:`lightning_stability.metrics`), which declares how each is reduced across ranks.
 """
 
 from __future__ import annotations
@@ -22,22 +23,25 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_stability import diagnostics as D
-from lightning_stability.capture.attention import AttentionCall, AttentionCapture
+from lightning_stability.capture.attention import AttentionCall, AttentionCapture, call_diagnostics
 from lightning_stability.capture.batch import cast_floating
-from lightning_stability.capture.blocks import BlockTap, first_tensor
+from lightning_stability.capture.blocks import BlockTap, ModuleAmax, find_sublayers, first_tensor
 from lightning_stability.capture.guards import (
     compute_dtype,
-    eval_mode,
     exact_fp32,
-    fastpath_disabled,
-    preserved_rng,
+    rng_restore,
+    rng_snapshot,
+    side_forward,
 )
 from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
 from lightning_stability.capture.structure import Block, WeightFn, model_blocks
-from lightning_stability.report import BlockReport, StabilityReport
+from lightning_stability.metrics import BLOCK_METRICS, BY_NAME, HEAD_METRICS, RankOp, rank_op
+from lightning_stability.stability_report import BlockReport, StabilityReport
 
-#: How each raw statistic is combined across ranks.
-ReduceOp = Literal["max", "min", "sum"]
+#: How each raw statistic is combined across ranks (declared in :mod:`lightning_stability.metrics`).
+ReduceOp = RankOp
+#: The largest finite float16.
+FP16_MAX = 65504.0
 
 NO_ATTENTION_WARNING = (
     "StabilityMonitor found no attention in this model, so the attention diagnostics "
@@ -53,8 +57,9 @@ class RawMeasurement:
     """Raw statistics of one sampled step, still on the device.
 
     Attributes:
-        values: 0-d tensors by key (``block{i}/<stat>``, ``norm/<name>``, ``kappa_softmax_max``…).
-        ops: how each value is reduced across ranks.
+        values: 0-d tensors by key (``block{i}/<metric>``, ``block{i}/r_local/err_sq``,
+            ``norm/<name>/variance``, ``module/<name>/amax``, ``kappa_softmax_max``…).
+        ops: how each value is reduced across ranks (from the metric table).
         dtype: the low-precision dtype the low-precision pass really used.
         attention_calls: attention evaluations seen in the FP32 pass.
         norm_dtypes: per normalization layer, the dtype it computed in during the low-precision pass.
@@ -69,9 +74,10 @@ class RawMeasurement:
     residual_gains: dict[int, float] = field(default_factory=dict)
     norm_meta: dict[str, tuple[int, float]] = field(default_factory=dict)
 
-    def put(self, key: str, value: Tensor, op: ReduceOp) -> None:
+    def put(self, key: str, value: Tensor) -> None:
+        """Keep ``value`` under ``key``; its cross-rank reduction is the table's (:func:`rank_op`)."""
+        self.ops[key] = rank_op(key)
         self.values[key] = value.detach().reshape(()).to(torch.float64)
-        self.ops[key] = op
 
     def flat(self) -> tuple[list[str], Tensor]:
         """Keys and one float64 vector of all values (one transfer moves it to the host)."""
@@ -95,10 +101,13 @@ class StabilityProbe:
     Args:
         model: the model (usually the ``LightningModule``).
         blocks: ``fnmatch`` patterns naming the blocks; ``None`` finds the repeated layers.
-        head_reduction: ``"max"`` or ``"sum"`` over heads (SPEC §1).
+        head_reduction: ``"max"`` or ``"sum"`` over heads of ``kappa_softmax`` (SPEC §1: the paper
+            sums the softmax term); ``kappa_score`` and ``kappa_v`` are always the max over heads.
         batch_reduction: ``"max"`` or ``"mean"`` over the sampled examples.
         residual_gain_iters: power-iteration steps for ``ρ_ℓ``; 0 skips it (and the bound).
         log_per_head: also keep per-head values.
+        local_errors: run every block (and its attention / FFN sub-layers) a second time in the
+            low precision on its exact FP32 input (``r_local``…); ``False`` skips that cost.
     """
 
     def __init__(
@@ -109,6 +118,7 @@ class StabilityProbe:
         batch_reduction: Literal["max", "mean"] = "max",
         residual_gain_iters: int = 0,
         log_per_head: bool = False,
+        local_errors: bool = True,
     ) -> None:
         self.model = model
         self.blocks: list[Block] = model_blocks(model, blocks)
@@ -118,12 +128,20 @@ class StabilityProbe:
             for block in self.blocks:
                 if block.contains(norm.name):
                     self.norm_block[norm.name] = block.index
+        #: per block, its attention / FFN sub-layers: ``{index: {"attention": module, ...}}``
+        self.sublayers: dict[int, dict[str, nn.Module]] = {
+            b.index: {kind: m for kind, (_, m) in find_sublayers(b.module).items()} for b in self.blocks
+        }
         self.head_reduction = head_reduction
         self.batch_reduction = batch_reduction
         self.residual_gain_iters = residual_gain_iters
         self.log_per_head = log_per_head
+        self.local_errors = local_errors
 
-    # ------------------------------------------------------------------ passes
+    def block_of(self, module_name: str) -> int | None:
+        """Index of the block containing the module ``module_name`` (``None``: outside every block)."""
+        return next((b.index for b in self.blocks if b.contains(module_name)), None)
+
     def measure(
         self,
         args: tuple[Any, ...],
@@ -134,6 +152,11 @@ class StabilityProbe:
     ) -> RawMeasurement:
         """Run the FP32 and the low-precision pass on one sample; nothing about training changes.
 
+        The steps, in order (each a method of :class:`_Collector`): the exact FP32 pass
+        (attention, norm statistics, block outputs, module maxima), the residual gains, the
+        low-precision pass compared block by block as it runs, the local (teacher-forced)
+        passes, then the statistics.
+
         Args:
             args: positional inputs of ``forward``.
             kwargs: keyword inputs of ``forward``.
@@ -143,118 +166,23 @@ class StabilityProbe:
             seed: seeds the residual-gain start vectors.
         """
         run = forward or self.model
-        raw = RawMeasurement()
-        ref: dict[tuple[int, int], Tensor] = {}
-        inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        attn: dict[int, list[dict[str, Tensor]]] = defaultdict(list)
-        heads: dict[int, int] = {}
-        ksm_max: list[Tensor] = []
+        collector = _Collector(self)
+        with side_forward(self.model) as same_stream:
+            collector.exact_pass(run, args, kwargs, same_stream)
+            if self.residual_gain_iters > 0:  # with the taps removed: its block calls are not recorded
+                collector.residual_gains(seed)
+            collector.low_precision_pass(run, args, kwargs, low_precision, same_stream)
+            if self.local_errors:
+                collector.local_passes(low_precision)
+        return collector.finish()
 
-        def on_attention(call: AttentionCall) -> None:
-            raw.attention_calls += 1
-            block = next((b.index for b in self.blocks if b.contains(call.name)), None)
-            # contiguous: q/k/v are usually permuted views of a fused projection, which the
-            # diagnostics would otherwise gather element by element (same values either way)
-            diag = D.attention_diagnostics(
-                call.q.float().contiguous(),
-                call.k.float().contiguous(),
-                call.v.float().contiguous(),
-                mask=call.keep,
-                scale=call.scale,
-                bias=None if call.bias is None else call.bias.float(),
-            )
-            ksm_max.append(diag.kappa_softmax.amax())
-            if block is None:
-                return
-            heads.setdefault(block, call.q.shape[1])
-            reduced: dict[str, Tensor] = {}
-            for name in ("kappa_score", "kappa_softmax", "kappa_v"):
-                value = getattr(diag, name)  # (B, H)
-                per_example = _reduce(value, self.head_reduction, 1)
-                reduced[name] = _reduce(per_example, self.batch_reduction, 0)
-                reduced[name + "@heads"] = _reduce(value, self.batch_reduction, 0)
-            # entropy collapse is a low-entropy event: the mean over heads and examples,
-            # and the per-head means.
-            reduced["attention_entropy"] = diag.entropy.mean()
-            reduced["attention_entropy@heads"] = diag.entropy.mean(0)
-            attn[block].append(reduced)
-
-        def keep_ref(i: int, c: int, out: Tensor) -> None:
-            ref[(i, c)] = out.float()
-
-        def keep_input(i: int, c: int, a: tuple[Any, ...], kw: dict[str, Any]) -> None:
-            if c == 0:
-                inputs[i] = (a, kw)
-
-        mismatch: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = defaultdict(list)
-
-        def compare(i: int, c: int, out: Tensor) -> None:
-            x = ref.pop((i, c), None)
-            if x is None:
-                return
-            lp = out.float()
-            diff = (lp - x).reshape(-1, x.shape[-1]) if x.dim() > 0 else (lp - x).reshape(1, 1)
-            xr = x.reshape(diff.shape)
-            per_token = diff.norm(dim=-1) / xr.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
-            nonfinite = (~torch.isfinite(lp)).sum()
-            mismatch[i].append(
-                (diff.double().square().sum(), xr.double().square().sum(), per_token, nonfinite)
-            )
-
-        block_modules = [b.module for b in self.blocks]
-        with ExitStack() as stack:
-            stack.enter_context(torch.no_grad())
-            stack.enter_context(preserved_rng())
-            stack.enter_context(eval_mode(self.model))
-            stack.enter_context(fastpath_disabled())
-            # measure the eager arithmetic, and do not make torch.compile recompile for our hooks
-            stack.enter_context(torch.compiler.set_stance("force_eager"))
-            # 1. exact FP32 reference: attention and normalization statistics, block outputs.
-            with ExitStack() as fp32:
-                fp32.enter_context(exact_fp32(self.model))
-                with ExitStack() as taps:
-                    taps.enter_context(AttentionCapture(self.model, on_attention))
-                    norms = taps.enter_context(NormCapture(self.norms))
-                    taps.enter_context(
-                        BlockTap(
-                            block_modules, keep_ref, keep_input if self.residual_gain_iters > 0 else None
-                        )
-                    )
-                    run(*cast_floating(args, torch.float32), **cast_floating(kwargs, torch.float32))
-                if self.blocks and not ref:
-                    names = [b.name for b in self.blocks]
-                    raise RuntimeError(
-                        f"none of the blocks {names} produced an output during the forward; check the "
-                        "`blocks` patterns and that the forward runs them"
-                    )
-                if self.residual_gain_iters > 0:  # with the taps removed: its block calls are not recorded
-                    raw.residual_gains = self._residual_gains(inputs, seed)
-            # 2. the low-precision pass, compared block by block as it runs.
-            with ExitStack() as lp:
-                lp.enter_context(low_precision())
-                raw.dtype = compute_dtype(self.model)
-                lp_norms = lp.enter_context(NormCapture(self.norms, variances=False))
-                lp.enter_context(BlockTap(block_modules, compare))
-                run(*args, **kwargs)
-        # ε as training uses it (nn.RMSNorm(eps=None) means finfo of the low-precision input dtype)
-        raw.norm_meta = {
-            name: (s.d, lp_norms.stats[name].eps if name in lp_norms.stats else s.eps)
-            for name, s in norms.stats.items()
-        }
-        raw.norm_dtypes = {
-            name: str(s.compute_dtype).replace("torch.", "") for name, s in lp_norms.stats.items()
-        }
-        self._collect(raw, attn, heads, ksm_max, norms, mismatch)
-        return raw
-
-    def _residual_gains(
-        self, inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]], seed: int
-    ) -> dict[int, float]:
+    def _residual_gains(self, inputs: dict[int, list[_Call]], seed: int) -> dict[int, float]:
         gains: dict[int, float] = {}
         for block in self.blocks:
-            if block.index not in inputs:
+            if not inputs.get(block.index):
                 continue
-            args, kwargs = inputs[block.index]
+            call = inputs[block.index][0]
+            args, kwargs = call.args, call.kwargs
             if not args or not isinstance(args[0], Tensor):
                 continue
             branch = _residual_branch(block.module, args[1:], kwargs)
@@ -266,47 +194,6 @@ class StabilityProbe:
                     D.residual_gain(branch, args[0].float(), iters=self.residual_gain_iters, generator=gen)
                 )
         return gains
-
-    # ------------------------------------------------------------- statistics
-    def _collect(
-        self,
-        raw: RawMeasurement,
-        attn: dict[int, list[dict[str, Tensor]]],
-        heads: dict[int, int],
-        ksm_max: list[Tensor],
-        norms: NormCapture,
-        mismatch: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor]]],
-    ) -> None:
-        if ksm_max:
-            raw.put("kappa_softmax_max", torch.stack(ksm_max).amax(), "max")
-        for index, calls in attn.items():
-            for name in ("kappa_score", "kappa_softmax", "kappa_v"):
-                raw.put(f"block{index}/{name}", torch.stack([c[name] for c in calls]).amax(), "max")
-            raw.put(
-                f"block{index}/attention_entropy",
-                torch.stack([c["attention_entropy"] for c in calls]).amin(),
-                "min",
-            )
-            if self.log_per_head:
-                for name in ("kappa_score", "kappa_softmax", "kappa_v", "attention_entropy"):
-                    per_call = [c[name + "@heads"] for c in calls]
-                    if len({t.shape for t in per_call}) != 1:
-                        per_call = per_call[:1]  # calls with different head counts: the first one's heads
-                    entropy = name == "attention_entropy"
-                    stacked = torch.stack(per_call)
-                    per_head = stacked.amin(0) if entropy else stacked.amax(0)
-                    for h in range(per_head.shape[0]):
-                        raw.put(f"block{index}/head{h}/{name}", per_head[h], "min" if entropy else "max")
-        for name, stats in norms.stats.items():
-            raw.put(f"norm/{name}", stats.median_variance(), "min")
-        for index, gain in raw.residual_gains.items():
-            raw.put(f"block{index}/residual_gain", torch.tensor(gain), "max")
-        for index, items in mismatch.items():
-            raw.put(f"block{index}/err_sq", torch.stack([m[0] for m in items]).sum(), "sum")
-            raw.put(f"block{index}/ref_sq", torch.stack([m[1] for m in items]).sum(), "sum")
-            raw.put(f"block{index}/r_block_median", torch.cat([m[2] for m in items]).median(), "max")
-            raw.put(f"block{index}/nonfinite", torch.stack([m[3] for m in items]).sum(), "sum")
-        self._weights(raw, heads)
 
     def _weights(self, raw: RawMeasurement, heads: dict[int, int]) -> None:
         """``‖W_O‖₂``, ``κ(W_O)``, ``κ_eff`` and ``κ(W_Kᵀ W_Q)``, with one SVD per weight shape."""
@@ -325,14 +212,12 @@ class StabilityProbe:
                 raw.put(
                     f"block{i}/kappa_eff",
                     torch.stack([D.condition_from_singular_values(s) for s in ffn[i]]).sum(),
-                    "max",
                 )
             if wo[i]:
-                raw.put(f"block{i}/wo_norm", torch.stack([s[0] for s in wo[i]]).amax(), "max")
+                raw.put(f"block{i}/wo_norm", torch.stack([s[0] for s in wo[i]]).amax())
                 raw.put(
                     f"block{i}/kappa_wo",
                     torch.stack([D.condition_from_singular_values(s) for s in wo[i]]).amax(),
-                    "max",
                 )
             if block.qk and i in heads:
                 values = []
@@ -346,7 +231,377 @@ class StabilityProbe:
                     if w_q.shape == w_k.shape and w_q.shape[0] % n_heads == 0:
                         values.append(D.kappa_wkwq(w_q, w_k, n_heads).amax())
                 if values:
-                    raw.put(f"block{i}/kappa_wkwq", torch.stack(values).amax(), "max")
+                    raw.put(f"block{i}/kappa_wkwq", torch.stack(values).amax())
+
+
+@dataclass
+class _Call:
+    """One call of a block or sub-layer in the exact pass: detached copies of its inputs and output."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rng: list[Any]
+    output: Tensor | None = None
+
+
+def _copy(x: Any) -> Any:
+    """A detached copy of every tensor in ``x`` (the model may later change its tensors in place)."""
+    if isinstance(x, Tensor):
+        return x.detach().clone()
+    if isinstance(x, tuple):
+        return tuple(_copy(v) for v in x)
+    if isinstance(x, list):
+        return [_copy(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _copy(v) for k, v in x.items()}
+    return x
+
+
+class _Taps:
+    """Forward pre-/post-hooks on a list of modules calling ``on_input(j, c, args, kwargs)``
+    and ``on_output(j, c, output)`` (``c``: call number); removed on exit."""
+
+    def __init__(self, modules: Sequence[nn.Module], on_input: Any, on_output: Any) -> None:
+        self.modules, self.on_input, self.on_output = list(modules), on_input, on_output
+        self._stack = ExitStack()
+        self._calls = [0] * len(self.modules)
+
+    def __enter__(self) -> _Taps:
+        try:
+            for j, m in enumerate(self.modules):
+                self._stack.enter_context(m.register_forward_pre_hook(self._pre(j), with_kwargs=True))
+                self._stack.enter_context(m.register_forward_hook(self._post(j), always_call=True))
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def _pre(self, j: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.on_input(j, self._calls[j], args, kwargs)
+
+        return hook
+
+    def _post(self, j: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            self.on_output(j, self._calls[j], output)
+            self._calls[j] += 1
+
+        return hook
+
+
+class _Collector:
+    """The state of one :meth:`StabilityProbe.measure`, filled step by step."""
+
+    def __init__(self, probe: StabilityProbe) -> None:
+        self.probe = probe
+        self.raw = RawMeasurement()
+        self.ref: dict[tuple[int, int], Tensor] = {}
+        self.attn: dict[int, list[dict[str, Tensor]]] = defaultdict(list)
+        self.heads: dict[int, int] = {}
+        self.ksm_max: list[Tensor] = []
+        self.mismatch: dict[str, list[tuple[Tensor, ...]]] = defaultdict(list)
+        self.amax: dict[str, Tensor] = {}
+        # teacher forcing: (metric, block index, module) → exact-pass calls
+        self.local: dict[tuple[str, int], list[_Call]] = defaultdict(list)
+        self.local_modules: dict[tuple[str, int], nn.Module] = {}
+        self.norms: NormCapture | None = None
+        self.lp_norms: NormCapture | None = None
+
+    # ----------------------------------------------------------- step 1: exact pass
+    def exact_pass(
+        self,
+        run: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        same_stream: Callable[[], None],
+    ) -> None:
+        """Exact FP32: attention and normalization statistics, block outputs, module maxima."""
+        probe = self.probe
+        keep_inputs = probe.local_errors or probe.residual_gain_iters > 0
+        targets = self._local_targets() if keep_inputs else []
+        self.local_modules = dict(targets)
+        keys = [key for key, _ in targets]
+        n_blocks = len(probe.blocks)
+
+        def on_input(j: int, c: int, a: tuple[Any, ...], kw: dict[str, Any]) -> None:
+            if keys[j][0] == "r_attention_local":  # tapped inside its block's re-run: output only
+                self.local[keys[j]].append(_Call((), {}, []))
+                return
+            a, kw = _without_cache(a, kw)
+            self.local[keys[j]].append(_Call(_copy(a), _copy(kw), rng_snapshot()))
+
+        def on_output(j: int, c: int, output: Any) -> None:
+            out = first_tensor(output)
+            if out is None:
+                return
+            # a COPY: `.float()` aliases a float32 tensor, which the model may change in place later
+            copy = out.detach().float().clone()
+            if j < n_blocks:  # the block outputs are also the references of the low-precision pass
+                self.ref[(j, c)] = copy
+            if c < len(self.local[keys[j]]):
+                self.local[keys[j]][c].output = copy
+
+        with ExitStack() as stack:
+            stack.enter_context(exact_fp32(probe.model))
+            stack.enter_context(AttentionCapture(probe.model, self._on_attention))
+            self.norms = stack.enter_context(NormCapture(probe.norms))
+            self.amax = stack.enter_context(ModuleAmax(probe.model)).amax
+            if targets:
+                stack.enter_context(_Taps([m for _, m in targets], on_input, on_output))
+            else:
+                stack.enter_context(BlockTap([b.module for b in probe.blocks], self._keep_ref))
+            same_stream()
+            run(*cast_floating(args, torch.float32), **cast_floating(kwargs, torch.float32))
+        if probe.blocks and not self.ref:
+            names = [b.name for b in probe.blocks]
+            raise RuntimeError(
+                f"none of the blocks {names} produced an output during the forward; check the "
+                "`blocks` patterns and that the forward runs them"
+            )
+
+    def _local_targets(self) -> list[tuple[tuple[str, int], nn.Module]]:
+        """Blocks first (in order, so index j < n_blocks is block j), then their sub-layers."""
+        probe = self.probe
+        out: list[tuple[tuple[str, int], nn.Module]] = [
+            (("r_local", b.index), b.module) for b in probe.blocks
+        ]
+        if probe.local_errors:
+            for b in probe.blocks:
+                for kind, module in probe.sublayers[b.index].items():
+                    out.append(((f"r_{kind}_local", b.index), module))
+        return out
+
+    def _keep_ref(self, i: int, c: int, out: Tensor) -> None:
+        self.ref[(i, c)] = out.float().clone()  # a COPY: `.float()` aliases a float32 tensor
+
+    def _on_attention(self, call: AttentionCall) -> None:
+        probe = self.probe
+        self.raw.attention_calls += 1
+        block = probe.block_of(call.name)
+        diag = call_diagnostics(call)  # kappa_score is NaN (unknown) for scores-only calls
+        self.ksm_max.append(diag.kappa_softmax.amax())
+        if block is None:
+            return
+        logit = diag.logit_max
+        self.heads.setdefault(block, call.v.shape[1])
+        per_head = {
+            "kappa_score": diag.kappa_score,
+            "kappa_softmax": diag.kappa_softmax,
+            "kappa_v": diag.kappa_v,
+            "attn_logit_max": logit,
+        }
+        reduced: dict[str, Tensor] = {}
+        for name, value in per_head.items():  # (B, H)
+            over_heads = probe.head_reduction if name == "kappa_softmax" else "max"
+            over_examples = "max" if name == "attn_logit_max" else probe.batch_reduction
+            reduced[name] = _reduce(_reduce(value, over_heads, 1), over_examples, 0)
+            reduced[name + "@heads"] = _reduce(value, over_examples, 0)
+        # entropy collapse is a low-entropy event: the mean over heads and examples,
+        # and the per-head means.
+        reduced["attention_entropy"] = diag.entropy.mean()
+        reduced["attention_entropy@heads"] = diag.entropy.mean(0)
+        self.attn[block].append(reduced)
+
+    # ----------------------------------------------------------- step 2: residual gains
+    def residual_gains(self, seed: int) -> None:
+        """``ρ_ℓ`` of each block at its exact-pass input (SPEC §5)."""
+        inputs = {i: calls for (name, i), calls in self.local.items() if name == "r_local"}
+        self.raw.residual_gains = self.probe._residual_gains(inputs, seed)
+
+    # ----------------------------------------------------------- step 3: low-precision pass
+    def low_precision_pass(
+        self,
+        run: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        low_precision: Callable[[], AbstractContextManager[Any]],
+        same_stream: Callable[[], None],
+    ) -> None:
+        """The training's precision, each block output compared with its FP32 reference as it runs."""
+        probe = self.probe
+        blocks = probe.blocks
+
+        def on_output(i: int, c: int, out: Tensor) -> None:
+            x = self.ref.pop((i, c), None)
+            if x is not None:
+                self.mismatch[f"block{i}/r_block"].append(_mismatch(out, x))
+
+        with ExitStack() as stack:
+            stack.enter_context(low_precision())
+            self.raw.dtype = compute_dtype(probe.model)
+            self.lp_norms = stack.enter_context(NormCapture(probe.norms, variances=False))
+            stack.enter_context(BlockTap([b.module for b in blocks], on_output))
+            same_stream()
+            run(*args, **kwargs)
+
+    # ----------------------------------------------------------- step 4: local errors
+    def local_passes(self, low_precision: Callable[[], AbstractContextManager[Any]]) -> None:
+        """Teacher forcing: each block, and its FFN, in low precision on its exact FP32 input.
+
+        The attention sub-layer is tapped inside its block's re-run (the paper taps after
+        attention): with the block fed its exact input, the attention's input is exact too
+        whenever the ops before it compute in FP32 (pre-/post-LN norms under autocast), so no
+        separate attention re-run is needed.
+        """
+        for (metric, i), calls in self.local.items():
+            if metric == "r_attention_local":
+                continue
+            module = self.local_modules[(metric, i)]
+            attention = self.local.get(("r_attention_local", i)) if metric == "r_local" else None
+            seen: list[Tensor] = []
+            with ExitStack() as stack:
+                if attention:
+                    tap = self.local_modules[("r_attention_local", i)]
+                    stack.enter_context(tap.register_forward_hook(_collect_first(seen)))
+                for call in calls:
+                    out = self._rerun(module, call, low_precision)
+                    if out is not None and call.output is not None:
+                        self.mismatch[f"block{i}/{metric}"].append(_squares(out, call.output))
+            for got, exact in zip(seen, attention or [], strict=False):
+                if exact.output is not None:
+                    self.mismatch[f"block{i}/r_attention_local"].append(_squares(got, exact.output))
+
+    @staticmethod
+    def _rerun(
+        module: nn.Module, call: _Call, low_precision: Callable[[], AbstractContextManager[Any]]
+    ) -> Tensor | None:
+        """``module`` in the low precision on the inputs of one exact-pass call, same random stream."""
+        a, kw = call.args, call.kwargs
+        rng_restore(call.rng)
+        with low_precision():
+            dtype = _input_dtype(module)
+            if dtype is not None:  # `*-true` precision: the format the module receives in training
+                a, kw = cast_floating(a, dtype), cast_floating(kw, dtype)
+            out = first_tensor(module(*a, **kw))
+        return None if out is None else out.detach()
+
+    # ----------------------------------------------------------- step 5: statistics
+    def finish(self) -> RawMeasurement:
+        """Every raw statistic as a 0-d device tensor, keyed by the metric table's names."""
+        raw, probe = self.raw, self.probe
+        norms, lp_norms = self.norms, self.lp_norms
+        assert norms is not None and lp_norms is not None
+        # ε as training uses it (nn.RMSNorm(eps=None) means finfo of the low-precision input dtype)
+        raw.norm_meta = {
+            name: (s.d, lp_norms.stats[name].eps if name in lp_norms.stats else s.eps)
+            for name, s in norms.stats.items()
+        }
+        raw.norm_dtypes = {
+            name: str(s.compute_dtype).replace("torch.", "") for name, s in lp_norms.stats.items()
+        }
+        if self.ksm_max:
+            raw.put("kappa_softmax_max", torch.stack(self.ksm_max).amax())
+        self._attention_stats()
+        for name, stats in norms.stats.items():
+            raw.put(f"norm/{name}/variance", stats.median_variance())
+        for index, gain in raw.residual_gains.items():
+            raw.put(f"block{index}/residual_gain", torch.tensor(gain))
+        self._mismatch_stats()
+        self._amax_stats()
+        probe._weights(raw, self.heads)
+        return raw
+
+    def _attention_stats(self) -> None:
+        raw = self.raw
+        for index, calls in self.attn.items():
+            for name in ("kappa_score", "kappa_softmax", "kappa_v", "attn_logit_max"):
+                raw.put(f"block{index}/{name}", _nanmax(torch.stack([c[name] for c in calls])))
+            raw.put(
+                f"block{index}/attention_entropy", torch.stack([c["attention_entropy"] for c in calls]).amin()
+            )
+            if not self.probe.log_per_head:
+                continue
+            for name in HEAD_METRICS:
+                per_call = [c[name + "@heads"] for c in calls]
+                if len({t.shape for t in per_call}) != 1:
+                    per_call = per_call[:1]  # calls with different head counts: the first one's heads
+                stacked = torch.stack(per_call)
+                per_head = stacked.amin(0) if name == "attention_entropy" else stacked.amax(0)
+                for h in range(per_head.shape[0]):
+                    raw.put(f"block{index}/head{h}/{name}", per_head[h])
+
+    def _mismatch_stats(self) -> None:
+        raw = self.raw
+        for key, items in self.mismatch.items():
+            raw.put(f"{key}/err_sq", torch.stack([m[0] for m in items]).sum())
+            raw.put(f"{key}/ref_sq", torch.stack([m[1] for m in items]).sum())
+            if key.endswith("/r_block"):
+                block = key.rsplit("/", 1)[0]
+                tokens = torch.cat([m[2] for m in items])
+                raw.put(f"{block}/r_block_median", tokens.median())
+                raw.put(f"{key}/token_sum", tokens.double().sum())
+                raw.put(f"{key}/token_count", torch.tensor(float(tokens.numel()), device=tokens.device))
+                raw.put(f"{key}/nonfinite", torch.stack([m[3] for m in items]).sum())
+
+    def _amax_stats(self) -> None:
+        raw, probe = self.raw, self.probe
+        for name, value in self.amax.items():
+            raw.put(f"module/{name}/amax", value)
+        for block in probe.blocks:
+            inside = [v for name, v in self.amax.items() if block.contains(name)]
+            if inside:
+                raw.put(f"block{block.index}/amax", torch.stack(inside).amax())
+
+
+def _nanmax(t: Tensor) -> Tensor:
+    """Max over the known values (NaN = unknown, e.g. κ_score of a scores-only call); NaN if none is."""
+    top = t.nan_to_num(nan=-math.inf).amax()
+    return torch.where(top == -math.inf, torch.full_like(top, math.nan), top)
+
+
+def _collect_first(into: list[Tensor]) -> Callable[[nn.Module, Any, Any], None]:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        out = first_tensor(output)
+        if out is not None:
+            into.append(out.detach())
+
+    return hook
+
+
+def _input_dtype(module: nn.Module) -> torch.dtype | None:
+    """Under autocast ``None`` (inputs stay FP32, as in mixed precision); else the parameters' dtype
+    when it is not float32 (``bf16-true``/``16-true``)."""
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if param is None or torch.is_autocast_enabled(param.device.type) or param.dtype == torch.float32:
+        return None
+    return param.dtype
+
+
+def _is_cache(value: Any) -> bool:
+    return not isinstance(value, Tensor) and type(value).__name__.endswith("Cache")
+
+
+def _without_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args``/``kwargs`` with key/value cache objects (transformers' ``*Cache``) set to ``None``.
+
+    A block updates its cache in place; re-running it with the same cache would attend to the
+    keys twice.
+    """
+    return (
+        tuple(None if _is_cache(v) else v for v in args),
+        {k: None if _is_cache(v) else v for k, v in kwargs.items()},
+    )
+
+
+def _mismatch(lp: Tensor, x: Tensor) -> tuple[Tensor, ...]:
+    """``(Σ‖X̃−X‖², Σ‖X‖², per-token ‖X̃−X‖/‖X‖, non-finite count)`` of one output against its reference."""
+    lp = lp.float()
+    diff = (lp - x).reshape(-1, x.shape[-1]) if x.dim() > 0 else (lp - x).reshape(1, 1)
+    err_tok = diff.square().sum(-1)
+    ref_tok = x.reshape(diff.shape).square().sum(-1)
+    per_token = (err_tok / ref_tok.clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
+    nonfinite = (~torch.isfinite(lp)).sum()
+    return err_tok.double().sum(), ref_tok.double().sum(), per_token, nonfinite
+
+
+def _squares(lp: Tensor, x: Tensor) -> tuple[Tensor, ...]:
+    """``(Σ‖X̃−X‖², Σ‖X‖²)`` only (local errors: no per-token statistics)."""
+    err = torch.linalg.vector_norm(lp.float() - x, dtype=torch.float64)
+    return err.square(), torch.linalg.vector_norm(x, dtype=torch.float64).square()
 
 
 def _residual_branch(
@@ -398,81 +653,32 @@ def compose_report(
     step: int,
     ln_constants: tuple[float, float, float] = (1.0, 1.0, 1.0),
     bound_c: float = 1.0,
+    eps_mach: float | None = None,
 ) -> StabilityReport:
     """Turn reduced raw values (host floats) into a :class:`StabilityReport` (SPEC §2–§5).
 
-    A term that was not measured (a block without attention, say) is left out of the
-    combined predictor and counts as 0 in the bound.
+    Metrics the table marks as measured are copied from their raw keys; the others (ratios,
+    ``C_LN``/``ρ_LN``, the predictor, the bound, the roll-ups) are derived here. A term that was
+    not measured (a block without attention, say) is left out of the combined predictor and
+    counts as 0 in the bound.
+
+    Args:
+        probe: the probe that measured.
+        raw: its raw measurement (for the dtype and norm metadata).
+        values: the reduced raw values by key.
+        step: the training step.
+        ln_constants: ``C1, C2, C3`` of ``C_LN``.
+        bound_c: the constant of the unified bound.
+        eps_mach: ``ε_mach`` override (SPEC §2); default that of the low-precision dtype.
     """
-    eps = D.eps_mach(raw.dtype)
-    blocks: list[BlockReport] = []
-    nonfinite = 0
-    for block in probe.blocks:
-        i = block.index
-
-        def get(name: str, i: int = i) -> float | None:
-            return values.get(f"block{i}/{name}")
-
-        report = BlockReport(name=block.name)
-        for name in (
-            "kappa_score",
-            "kappa_softmax",
-            "kappa_v",
-            "wo_norm",
-            "kappa_eff",
-            "kappa_wkwq",
-            "attention_entropy",
-            "r_block_median",
-        ):
-            setattr(report, name, get(name))
-        c_ln: list[float] = []
-        rho: list[float] = []
-        for norm in probe.norms:
-            var = values.get(f"norm/{norm.name}")
-            if probe.norm_block.get(norm.name) != i or var is None:
-                continue
-            d, norm_eps = raw.norm_meta[norm.name]
-            rho.append(float(D.rho_ln_from_variance(var, d, norm_eps, eps)))
-            c_ln.append(
-                float(D.ln_error_coefficient_from_variance(var, norm_eps, *ln_constants, eps_mach=eps, d=d))
-            )
-        report.c_ln = sum(c_ln) if c_ln else None
-        report.rho_ln = min(rho) if rho else None
-        err_sq, ref_sq = get("err_sq"), get("ref_sq")
-        count = int(get("nonfinite") or 0)
-        nonfinite += count
-        if err_sq is not None and ref_sq is not None:
-            report.r_block = math.inf if count else _ratio(err_sq, ref_sq)
-            if count:
-                report.r_block_median = math.inf
-        report.residual_gain = get("residual_gain")
-        attention = 0.0
-        ksm, ksc, kv = report.kappa_softmax, report.kappa_score, report.kappa_v
-        if ksm is not None and ksc is not None and kv is not None:
-            attention = float(
-                D.combined_predictor(
-                    ksm,
-                    ksc,
-                    kv,
-                    report.wo_norm if report.wo_norm is not None else 1.0,
-                    0.0,
-                    0.0,
-                )
-            )
-        report.predictor = attention + (report.kappa_eff or 0.0) + (report.c_ln or 0.0)
-        report.per_head = {
-            name: [values[f"block{i}/head{h}/{name}"] for h in range(_count_heads(values, i, name))]
-            for name in ("kappa_score", "kappa_softmax", "kappa_v", "attention_entropy")
-            if f"block{i}/head0/{name}" in values
-        }
-        blocks.append(report)
-
+    eps = D.eps_mach(raw.dtype) if eps_mach is None else float(eps_mach)
+    blocks = [_block_report(probe, raw, values, block, eps, ln_constants) for block in probe.blocks]
     out = StabilityReport(
         step=step,
         dtype=str(raw.dtype).replace("torch.", ""),
         eps_mach=eps,
         blocks=blocks,
-        nonfinite=nonfinite,
+        nonfinite=sum(int(values.get(f"block{b.index}/r_block/nonfinite") or 0) for b in probe.blocks),
         norm_dtypes=dict(raw.norm_dtypes),
     )
     out.kappa_softmax_max = values.get("kappa_softmax_max")
@@ -480,28 +686,94 @@ def compose_report(
     if predictors:
         out.predictor = max(predictors)
         out.predictor_scaled = out.predictor * eps
+    logits = [b.attn_logit_max for b in blocks if b.attn_logit_max is not None]
+    out.attn_logit_max = max(logits) if logits else None
     if blocks:
         out.r_block = blocks[-1].r_block
         out.r_block_median = blocks[-1].r_block_median
+        out.r_block_mean_token = blocks[-1].r_block_mean_token
+    local = [(b.r_local, i) for i, b in enumerate(blocks) if b.r_local is not None]
+    if local:
+        worst = max(local)[1]
+        out.worst_block, out.worst_block_index = blocks[worst].name, worst
+    modules = {k[len("module/") : -len("/amax")]: v for k, v in values.items() if k.startswith("module/")}
+    if modules:
+        out.amax_module, top = max(modules.items(), key=lambda kv: kv[1])
+        out.fp16_headroom = math.log2(FP16_MAX / top) if top > 0 else math.inf
     if blocks and all(b.residual_gain is not None for b in blocks):
-
-        def col(name: str) -> list[float]:
-            return [float(getattr(b, name) or 0.0) for b in blocks]
-
-        kappa_wo = [values.get(f"block{b.index}/kappa_wo", 0.0) for b in probe.blocks]
-        bound = D.unified_bound(
-            col("kappa_eff"),
-            kappa_wo,
-            col("kappa_softmax"),
-            col("kappa_score"),
-            col("kappa_v"),
-            col("c_ln"),
-            col("residual_gain"),
-            eps,
-            c=bound_c,
-        )
-        out.bound, out.bound_rigorous, out.small_gain = bound.first_order, bound.rigorous, bound.small_gain
+        _bound(out, probe, values, bound_c)
     return out
+
+
+def _block_report(
+    probe: StabilityProbe,
+    raw: RawMeasurement,
+    values: dict[str, float],
+    block: Block,
+    eps: float,
+    ln_constants: tuple[float, float, float],
+) -> BlockReport:
+    i = block.index
+    report = BlockReport(name=block.name)
+    for name in BLOCK_METRICS:  # measured directly: the reduced raw value is the metric
+        if BY_NAME[name].measured:
+            value = values.get(f"block{i}/{name}")
+            setattr(report, name, None if value is None or math.isnan(value) else value)  # NaN: unknown
+    c_ln: list[float] = []
+    rho: list[float] = []
+    for norm in probe.norms:
+        var = values.get(f"norm/{norm.name}/variance")
+        if probe.norm_block.get(norm.name) != i or var is None:
+            continue
+        d, norm_eps = raw.norm_meta[norm.name]
+        rho.append(float(D.rho_ln_from_variance(var, d, norm_eps, eps)))
+        c_ln.append(
+            float(D.ln_error_coefficient_from_variance(var, norm_eps, *ln_constants, eps_mach=eps, d=d))
+        )
+    report.c_ln = sum(c_ln) if c_ln else None
+    report.rho_ln = min(rho) if rho else None
+    for name in ("r_block", "r_local", "r_attention_local", "r_ffn_local"):
+        err_sq, ref_sq = values.get(f"block{i}/{name}/err_sq"), values.get(f"block{i}/{name}/ref_sq")
+        if err_sq is not None and ref_sq is not None:
+            setattr(report, name, _ratio(err_sq, ref_sq))
+    count = values.get(f"block{i}/r_block/token_count")
+    if count:
+        report.r_block_mean_token = values[f"block{i}/r_block/token_sum"] / count
+    if values.get(f"block{i}/r_block/nonfinite"):
+        report.r_block = report.r_block_median = report.r_block_mean_token = math.inf
+    attention = 0.0
+    ksm, ksc, kv = report.kappa_softmax, report.kappa_score, report.kappa_v
+    if ksm is not None and ksc is not None and kv is not None:
+        wo = report.wo_norm if report.wo_norm is not None else 1.0
+        attention = float(D.combined_predictor(ksm, ksc, kv, wo, 0.0, 0.0))
+    report.predictor = attention + (report.kappa_eff or 0.0) + (report.c_ln or 0.0)
+    report.per_head = {
+        name: [values[f"block{i}/head{h}/{name}"] for h in range(_count_heads(values, i, name))]
+        for name in HEAD_METRICS
+        if f"block{i}/head0/{name}" in values
+    }
+    return report
+
+
+def _bound(out: StabilityReport, probe: StabilityProbe, values: dict[str, float], bound_c: float) -> None:
+    blocks = out.blocks
+
+    def col(name: str) -> list[float]:
+        return [float(getattr(b, name) or 0.0) for b in blocks]
+
+    kappa_wo = [values.get(f"block{b.index}/kappa_wo", 0.0) for b in probe.blocks]
+    bound = D.unified_bound(
+        col("kappa_eff"),
+        kappa_wo,
+        col("kappa_softmax"),
+        col("kappa_score"),
+        col("kappa_v"),
+        col("c_ln"),
+        col("residual_gain"),
+        out.eps_mach,
+        c=bound_c,
+    )
+    out.bound, out.bound_rigorous, out.small_gain = bound.first_order, bound.rigorous, bound.small_gain
 
 
 def _count_heads(values: dict[str, float], i: int, name: str) -> int:
@@ -536,7 +808,7 @@ def first_nonfinite_module(
         for name, module in model.named_modules():
             if not any(True for _ in module.children()):
                 stack.enter_context(module.register_forward_hook(hook(name)))
-        for ctx in (torch.no_grad(), preserved_rng(), eval_mode(model), fastpath_disabled(), low_precision()):
-            stack.enter_context(ctx)
+        stack.enter_context(side_forward(model))
+        stack.enter_context(low_precision())
         model(*args, **kwargs)
     return found[0] if found else None

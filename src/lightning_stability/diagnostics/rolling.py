@@ -54,7 +54,7 @@ def rolling_zscore(x: Sequence[float] | torch.Tensor, window: int = 20) -> torch
     """Rolling z-score of each value against the previous ``window`` finite values.
 
     See the module docstring for the exact definition (partial windows at the
-    start, ``ddof=1``, non-finite handling, ``std == 0``). Vectorised: one
+    start, population std ``ddof=0``, non-finite handling, ``std == 0``). Vectorised: one
     ``unfold`` over the finite values, no Python loop over steps.
 
     Args:

@@ -1,0 +1,305 @@
+"""The one table of metrics: every logged value, declared once.
+
+Each :class:`Metric` row names a value, its level (``model``, ``block``, or ``head`` — a block
+value that also exists per attention head), how it is reduced over heads, over the sampled
+examples, over blocks (its model-level roll-up) and across ranks, and one line of doc. The
+table drives the raw measurement keys and their cross-rank reduction
+(:func:`rank_op`), the :class:`~lightning_stability.stability_report.BlockReport` /
+:class:`~lightning_stability.stability_report.StabilityReport` fields and their logged tags, the
+TensorBoard custom-scalars layout, and the metric tables of README.md and docs/DESIGN.md
+(``python -m lightning_stability.metrics`` prints the table; a test compares).
+
+Plain Python: importable by every layer, no torch, no Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Level = Literal["model", "block", "head"]
+#: How a raw statistic is combined across ranks under DDP.
+RankOp = Literal["max", "min", "sum"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of the table.
+
+    Attributes:
+        name: the fixed name (``stability/<name>`` or ``stability/block{i}/<name>``).
+        level: ``"model"``; ``"block"``; ``"head"`` (a block value also logged per head with
+            ``log_per_head``, as ``stability/block{i}/head{h}/<name>``).
+        doc: one line: what it is.
+        heads: how per-head values combine into the block value (``"—"``: not per head).
+        examples: how the sampled examples combine.
+        blocks: for a block value also logged at model level (``stability/<name>``), how
+            blocks combine into it (``"max"``, ``"last"``); ``None``: not rolled up.
+        ranks: how ranks combine. A :data:`RankOp` when the value is measured directly (the
+            raw key is the name), else a note on what it is derived from.
+        log_scale: plot on a log axis (condition numbers, errors).
+        attr: the report field holding the logged value when it differs from ``name``.
+    """
+
+    name: str
+    level: Level
+    doc: str
+    heads: str = "—"
+    examples: str = "—"
+    blocks: str | None = None
+    ranks: str = "max"
+    log_scale: bool = False
+    attr: str | None = None
+
+    @property
+    def measured(self) -> bool:
+        """Whether the reduced raw value *is* the metric (else it is derived in ``compose_report``)."""
+        return self.ranks in ("max", "min", "sum")
+
+
+_HR = "head_reduction"
+_BR = "batch_reduction"
+_ERR = "exact: Σ‖X̃−X‖², Σ‖X‖² summed over ranks"
+
+#: Every logged metric, in the order of the docs tables.
+METRICS: tuple[Metric, ...] = (
+    # ---- attention, per head
+    Metric("kappa_score", "head", "‖Q‖‖K‖/‖QKᵀ‖ over attended entries (SPEC §1)", "max", _BR, log_scale=True),
+    Metric(
+        "kappa_softmax",
+        "head",
+        "max over rows of ‖J(P_i)‖₂‖S_i‖/‖P_i‖, exact (secular equation) (SPEC §1)",
+        _HR,
+        _BR,
+        log_scale=True,
+    ),
+    Metric("kappa_v", "head", "σmax(V)/(σmin(V)+1e-6) (SPEC §1)", "max", _BR, log_scale=True),
+    Metric(
+        "attention_entropy",
+        "head",
+        "mean attention-row entropy in nats (collapse is low)",
+        "mean",
+        "mean",
+        ranks="min",
+    ),
+    Metric(
+        "attn_logit_max",
+        "head",
+        "max of |scale·q·kᵀ + bias| over query rows and attended keys, exact pass",
+        "max",
+        "max",
+        blocks="max",
+        log_scale=True,
+    ),
+    # ---- weights and normalization, per block
+    Metric("wo_norm", "block", "‖W_O‖₂ of the attention output projection"),
+    Metric(
+        "kappa_eff",
+        "block",
+        "Σ κ(W) over the block's FFN linear maps, gated MLPs: all three (SPEC §3)",
+        log_scale=True,
+    ),
+    Metric("kappa_wkwq", "block", "max over heads of κ(W_Kᵀ W_Q) (SPEC §8)", log_scale=True),
+    Metric(
+        "c_ln",
+        "block",
+        "Σ C_LN = C1·σ/√ε + C2·σ²/ε + C3 over the block's normalization layers (SPEC §2)",
+        ranks="from min σ²",
+    ),
+    Metric(
+        "rho_ln",
+        "block",
+        "min ρ_LN = σ²·d·ε_mach/ε over the block's normalization layers (< 1: ε-dominated) (SPEC §2)",
+        ranks="from min σ²",
+    ),
+    Metric(
+        "predictor",
+        "block",
+        "combined predictor κ_softmax(1+κ_score)κ_V‖W_O‖₂ + κ_eff + C_LN (SPEC §4)",
+        blocks="max",
+        ranks="from its terms",
+        log_scale=True,
+    ),
+    # ---- forward mismatch, per block
+    Metric(
+        "r_block",
+        "block",
+        "‖X̃−X‖/‖X‖ at the block output (propagated error)",
+        examples="pooled",
+        blocks="last",
+        ranks=_ERR,
+        log_scale=True,
+    ),
+    Metric(
+        "r_block_median",
+        "block",
+        "median over tokens of the per-token relative error at the block output (DDP: max of rank medians)",
+        examples="pooled tokens",
+        blocks="last",
+        log_scale=True,
+    ),
+    Metric(
+        "r_block_mean_token",
+        "block",
+        "mean over tokens of the per-token relative error at the block output",
+        examples="pooled tokens",
+        blocks="last",
+        ranks="exact: token sums and counts",
+        log_scale=True,
+    ),
+    Metric(
+        "r_local",
+        "block",
+        "the block's own error: run in low precision on its exact FP32 input, vs its FP32 output",
+        examples="pooled",
+        ranks=_ERR,
+        log_scale=True,
+    ),
+    Metric(
+        "r_attention_local",
+        "block",
+        "error at the attention sub-layer's output in the block's teacher-forced re-run "
+        "(its exact input when the ops before it are FP32, e.g. norms under autocast)",
+        examples="pooled",
+        ranks=_ERR,
+        log_scale=True,
+    ),
+    Metric(
+        "r_ffn_local",
+        "block",
+        "the FFN sub-layer (mlp/ffn/feed_forward…, where found) in low precision on its exact FP32 input",
+        examples="pooled",
+        ranks=_ERR,
+        log_scale=True,
+    ),
+    Metric("residual_gain", "block", "‖J_f‖₂ of the residual branch (residual_gain_iters > 0)"),
+    Metric(
+        "amax",
+        "block",
+        "max |output| over every module inside the block, exact pass",
+        examples="max",
+        log_scale=True,
+    ),
+    # ---- model level
+    Metric(
+        "predictor_scaled",
+        "model",
+        "predictor · ε_mach (compare with r_block)",
+        ranks="from predictor",
+        log_scale=True,
+    ),
+    Metric(
+        "kappa_softmax_max",
+        "model",
+        "max κ_softmax over rows, heads, examples and every attention call",
+        "max",
+        "max",
+        log_scale=True,
+    ),
+    Metric(
+        "bound", "model", "unified bound, first-order (1+ρ) form (needs residual gains)", ranks="from blocks"
+    ),
+    Metric(
+        "bound_rigorous",
+        "model",
+        "unified bound, (1+ρ)/(1−ρ) form; inf when small gain fails",
+        ranks="from blocks",
+    ),
+    Metric(
+        "nonfinite", "model", "non-finite elements in the low-precision block outputs", ranks="from blocks"
+    ),
+    Metric(
+        "eps_mach",
+        "model",
+        "ε_mach used (2⁻⁷ bf16, 2⁻¹⁰ fp16, 2⁻²³ fp32, or the eps_mach override)",
+        ranks="—",
+    ),
+    Metric(
+        "worst_block",
+        "model",
+        "index of the block with the largest r_local (report: its name)",
+        ranks="from r_local",
+        attr="worst_block_index",
+    ),
+    Metric(
+        "fp16_headroom",
+        "model",
+        "log2(65504 / max |output| over every module): bits before FP16 overflows",
+        ranks="from module maxima",
+    ),
+    Metric("alarm", "model", "1 at a step where the κ_softmax early warning fired, else 0", ranks="—"),
+)
+
+#: Internal raw statistics (not logged): their cross-rank reduction, by the last key segment.
+RAW_STATS: dict[str, tuple[RankOp, str]] = {
+    "err_sq": ("sum", "Σ‖X̃−X‖² of a compared output (r_block, r_local, r_*_local)"),
+    "ref_sq": ("sum", "Σ‖X‖² of the FP32 reference output"),
+    "nonfinite": ("sum", "non-finite elements of a low-precision output"),
+    "token_sum": ("sum", "Σ over tokens of the per-token relative error"),
+    "token_count": ("sum", "number of tokens compared"),
+    "kappa_wo": ("max", "κ(W_O) (a term of the unified bound)"),
+    "variance": ("min", "median normalization-input variance of one norm layer"),
+}
+
+BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
+if len(BY_NAME) != len(METRICS):  # pragma: no cover - a table typo
+    raise ValueError("duplicate metric names in METRICS")
+
+#: Names of the ``BlockReport`` fields (block and head metrics), in table order.
+BLOCK_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.level != "model")
+#: Per-head metrics (``BlockReport.per_head`` keys).
+HEAD_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.level == "head")
+#: Metrics logged as ``stability/<name>``: model-level ones and block roll-ups.
+MODEL_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.level == "model" or m.blocks)
+
+
+def rank_op(key: str) -> RankOp:
+    """The cross-rank reduction of a raw key (``block3/head1/kappa_v``, ``block0/r_local/err_sq``…).
+
+    Looked up by the key's last segment, first among :data:`RAW_STATS`, then :data:`METRICS`.
+
+    Raises:
+        KeyError: for a statistic declared nowhere (so every raw value has a declared reduction).
+
+    Example:
+        >>> rank_op("block2/r_local/err_sq"), rank_op("block0/head3/attention_entropy")
+        ('sum', 'min')
+    """
+    stat = key.rsplit("/", 1)[-1]
+    if stat in RAW_STATS:
+        return RAW_STATS[stat][0]
+    metric = BY_NAME.get(stat)
+    if metric is None or not metric.measured:
+        raise KeyError(
+            f"raw statistic {key!r} has no declared cross-rank reduction (lightning_stability.metrics)"
+        )
+    return metric.ranks  # type: ignore[return-value]
+
+
+def tag(metric: Metric, block: int | None = None, head: int | None = None, prefix: str = "stability") -> str:
+    """The logged tag of ``metric`` (model level when ``block`` is ``None``)."""
+    if block is None:
+        return f"{prefix}/{metric.name}"
+    if head is None:
+        return f"{prefix}/block{block}/{metric.name}"
+    return f"{prefix}/block{block}/head{head}/{metric.name}"
+
+
+def markdown_table() -> str:
+    """The metric table of README.md and docs/DESIGN.md, generated from :data:`METRICS`."""
+    rows = [
+        "| tag | level | over heads | over examples | model roll-up | across ranks | meaning |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in METRICS:
+        name = f"`stability/{m.name}`" if m.level == "model" else f"`stability/block{{i}}/{m.name}`"
+        if m.level == "head":
+            name += " (+ `head{h}/`)"
+        rollup = f"`stability/{m.name}` = {m.blocks}" if m.blocks else "—"
+        doc = m.doc.replace("|", "\\|")  # a literal | would end the markdown cell
+        rows.append(f"| {name} | {m.level} | {m.heads} | {m.examples} | {rollup} | {m.ranks} | {doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(markdown_table())

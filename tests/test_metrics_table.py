@@ -1,0 +1,112 @@
+"""The one metric table drives the report fields, the raw keys' reductions and the docs tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_stability.metrics import (
+    BLOCK_METRICS,
+    HEAD_METRICS,
+    METRICS,
+    MODEL_METRICS,
+    markdown_table,
+    rank_op,
+)
+from lightning_stability.stability_report import BlockReport, StabilityReport
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _generated(path: Path) -> str:
+    text = path.read_text()
+    m = re.search(r"<!-- metrics-table:start[^>]*-->\n(.*?)\n<!-- metrics-table:end -->", text, re.S)
+    assert m, f"{path.name} has no generated metrics table"
+    return m.group(1)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/DESIGN.md"])
+def test_docs_list_every_metric_from_the_table(doc: str) -> None:
+    table = _generated(ROOT / doc)
+    assert table == markdown_table(), f"regenerate with `python -m lightning_stability.metrics` into {doc}"
+    for metric in METRICS:
+        assert f"/{metric.name}`" in table, metric.name
+
+
+def test_report_fields_are_the_table() -> None:
+    block_fields = [f.name for f in dataclasses.fields(BlockReport)]
+    assert block_fields == ["name", *BLOCK_METRICS, "per_head"]
+    model_fields = {f.name for f in dataclasses.fields(StabilityReport)}
+    for metric in METRICS:
+        if metric.level == "model" or metric.blocks:
+            assert (metric.attr or metric.name) in model_fields, metric.name
+    assert set(HEAD_METRICS) <= set(BLOCK_METRICS)
+    assert {"worst_block", "fp16_headroom", "r_block_mean_token", "attn_logit_max"} <= set(MODEL_METRICS)
+
+
+def test_metrics_logs_tags_from_the_table() -> None:
+    block = BlockReport(
+        name="b", r_local=2e-3, attn_logit_max=150.0, per_head={"attn_logit_max": [1.0, 150.0]}
+    )
+    report = StabilityReport(step=3, dtype="bfloat16", eps_mach=2**-8, blocks=[block], worst_block="b")
+    report.worst_block_index, report.fp16_headroom = 0, 7.5
+    assert report.metrics() == {
+        "stability/eps_mach": 2**-8,
+        "stability/nonfinite": 0.0,
+        "stability/worst_block": 0.0,
+        "stability/fp16_headroom": 7.5,
+        "stability/block0/attn_logit_max": 150.0,
+        "stability/block0/head0/attn_logit_max": 1.0,
+        "stability/block0/head1/attn_logit_max": 150.0,
+        "stability/block0/r_local": 2e-3,
+    }
+
+
+def test_every_raw_key_has_a_declared_reduction() -> None:
+    assert rank_op("block0/r_block/err_sq") == "sum"
+    assert rank_op("norm/blocks.0.norm1/variance") == "min"
+    assert rank_op("module/blocks.0.mlp.0/amax") == "max"
+    assert rank_op("block1/head0/attention_entropy") == "min"
+    with pytest.raises(KeyError, match="no declared cross-rank reduction"):
+        rank_op("block0/something_new")
+    with pytest.raises(KeyError):
+        rank_op("block0/r_local")  # derived (from err_sq / ref_sq), never a raw key
+
+
+def test_analysis_and_cli_do_not_import_lightning() -> None:
+    code = (
+        "import sys, lightning_stability.analysis, lightning_stability.analysis.cli\n"
+        "import lightning_stability.metrics\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning'))\n"
+        "print(bad)\n"
+        "from lightning_stability import StabilityReport, StabilityMonitor\n"
+        "print('lightning' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT / "src")},
+    ).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "True"  # the lazy names still resolve
+
+
+def test_tensorboard_layout_has_a_chart_for_every_metric() -> None:
+    from lightning_stability.callbacks.monitor import custom_scalars_layout
+
+    layout = custom_scalars_layout(4)
+    per_block, model = layout["stability per block (4 blocks)"], layout["stability (model)"]
+    assert set(per_block) == set(BLOCK_METRICS)
+    assert per_block["r_local"] == ["Multiline", [r"stability/block\d+/r_local$"]]
+    assert set(MODEL_METRICS) <= set(model)
+    assert model["where: local vs propagated error"][1] == [
+        r"stability/block\d+/r_local$",
+        "stability/r_block$",
+    ]
