@@ -377,8 +377,9 @@ class _MaybeAttention(nn.Module):
         q, k, v = self.attn.qkv(self.norm(x)).unsqueeze(1).chunk(3, -1)
         if self.use_attention:
             y = F.scaled_dot_product_attention(q, k, v)
-        else:  # attention a hook cannot see
-            y = (q @ k.transpose(-1, -2) / 4).softmax(-1) @ v
+        else:  # attention the capture cannot see: 3-D scores through einsum
+            p = torch.einsum("bqd,bkd->bqk", q.squeeze(1), k.squeeze(1)).div(4).softmax(-1)
+            y = torch.einsum("bqk,bkd->bqd", p, v.squeeze(1)).unsqueeze(1)
         return x + self.attn.proj(y.squeeze(1))
 
 
