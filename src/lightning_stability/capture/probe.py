@@ -699,7 +699,8 @@ def compose_report(
         out.worst_block, out.worst_block_index = blocks[worst].name, worst
     modules = {k[len("module/") : -len("/amax")]: v for k, v in values.items() if k.startswith("module/")}
     if modules:
-        out.amax_module, top = max(modules.items(), key=lambda kv: kv[1])
+        name, top = max(modules.items(), key=lambda kv: kv[1])
+        out.amax_module = name or "(model output)"
         out.fp16_headroom = math.log2(FP16_MAX / top) if top > 0 else math.inf
     if blocks and all(b.residual_gain is not None for b in blocks):
         _bound(out, probe, values, bound_c)
