@@ -237,6 +237,8 @@ RAW_STATS: dict[str, tuple[RankOp, str]] = {
     "nonfinite": ("sum", "non-finite elements of a low-precision output"),
     "token_sum": ("sum", "Σ over tokens of the per-token relative error"),
     "token_count": ("sum", "number of tokens compared"),
+    "example_sum": ("sum", "batch_reduction='mean': Σ over one attention call's examples of a κ"),
+    "example_count": ("sum", "batch_reduction='mean': examples of one attention call"),
     "kappa_wo": ("max", "κ(W_O) (a term of the unified bound)"),
     "variance": ("min", "median normalization-input variance of one norm layer"),
 }

@@ -85,7 +85,7 @@ class StabilityReport:
         worst_block: name of the block with the largest ``r_local``.
         worst_block_index: its index (logged as ``stability/worst_block``).
         fp16_headroom: ``log2(65504 / max |output|)`` over every module of the model (exact pass).
-        amax_module: the module holding that maximum.
+        amax_module: the module holding that maximum (``"(model output)"`` for the root module).
         alarm: whether the κ_softmax early warning fired at this step (set by the monitor).
         first_nonfinite: the first module whose low-precision output went non-finite.
         norm_dtypes: dtype each normalization layer computed in during the low-precision pass.

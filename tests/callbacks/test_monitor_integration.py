@@ -78,7 +78,7 @@ class RecordingMonitor(StabilityMonitor):
 
 
 def test_ddp_two_processes_reduce_across_ranks(tmp_path: Path) -> None:
-    monitor = RecordingMonitor(every_n_steps=2, sample_size=4)
+    monitor = RecordingMonitor(every_n_steps=2, sample_size=4, batch_reduction="mean")
     monitor.out_dir = str(tmp_path)  # an instance attribute travels to the spawned ranks
     trainer = Trainer(
         **{
@@ -112,7 +112,13 @@ def test_ddp_two_processes_reduce_across_ranks(tmp_path: Path) -> None:
     assert float(logged[0]["stability/block1/r_block"]) == pytest.approx(
         math.sqrt(reduced["block1/r_block/err_sq"] / ref_sq)
     )
-    # the mean over tokens is exact under DDP: pooled token sums over pooled counts
+    # batch_reduction="mean" is exact under DDP: the mean over both ranks' 8 examples
+    for name in ("kappa_score", "kappa_softmax", "kappa_v"):
+        key = f"block1/call0/{name}/example_sum"
+        assert reduced["block1/call0/example_count"] == 8
+        mean = sum(v[key] for v in local) / 8
+        assert float(logged[0][f"stability/block1/{name}"]) == pytest.approx(mean, rel=1e-6)
+        # the mean over tokens is exact under DDP: pooled token sums over pooled counts
     pooled = reduced["block1/r_block/token_sum"] / reduced["block1/r_block/token_count"]
     assert float(logged[0]["stability/r_block_mean_token"]) == pytest.approx(pooled, rel=1e-6)
     assert float(logged[0]["stability/block1/r_local"]) == pytest.approx(

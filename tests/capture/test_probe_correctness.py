@@ -141,3 +141,17 @@ def test_eps_mach_override_is_used_everywhere() -> None:
     for a, b in zip(default.blocks, forced.blocks, strict=True):
         assert b.rho_ln == pytest.approx(a.rho_ln * 2.0**-10 / default.eps_mach, rel=1e-12)  # ρ_LN ∝ ε_mach
         assert b.r_block == a.r_block  # the measurement itself does not change
+
+
+def test_batch_mean_is_the_mean_of_single_example_values() -> None:
+    torch.manual_seed(3)
+    model = Net(depth=2)
+    x = _x(b=4)
+    mean = run_probe(model, x, batch_reduction="mean", log_per_head=True)
+    singles = [run_probe(model, x[j : j + 1], log_per_head=True) for j in range(4)]
+    for i, block in enumerate(mean.blocks):
+        for name in ("kappa_score", "kappa_softmax", "kappa_v"):
+            want = sum(getattr(s.blocks[i], name) for s in singles) / 4
+            assert getattr(block, name) == pytest.approx(want, rel=1e-5)
+            per_head = [sum(s.blocks[i].per_head[name][h] for s in singles) / 4 for h in range(4)]
+            assert block.per_head[name] == pytest.approx(per_head, rel=1e-5)

@@ -400,6 +400,10 @@ class _Collector:
             over_examples = "max" if name == "attn_logit_max" else probe.batch_reduction
             reduced[name] = _reduce(_reduce(value, over_heads, 1), over_examples, 0)
             reduced[name + "@heads"] = _reduce(value, over_examples, 0)
+            if over_examples == "mean":  # sums, so the mean over every rank's examples is exact
+                reduced[name + "#sum"] = _reduce(value, over_heads, 1).sum()
+                reduced[name + "@heads#sum"] = value.sum(0)
+        reduced["#count"] = torch.tensor(float(call.q.shape[0]), device=call.q.device)
         # entropy collapse is a low-entropy event: the mean over heads and examples,
         # and the per-head means.
         reduced["attention_entropy"] = diag.entropy.mean()
@@ -508,14 +512,19 @@ class _Collector:
     def _attention_stats(self) -> None:
         raw = self.raw
         for index, calls in self.attn.items():
+            if self.probe.batch_reduction == "mean":
+                self._mean_stats(index, calls)
             for name in ("kappa_score", "kappa_softmax", "kappa_v", "attn_logit_max"):
-                raw.put(f"block{index}/{name}", _nanmax(torch.stack([c[name] for c in calls])))
+                if name + "#sum" not in calls[0]:
+                    raw.put(f"block{index}/{name}", _nanmax(torch.stack([c[name] for c in calls])))
             raw.put(
                 f"block{index}/attention_entropy", torch.stack([c["attention_entropy"] for c in calls]).amin()
             )
             if not self.probe.log_per_head:
                 continue
             for name in HEAD_METRICS:
+                if name + "#sum" in calls[0]:
+                    continue
                 per_call = [c[name + "@heads"] for c in calls]
                 if len({t.shape for t in per_call}) != 1:
                     per_call = per_call[:1]  # calls with different head counts: the first one's heads
@@ -523,6 +532,18 @@ class _Collector:
                 per_head = stacked.amin(0) if name == "attention_entropy" else stacked.amax(0)
                 for h in range(per_head.shape[0]):
                     raw.put(f"block{index}/head{h}/{name}", per_head[h])
+
+    def _mean_stats(self, index: int, calls: list[dict[str, Tensor]]) -> None:
+        """``batch_reduction="mean"``: per call, sums over the examples and their count (summed
+        across ranks, so :func:`compose_report` forms the exact mean over all ranks' examples)."""
+        raw = self.raw
+        for c, call in enumerate(calls):
+            raw.put(f"block{index}/call{c}/example_count", call["#count"])
+            for name in ("kappa_score", "kappa_softmax", "kappa_v"):
+                raw.put(f"block{index}/call{c}/{name}/example_sum", call[name + "#sum"])
+                if self.probe.log_per_head:
+                    for h, value in enumerate(call[name + "@heads#sum"]):
+                        raw.put(f"block{index}/head{h}/call{c}/{name}/example_sum", value)
 
     def _mismatch_stats(self) -> None:
         raw = self.raw
@@ -698,7 +719,8 @@ def compose_report(
         out.worst_block, out.worst_block_index = blocks[worst].name, worst
     modules = {k[len("module/") : -len("/amax")]: v for k, v in values.items() if k.startswith("module/")}
     if modules:
-        out.amax_module, top = max(modules.items(), key=lambda kv: kv[1])
+        name, top = max(modules.items(), key=lambda kv: kv[1])
+        out.amax_module = name or "(model output)"
         out.fp16_headroom = math.log2(FP16_MAX / top) if top > 0 else math.inf
     if blocks and all(b.residual_gain is not None for b in blocks):
         _bound(out, probe, values, bound_c)
@@ -719,6 +741,8 @@ def _block_report(
         if BY_NAME[name].measured:
             value = values.get(f"block{i}/{name}")
             setattr(report, name, None if value is None or math.isnan(value) else value)  # NaN: unknown
+    if probe.batch_reduction == "mean":
+        _exact_means(report, values, i)
     c_ln: list[float] = []
     rho: list[float] = []
     for norm in probe.norms:
@@ -747,12 +771,39 @@ def _block_report(
         wo = report.wo_norm if report.wo_norm is not None else 1.0
         attention = float(D.combined_predictor(ksm, ksc, kv, wo, 0.0, 0.0))
     report.predictor = attention + (report.kappa_eff or 0.0) + (report.c_ln or 0.0)
-    report.per_head = {
-        name: [values[f"block{i}/head{h}/{name}"] for h in range(_count_heads(values, i, name))]
-        for name in HEAD_METRICS
-        if f"block{i}/head0/{name}" in values
-    }
+    report.per_head.update(
+        {
+            name: [values[f"block{i}/head{h}/{name}"] for h in range(_count_heads(values, i, name))]
+            for name in HEAD_METRICS
+            if f"block{i}/head0/{name}" in values
+        }
+    )
     return report
+
+
+def _exact_means(report: BlockReport, values: dict[str, float], i: int) -> None:
+    """``batch_reduction="mean"``: max over calls of (Σ over every rank's examples) / (their count)."""
+    counts: list[float] = []
+    while f"block{i}/call{len(counts)}/example_count" in values:
+        counts.append(values[f"block{i}/call{len(counts)}/example_count"])
+    if not counts:
+        return
+    for name in ("kappa_score", "kappa_softmax", "kappa_v"):
+        means = [values[f"block{i}/call{c}/{name}/example_sum"] / n for c, n in enumerate(counts)]
+        known = [m for m in means if not math.isnan(m)]  # NaN: κ_score of a scores-only call
+        setattr(report, name, max(known) if known else None)
+        heads: list[float] = []
+        while f"block{i}/head{len(heads)}/call0/{name}/example_sum" in values:
+            h = len(heads)
+            heads.append(
+                max(
+                    values[f"block{i}/head{h}/call{c}/{name}/example_sum"] / n
+                    for c, n in enumerate(counts)
+                    if f"block{i}/head{h}/call{c}/{name}/example_sum" in values
+                )
+            )
+        if heads:
+            report.per_head[name] = heads
 
 
 def _bound(out: StabilityReport, probe: StabilityProbe, values: dict[str, float], bound_c: float) -> None:
