@@ -403,7 +403,7 @@ class _Collector:
             if over_examples == "mean":  # sums, so the mean over every rank's examples is exact
                 reduced[name + "#sum"] = _reduce(value, over_heads, 1).sum()
                 reduced[name + "@heads#sum"] = value.sum(0)
-        reduced["#count"] = torch.tensor(float(call.q.shape[0]), device=call.q.device)
+        reduced["#count"] = torch.tensor(float(call.v.shape[0]), device=call.v.device)
         # entropy collapse is a low-entropy event: the mean over heads and examples,
         # and the per-head means.
         reduced["attention_entropy"] = diag.entropy.mean()
