@@ -1,0 +1,332 @@
+"""The balanced-mass factor θ(p) and the exact ∞→1 norm of the softmax Jacobian (SPEC §8).
+
+Emadi 2026 ("Exact attention sensitivity and the geometry of Transformer stability",
+arXiv 2602.18849) states ``‖J_softmax(u/τ)‖_{∞→1} = θ(p)/τ`` with the *balanced-mass factor*
+
+    θ(p) = 4m(1 − m),   m = the mass Σ_{i∈S} p_i of the subset S of the row closest to ½.
+
+Why: for ``x ∈ {±1}ⁿ`` with ``S = {x_i = +1}`` and ``Σp = 1``, ``(Diag(p) − ppᵀ)x`` has entries
+``2p_i(1−m)`` on S and ``−2p_i m`` off S, so ``‖Jx‖₁ = 4m(1−m)``; the maximum of the convex map
+``x ↦ ‖Jx‖₁`` over the cube is at a vertex. θ ∈ [0, 1]; θ = 1 iff some subset holds exactly half
+the mass, and θ is small only when one key holds almost all of it. ``1 − θ = (2d)²`` with
+``d = min_S |m_S − ½|``.
+
+Finding d is the number-partitioning (subset-sum) problem, NP-hard in general. The method here
+is exact for the rows attention produces, and says so per row:
+
+1. The ``k = min(n, 2·half_bits)`` largest entries ("top", found with ``topk``) are enumerated
+   completely by meet-in-the-middle: ``2^half_bits`` subset sums per half, one half sorted,
+   the other searched into it. The rest ("tail", total mass ``T``, each entry ≤ the smallest
+   top entry ``δ``) is kept as one block.
+2. **Upper bound on θ (rigorous).** Every subset sum lies in the union over top-subsets A of the
+   intervals ``[a_A, a_A + T]``. If ½ lies in none of them, the closest sum to ½ is an interval
+   end — ``a_A`` or ``a_A + T`` — which *is* a subset sum: d is then found exactly (peaked rows,
+   ``p_max ≥ ½``, short rows). Otherwise only ``d ≥ 0`` is known: upper bound θ ≤ 1.
+3. **Lower bound on θ (achieved).** The best of explicit subsets: the interval ends above,
+   ``A`` plus a prefix of the tail (prefix sums step by ≤ δ, so ``d ≤ δ/2`` wherever ½ lies in an
+   interval), and, for a few tail prefixes near the middle, the top-subset closest to the
+   remaining target found by meet-in-the-middle (2^(2·half_bits) top sums: for diffuse rows,
+   their spacing near the target is far below 1e-8, so ``θ ≥ 1 − 4·10⁻¹⁶``).
+
+A row is flagged ``exact`` when ``upper − theta ≤ atol`` (default 1e-15, i.e. to float64 rounding
+near θ = 1). Rows with ≤ ``2·half_bits`` non-zero entries are always exact (full enumeration).
+Everything is computed in float64; "exact" is up to the float64 rounding of the subset sums
+(≈1e-16), the probabilities themselves taken as given. The mask zeroes masked entries; rows are
+**not** renormalised (for ``Σp ≠ 1`` θ is ``4m(1−m)`` of the given entries, which is the ∞→1
+norm only when the row sums to 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ._checks import check_mask, check_tensor
+
+__all__ = [
+    "BalancedMass",
+    "balanced_mass_per_head",
+    "softmax_jacobian_inf1_norm",
+    "theta_balanced_mass",
+]
+
+_F64 = torch.float64
+_INF = float("inf")
+#: Prefixes of the tail tried around its middle in the meet-in-the-middle search (step 3).
+_N_PREFIX = 4
+#: Budget of float64 elements per (rows × half sums) temporary.
+_CHUNK_ELEMS = 1 << 20
+
+
+@dataclass(frozen=True)
+class BalancedMass:
+    """θ(p) per row with its certificate (each field has the row shape ``p.shape[:-1]``).
+
+    Attributes:
+        theta: ``4m(1−m)`` of the best subset found: exact where ``exact``, else a lower bound
+            (float64).
+        upper: Rigorous upper bound on θ (float64); ``upper == theta`` (to rounding) where exact.
+        exact: ``upper − theta ≤ atol`` (bool).
+    """
+
+    theta: Tensor
+    upper: Tensor
+    exact: Tensor
+
+
+def _bits(k: int, device: torch.device) -> Tensor:
+    """``(k, 2^k)`` float64 0/1 matrix whose columns enumerate all subsets of k items."""
+    cols = torch.arange(1 << k, device=device)
+    return ((cols.unsqueeze(0) >> torch.arange(k, device=device).unsqueeze(1)) & 1).to(_F64)
+
+
+def _nearest(sorted_vals: Tensor, target: Tensor) -> Tensor:
+    """Per row, the entry of ``sorted_vals`` (R, M) closest to each ``target`` (R, Q)."""
+    m = sorted_vals.shape[-1]
+    i = torch.searchsorted(sorted_vals, target)
+    up = sorted_vals.gather(-1, i.clamp_max(m - 1))
+    dn = sorted_vals.gather(-1, (i - 1).clamp_min(0))
+    up = torch.where(i < m, up, dn)
+    dn = torch.where(i > 0, dn, up)
+    return torch.where((up - target).abs() <= (target - dn).abs(), up, dn)
+
+
+def _tail_gap(c: Tensor, t: Tensor) -> Tensor:
+    """Per row, ``min_j |c_j − t|`` for the non-decreasing prefix sums ``c`` (R, L) and ``t`` (R, Q)."""
+    return (_nearest(c, t) - t).abs()
+
+
+def _rows_distance(p: Tensor, half_bits: int) -> tuple[Tensor, Tensor]:
+    """``(d_ach, d_lo)`` for rows ``p`` (R, n), float64, non-negative: ``d_lo ≤ d ≤ d_ach``."""
+    n = p.shape[-1]
+    k = min(n, 2 * half_bits)
+    top, idx = p.topk(k, dim=-1)
+    tail = p.scatter(-1, idx, 0.0)
+    c = torch.nn.functional.pad(tail.cumsum(-1), (1, 0))  # (R, n+1) prefix sums, c_0 = 0
+    t_mass = c[:, -1:]
+    k1 = k // 2
+    x = top[:, :k1] @ _bits(k1, p.device)  # (R, 2^k1) sums of the first half
+    y = (top[:, k1:] @ _bits(k - k1, p.device)).sort(-1).values  # (R, 2^k2), sorted
+    m = y.shape[-1]
+    # Step 2: is ½ in some interval [x + y, x + y + T]?  y ∈ [½ − T − x, ½ − x]
+    lo_t = 0.5 - t_mass - x
+    i = torch.searchsorted(y, lo_t)
+    y_up = y.gather(-1, i.clamp_max(m - 1))
+    y_dn = y.gather(-1, (i - 1).clamp_min(0))
+    inside = (i < m) & (y_up <= 0.5 - x)
+    dist_up = torch.where(i < m, x + y_up - 0.5, _INF)  # interval entirely above ½
+    dist_dn = torch.where(i > 0, 0.5 - (x + y_dn + t_mass), _INF)  # entirely below ½
+    d_out = torch.minimum(dist_up, dist_dn).clamp_min(0.0)
+    d_lo = torch.where(inside, 0.0, d_out).amin(-1)
+    # Step 3: achieved sums. Interval ends (exact where ½ is outside every interval) ...
+    d_ach = torch.where(inside, _INF, d_out).amin(-1)
+    # ... A plus a tail prefix, for the two inside pairs of each x (largest and smallest y) ...
+    i_hi = torch.searchsorted(y, 0.5 - x, right=True) - 1
+    y_hi = y.gather(-1, i_hi.clamp_min(0))
+    for yy in (y_up, y_hi):
+        gap = _tail_gap(c, 0.5 - x - yy)
+        d_ach = torch.minimum(d_ach, torch.where(inside, gap, _INF).amin(-1))
+    # ... and a few tail prefixes near the middle, completed by the closest top-subset.
+    j0 = torch.searchsorted(c, 0.5 - 0.5 * top.sum(-1, keepdim=True))
+    for off in range(-(_N_PREFIX // 2), _N_PREFIX - _N_PREFIX // 2):
+        cj = c.gather(-1, (j0 + off).clamp(0, n))
+        target = 0.5 - cj - x
+        d_ach = torch.minimum(d_ach, (_nearest(y, target) - target).abs().amin(-1))
+    return d_ach, d_lo
+
+
+def _swap_distance(p: Tensor) -> Tensor:
+    """Achieved ``d`` of an interleaved subset improved by the best single exchange (rows (R, n)).
+
+    Sort the row, put every other entry in ``S`` (residual ``r = ½ − m_S``, ``|r| ≲ p_max/2``),
+    then find the best ``i ∈ S ∪ {none}``, ``l ∉ S ∪ {none}`` with ``s_l − s_i ≈ r`` by binary
+    search. Interleaving puts in- and out-entries next to each other everywhere, so the ~n²/4
+    differences cover ``r`` to ~``2·range/n²`` on long diffuse rows, in O(n log n).
+    """
+    s = p.sort(-1).values
+    zero = torch.zeros_like(s[:, :1])
+    ins = torch.cat([zero, s[:, 0::2]], -1)
+    outs = torch.cat([zero, s[:, 1::2]], -1)
+    r = 0.5 - s[:, 0::2].sum(-1, keepdim=True)
+    target = ins + r
+    return (_nearest(outs, target) - target).abs().amin(-1)
+
+
+def _settled(d_ach: Tensor, d_lo: Tensor, atol: float) -> Tensor:
+    return 4.0 * (d_ach * d_ach - d_lo * d_lo) <= atol
+
+
+def _distance(rows: Tensor, half_bits: int, atol: float) -> tuple[Tensor, Tensor]:
+    """``(d_ach, d_lo)`` for all rows, in stages: each stage only sees rows not yet settled.
+
+    1. Sorted prefix + best single swap (O(n log n)): settles long diffuse rows (θ rounds to 1).
+    2. Meet-in-the-middle with ``min(4, half_bits)`` bits per half: peaked and short rows.
+    3. Meet-in-the-middle with ``min(10, half_bits)``, then ``half_bits``: short diffuse rows.
+    """
+    r, n = rows.shape
+    d_ach = torch.full((r,), 0.5, dtype=_F64, device=rows.device)  # empty set: m = 0
+    d_lo = torch.zeros_like(d_ach)
+    if n == 0 or r == 0:
+        d_lo.fill_(0.5)
+        return d_ach, d_lo
+    step = max(1, (_CHUNK_ELEMS * 4) // (n + 1))
+    for r0 in range(0, r, step):
+        d_ach[r0 : r0 + step] = _swap_distance(rows[r0 : r0 + step])
+    for bits in sorted({min(4, half_bits), min(10, half_bits), half_bits}):
+        todo = (~_settled(d_ach, d_lo, atol)).nonzero().squeeze(-1)
+        if todo.numel() == 0:
+            break
+        step = max(1, _CHUNK_ELEMS >> min(bits, (n + 1) // 2))
+        for t0 in range(0, todo.numel(), step):
+            sel = todo[t0 : t0 + step]
+            da, dl = _rows_distance(rows.index_select(0, sel), bits)
+            d_ach[sel] = torch.minimum(d_ach[sel], da)
+            d_lo[sel] = torch.maximum(d_lo[sel], dl)
+    return d_ach, d_lo
+
+
+def theta_balanced_mass(
+    p: Tensor, mask: Tensor | None = None, *, half_bits: int = 12, atol: float = 1e-12
+) -> BalancedMass:
+    """Balanced-mass factor ``θ(p) = 4m(1−m)`` per row, with bounds and an exactness flag.
+
+    ``m`` is the mass of the subset of the row closest to ½ (Emadi 2026). See the module
+    docstring for the method: exact (``exact`` True) whenever ½ falls outside the intervals
+    spanned by the top entries plus the tail (peaked rows, ``p_max ≥ ½``), for rows with
+    ``≤ 2·half_bits`` non-zero entries, and whenever the achieved subset is within
+    ``√atol/2`` of ½ (diffuse rows); otherwise ``theta`` is the lower bound of an explicit
+    subset and ``upper`` a rigorous upper bound.
+
+    Args:
+        p: Probabilities ``(..., n)`` (non-negative), any floating dtype.
+        mask: Optional boolean keep-mask broadcastable to ``p``; masked entries are dropped
+            (no renormalisation).
+        half_bits: Items per meet-in-the-middle half (``2^half_bits`` sums per row and half;
+            the top ``2·half_bits`` entries are enumerated completely).
+        atol: ``exact`` means ``upper − theta ≤ atol``.
+
+    Returns:
+        :class:`BalancedMass` of ``(...)`` tensors. A row with no mass → θ = 0 (the empty set);
+        a row with a NaN/Inf or negative attended entry → ``inf`` (``exact`` False).
+
+    Raises:
+        ValueError: On a non-float ``p``, a bad mask or ``half_bits`` outside 1..16.
+
+    Example:
+        >>> p = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.3, 0.3], [0.5, 0.25, 0.25], [1.0, 0.0, 0.0]])
+        >>> r = theta_balanced_mass(p)
+        >>> [round(v, 6) for v in r.theta.tolist()], r.exact.tolist()
+        ([0.84, 0.96, 1.0, 0.0], [True, True, True, True])
+    """
+    fn = "theta_balanced_mass"
+    check_tensor("p", p, 1, fn)
+    if not 1 <= half_bits <= 16:
+        raise ValueError(f"{fn}: half_bits must be in 1..16, got {half_bits}")
+    p64 = p.to(_F64)
+    if mask is not None:
+        check_mask(mask, tuple(p.shape), fn)
+        p64 = torch.where(mask, p64, 0.0)
+    lead, n = tuple(p.shape[:-1]), p.shape[-1]
+    rows = p64.reshape(-1, n)
+    bad = ~(torch.isfinite(rows) & (rows >= 0)).all(-1)
+    rows = torch.where(bad.unsqueeze(-1), 0.0, rows)
+    d_ach, d_lo = _distance(rows, half_bits, atol)
+    d_lo = torch.minimum(d_lo, d_ach)  # equal up to rounding where exact
+    theta = (1.0 - 4.0 * d_ach * d_ach).clamp_min(0.0)
+    upper = (1.0 - 4.0 * d_lo * d_lo).clamp_min(0.0)
+    theta = torch.where(bad, _INF, theta)
+    upper = torch.where(bad, _INF, upper)
+    exact = ~bad & (upper - theta <= atol)
+    return BalancedMass(theta=theta.reshape(lead), upper=upper.reshape(lead), exact=exact.reshape(lead))
+
+
+def softmax_jacobian_inf1_norm(
+    p: Tensor, tau: float = 1.0, mask: Tensor | None = None, *, half_bits: int = 12
+) -> Tensor:
+    """``‖J_softmax(u/τ)‖_{∞→1} = θ(p)/τ`` per row (Emadi 2026), ``p = softmax(u/τ)``.
+
+    ``J`` is the Jacobian of ``u ↦ softmax(u/τ)``, i.e. ``(Diag(p) − ppᵀ)/τ``; τ is the softmax
+    temperature. For scaled dot-product attention with raw scores ``u = q·k`` and scale
+    ``1/√d``, τ = √d; with ``u`` the already scaled scores, τ = 1. The ∞→1 norm is the
+    sensitivity in the tokenwise (block-∞) geometry of the paper, bounded by ``1/τ``; the
+    spectral norm of the same matrix is :func:`~.attention.softmax_jacobian_norm`.
+
+    Args:
+        p: Probabilities ``(..., n)`` (rows summing to 1 over the attended entries).
+        tau: Temperature τ > 0.
+        mask: Optional boolean keep-mask (see :func:`theta_balanced_mass`).
+        half_bits: See :func:`theta_balanced_mass`.
+
+    Returns:
+        ``(...)`` float64: ``theta/τ`` (the lower bound where θ is not exact; see
+        :func:`theta_balanced_mass` for the flag).
+
+    Raises:
+        ValueError: On τ ≤ 0 or the errors of :func:`theta_balanced_mass`.
+
+    Example (brute force over the sign vectors x ∈ {±1}ⁿ, the vertices of the ∞-ball):
+        >>> import itertools
+        >>> p = torch.tensor([0.6, 0.25, 0.1, 0.05], dtype=torch.float64)
+        >>> j = (torch.diag(p) - torch.outer(p, p)) / 2.0
+        >>> brute = max(
+        ...     (j @ torch.tensor(x, dtype=torch.float64)).abs().sum().item()
+        ...     for x in itertools.product([-1.0, 1.0], repeat=4)
+        ... )
+        >>> round(brute, 12), round(softmax_jacobian_inf1_norm(p, tau=2.0).item(), 12)
+        (0.48, 0.48)
+    """
+    if not tau > 0:
+        raise ValueError(f"softmax_jacobian_inf1_norm: tau must be > 0, got {tau}")
+    return theta_balanced_mass(p, mask, half_bits=half_bits).theta / tau
+
+
+def balanced_mass_per_head(
+    p: Tensor,
+    mask: Tensor | None = None,
+    reduction: Literal["mean", "min", "max"] = "mean",
+    *,
+    half_bits: int = 12,
+) -> Tensor:
+    """θ(p) of every query row reduced to one value per attention matrix (per head).
+
+    Why ``mean`` by default: the paper's finding "θ ≈ 1 persists throughout training" is
+    about typical rows — whether attention sharpens enough to lower sensitivity. The max
+    over rows (the block-∞ Lipschitz factor, reduced like ``kappa_softmax``) is ≈ 1 as soon as
+    *one* row is diffuse, so it cannot show sharpening; ``min`` names the sharpest row.
+
+    Args:
+        p: Probabilities ``(..., n_q, n_k)``.
+        mask: Optional boolean keep-mask broadcastable to ``p``.
+        reduction: ``"mean"``, ``"min"`` or ``"max"`` over the query rows with ≥ 1 attended key.
+        half_bits: See :func:`theta_balanced_mass`.
+
+    Returns:
+        ``(...)`` float64 (the per-row lower bounds, exact on all but rare rows); no attended
+        row → 0; a non-finite or negative attended entry → ``inf``.
+
+    Raises:
+        ValueError: On < 2 dims, a bad mask or an unknown reduction.
+
+    Example:
+        >>> p = torch.tensor([[[0.5, 0.5], [0.9, 0.1]]])
+        >>> [round(v, 6) for v in balanced_mass_per_head(p, reduction="mean").tolist()]
+        [0.68]
+    """
+    fn = "balanced_mass_per_head"
+    check_tensor("p", p, 2, fn)
+    if reduction not in ("mean", "min", "max"):
+        raise ValueError(f"{fn}: reduction must be 'mean', 'min' or 'max', got {reduction!r}")
+    theta = theta_balanced_mass(p, mask, half_bits=half_bits).theta
+    valid = torch.ones_like(theta, dtype=torch.bool) if mask is None else mask.any(-1).expand(theta.shape)
+    bad = torch.isinf(theta).any(-1)
+    if reduction == "mean":
+        out = torch.where(valid, theta, 0.0).sum(-1) / valid.sum(-1).clamp_min(1)
+    elif reduction == "min":
+        out = torch.where(valid, theta, _INF).amin(-1)
+        out = torch.where(valid.any(-1), out, 0.0)
+    else:
+        out = torch.where(valid, theta, 0.0).amax(-1)
+    return torch.where(bad, _INF, out)
