@@ -120,12 +120,24 @@ def test_mask_drops_entries_and_matches_shorter_row() -> None:
 
 
 # --------------------------------------------------------------------------- long rows
-@pytest.mark.parametrize(("n", "scale"), [(65, 1.0), (65, 5.0), (256, 1.0), (1024, 1.0), (1024, 4.0)])
-def test_long_softmax_rows_mostly_exact(n: int, scale: float) -> None:
+@pytest.mark.parametrize(
+    ("n", "scale", "share"),
+    [
+        (65, 0.1, 0.95),
+        (65, 1.0, 1.0),
+        (65, 5.0, 1.0),
+        (256, 1.0, 1.0),
+        (256, 4.0, 1.0),
+        (1024, 1.0, 1.0),
+        (1024, 4.0, 1.0),
+    ],
+)
+def test_long_softmax_rows_exact(n: int, scale: float, share: float) -> None:
     p = torch.softmax(torch.randn(64, n, generator=gen(n), dtype=F64) * scale, -1)
     r = theta_balanced_mass(p)
     assert bool((r.upper >= r.theta).all()) and bool(((r.theta >= 0) & (r.upper <= 1)).all())
-    assert r.exact.float().mean().item() >= 0.95
+    assert r.exact.float().mean().item() >= share
+    assert (r.upper - r.theta).max().item() <= 1e-9
     # p_max ≥ ½ has the closed form 4·p_max·(1 − p_max) (every sum is ≥ p_max or ≤ 1 − p_max).
     pm = p.amax(-1)
     big = pm >= 0.5
@@ -149,6 +161,18 @@ def test_long_peaked_row_gap_is_exact() -> None:
     r = theta_balanced_mass(p)
     # closest sums to ½: 0.36 + 0.02 = 0.38 (d = 0.12) or 0.62 (d = 0.12)
     assert r.exact.item() and r.theta.item() == pytest.approx(1 - 4 * 0.12**2, abs=1e-12)
+
+
+def test_near_uniform_odd_row_is_exact_from_subset_sizes() -> None:
+    # n = 101 nearly equal entries: 50 of them hold < ½, 51 hold > ½, so no subset is closer
+    # than the 50 largest or the 51 smallest.
+    z = torch.randn(6, 101, generator=gen(9), dtype=F64)
+    p = torch.softmax(1e-3 * z, -1)
+    s = p.sort(-1, descending=True).values
+    d = torch.minimum(0.5 - s[:, :50].sum(-1), s[:, 50:].sum(-1) - 0.5)
+    assert bool((d > 0).all())
+    r = theta_balanced_mass(p)
+    assert bool(r.exact.all()) and torch.allclose(r.theta, 1 - 4 * d * d, atol=1e-13, rtol=0)
 
 
 # --------------------------------------------------------------------------- ∞→1 norm and per-head

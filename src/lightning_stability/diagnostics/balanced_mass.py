@@ -12,28 +12,34 @@ the mass, and θ is small only when one key holds almost all of it. ``1 − θ =
 ``d = min_S |m_S − ½|``.
 
 Finding d is the number-partitioning (subset-sum) problem, NP-hard in general. The method here
-is exact for the rows attention produces, and says so per row:
+is exact for the rows attention produces, and says so per row. Every row gets two numbers:
 
-1. The ``k = min(n, 2·half_bits)`` largest entries ("top", found with ``topk``) are enumerated
-   completely by meet-in-the-middle: ``2^half_bits`` subset sums per half, one half sorted,
-   the other searched into it. The rest ("tail", total mass ``T``, each entry ≤ the smallest
-   top entry ``δ``) is kept as one block.
-2. **Upper bound on θ (rigorous).** Every subset sum lies in the union over top-subsets A of the
-   intervals ``[a_A, a_A + T]``. If ½ lies in none of them, the closest sum to ½ is an interval
-   end — ``a_A`` or ``a_A + T`` — which *is* a subset sum: d is then found exactly (peaked rows,
-   ``p_max ≥ ½``, short rows). Otherwise only ``d ≥ 0`` is known: upper bound θ ≤ 1.
-3. **Lower bound on θ (achieved).** The best of explicit subsets: the interval ends above,
-   ``A`` plus a prefix of the tail (prefix sums step by ≤ δ, so ``d ≤ δ/2`` wherever ½ lies in an
-   interval), and, for a few tail prefixes near the middle, the top-subset closest to the
-   remaining target found by meet-in-the-middle (2^(2·half_bits) top sums: for diffuse rows,
-   their spacing near the target is far below 1e-8, so ``θ ≥ 1 − 4·10⁻¹⁶``).
+* **θ (lower bound, achieved):** ``4m(1−m)`` of the best *explicit* subset found;
+* **upper (rigorous):** from a lower bound ``d_lo ≤ d`` that no subset can beat;
 
-A row is flagged ``exact`` when ``upper − theta ≤ atol`` (default 1e-15, i.e. to float64 rounding
-near θ = 1). Rows with ≤ ``2·half_bits`` non-zero entries are always exact (full enumeration).
-Everything is computed in float64; "exact" is up to the float64 rounding of the subset sums
-(≈1e-16), the probabilities themselves taken as given. The mask zeroes masked entries; rows are
-**not** renormalised (for ``Σp ≠ 1`` θ is ``4m(1−m)`` of the given entries, which is the ∞→1
-norm only when the row sums to 1).
+and is flagged ``exact`` when ``upper − θ ≤ atol`` (default 1e-12). Stages, each run only on
+the rows not yet settled (so the cost follows the hard rows):
+
+1. *Greedy partition + best exchange* (O(n log n), all rows): entries in descending order to
+   the lighter side, then three rounds of the best single exchange ``p_l − p_i ≈ ½ − m`` found
+   by binary search. On long diffuse rows this reaches ``d ≲ 2·p_max/n²``: θ within 1e-12 of 1.
+   *Subset sizes*: a k-subset has mass in ``[L_k, U_k]`` (k smallest, k largest, both achieved);
+   if ½ lies in none, the nearest end is exact (near-uniform rows).
+2. *Top entries enumerated, tail as a block* (meet-in-the-middle over the ``2·b`` largest
+   entries, ``b = 4``): every subset sum lies in some ``[a_A, a_A + T]`` (A a top-subset, T the
+   tail mass); if ½ lies in none, the nearest interval end — itself a subset sum — is exact
+   (peaked rows, ``p_max ≥ ½``, rows with ≤ 8 non-zero entries). Otherwise ``d_lo = 0``, and
+   tail prefixes (steps ≤ the smallest top entry) give achieved sums.
+3. *Karmarkar–Karp differencing* (O(n²), rows with n ≤ 256): short diffuse rows.
+4. Stage 2 again with ``b = 10`` and ``b = half_bits`` on what is left; rows with
+   ≤ ``2·half_bits`` non-zero entries are always exact (full enumeration).
+
+Measured on ``softmax(s·N(0,1))`` rows (n = 65, 256, 1024; s = 1, 4–5): every row exact; on
+near-uniform rows (n = 65, s = 0.1, attention at initialisation) about 99 %, the rest with
+``upper − θ ≲ 1e-10``. Everything is float64; "exact" is up to the float64 rounding of the
+subset sums (≈1e-16), the probabilities taken as given. The mask zeroes masked entries; rows
+are **not** renormalised (for ``Σp ≠ 1`` θ is ``4m(1−m)`` of the given entries, which is the
+∞→1 norm only when the row sums to 1).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ _F64 = torch.float64
 _INF = float("inf")
 #: Prefixes of the tail tried around its middle in the meet-in-the-middle search (step 3).
 _N_PREFIX = 4
+#: Rounds of "apply the best exchange, search again" after the greedy partition.
+_SWAP_ROUNDS = 3
 #: Longest row the O(n²) Karmarkar–Karp stage runs on.
 _KK_MAX_N = 256
 #: Budget of float64 elements per (rows × half sums) temporary.
@@ -94,6 +102,15 @@ def _nearest(sorted_vals: Tensor, target: Tensor) -> Tensor:
     up = torch.where(i < m, up, dn)
     dn = torch.where(i > 0, dn, up)
     return torch.where((up - target).abs() <= (target - dn).abs(), up, dn)
+
+
+def _nearest_index(sorted_vals: Tensor, target: Tensor) -> Tensor:
+    """Per row, the index of the entry of ``sorted_vals`` (R, M) closest to ``target`` (R, Q)."""
+    m = sorted_vals.shape[-1]
+    i = torch.searchsorted(sorted_vals, target).clamp_max(m - 1)
+    dn = (i - 1).clamp_min(0)
+    closer = (sorted_vals.gather(-1, dn) - target).abs() < (sorted_vals.gather(-1, i) - target).abs()
+    return torch.where(closer, dn, i)
 
 
 def _tail_gap(c: Tensor, t: Tensor) -> Tensor:
@@ -155,7 +172,7 @@ def _cardinality_distance(s: Tensor) -> tuple[Tensor, Tensor]:
     return d_ach, d_lo
 
 
-def _swap_distance(p: Tensor) -> tuple[Tensor, Tensor]:
+def _swap_distance(p: Tensor, atol: float) -> tuple[Tensor, Tensor]:
     """``(d_ach, d_lo)``: the greedy partition improved by the best single exchange, and the
     subset-size bounds of :func:`_cardinality_distance` (rows (R, n)).
 
@@ -174,11 +191,24 @@ def _swap_distance(p: Tensor) -> tuple[Tensor, Tensor]:
         side_a = side_a + torch.where(into_a, s[:, i], 0.0)
         side_b = side_b + torch.where(into_a, 0.0, s[:, i])
     zero = torch.zeros_like(s[:, :1])
-    ins = torch.cat([zero, torch.where(member, s, _INF)], -1)
-    outs = torch.cat([zero, torch.where(member, _INF, s)], -1).sort(-1).values
-    r = 0.5 - torch.where(member, s, 0.0).sum(-1, keepdim=True)
-    target = ins + r
-    d_ach = (_nearest(outs, target) - target).abs().nan_to_num(nan=_INF).amin(-1)
+    rows = torch.arange(s.shape[0], device=s.device)
+    d_ach = torch.full_like(side_a, _INF)
+    for _ in range(_SWAP_ROUNDS):
+        ins = torch.cat([zero, torch.where(member, s, _INF)], -1)  # q ↔ s_{q−1}, q = 0: none
+        outs, out_idx = torch.cat([zero, torch.where(member, _INF, s)], -1).sort(-1)
+        r = 0.5 - torch.where(member, s, 0.0).sum(-1, keepdim=True)
+        target = ins + r
+        j = _nearest_index(outs, target)
+        err = (outs.gather(-1, j) - target).abs().nan_to_num(nan=_INF)
+        best, q = err.min(-1)
+        d_ach = torch.minimum(d_ach, best)
+        if bool((4.0 * d_ach * d_ach <= atol).all()):
+            break
+        # apply the exchange and search again from the new residual
+        l_idx = out_idx.gather(-1, j.gather(-1, q.unsqueeze(-1))).squeeze(-1)
+        member = member.clone()
+        member[rows, (q - 1).clamp_min(0)] &= q == 0
+        member[rows, (l_idx - 1).clamp_min(0)] |= l_idx > 0
     d_card, d_lo = _cardinality_distance(s)
     return torch.minimum(d_ach, d_card), d_lo
 
@@ -234,7 +264,7 @@ def _distance(rows: Tensor, half_bits: int, atol: float) -> tuple[Tensor, Tensor
         return d_ach, d_lo
     step = max(1, (_CHUNK_ELEMS * 4) // (n + 1))
     for r0 in range(0, r, step):
-        d_ach[r0 : r0 + step], d_lo[r0 : r0 + step] = _swap_distance(rows[r0 : r0 + step])
+        d_ach[r0 : r0 + step], d_lo[r0 : r0 + step] = _swap_distance(rows[r0 : r0 + step], atol)
     _mitm_stage(rows, d_ach, d_lo, min(4, half_bits), atol)
     todo = (~_settled(d_ach, d_lo, atol)).nonzero().squeeze(-1)
     if n > _KK_MAX_N:
@@ -253,11 +283,10 @@ def theta_balanced_mass(
     """Balanced-mass factor ``θ(p) = 4m(1−m)`` per row, with bounds and an exactness flag.
 
     ``m`` is the mass of the subset of the row closest to ½ (Emadi 2026). See the module
-    docstring for the method: exact (``exact`` True) whenever ½ falls outside the intervals
-    spanned by the top entries plus the tail (peaked rows, ``p_max ≥ ½``), for rows with
-    ``≤ 2·half_bits`` non-zero entries, and whenever the achieved subset is within
-    ``√atol/2`` of ½ (diffuse rows); otherwise ``theta`` is the lower bound of an explicit
-    subset and ``upper`` a rigorous upper bound.
+    docstring for the method. ``theta`` is always achieved by an explicit subset (a lower
+    bound), ``upper`` is a rigorous upper bound, and ``exact`` says they agree to ``atol``:
+    always for rows with ``≤ 2·half_bits`` non-zero entries, ``p_max ≥ ½`` and, as measured,
+    for (nearly) all softmax rows of n = 65…1024.
 
     Args:
         p: Probabilities ``(..., n)`` (non-negative), any floating dtype.
