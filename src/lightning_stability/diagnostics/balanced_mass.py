@@ -21,17 +21,19 @@ and is flagged ``exact`` when ``upper − θ ≤ atol`` (default 1e-12). Stages,
 the rows not yet settled (so the cost follows the hard rows):
 
 1. *Greedy partition + best exchange* (O(n log n), all rows): entries in descending order to
-   the lighter side, then three rounds of the best single exchange ``p_l − p_i ≈ ½ − m`` found
-   by binary search. On long diffuse rows this reaches ``d ≲ 2·p_max/n²``: θ within 1e-12 of 1.
+   the lighter side, then the best single exchange ``p_l − p_i ≈ ½ − m`` found by binary
+   search (three rounds of it in a later stage). On long diffuse rows this reaches
+   ``d ≲ 2·p_max/n²``: θ within 1e-12 of 1.
    *Subset sizes*: a k-subset has mass in ``[L_k, U_k]`` (k smallest, k largest, both achieved);
    if ½ lies in none, the nearest end is exact (near-uniform rows).
 2. *Top entries enumerated, tail as a block* (meet-in-the-middle over the ``2·b`` largest
    entries, ``b = 4``): every subset sum lies in some ``[a_A, a_A + T]`` (A a top-subset, T the
    tail mass); if ½ lies in none, the nearest interval end — itself a subset sum — is exact
    (peaked rows, ``p_max ≥ ½``, rows with ≤ 8 non-zero entries). Otherwise ``d_lo = 0``, and
-   tail prefixes (steps ≤ the smallest top entry) give achieved sums.
+   tail prefixes (steps ≤ the smallest top entry) and a few tail prefixes completed by the
+   closest top-subset give achieved sums.
 3. *Karmarkar–Karp differencing* (O(n²), rows with n ≤ 256): short diffuse rows.
-4. Stage 2 again with ``b = 10`` and ``b = half_bits`` on what is left; rows with
+4. Stage 2 again with ``b = 8, 10`` and ``half_bits`` on what is left; rows with
    ≤ ``2·half_bits`` non-zero entries are always exact (full enumeration).
 
 Measured on ``softmax(s·N(0,1))`` rows (n = 65, 256, 1024; s = 1, 4–5): every row exact; on
@@ -63,7 +65,7 @@ _F64 = torch.float64
 _INF = float("inf")
 #: Prefixes of the tail tried around its middle in the meet-in-the-middle search (step 3).
 _N_PREFIX = 4
-#: Rounds of "apply the best exchange, search again" after the greedy partition.
+#: Rounds of "apply the best exchange, search again" after the greedy partition (stage 3).
 _SWAP_ROUNDS = 3
 #: Longest row the O(n²) Karmarkar–Karp stage runs on.
 _KK_MAX_N = 256
@@ -172,7 +174,7 @@ def _cardinality_distance(s: Tensor) -> tuple[Tensor, Tensor]:
     return d_ach, d_lo
 
 
-def _swap_distance(p: Tensor, atol: float) -> tuple[Tensor, Tensor]:
+def _swap_distance(p: Tensor, atol: float, rounds: int) -> tuple[Tensor, Tensor]:
     """``(d_ach, d_lo)``: the greedy partition improved by the best single exchange, and the
     subset-size bounds of :func:`_cardinality_distance` (rows (R, n)).
 
@@ -193,7 +195,7 @@ def _swap_distance(p: Tensor, atol: float) -> tuple[Tensor, Tensor]:
     zero = torch.zeros_like(s[:, :1])
     rows = torch.arange(s.shape[0], device=s.device)
     d_ach = torch.full_like(side_a, _INF)
-    for _ in range(_SWAP_ROUNDS):
+    for _ in range(rounds):
         ins = torch.cat([zero, torch.where(member, s, _INF)], -1)  # q ↔ s_{q−1}, q = 0: none
         outs, out_idx = torch.cat([zero, torch.where(member, _INF, s)], -1).sort(-1)
         r = 0.5 - torch.where(member, s, 0.0).sum(-1, keepdim=True)
@@ -236,6 +238,12 @@ def _settled(d_ach: Tensor, d_lo: Tensor, atol: float) -> Tensor:
     return 4.0 * (d_ach * d_ach - d_lo * d_lo) <= atol
 
 
+def _open_rows(d_ach: Tensor, d_lo: Tensor, atol: float, step: int) -> list[tuple[int, Tensor]]:
+    """Indices of the rows not yet settled, in chunks of ``step``."""
+    todo = (~_settled(d_ach, d_lo, atol)).nonzero().squeeze(-1)
+    return [(t0, todo[t0 : t0 + step]) for t0 in range(0, todo.numel(), step)]
+
+
 def _mitm_stage(rows: Tensor, d_ach: Tensor, d_lo: Tensor, bits: int, atol: float) -> None:
     """Meet-in-the-middle with ``bits`` per half on the rows not yet settled (updates in place)."""
     todo = (~_settled(d_ach, d_lo, atol)).nonzero().squeeze(-1)
@@ -250,11 +258,11 @@ def _mitm_stage(rows: Tensor, d_ach: Tensor, d_lo: Tensor, bits: int, atol: floa
 def _distance(rows: Tensor, half_bits: int, atol: float) -> tuple[Tensor, Tensor]:
     """``(d_ach, d_lo)`` for all rows, in stages: each stage only sees rows not yet settled.
 
-    1. Greedy partition + best single exchange, and subset-size bounds (O(n log n)): settles
-       long diffuse rows (θ within 1e-12 of 1) and near-uniform rows.
+    1. Greedy partition + one best exchange, and subset-size bounds (O(n log n)).
     2. Meet-in-the-middle with ``min(4, half_bits)`` bits per half: peaked and short rows.
-    3. Karmarkar–Karp differencing (O(n²), rows with n ≤ 256): short diffuse rows.
-    4. Meet-in-the-middle with ``min(10, half_bits)``, then ``half_bits``: what is left.
+    3. Greedy partition + three rounds of exchanges.
+    4. Karmarkar–Karp differencing (O(n²), only for n ≤ 256).
+    5. Meet-in-the-middle with 8, 10, then ``half_bits`` bits per half: what is left.
     """
     r, n = rows.shape
     d_ach = torch.full((r,), 0.5, dtype=_F64, device=rows.device)  # empty set: m = 0
@@ -264,15 +272,16 @@ def _distance(rows: Tensor, half_bits: int, atol: float) -> tuple[Tensor, Tensor
         return d_ach, d_lo
     step = max(1, (_CHUNK_ELEMS * 4) // (n + 1))
     for r0 in range(0, r, step):
-        d_ach[r0 : r0 + step], d_lo[r0 : r0 + step] = _swap_distance(rows[r0 : r0 + step], atol)
+        d_ach[r0 : r0 + step], d_lo[r0 : r0 + step] = _swap_distance(rows[r0 : r0 + step], atol, 1)
     _mitm_stage(rows, d_ach, d_lo, min(4, half_bits), atol)
-    todo = (~_settled(d_ach, d_lo, atol)).nonzero().squeeze(-1)
-    if n > _KK_MAX_N:
-        todo = todo[:0]
-    for t0 in range(0, todo.numel(), step):
-        sel = todo[t0 : t0 + step]
-        d_ach[sel] = torch.minimum(d_ach[sel], _kk_distance(rows.index_select(0, sel)))
-    for bits in sorted({min(10, half_bits), half_bits}):
+    for _, sel in _open_rows(d_ach, d_lo, atol, step):
+        d_ach[sel] = torch.minimum(
+            d_ach[sel], _swap_distance(rows.index_select(0, sel), atol, _SWAP_ROUNDS)[0]
+        )
+    if n <= _KK_MAX_N:
+        for _, sel in _open_rows(d_ach, d_lo, atol, step):
+            d_ach[sel] = torch.minimum(d_ach[sel], _kk_distance(rows.index_select(0, sel)))
+    for bits in sorted({min(8, half_bits), min(10, half_bits), half_bits}):
         _mitm_stage(rows, d_ach, d_lo, bits, atol)
     return d_ach, d_lo
 
