@@ -40,9 +40,9 @@ Measured on ``softmax(s·N(0,1))`` rows (``examples/benchmarks/bench_theta.py``)
 rows at n = 1024 (s = 0.1, 1, 4); at n = 65 100 % (s = 4), 99.95 % (s = 1) and 99.3 % (s = 0.1,
 near-uniform attention as at initialisation), the rest with ``upper − θ ≤ 1e-9``. Everything
 is float64; "exact" is up to the float64 rounding of the subset sums (≈1e-16), the
-probabilities taken as given. The mask zeroes masked entries; rows
-are **not** renormalised (for ``Σp ≠ 1`` θ is ``4m(1−m)`` of the given entries, which is the
-∞→1 norm only when the row sums to 1).
+probabilities taken as given. The mask zeroes masked entries; rows are **not** renormalised
+(for ``Σp ≠ 1`` θ is ``4m(1−m)`` of the given entries, which is the ∞→1 norm only when the
+row sums to 1).
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ __all__ = [
 
 _F64 = torch.float64
 _INF = float("inf")
-#: Prefixes of the tail tried around its middle in the meet-in-the-middle search (step 3).
+#: Tail prefixes tried around the middle, each completed by the closest top-subset.
 _N_PREFIX = 4
-#: Rounds of "apply the best exchange, search again" after the greedy partition (stage 3).
+#: Rounds of "apply the best exchange, search again" for rows the first round leaves open.
 _SWAP_ROUNDS = 3
 #: Longest row the O(n²) Karmarkar–Karp stage runs on.
 _KK_MAX_N = 256
