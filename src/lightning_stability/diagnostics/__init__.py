@@ -10,7 +10,14 @@ from .attention import (
     kappa_v,
     softmax_jacobian_norm,
 )
+from .balanced_mass import (
+    BalancedMass,
+    balanced_mass_per_head,
+    softmax_jacobian_inf1_norm,
+    theta_balanced_mass,
+)
 from .bound import UnifiedBound, combined_predictor, residual_gain, unified_bound
+from .collapse import rank_collapse, token_similarity
 from .linear import (
     condition_from_singular_values,
     condition_number,
@@ -33,11 +40,13 @@ from .rolling import RollingZScore, rolling_zscore
 
 __all__ = [
     "AttentionDiagnostics",
+    "BalancedMass",
     "RollingZScore",
     "UnifiedBound",
     "attention_diagnostics",
     "attention_entropy",
     "attention_logit_max",
+    "balanced_mass_per_head",
     "combined_predictor",
     "condition_from_singular_values",
     "condition_number",
@@ -51,12 +60,16 @@ __all__ = [
     "ln_error_coefficient_from_variance",
     "propose_ln_eps",
     "propose_ln_eps_from_variance",
+    "rank_collapse",
     "residual_gain",
     "rho_ln",
     "rho_ln_from_variance",
     "rolling_zscore",
+    "softmax_jacobian_inf1_norm",
     "softmax_jacobian_norm",
     "spectral_norm",
+    "theta_balanced_mass",
+    "token_similarity",
     "token_variance",
     "unified_bound",
     "wkwq_norm",
