@@ -15,8 +15,9 @@ run on the same run's ``train/loss`` and ``train/grad_norm``.
 
 **Event (divergence) rules**, from the training's own per-step logs, not from the monitor:
 
-* ``loss``: the first step at which the mean of the last 10 losses is ≥ 0.3 nats above the
-  lowest such mean so far (or the loss is non-finite). Used for scenarios (a) and (d).
+* ``loss``: the first step at which the mean of the last 10 losses (fewer in the first 10
+  steps) is ≥ 0.3 nats above the lowest such mean so far, or the loss is non-finite.
+  Scenarios (a) and (d).
 * ``fp16 overflow``: the first step at which the training forward's largest |activation|
   (``scenario/act_max``) exceeds 65504 — where an FP16 run would overflow. Scenario (b).
 * ``none``: scenario (c) is ε-dominated from initialisation; nothing diverges, the
@@ -52,10 +53,10 @@ from lightning_stability.analysis.logs import Run, load_run  # noqa: E402
 from lightning_stability.diagnostics.alarm import (  # noqa: E402
     AlarmResult,
     AlarmRule,
-    AnyOf,
     Level,
     LocalErrorFloor,
     RollingZ,
+    default_alarm,
 )
 
 FP16_MAX = 65504.0
@@ -76,23 +77,13 @@ CANDIDATES: dict[str, Callable[[], AlarmRule]] = {
     "z(log10 attn_logit_max)>3": lambda: RollingZ("attn_logit_max", 20, 3.0, log=True),
     "attn_logit_max>100": lambda: Level("attn_logit_max", 100.0),
     "entropy<0.1": lambda: Level("attention_entropy", 0.1, above=False),
-    "fp16_headroom<2": lambda: Level("fp16_headroom", 2.0, above=False, block_metric="amax"),
+    "fp16_headroom<2": lambda: Level(
+        "fp16_headroom", 2.0, above=False, block_metric="amax", only_eps_mach=2**-10
+    ),
     "rho_ln<1": lambda: Level("rho_ln", 1.0, above=False),
     "r_local>10·eps": lambda: LocalErrorFloor(10.0),
-    "default": lambda: default_rule(),
+    "default": default_alarm,
 }
-
-
-def default_rule() -> AlarmRule:
-    """The proposed default: any of the absolute levels that separated every scenario from its control."""
-    return AnyOf(
-        [
-            Level("attn_logit_max", 100.0),
-            Level("fp16_headroom", 2.0, above=False, block_metric="amax"),
-            Level("rho_ln", 1.0, above=False),
-        ],
-        name="default",
-    )
 
 
 # ----------------------------------------------------------------------------- running
@@ -152,7 +143,7 @@ class RunScore:
 
 
 def loss_divergence(run: Run) -> int | None:
-    """First step where the 10-step mean loss is ≥ 0.3 nats above its running minimum (or non-finite)."""
+    """First step where the mean of the last ≤ 10 losses is ≥ 0.3 nats above its running minimum."""
     s = run.get("train/loss")
     if s is None:
         return None
@@ -160,9 +151,7 @@ def loss_divergence(run: Run) -> int | None:
     for j in range(len(s)):
         if not math.isfinite(s.values[j]):
             return int(s.steps[j])
-        if j + 1 < LOSS_WINDOW:
-            continue
-        mean = float(np.mean(s.values[j + 1 - LOSS_WINDOW : j + 1]))
+        mean = float(np.mean(s.values[max(0, j + 1 - LOSS_WINDOW) : j + 1]))  # partial window at the start
         lowest = min(lowest, mean)
         if mean >= lowest + LOSS_RISE:
             return int(s.steps[j])

@@ -15,6 +15,7 @@ from lightning_stability.diagnostics.alarm import (
     Persistent,
     RollingZ,
     block_values,
+    default_alarm,
 )
 
 
@@ -152,3 +153,28 @@ def test_bad_arguments() -> None:
         AnyOf([])
     with pytest.raises(ValueError, match="quiet_checks"):
         EpisodeLatch(0)
+
+
+def test_fp16_headroom_applies_to_fp16_passes_only() -> None:
+    rule = Level("fp16_headroom", 2.0, above=False, only_eps_mach=2.0**-10)
+    low = {"stability/fp16_headroom": 0.5}
+    assert rule.update({**low, "stability/eps_mach": 2.0**-10}).fired
+    r = rule.update({**low, "stability/eps_mach": 2.0**-7})  # BF16 has FP32's range
+    assert not r.fired and not r.available
+
+
+def test_default_alarm_reasons_and_silence() -> None:
+    alarm = default_alarm()
+    quiet = {
+        "stability/eps_mach": 2.0**-10,
+        "stability/fp16_headroom": 5.0,
+        **_step(attn_logit_max=[20.0, 30.0], rho_ln=[50.0, 3.0], amax=[100.0, 2000.0]),
+    }
+    r = alarm.update(quiet)
+    assert not r.fired and r.available
+    r = alarm.update({**quiet, "stability/fp16_headroom": 1.5})
+    assert r.fired and r.rule == "fp16_headroom<2" and r.block == 1
+    r = alarm.update({**quiet, **_step(rho_ln=[50.0, 0.4])})
+    assert (r.rule, r.block) == ("rho_ln<1", 1)
+    off = default_alarm(attn_logit_max=math.inf, fp16_headroom_bits=-math.inf, rho_ln=-math.inf)
+    assert not off.update({**quiet, **_step(attn_logit_max=[1e6], rho_ln=[0.0])}).fired

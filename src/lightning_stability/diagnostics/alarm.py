@@ -39,6 +39,7 @@ __all__ = [
     "Persistent",
     "RollingZ",
     "block_values",
+    "default_alarm",
 ]
 
 _BLOCK_TAG = re.compile(r"(?P<prefix>.+)/block(?P<i>\d+)/(?P<name>[^/]+)")
@@ -129,6 +130,9 @@ class Level(AlarmRule):
         above: fire when the value is above (``True``) or below (``False``) the level.
         block_metric: for a model-level signal, the per-block metric whose extreme names
             the block (e.g. ``"amax"`` for ``fp16_headroom``: the block nearest overflow).
+        only_eps_mach: apply only when ``<prefix>/eps_mach`` equals this (e.g. ``2**-10``:
+            FP16 headroom matters to an FP16 pass, not to BF16, whose range is FP32's);
+            otherwise the result is ``available=False``.
         prefix: tag prefix.
     """
 
@@ -138,17 +142,22 @@ class Level(AlarmRule):
         threshold: float,
         above: bool = True,
         block_metric: str | None = None,
+        only_eps_mach: float | None = None,
         prefix: str = "stability",
     ) -> None:
         self.metric = metric
         self.threshold = float(threshold)
         self.above = above
         self.block_metric = block_metric
+        self.only_eps_mach = only_eps_mach
         self.prefix = prefix
         self.name = f"{metric}{'>' if above else '<'}{threshold:g}"
 
     def update(self, values: Mapping[str, float]) -> AlarmResult:
+        if self.only_eps_mach is not None and values.get(f"{self.prefix}/eps_mach") != self.only_eps_mach:
+            return AlarmResult(False, self.name, threshold=self.threshold, available=False)
         blocks = block_values(values, self.metric, self.prefix)
+        i: int | None
         if blocks:
             i, v = _extreme(blocks, self.above)
         else:
@@ -157,7 +166,7 @@ class Level(AlarmRule):
                 return AlarmResult(False, self.name, threshold=self.threshold, available=False)
             v = float(values[tag])
             named = block_values(values, self.block_metric, self.prefix) if self.block_metric else {}
-            i = _extreme(named, True)[0] if named else None  # type: ignore[assignment]
+            i = _extreme(named, True)[0] if named else None
         fired = v > self.threshold if self.above else v < self.threshold
         return AlarmResult(fired, self.name, i, v, self.threshold)
 
@@ -354,3 +363,47 @@ class EpisodeLatch:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.active = bool(state.get("active", False))
         self._quiet = int(state.get("quiet", 0))
+
+
+#: FP16's ε_mach (``torch.finfo(torch.float16).eps``): the headroom rule applies to FP16 passes only.
+FP16_EPS_MACH = 2.0**-10
+
+
+def default_alarm(
+    attn_logit_max: float = 100.0,
+    fp16_headroom_bits: float = 2.0,
+    rho_ln: float = 1.0,
+) -> AnyOf:
+    """The default early warning chosen by ``examples/scenarios/evaluate.py`` ("Does it warn?" in the README).
+
+    Any of three absolute levels, each naming its block: the max attention logit above
+    ``attn_logit_max`` (Megatron's QK-clip τ = 100), fewer than ``fp16_headroom_bits`` bits
+    before FP16 overflows (FP16 passes only), or a normalization layer ε-dominated
+    (``rho_ln`` below the level, SPEC §2). A threshold of ``inf`` (or ``-inf`` for the
+    "below" levels) turns that part off.
+
+    Args:
+        attn_logit_max: fire when any block's max |attention logit| exceeds this.
+        fp16_headroom_bits: fire when ``log2(65504 / max|activation|)`` drops below this.
+        rho_ln: fire when any block's min ``rho_ln`` drops below this.
+
+    Example:
+        >>> alarm = default_alarm()
+        >>> step = {"stability/block0/attn_logit_max": 12.0, "stability/block1/attn_logit_max": 180.0}
+        >>> alarm.update(step).reason
+        'attn_logit_max>100 in block 1 (value 180)'
+    """
+    return AnyOf(
+        [
+            Level("attn_logit_max", attn_logit_max),
+            Level(
+                "fp16_headroom",
+                fp16_headroom_bits,
+                above=False,
+                block_metric="amax",
+                only_eps_mach=FP16_EPS_MACH,
+            ),
+            Level("rho_ln", rho_ln, above=False),
+        ],
+        name="default",
+    )
