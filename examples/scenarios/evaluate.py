@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> str:
             per_seed.append((loaded[0], loaded[1], fail))
         fig_dir = a.figures or a.out
         fig_dir.mkdir(parents=True, exist_ok=True)
-        plot_scenario(scenario, per_seed, fig_dir / f"{scenario}.png")
+        plot_scenario(scenario, per_seed, fig_dir / f"scenario_{scenario}.png")
     table = markdown_table(pairs)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "table.md").write_text(table + "\n")

@@ -171,7 +171,7 @@ class Block(nn.Module):
 
 
 class ScenarioGPT(LightningModule):
-    """A ~0.8 M-parameter GPT whose constructor arguments switch each instability on.
+    """A 0.55 M-parameter GPT (defaults) whose constructor arguments switch each instability on.
 
     Args:
         vocab_size: tokens (must match the data module's).

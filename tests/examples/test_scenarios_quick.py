@@ -68,7 +68,7 @@ def test_evaluate_quick_end_to_end(tmp_path: Path) -> None:
     table = evaluate.main(["--quick", "--out", str(out), "--scenarios", "logit_growth", "short_warmup"])
     rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
     assert [r.split("|")[1].strip().rstrip("\\*") for r in rows] == ["logit_growth", "short_warmup"]
-    assert (out / "logit_growth.png").stat().st_size > 10_000
+    assert (out / "scenario_logit_growth.png").stat().st_size > 10_000
     scores = json.loads((out / "scores.json").read_text())
     fail, ctrl = scores[0]
     assert (fail["scenario"], fail["control"], ctrl["control"]) == ("logit_growth", False, True)
