@@ -15,6 +15,18 @@ into "a new episode started" so a caller warns once per episode. A signal that i
 in ``values`` (not logged by this monitor version, or not measurable for the model)
 never fires: the result says ``available=False``.
 
+How a caller (the monitor) is meant to use it, once per sampled step::
+
+    alarm, latch = default_alarm(), EpisodeLatch()        # thresholds: typed __init__ args
+    result = alarm.update(report.metrics())               # {"stability/...": value}
+    metrics["stability/alarm"] = float(result.fired)
+    if latch.update(result.fired):                        # a new episode: warn once
+        warn(result.reason); on_alarm(...)                # e.g. "attn_logit_max>100 in block 0 (value 172)"
+
+and checkpoints ``alarm.state_dict()`` / ``latch.state_dict()``. The paper's rule is
+``RollingZ("kappa_softmax_max", window, threshold, block_metric="kappa_softmax")``, the
+same numbers as the monitor's current alarm.
+
 Pure Python/torch: no Lightning, no logging (the diagnostics layer).
 """
 
