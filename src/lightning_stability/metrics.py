@@ -172,6 +172,28 @@ METRICS: tuple[Metric, ...] = (
         ranks=_ERR,
         log_scale=True,
     ),
+    Metric(
+        "theta",
+        "head",
+        "balanced-mass factor θ(p) = 4m(1−m), mean over query rows (Emadi 2026; balanced_mass=True)",
+        "mean",
+        "mean",
+        ranks="min",
+    ),
+    Metric(
+        "rank_collapse",
+        "block",
+        "‖X − 1x̄ᵀ‖_F/‖X‖_F of the block's exact output, mean over examples (→ 0: rank collapse)",
+        examples="mean",
+        ranks="min",
+        log_scale=True,
+    ),
+    Metric(
+        "token_similarity",
+        "block",
+        "mean pairwise cosine similarity of the block's exact output tokens (→ 1: rank collapse)",
+        examples="mean",
+    ),
     Metric("residual_gain", "block", "‖J_f‖₂ of the residual branch (residual_gain_iters > 0)"),
     Metric(
         "amax",

@@ -34,6 +34,9 @@ class BlockReport:
         r_local: the block's own error: the block in low precision on its exact FP32 input.
         r_attention_local: ``r_local`` of the block's attention sub-layer.
         r_ffn_local: ``r_local`` of the block's FFN sub-layer.
+        theta: mean over query rows of the balanced-mass factor ``θ(p)`` (``balanced_mass=True``).
+        rank_collapse: ``‖X − 1x̄ᵀ‖/‖X‖`` of the block's exact output (→ 0: rank collapse).
+        token_similarity: mean pairwise cosine of the block's exact output tokens (→ 1: collapse).
         residual_gain: ``‖J_f‖₂`` of the residual branch (when estimated).
         amax: max ``|output|`` over every module inside the block (exact pass).
         per_head: per-head values of the ``head``-level metrics (with ``log_per_head``).
@@ -57,6 +60,9 @@ class BlockReport:
     r_local: float | None = None
     r_attention_local: float | None = None
     r_ffn_local: float | None = None
+    theta: float | None = None
+    rank_collapse: float | None = None
+    token_similarity: float | None = None
     residual_gain: float | None = None
     amax: float | None = None
     per_head: dict[str, list[float]] = field(default_factory=dict)

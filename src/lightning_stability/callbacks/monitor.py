@@ -75,6 +75,8 @@ class StabilityMonitor(Callback):
             and the bound; ``None`` uses that of the measured low precision.
         local_errors: measure ``r_local`` / ``r_attention_local`` / ``r_ffn_local`` (each block and
             sub-layer run once more in the low precision on its exact FP32 input).
+        balanced_mass: also log ``theta``, the balanced-mass factor θ(p) of the attention rows
+            (exact subset-mass search: costly, see README's Performance; off by default).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class StabilityMonitor(Callback):
         seed: int = 0,
         eps_mach: float | None = None,
         local_errors: bool = True,
+        balanced_mass: bool = False,
     ) -> None:
         check_int("every_n_steps", every_n_steps)
         check_int("sample_size", sample_size)
@@ -118,6 +121,7 @@ class StabilityMonitor(Callback):
         if eps_mach is not None:
             check_number("eps_mach", eps_mach, 0.0, 1.0, open_low=True, open_high=True)
         check_choice("local_errors", local_errors, (True, False))
+        check_choice("balanced_mass", balanced_mass, (True, False))
         self.every_n_steps = every_n_steps
         self.sample_size = sample_size
         self.precision = precision
@@ -132,6 +136,7 @@ class StabilityMonitor(Callback):
         self.seed = seed
         self.eps_mach = None if eps_mach is None else float(eps_mach)
         self.local_errors = local_errors
+        self.balanced_mass = balanced_mass
         self.last_report: StabilityReport | None = None
         #: the verdict of the last fit (set at its end): see :meth:`on_fit_end`
         self.summary: str | None = None
@@ -283,6 +288,7 @@ class StabilityMonitor(Callback):
                 self.residual_gain_iters,
                 self.log_per_head,
                 self.local_errors,
+                self.balanced_mass,
             )
         probe = self._probe
         if not probe.blocks and not self._warned_no_blocks:

@@ -1031,6 +1031,27 @@ def observe_attention(
     _dispatch(lambda name, module: _normalize(name, module, q, k, v, attn_mask, is_causal, scale))
 
 
+def call_probabilities(call: AttentionCall) -> Tensor:
+    """The attention probabilities of a recorded call, float64 ``(B, H, n_q, n_k)``.
+
+    ``softmax`` of the recorded ``scores``, else of ``softcap(scale·q kᵀ + bias)``, over the attended
+    keys; a row with no attended key is all zeros.
+    """
+    if call.scores is not None:
+        s = call.scores.double()
+    else:
+        if call.q is None or call.k is None:
+            raise ValueError("call_probabilities: the call has neither scores nor q/k")
+        s = call.scale * (call.q.double() @ call.k.double().transpose(-1, -2))
+        if call.bias is not None:
+            s = s + call.bias.double()
+        if call.softcap is not None:
+            s = call.softcap * torch.tanh(s / call.softcap)
+    if call.keep is not None:
+        s = s.masked_fill(~call.keep, float("-inf"))
+    return torch.softmax(s, dim=-1).nan_to_num(0.0)
+
+
 def call_diagnostics(call: AttentionCall, *, chunk_size: int | None = None) -> AttentionDiagnostics:
     """The per-head diagnostics of one recorded call, whatever form it was recorded in.
 

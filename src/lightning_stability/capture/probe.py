@@ -23,7 +23,12 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_stability import diagnostics as D
-from lightning_stability.capture.attention import AttentionCall, AttentionCapture, call_diagnostics
+from lightning_stability.capture.attention import (
+    AttentionCall,
+    AttentionCapture,
+    call_diagnostics,
+    call_probabilities,
+)
 from lightning_stability.capture.batch import cast_floating
 from lightning_stability.capture.blocks import BlockTap, ModuleAmax, find_sublayers, first_tensor
 from lightning_stability.capture.guards import (
@@ -108,6 +113,8 @@ class StabilityProbe:
         log_per_head: also keep per-head values.
         local_errors: run every block (and its attention / FFN sub-layers) a second time in the
             low precision on its exact FP32 input (``r_local``…); ``False`` skips that cost.
+        balanced_mass: also compute the balanced-mass factor ``θ(p)`` of every attention row
+            (``theta``); exact subset-mass search, costly (see README), so off by default.
     """
 
     def __init__(
@@ -119,6 +126,7 @@ class StabilityProbe:
         residual_gain_iters: int = 0,
         log_per_head: bool = False,
         local_errors: bool = True,
+        balanced_mass: bool = False,
     ) -> None:
         self.model = model
         self.blocks: list[Block] = model_blocks(model, blocks)
@@ -137,6 +145,7 @@ class StabilityProbe:
         self.residual_gain_iters = residual_gain_iters
         self.log_per_head = log_per_head
         self.local_errors = local_errors
+        self.balanced_mass = balanced_mass
 
     def block_of(self, module_name: str) -> int | None:
         """Index of the block containing the module ``module_name`` (``None``: outside every block)."""
@@ -356,12 +365,31 @@ class _Collector:
                 stack.enter_context(BlockTap([b.module for b in probe.blocks], self._keep_ref))
             same_stream()
             run(*cast_floating(args, torch.float32), **cast_floating(kwargs, torch.float32))
+        self._collapse_stats()
         if probe.blocks and not self.ref:
             names = [b.name for b in probe.blocks]
             raise RuntimeError(
                 f"none of the blocks {names} produced an output during the forward; check the "
                 "`blocks` patterns and that the forward runs them"
             )
+
+    def _collapse_stats(self) -> None:
+        """Rank collapse of each block's exact output (its first call), mean over the examples.
+
+        Tokens are every position between the batch and the feature axis (padding included);
+        ``nn.Transformer*Layer(batch_first=False)`` outputs are read sequence-first.
+        """
+        for block in self.probe.blocks:
+            x = self.ref.get((block.index, 0))
+            if x is None or x.dim() < 2:
+                continue
+            if x.dim() == 2:
+                x = x.unsqueeze(0)
+            elif x.dim() == 3 and getattr(block.module, "batch_first", True) is False:
+                x = x.transpose(0, 1)
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            self.raw.put(f"block{block.index}/rank_collapse", D.rank_collapse(x).mean())
+            self.raw.put(f"block{block.index}/token_similarity", D.token_similarity(x).mean())
 
     def _local_targets(self) -> list[tuple[tuple[str, int], nn.Module]]:
         """Blocks first (in order, so index j < n_blocks is block j), then their sub-layers."""
@@ -408,6 +436,9 @@ class _Collector:
         # and the per-head means.
         reduced["attention_entropy"] = diag.entropy.mean()
         reduced["attention_entropy@heads"] = diag.entropy.mean(0)
+        if probe.balanced_mass:  # θ(p): mean over rows, heads and examples; per head over examples
+            theta = D.balanced_mass_per_head(call_probabilities(call), call.keep, "mean")  # (B, H)
+            reduced["theta"], reduced["theta@heads"] = theta.mean(), theta.mean(0)
         self.attn[block].append(reduced)
 
     # ----------------------------------------------------------- step 2: residual gains
@@ -517,19 +548,19 @@ class _Collector:
             for name in ("kappa_score", "kappa_softmax", "kappa_v", "attn_logit_max"):
                 if name + "#sum" not in calls[0]:
                     raw.put(f"block{index}/{name}", _nanmax(torch.stack([c[name] for c in calls])))
-            raw.put(
-                f"block{index}/attention_entropy", torch.stack([c["attention_entropy"] for c in calls]).amin()
-            )
+            for name in ("attention_entropy", "theta"):  # low is the event: min over calls
+                if name in calls[0]:
+                    raw.put(f"block{index}/{name}", torch.stack([c[name] for c in calls]).amin())
             if not self.probe.log_per_head:
                 continue
             for name in HEAD_METRICS:
-                if name + "#sum" in calls[0]:
+                if name + "#sum" in calls[0] or name + "@heads" not in calls[0]:
                     continue
                 per_call = [c[name + "@heads"] for c in calls]
                 if len({t.shape for t in per_call}) != 1:
                     per_call = per_call[:1]  # calls with different head counts: the first one's heads
                 stacked = torch.stack(per_call)
-                per_head = stacked.amin(0) if name == "attention_entropy" else stacked.amax(0)
+                per_head = stacked.amin(0) if name in ("attention_entropy", "theta") else stacked.amax(0)
                 for h in range(per_head.shape[0]):
                     raw.put(f"block{index}/head{h}/{name}", per_head[h])
 
