@@ -96,7 +96,8 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "kappa_eff",
         "block",
-        "Σ κ(W) over the block's FFN linear maps, gated MLPs: all three (SPEC §3)",
+        "Σ κ(W) over the block's FFN linear maps, gated MLPs: all three (SPEC §3); "
+        "MoE: + max over experts of the expert's Σ κ(W)",
         log_scale=True,
     ),
     Metric("kappa_wkwq", "block", "max over heads of κ(W_Kᵀ W_Q) (SPEC §8)", log_scale=True),
@@ -115,7 +116,8 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "predictor",
         "block",
-        "combined predictor κ_softmax(1+κ_score)κ_V‖W_O‖₂ + κ_eff + C_LN (SPEC §4)",
+        "combined predictor κ_softmax(1+κ_score)κ_V‖W_O‖₂ + κ_eff + C_LN (SPEC §4); "
+        "no W_O found: the attention term is left out (warned), not taken with ‖W_O‖₂ = 1",
         blocks="max",
         ranks="from its terms",
         log_scale=True,

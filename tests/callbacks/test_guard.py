@@ -14,9 +14,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tests.conftest import MemoryLogger, TinyTransformer, make_loader, trainer_kwargs
 from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
 
 from lightning_stability import StabilityGuard, StabilityMonitor
-from lightning_stability.capture.batch import sample_inputs
 from lightning_stability.capture.guards import eval_mode, preserved_rng
 from lightning_stability.stability_report import BlockReport, StabilityReport
 
@@ -26,7 +26,7 @@ DH = D // H
 pytestmark = pytest.mark.filterwarnings("ignore:.*StabilityGuard at step.*", "ignore:.*StabilityMonitor.*")
 
 
-# ----------------------------------------------------------------------------- test monitor
+# ------------------------------------------------------------------- independent reference
 def fp32_signals(model: TinyTransformer, x: Tensor) -> tuple[list[list[float]], list[float]]:
     """Per block: max |q·kᵀ/√d_h| per head and max |output| over the block's modules, in FP32."""
     logits: list[list[float]] = []
@@ -54,24 +54,9 @@ def fp32_signals(model: TinyTransformer, x: Tensor) -> tuple[list[list[float]], 
     return logits, amax
 
 
-class SignalMonitor(StabilityMonitor):
-    """Adds the "where" signals ``attn_logit_max`` (per head) and ``amax`` to the report.
-
-    Recomputed here in FP32 with plain hooks on the sampled examples, as the monitor will
-    measure them once those signals are merged; the guard reads them with ``getattr``.
-    """
-
-    def measure(
-        self, trainer: Trainer, pl_module: LightningModule, args: Any, kwargs: Any
-    ) -> StabilityReport:
-        report = super().measure(trainer, pl_module, args, kwargs)
-        sampled, _ = sample_inputs(args, kwargs, self.sample_size, self.seed + report.step)
-        logits, amax = fp32_signals(pl_module, sampled[0])  # type: ignore[arg-type]
-        for block, heads, top in zip(report.blocks, logits, amax, strict=True):
-            block.attn_logit_max = max(heads)  # type: ignore[attr-defined]
-            block.per_head["attn_logit_max"] = heads
-            block.amax = top  # type: ignore[attr-defined]
-        return report
+def signal_monitor(precision: str) -> StabilityMonitor:
+    """The real monitor with per-head values: ``attn_logit_max`` per head, ``amax``, ``r_local``."""
+    return StabilityMonitor(every_n_steps=2, precision=precision, log_per_head=True)  # type: ignore[arg-type]
 
 
 def fragile_logits(model: TinyTransformer, factor: float = 12.0) -> None:
@@ -218,11 +203,13 @@ def test_qk_clip_fit_acts_once_on_the_fragile_block_and_control_is_untouched(tmp
     assert before[0][0] > 100 > max(before[0][1:] + before[1])  # the construction: head 0 of block 0
     v_rows = model.blocks[0].attn.qkv.weight[2 * D :].detach().clone()
     guard = StabilityGuard(tau=100.0)
-    trainer = fit(model, tmp_path, [SignalMonitor(every_n_steps=2, precision="bf16"), guard], max_steps=6)
+    trainer = fit(model, tmp_path, [signal_monitor("bf16"), guard], max_steps=6)
     assert [(a.step, a.block_name, a.action, a.applied) for a in guard.actions] == [
         (2, "blocks.0", "qk_clip", True)
     ]
     assert "heads [0]" in guard.actions[0].detail
+    # the monitor's per-head maxima (what the guard clipped by) equal a plain-hook FP32 recomputation
+    assert guard.actions[0].heads == pytest.approx(before[0], rel=1e-5)
     after, _ = fp32_signals(model, x)  # lr = 0: only the guard changed weights
     assert after[0][0] == pytest.approx(100.0, rel=1e-5)  # exactly τ on the measured sample
     assert after[0][1:] == before[0][1:]  # block 0's other heads: same weights, same input
@@ -234,7 +221,7 @@ def test_qk_clip_fit_acts_once_on_the_fragile_block_and_control_is_untouched(tmp
 
     control = tiny()
     guard_c = StabilityGuard(tau=100.0)
-    monitor_c = SignalMonitor(every_n_steps=2, precision="bf16")
+    monitor_c = signal_monitor("bf16")
     trainer_c = fit(control, tmp_path, [monitor_c, guard_c], max_steps=6)
     assert guard_c.actions == []
     assert {k for _, k in logged(trainer_c)} == {"stability/guard/actions", "stability/guard/fp32_blocks"}
@@ -247,7 +234,7 @@ def test_dry_run_changes_nothing_and_says_what_it_would_do(tmp_path: Any) -> Non
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     guard = StabilityGuard(dry_run=True)
     with pytest.warns(UserWarning, match="dry run: would QK-clip to tau 100"):
-        trainer = fit(model, tmp_path, [SignalMonitor(every_n_steps=2, precision="bf16"), guard])
+        trainer = fit(model, tmp_path, [signal_monitor("bf16"), guard])
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert [(a.step, a.action, a.applied) for a in guard.actions] == [
         (2, "qk_clip", False),
@@ -322,7 +309,7 @@ def test_fp32_fit_guards_the_fp16_fragile_block_and_a_resumed_run_keeps_it(tmp_p
     fragile_range(model)
     dtypes = ffn_dtypes(model, 1)
     guard = StabilityGuard()
-    monitor = SignalMonitor(every_n_steps=2, precision="fp16")
+    monitor = signal_monitor("fp16")
     trainer = fit(model, tmp_path, [monitor, guard], max_steps=4, precision="bf16-mixed")
     assert [(a.step, a.block_name, a.action, a.applied) for a in guard.actions] == [
         (2, "blocks.1", "fp32", True)
@@ -337,7 +324,7 @@ def test_fp32_fit_guards_the_fp16_fragile_block_and_a_resumed_run_keeps_it(tmp_p
     fragile_range(resumed)
     ffn = ffn_dtypes(resumed, 1)
     guard2 = StabilityGuard()
-    fit(resumed, tmp_path, [SignalMonitor(every_n_steps=2, precision="fp16"), guard2], max_steps=6,
+    fit(resumed, tmp_path, [signal_monitor("fp16"), guard2], max_steps=6,
         precision="bf16-mixed", ckpt_path=ckpt)
     assert ffn == [torch.float32] * 2  # steps 5 and 6: block 1 in FP32 from the first resumed step
     assert guard2.fp32_blocks == ["blocks.1"]
@@ -347,7 +334,7 @@ def test_fp32_fit_guards_the_fp16_fragile_block_and_a_resumed_run_keeps_it(tmp_p
     control = tiny()
     control_dtypes = ffn_dtypes(control, 1)
     guard_c = StabilityGuard()
-    fit(control, tmp_path, [SignalMonitor(every_n_steps=2, precision="fp16"), guard_c], max_steps=4,
+    fit(control, tmp_path, [signal_monitor("fp16"), guard_c], max_steps=4,
         precision="bf16-mixed")
     assert guard_c.actions == [] and control_dtypes == [torch.bfloat16] * 4
 
@@ -359,7 +346,7 @@ def test_fp32_scope_attention_moves_only_the_attention(tmp_path: Any) -> None:
     model.blocks[1].attn.register_forward_hook(lambda m, a, o: attn.append(o.dtype) if m.training else None)
     ffn = ffn_dtypes(model, 1)
     guard = StabilityGuard(fp32_scope="attention")
-    fit(model, tmp_path, [SignalMonitor(every_n_steps=2, precision="fp16"), guard], max_steps=4,
+    fit(model, tmp_path, [signal_monitor("fp16"), guard], max_steps=4,
         precision="bf16-mixed")
     assert "'blocks.1.attn' runs outside autocast" in guard.actions[0].detail
     assert attn == [torch.bfloat16] * 2 + [torch.float32] * 2
@@ -392,7 +379,7 @@ def test_fp32_and_eps_restored_when_fit_raises(tmp_path: Any) -> None:
     fragile_range(model)
     guard = StabilityGuard()
     with pytest.raises(RuntimeError, match="boom"):
-        fit(model, tmp_path, [SignalMonitor(every_n_steps=2, precision="fp16"), guard, FailAt(3)],
+        fit(model, tmp_path, [signal_monitor("fp16"), guard, FailAt(3)],
             max_steps=6, precision="bf16-mixed")
     assert {(a.block_name, a.action, a.applied) for a in guard.actions} == {
         ("blocks.0", "eps_bump", True),
@@ -404,14 +391,15 @@ def test_fp32_and_eps_restored_when_fit_raises(tmp_path: Any) -> None:
 
 # ------------------------------------------------------------------------------------ DDP
 class RecordingGuard(StabilityGuard):
-    """Writes each rank's decisions and the ε its norm trains with, before the fit-end restore."""
+    """Writes each rank's decisions, its norm's ε and its W_Q/W_K rows, before the fit-end restore."""
 
     out_dir = ""
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         record = {
-            "actions": [(a.step, a.block_name, a.action, a.applied, a.detail) for a in self.actions],
+            "actions": [(a.step, a.block_name, a.action, a.applied, a.detail, a.heads) for a in self.actions],
             "eps": pl_module.blocks[0].norm1.eps,  # type: ignore[index]
+            "qkv": pl_module.blocks[0].attn.qkv.weight.detach().double().flatten().tolist(),  # type: ignore[index]
         }
         path = Path(self.out_dir) / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps(record))
@@ -422,17 +410,38 @@ class RecordingGuard(StabilityGuard):
 def test_ddp_two_processes_take_the_same_action(tmp_path: Path) -> None:
     model = tiny()  # lr = 0: the shrunk embedding stays ε-dominated
     fragile_norm(model)
+    fragile_logits(model, 40.0)  # head 0 of block 0 far above τ on every rank's examples
+    qkv = model.blocks[0].attn.qkv.weight.detach().clone()
+    # step 2 measures each rank's second batch of 4, from the DistributedSampler Lightning puts
+    # on a training loader (shuffled, seed 0, epoch 0)
+    data = make_loader(n=32, batch_size=4).dataset
+    batches = [list(DistributedSampler(data, num_replicas=2, rank=r, seed=0))[4:8] for r in (0, 1)]
+    x = data.tensors[0]  # type: ignore[attr-defined]
+    local = [fp32_signals(model, x[b])[0][0] for b in batches]
     guard = RecordingGuard()
     guard.out_dir = str(tmp_path)  # an instance attribute travels to the spawned ranks
+    monitor = StabilityMonitor(every_n_steps=2, sample_size=4, precision="bf16", log_per_head=True)
     trainer = Trainer(
         **{**trainer_kwargs(tmp_path, max_steps=4), "devices": 2, "strategy": "ddp_spawn"},
-        callbacks=[StabilityMonitor(every_n_steps=2, sample_size=4, precision="bf16"), guard],
+        callbacks=[monitor, guard],
     )
     trainer.fit(model, make_loader(n=32, batch_size=4))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1]  # same decisions, same new ε, though each rank saw other examples
-    assert [a[:4] for a in ranks[0]["actions"]] == [[2, "blocks.0", "eps_bump", True]]
+    # same decisions, same per-head maxima (max over both ranks' examples), same new ε and the
+    # same clipped weights, though each rank measured other examples
+    assert ranks[0] == ranks[1]
+    first = {a[2]: a for a in ranks[0]["actions"] if a[0] == 2}
+    assert {"eps_bump", "qk_clip"} <= set(first) and first["eps_bump"][3] and first["qk_clip"][3]
+    heads = first["qk_clip"][5]
+    assert len(heads) == H and heads[0] > 100.0 > max(heads[1:])
+    # reduced across ranks by max, head by head (not one rank's values)
+    assert heads == pytest.approx([max(a, b) for a, b in zip(*local, strict=True)], rel=1e-5)
+    assert heads != pytest.approx(local[0], rel=1e-5) and heads != pytest.approx(local[1], rel=1e-5)
+    assert "heads [0]" in first["qk_clip"][4]
     assert ranks[0]["eps"] > 1e-5
+    clipped = torch.tensor(ranks[0]["qkv"]).reshape(3 * D, D)
+    assert not torch.equal(clipped[:DH].float(), qkv[:DH])  # head 0's queries rescaled
+    assert torch.equal(clipped[DH:D].float(), qkv[DH:D])  # the other heads' queries untouched
 
 
 # ------------------------------------------------------------------------------ benchmark

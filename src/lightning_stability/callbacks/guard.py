@@ -86,8 +86,12 @@ class StabilityGuard(Callback):
     - the monitor's alarm fired (``report.alarm_reason``) and nothing above matches → nothing,
       and one warning says so.
 
-    Signals that the report does not carry (``attn_logit_max``, ``r_local``, ``amax``,
-    ``alarm_reason`` come with the monitor's "where"/"when" signals) are skipped. Every action
+    The signals are the monitor's own, reduced across ranks before the guard reads them:
+    ``BlockReport.attn_logit_max`` and, with ``StabilityMonitor(log_per_head=True)``,
+    ``per_head["attn_logit_max"]`` (each head's maximum over every rank's examples, so every rank
+    clips the same heads by the same factors), ``r_local`` (needs ``local_errors=True``, the
+    default), ``amax`` and ``StabilityReport.fp16_headroom``. A signal that is absent (``None``)
+    matches nothing; ``alarm_reason`` is read when the report carries one. Every action
     is logged (``stability/guard/block{i}/<action>``, ``stability/guard/actions``), warned once
     (block, cause, action), kept in :attr:`actions` and in the checkpoint: a run resumed with
     ``ckpt_path=`` keeps its FP32 blocks and raised ε.
@@ -304,7 +308,7 @@ class StabilityGuard(Callback):
     def _match_block(self, report: StabilityReport, i: int, block: BlockReport) -> list[GuardAction]:
         plans = []
         step, name = report.step, block.name
-        logit = getattr(block, "attn_logit_max", None)
+        logit = block.attn_logit_max
         if self.enabled["qk_clip"] and logit is not None and logit > self.tau * (1.0 + RECLIP_TOLERANCE):
             heads = list(block.per_head.get("attn_logit_max", [])) or [float(logit)]
             plans.append(GuardAction(step, i, name, f"attn_logit_max {logit:.4g} > tau {self.tau:g}",
@@ -322,15 +326,15 @@ class StabilityGuard(Callback):
         return plans
 
     def _fp32_cause(self, report: StabilityReport, i: int, block: BlockReport) -> str:
-        r_local = getattr(block, "r_local", None)
+        r_local = block.r_local
         floor = self.r_local_factor * report.eps_mach
         if r_local is not None and r_local > floor:
             return f"r_local {r_local:.3g} > {self.r_local_factor:g}·eps_mach = {floor:.3g}"
         if report.dtype != "float16":
             return ""  # BF16 and FP32 share FP32's range: FP16 headroom is not their problem
-        amax = getattr(block, "amax", None)
-        if amax is None and _owner(getattr(report, "amax_module", None), report) == i:
-            headroom = getattr(report, "fp16_headroom", None)
+        amax = block.amax
+        if amax is None and _owner(report.amax_module, report) == i:
+            headroom = report.fp16_headroom
             amax = None if headroom is None else FP16_MAX / 2.0**headroom
         if amax is not None and amax > 0:
             headroom = math.log2(FP16_MAX / amax) if math.isfinite(amax) else -math.inf

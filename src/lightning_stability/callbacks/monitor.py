@@ -30,7 +30,9 @@ from lightning_stability.capture.probe import (
     StabilityProbe,
     compose_report,
     first_nonfinite_module,
+    predictor_warnings,
 )
+from lightning_stability.capture.structure import structure_warnings, unattended_blocks, unmatched_patterns
 from lightning_stability.diagnostics import RollingZScore
 from lightning_stability.metrics import METRICS
 from lightning_stability.stability_report import StabilityReport
@@ -147,6 +149,8 @@ class StabilityMonitor(Callback):
         self._warned_no_attention = False
         self._warned_no_blocks = False
         self._warned_skip = False
+        self._warned_structure = False
+        self._warned_unattended = False
         self._layout_written = False
 
     @property
@@ -291,6 +295,9 @@ class StabilityMonitor(Callback):
                 self.balanced_mass,
             )
         probe = self._probe
+        if not self._warned_structure:
+            self._warned_structure = True
+            self._warn_structure(probe)
         if not probe.blocks and not self._warned_no_blocks:
             self._warned_no_blocks = True
             rank_zero_warn(
@@ -304,7 +311,25 @@ class StabilityMonitor(Callback):
         if raw.attention_calls == 0 and not self._warned_no_attention:
             self._warned_no_attention = True
             rank_zero_warn(NO_ATTENTION_WARNING)
+        if not self._warned_unattended:  # after the first measured step: who saw attention is known
+            self._warned_unattended = True
+            unattended = unattended_blocks(probe.blocks, raw.attended)
+            if unattended:
+                rank_zero_warn(
+                    "StabilityMonitor: " + "; ".join(unattended) + " (their attention diagnostics are "
+                    "absent; check the `blocks` patterns, or call lightning_stability.observe_attention "
+                    "in the attention's forward)"
+                )
         return raw
+
+    def _warn_structure(self, probe: StabilityProbe) -> None:
+        """Once, on rank zero: weights not found, fused layouts not understood, patterns matching nothing."""
+        lines = structure_warnings(probe.blocks) + predictor_warnings(probe.blocks)
+        unmatched = unmatched_patterns(probe.model, self.blocks or [])
+        if unmatched:
+            lines.append(f"blocks patterns {unmatched} match no module of the model")
+        if lines:
+            rank_zero_warn("StabilityMonitor: " + "\n".join(lines))
 
     def _low_precision(self, trainer: Trainer, pl_module: LightningModule) -> AbstractContextManager[Any]:
         return low_precision_context(trainer, pl_module, self.precision)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_stability.capture.structure import _ATTENTION_WORDS, _K_NAMES, _Q_NAMES, Block, QKProjection
+from lightning_stability.capture.structure import Block, QKProjection, is_attention_name
 
 
 # ----------------------------------------------------------------------------- FP32 override
@@ -127,7 +127,7 @@ def attention_module(block: nn.Module) -> tuple[str, nn.Module] | None:
     for name, sub in block.named_modules():
         leaf = name.rsplit(".", 1)[-1].lower()
         projection = isinstance(sub, nn.Linear) or type(sub).__name__ == "Conv1D"
-        if name and not projection and any(w in leaf for w in _ATTENTION_WORDS):
+        if name and not projection and is_attention_name(leaf):
             return name, sub
     return None
 
@@ -145,38 +145,21 @@ class QKParams:
 
 
 def qk_params(block: Block, proj: QKProjection) -> QKParams:
-    """Resolve ``proj``'s W_Q, W_K (via its getters) and their biases to writable views.
+    """Resolve ``proj``'s W_Q, W_K and their biases (its getters) to writable views.
 
-    Fused ``[Q | K | V]`` projections (``nn.MultiheadAttention.in_proj_*``, GPT-2 ``c_attn``,
-    ``qkv``) give the first two thirds of the bias; separate ``q_proj``/``k_proj``-style
-    children give their own ``bias``.
+    The rows are the ones the diagnostics measure: :class:`QKProjection` splits separate
+    ``q_proj``/``k_proj``-style children, fused ``[Q | K | V]`` weights (``in_proj``, GPT-2
+    ``c_attn``, ``qkv``) and per-head layouts, weights and biases alike, in one place.
 
     Raises:
-        ValueError: when a weight is not a view of one of the block's parameters (scaling it
-            in place would not change the model).
+        ValueError: when a weight or bias is not a view of one of the block's parameters
+            (scaling it in place would not change the model: e.g. GPT-NeoX's per-head
+            ``[q_h|k_h|v_h]`` rows, which no single view holds).
     """
-    rel = proj.name[len(block.name) + 1 :] if proj.name != block.name else ""
-    owner = block.module.get_submodule(rel) if rel else block.module
-    b_q: Tensor | None = None
-    b_k: Tensor | None = None
-    fused: Any = None
-    if isinstance(owner, nn.MultiheadAttention):
-        fused = owner.in_proj_bias
-    elif isinstance(getattr(owner, "weight", None), Tensor):
-        fused = getattr(owner, "bias", None)
-    else:
-        for child_name, child in owner.named_children():
-            bias = getattr(child, "bias", None)
-            if child_name.lower() in _Q_NAMES:
-                b_q = bias if isinstance(bias, Tensor) else None
-            elif child_name.lower() in _K_NAMES:
-                b_k = bias if isinstance(bias, Tensor) else None
-    if isinstance(fused, Tensor):
-        b_q, b_k = fused.chunk(3)[0], fused.chunk(3)[1]
-    params = QKParams(proj.name, proj.w_q(), proj.w_k(), b_q, b_k)
+    params = QKParams(proj.name, proj.w_q(), proj.w_k(), proj.b_q(), proj.b_k())
     storages = {p.untyped_storage().data_ptr() for p in block.module.parameters()}
-    for label, t in (("W_Q", params.w_q), ("W_K", params.w_k)):
-        if t.untyped_storage().data_ptr() not in storages:
+    for label, t in (("W_Q", params.w_q), ("W_K", params.w_k), ("b_Q", params.b_q), ("b_K", params.b_k)):
+        if t is not None and t.untyped_storage().data_ptr() not in storages:
             raise ValueError(f"{label} of {proj.name!r} is a copy, not a view of the block's parameters")
     return params
 

@@ -39,7 +39,7 @@ from lightning_stability.capture.guards import (
     side_forward,
 )
 from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
-from lightning_stability.capture.structure import Block, WeightFn, model_blocks
+from lightning_stability.capture.structure import MISSING_WO, Block, WeightFn, model_blocks, moe_kappa_eff
 from lightning_stability.metrics import BLOCK_METRICS, BY_NAME, HEAD_METRICS, RankOp, rank_op
 from lightning_stability.stability_report import BlockReport, StabilityReport
 
@@ -57,6 +57,24 @@ NO_ATTENTION_WARNING = (
 )
 
 
+def predictor_warnings(blocks: Sequence[Block]) -> list[str]:
+    """What the combined predictor leaves out because a weight was not found (for a one-time warning).
+
+    Example:
+        >>> predictor_warnings([Block(0, "h.0", nn.Identity(), missing=["W_O"])])[0][:60]
+        'h.0: no W_O found, so the combined predictor of these blocks'
+    """
+    names = [b.name for b in blocks if MISSING_WO in b.missing]
+    if not names:
+        return []
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return [
+        f"{shown}: no W_O found, so the combined predictor of these blocks leaves out the attention "
+        "term kappa_softmax(1+kappa_score)kappa_V||W_O|| (it is not computed with ||W_O|| = 1) and the "
+        "bound counts kappa(W_O) as 0; name the output projection (e.g. `out_proj`) to include it"
+    ]
+
+
 @dataclass
 class RawMeasurement:
     """Raw statistics of one sampled step, still on the device.
@@ -69,6 +87,8 @@ class RawMeasurement:
         attention_calls: attention evaluations seen in the FP32 pass.
         norm_dtypes: per normalization layer, the dtype it computed in during the low-precision pass.
         residual_gains: per block ``‖J_f‖₂`` when estimated (host floats).
+        norm_meta: per normalization layer, ``(d, ε)`` as training uses them.
+        attended: indices of the blocks that saw at least one attention call (exact pass).
     """
 
     values: dict[str, Tensor] = field(default_factory=dict)
@@ -78,6 +98,7 @@ class RawMeasurement:
     norm_dtypes: dict[str, str] = field(default_factory=dict)
     residual_gains: dict[int, float] = field(default_factory=dict)
     norm_meta: dict[str, tuple[int, float]] = field(default_factory=dict)
+    attended: set[int] = field(default_factory=set)
 
     def put(self, key: str, value: Tensor) -> None:
         """Keep ``value`` under ``key``; its cross-rank reduction is the table's (:func:`rank_op`)."""
@@ -205,38 +226,45 @@ class StabilityProbe:
         return gains
 
     def _weights(self, raw: RawMeasurement, heads: dict[int, int]) -> None:
-        """``‖W_O‖₂``, ``κ(W_O)``, ``κ_eff`` and ``κ(W_Kᵀ W_Q)``, with one SVD per weight shape."""
+        """``‖W_O‖₂``, ``κ(W_O)``, ``κ_eff`` and ``κ(W_Kᵀ W_Q)``, with one SVD per weight shape.
+
+        ``κ_eff`` of a block with MoE experts follows
+        :func:`~lightning_stability.capture.structure.moe_kappa_eff` (dense FFN weights + the
+        worst expert's sum); a block with neither gets none.
+        """
         jobs: list[tuple[str, int, WeightFn]] = []
         for block in self.blocks:
             jobs += [("ffn", block.index, fn) for fn in block.ffn.values()]
             jobs += [("wo", block.index, fn) for fn in block.wo.values()]
+            for e, weights in enumerate(block.experts):
+                jobs += [(f"expert{e}", block.index, fn) for fn in weights.values()]
         sigma = _grouped_singular_values([fn for _, _, fn in jobs])
-        ffn: dict[int, list[Tensor]] = defaultdict(list)
-        wo: dict[int, list[Tensor]] = defaultdict(list)
+        found: dict[tuple[str, int], list[Tensor]] = defaultdict(list)
         for (kind, index, _), s in zip(jobs, sigma, strict=True):
-            (ffn if kind == "ffn" else wo)[index].append(s)
+            found[(kind, index)].append(s)
         for block in self.blocks:
             i = block.index
-            if ffn[i]:
-                raw.put(
-                    f"block{i}/kappa_eff",
-                    torch.stack([D.condition_from_singular_values(s) for s in ffn[i]]).sum(),
-                )
-            if wo[i]:
-                raw.put(f"block{i}/wo_norm", torch.stack([s[0] for s in wo[i]]).amax())
+            ffn = [D.condition_from_singular_values(s) for s in found[("ffn", i)]]
+            experts = [
+                [D.condition_from_singular_values(s) for s in found[(f"expert{e}", i)]]
+                for e in range(len(block.experts))
+            ]
+            if any(experts):
+                raw.put(f"block{i}/kappa_eff", moe_kappa_eff(ffn, experts))
+            elif ffn:
+                raw.put(f"block{i}/kappa_eff", torch.stack(ffn).sum())
+            wo = found[("wo", i)]
+            if wo:
+                raw.put(f"block{i}/wo_norm", torch.stack([s[0] for s in wo]).amax())
                 raw.put(
                     f"block{i}/kappa_wo",
-                    torch.stack([D.condition_from_singular_values(s) for s in wo[i]]).amax(),
+                    torch.stack([D.condition_from_singular_values(s) for s in wo]).amax(),
                 )
             if block.qk and i in heads:
                 values = []
                 for proj in block.qk:
-                    w_q, w_k = proj.w_q().float(), proj.w_k().float()
-                    n_heads = heads[i]
-                    if w_k.shape[0] != w_q.shape[0] and w_q.shape[0] % w_k.shape[0] == 0:
-                        d_head = w_q.shape[0] // n_heads
-                        rep = w_q.shape[0] // w_k.shape[0]
-                        w_k = w_k.reshape(-1, d_head, w_k.shape[1]).repeat_interleave(rep, 0).reshape_as(w_q)
+                    n_heads = proj.n_heads or heads[i]  # the module's own count first (GQA calls carry H_kv)
+                    w_q, w_k = (w.float() for w in proj.pair(n_heads))
                     if w_q.shape == w_k.shape and w_q.shape[0] % n_heads == 0:
                         values.append(D.kappa_wkwq(w_q, w_k, n_heads).amax())
                 if values:
@@ -416,6 +444,7 @@ class _Collector:
             return
         logit = diag.logit_max
         self.heads.setdefault(block, call.v.shape[1])
+        self.raw.attended.add(block)
         per_head = {
             "kappa_score": diag.kappa_score,
             "kappa_softmax": diag.kappa_softmax,
@@ -712,7 +741,10 @@ def compose_report(
     Metrics the table marks as measured are copied from their raw keys; the others (ratios,
     ``C_LN``/``ρ_LN``, the predictor, the bound, the roll-ups) are derived here. A term that was
     not measured (a block without attention, say) is left out of the combined predictor and
-    counts as 0 in the bound.
+    counts as 0 in the bound. In particular a block whose attention output projection ``W_O``
+    was not found (``"W_O"`` in :attr:`Block.missing`) gets a predictor without its attention
+    term ``κ_softmax(1+κ_score)κ_V‖W_O‖₂`` (no ``‖W_O‖ = 1`` is assumed) and ``κ(W_O) = 0``
+    in the bound; :func:`predictor_warnings` words it.
 
     Args:
         probe: the probe that measured.
@@ -798,9 +830,10 @@ def _block_report(
         report.r_block = report.r_block_median = report.r_block_mean_token = math.inf
     attention = 0.0
     ksm, ksc, kv = report.kappa_softmax, report.kappa_score, report.kappa_v
-    if ksm is not None and ksc is not None and kv is not None:
-        wo = report.wo_norm if report.wo_norm is not None else 1.0
-        attention = float(D.combined_predictor(ksm, ksc, kv, wo, 0.0, 0.0))
+    # no W_O found (Block.missing): the attention term is left out, not computed with ‖W_O‖ = 1
+    # (the monitor says so once, naming the blocks: predictor_warnings)
+    if ksm is not None and ksc is not None and kv is not None and report.wo_norm is not None:
+        attention = float(D.combined_predictor(ksm, ksc, kv, report.wo_norm, 0.0, 0.0))
     report.predictor = attention + (report.kappa_eff or 0.0) + (report.c_ln or 0.0)
     report.per_head.update(
         {

@@ -68,6 +68,9 @@ _HEAD_DIM_ATTRS = ("head_dim", "head_size", "attention_head_size")
 #: (weights change during training, so they are read when measured).
 WeightFn = Callable[[], Tensor]
 
+#: A function returning a bias (``(out_features,)``) at call time, ``None`` for none.
+BiasFn = Callable[[], Tensor | None]
+
 #: Names of the kinds of weights :attr:`Block.missing` can list.
 MISSING_WO, MISSING_QK, MISSING_FFN = "W_O", "W_Q/W_K", "FFN"
 
@@ -80,7 +83,11 @@ class QKProjection:
     ``w_k()`` is ``(n_kv_heads·d_head, d_in)`` the same way, query head ``h`` using key
     head ``h // (n_heads // n_kv_heads)`` (transformers' ``repeat_kv``, Falcon's groups).
     Head counts are ``None`` when the module does not say (then they come from the
-    attention call). ``layout`` names how a fused weight was split.
+    attention call). ``layout`` names how a fused weight was split. ``b_q()`` / ``b_k()``
+    are the query and key biases split the same way (``None``: the projection has no bias),
+    so whoever rescales a head (QK-clip) finds its weight and bias rows exactly as the
+    diagnostics do. Where the split is a contiguous row range (separate projections,
+    contiguous ``[Q|K|V]``) the getters return views of the parameters.
     """
 
     name: str
@@ -89,6 +96,8 @@ class QKProjection:
     n_heads: int | None = None
     n_kv_heads: int | None = None
     layout: str = "separate"
+    b_q: BiasFn = field(default=lambda: None, repr=False)
+    b_k: BiasFn = field(default=lambda: None, repr=False)
 
     def pair(self, n_heads: int | None = None) -> tuple[Tensor, Tensor]:
         """``(W_Q, W_K)`` of equal shape, K's heads repeated to the query head each serves.
@@ -275,6 +284,20 @@ def _has_norm(module: nn.Module) -> bool:
     return any(_is_norm(m) for m in module.modules())
 
 
+def is_attention_name(name: str) -> bool:
+    """Whether a module name (its last segment, or a class name) says "attention" (``attn``/``attention``).
+
+    The one rule by which weights are filed under attention (:func:`describe_block`) and a
+    block's attention module is found for mitigations.
+
+    Example:
+        >>> is_attention_name("self_attn"), is_attention_name("SelfAttention"), is_attention_name("mlp")
+        (True, True, False)
+    """
+    lowered = name.lower()
+    return any(w in lowered for w in _ATTENTION_WORDS)
+
+
 def _has_attention(module: nn.Module) -> bool:
     """Whether ``module`` contains attention (by submodule name, type or projection name)."""
     for rel, sub in module.named_modules():
@@ -284,7 +307,8 @@ def _has_attention(module: nn.Module) -> bool:
         cls = type(sub).__name__.lower()
         if (
             isinstance(sub, nn.MultiheadAttention)
-            or any(w in leaf or w in cls for w in _ATTENTION_WORDS)
+            or is_attention_name(leaf)
+            or is_attention_name(cls)
             or leaf in _QKV_NAMES
             or leaf in _Q_NAMES
         ):
@@ -306,18 +330,32 @@ def _weight_of(module: nn.Module, attr: str) -> WeightFn:
     return lambda: getattr(module, attr)
 
 
+def _bias_of(module: nn.Module, attr: str = "bias") -> BiasFn:
+    """Getter of ``module.<attr>`` when it is a tensor (read at call time), else of ``None``."""
+    return lambda: value if isinstance(value := getattr(module, attr, None), Tensor) else None
+
+
 def _rows(fn: WeightFn, start: int, stop: int) -> WeightFn:
     return lambda: fn()[start:stop]
 
 
+def _bias_rows(fn: BiasFn, start: int, stop: int) -> BiasFn:
+    return lambda: None if (b := fn()) is None else b[start:stop]
+
+
+def _split_rows(w: Tensor, groups: int, per_group: int, d_head: int, take: slice) -> Tensor:
+    """Rows of ``w`` (weight or bias) laid out as ``(groups, per_group, d_head)`` keeping ``take`` of each."""
+    rest = tuple(w.shape[1:])
+    return w.reshape(groups, per_group, d_head, *rest)[:, take].reshape(-1, *rest)
+
+
 def _heads_rows(fn: WeightFn, groups: int, per_group: int, d_head: int, take: slice) -> WeightFn:
     """Rows of a weight laid out as ``(groups, per_group, d_head)`` keeping ``take`` of each group."""
+    return lambda: _split_rows(fn(), groups, per_group, d_head, take)
 
-    def get() -> Tensor:
-        w = fn()
-        return w.reshape(groups, per_group, d_head, w.shape[-1])[:, take].reshape(-1, w.shape[-1])
 
-    return get
+def _bias_heads_rows(fn: BiasFn, groups: int, per_group: int, d_head: int, take: slice) -> BiasFn:
+    return lambda: None if (b := fn()) is None else _split_rows(b, groups, per_group, d_head, take)
 
 
 def _first_int(objs: Iterable[object], attrs: Sequence[str]) -> int | None:
@@ -343,7 +381,12 @@ def head_counts(attention: nn.Module) -> tuple[int | None, int | None, int | Non
 
 
 def fused_qk(
-    name: str, leaf: str, weight: WeightFn, out_features: int, attention: nn.Module
+    name: str,
+    leaf: str,
+    weight: WeightFn,
+    out_features: int,
+    attention: nn.Module,
+    bias: BiasFn | None = None,
 ) -> QKProjection | None:
     """Split a fused QKV weight the way its family's forward does; ``None`` when the layout is unknown.
 
@@ -353,7 +396,10 @@ def fused_qk(
     - otherwise contiguous ``[Q (H·d) | K (H_kv·d) | V (H_kv·d)]`` (GPT-2 ``c_attn``, timm
       ``qkv``, ``nn.MultiheadAttention``, Phi-3 ``qkv_proj``, Falcon multi-query), thirds when
       the module declares no head counts.
+
+    ``bias`` (the fused bias, if any) is split the same way into ``b_q`` / ``b_k``.
     """
+    b = bias or (lambda: None)
     heads, kv, d_head = head_counts(attention)
     if heads and kv and not d_head and out_features % (heads + 2 * kv) == 0:
         d_head = out_features // (heads + 2 * kv)
@@ -361,26 +407,19 @@ def fused_qk(
         if out_features % 3:
             return None
         third = out_features // 3
-        return QKProjection(name, _rows(weight, 0, third), _rows(weight, third, 2 * third), layout="thirds")
+        return QKProjection(
+            name,
+            _rows(weight, 0, third),
+            _rows(weight, third, 2 * third),
+            layout="thirds",
+            b_q=_bias_rows(b, 0, third),
+            b_k=_bias_rows(b, third, 2 * third),
+        )
     if getattr(attention, "new_decoder_architecture", False):
-        per = heads // kv + 2
-        return QKProjection(
-            name,
-            _heads_rows(weight, kv, per, d_head, slice(0, per - 2)),
-            _heads_rows(weight, kv, per, d_head, slice(per - 2, per - 1)),
-            heads,
-            kv,
-            "per K/V group [q..q|k|v]",
-        )
+        layout = "per K/V group [q..q|k|v]"
+        return _grouped_qk(name, weight, b, kv, heads // kv + 2, d_head, heads, kv, layout)
     if leaf == "query_key_value" and kv == heads and not getattr(attention, "multi_query", False):
-        return QKProjection(
-            name,
-            _heads_rows(weight, heads, 3, d_head, slice(0, 1)),
-            _heads_rows(weight, heads, 3, d_head, slice(1, 2)),
-            heads,
-            kv,
-            "per head [q_h|k_h|v_h]",
-        )
+        return _grouped_qk(name, weight, b, heads, 3, d_head, heads, kv, "per head [q_h|k_h|v_h]")
     q_rows, k_rows = heads * d_head, kv * d_head
     return QKProjection(
         name,
@@ -389,17 +428,47 @@ def fused_qk(
         heads,
         kv,
         "contiguous [Q|K|V]",
+        b_q=_bias_rows(b, 0, q_rows),
+        b_k=_bias_rows(b, q_rows, q_rows + k_rows),
+    )
+
+
+def _grouped_qk(
+    name: str,
+    weight: WeightFn,
+    bias: BiasFn,
+    groups: int,
+    per: int,
+    d_head: int,
+    heads: int,
+    kv: int,
+    layout: str,
+) -> QKProjection:
+    """Rows laid out as ``groups`` of ``[q … q | k | v]`` (``per − 2`` query heads each)."""
+    q_take, k_take = slice(0, per - 2), slice(per - 2, per - 1)
+    return QKProjection(
+        name,
+        _heads_rows(weight, groups, per, d_head, q_take),
+        _heads_rows(weight, groups, per, d_head, k_take),
+        heads,
+        kv,
+        layout,
+        b_q=_bias_heads_rows(bias, groups, per, d_head, q_take),
+        b_k=_bias_heads_rows(bias, groups, per, d_head, k_take),
     )
 
 
 def _mha_qk(full: str, mha: nn.MultiheadAttention) -> QKProjection:
     d, heads = mha.embed_dim, mha.num_heads
+    b = _bias_of(mha, "in_proj_bias")  # present for separate q/k/v weights too
+    b_q, b_k = _bias_rows(b, 0, d), _bias_rows(b, d, 2 * d)
     if mha.in_proj_weight is not None:
         w = _weight_of(mha, "in_proj_weight")
-        return QKProjection(full, _rows(w, 0, d), _rows(w, d, 2 * d), heads, heads, "contiguous [Q|K|V]")
-    return QKProjection(
-        full, _weight_of(mha, "q_proj_weight"), _weight_of(mha, "k_proj_weight"), heads, heads
-    )
+        return QKProjection(
+            full, _rows(w, 0, d), _rows(w, d, 2 * d), heads, heads, "contiguous [Q|K|V]", b_q, b_k
+        )
+    w_q, w_k = _weight_of(mha, "q_proj_weight"), _weight_of(mha, "k_proj_weight")
+    return QKProjection(full, w_q, w_k, heads, heads, b_q=b_q, b_k=b_k)
 
 
 def _expert_weights(experts: nn.Module, prefix: str) -> list[dict[str, WeightFn]]:
@@ -452,8 +521,8 @@ def _half(fn: WeightFn, half: int, dim: int) -> WeightFn:
 def describe_block(index: int, name: str, module: nn.Module, stack: str = "") -> Block:
     """Sort a block's linear maps into FFN, MoE experts, attention output and query/key projections."""
     block = Block(index, name, module, stack=stack)
-    q_found: dict[str, WeightFn] = {}
-    k_found: dict[str, WeightFn] = {}
+    q_found: dict[str, tuple[WeightFn, BiasFn]] = {}
+    k_found: dict[str, tuple[WeightFn, BiasFn]] = {}
     skip: list[str] = []  # subtrees already handled (MHA, experts, routers)
     for rel, sub in module.named_modules():
         if any(rel == s or rel.startswith(s + ".") for s in skip):
@@ -473,21 +542,22 @@ def describe_block(index: int, name: str, module: nn.Module, stack: str = "") ->
         weight = _linear_weight(sub)
         if weight is None:
             continue
-        in_attention = any(w in p.lower() for p in parts[:-1] for w in _ATTENTION_WORDS)
-        if in_attention or any(w in leaf for w in _ATTENTION_WORDS) or leaf in _QKV_NAMES:
-            _attention_weight(block, module, parts, leaf, full, weight, q_found, k_found)
+        in_attention = any(is_attention_name(p) for p in parts[:-1])
+        if in_attention or is_attention_name(leaf) or leaf in _QKV_NAMES:
+            _attention_weight(block, module, parts, leaf, full, (weight, _bias_of(sub)), q_found, k_found)
         elif leaf == "gate_up_proj" and weight().shape[0] % 2 == 0:
             # fused gated FFN (Phi-3): its forward chunks [gate | up]; counted like Llama's two maps
             block.ffn[f"{full}.gate"] = _half(weight, 0, 0)
             block.ffn[f"{full}.up"] = _half(weight, 1, 0)
         else:
             block.ffn[full] = weight
-    for parent, w_q in q_found.items():
+    for parent, (w_q, b_q) in q_found.items():
         if parent in k_found:
+            w_k, b_k = k_found[parent]
             attention = module.get_submodule(parent) if parent else module
             heads, kv, _ = head_counts(attention)
             block.qk.append(
-                QKProjection(f"{name}.{parent}" if parent else name, w_q, k_found[parent], heads, kv)
+                QKProjection(f"{name}.{parent}" if parent else name, w_q, w_k, heads, kv, b_q=b_q, b_k=b_k)
             )
     for kind, found in (
         (MISSING_WO, block.wo),
@@ -516,18 +586,23 @@ def _attention_weight(
     parts: list[str],
     leaf: str,
     full: str,
-    weight: WeightFn,
-    q_found: dict[str, WeightFn],
-    k_found: dict[str, WeightFn],
+    found: tuple[WeightFn, BiasFn],
+    q_found: dict[str, tuple[WeightFn, BiasFn]],
+    k_found: dict[str, tuple[WeightFn, BiasFn]],
 ) -> None:
-    """File one linear map found under an attention module."""
+    """File one linear map (``found``: its weight and bias getters) found under an attention module."""
+    weight, bias = found
     parent = ".".join(parts[:-1])
     attention = module.get_submodule(parent) if parent else module
     if leaf == "c_attn" and isinstance(getattr(attention, "q_attn", None), nn.Module):
-        k_found[parent] = lambda: weight().chunk(2, dim=0)[0]  # GPT-2 cross-attention: c_attn is [K | V]
+        # GPT-2 cross-attention: c_attn is [K | V]
+        k_found[parent] = (
+            lambda: weight().chunk(2, dim=0)[0],
+            lambda: None if (b := bias()) is None else b.chunk(2)[0],
+        )
     elif leaf in _QKV_NAMES:
         out_features = weight().shape[0]
-        proj = fused_qk(full, leaf, weight, out_features, attention)
+        proj = fused_qk(full, leaf, weight, out_features, attention, bias)
         if proj is None:
             block.warnings.append(
                 f"{full}: fused QKV of {out_features} rows, layout unknown; kappa_wkwq skipped"
@@ -537,9 +612,9 @@ def _attention_weight(
             if proj.layout != "contiguous [Q|K|V]":
                 block.notes.append(f"{full}: fused QKV split {proj.layout}")
     elif leaf in _Q_NAMES or leaf == "q_attn":
-        q_found[parent] = weight
+        q_found[parent] = found
     elif leaf in _K_NAMES:
-        k_found[parent] = weight
+        k_found[parent] = found
     elif leaf in _OUT_NAMES or parts[-2:-1] == ["output"]:
         block.wo[full] = weight
 
