@@ -33,12 +33,12 @@ import pickle
 import shutil
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
@@ -415,6 +415,36 @@ def _misconfiguration(err: BaseException) -> MisconfigurationException | None:
     return None
 
 
+def innermost_error(message: str) -> str:
+    """The innermost ``Parser key "name": reason`` of a jsonargparse message, with its class path.
+
+    jsonargparse explains a bad callback value by every type it tried (the ``list[Callback]``
+    union, each class path): the reason that matters is the innermost key and the line after it.
+    """
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for i in range(len(lines) - 2, -1, -1):
+        if lines[i].startswith('Parser key "') and not lines[i + 1].startswith("Parser key"):
+            problems = [ln for ln in lines[:i] if ln.startswith("- Problem with given class_path '")]
+            owner = problems[-1].split("'")[1] if problems else None
+            reason = f"{lines[i]} {lines[i + 1]}"
+            return f"{owner}: {reason}" if owner else reason
+    return lines[0] if len(lines) == 1 else message
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """A bad value ends in one ``error:`` line and a tip, not the 60-line usage block and its story."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse's nested parsers raise; only the top level prints
+            super().error(message, ex)
+        sys.stderr.write(f"error: {innermost_error(message)}\n")
+        sys.stderr.write(
+            f"tip: {self.prog.replace(' [options]', '')} --help lists the options; "
+            "--trainer.callbacks.help CLASS documents a callback\n"
+        )
+        self.exit(2)
+
+
 class TinyViTCLI(LightningCLI):
     """``LightningCLI`` whose bad callback/model values end in one line, not a chained traceback.
 
@@ -438,6 +468,7 @@ def main(args: list[str] | None = None) -> LightningCLI:
         TinyViT,
         CIFAR10DataModule,
         save_config_kwargs={"overwrite": True},
+        parser_class=OneLineErrorParser,
         args=args,
     )
     if cli.subcommand == "fit" and cli.trainer.is_global_zero:

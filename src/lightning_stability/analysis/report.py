@@ -590,6 +590,13 @@ def _markdown(
                 else "Points above y = x mean the bound's constants are too small for this model."
             ),
         ]
+        scaled = next((g for g in reg if g.proxy == "combined·ε_mach"), None)
+        if scaled is not None and math.isfinite(scaled.pearson_log):
+            tracks = scaled.pearson_log >= 0.5
+            lines[-1] += (
+                f" Here `Pearson_log` = {scaled.pearson_log:.2f}: the predictor "
+                + ("tracks the mismatch." if tracks else "does not track the mismatch over these steps.")
+            )
     lines += ["", "## Lead–lag: κ_softmax as an early warning (cf. paper Table 3)", ""]
     lines.append(
         f"Signal: `{SIGNAL_TAG}`. Lags in steps (> 0: the signal leads), scanned in ±{params['max_lag']}; "

@@ -206,9 +206,7 @@ def _describe(v: RunVerdict, lead: str | None) -> list[str]:
     w = v.worst
     if v.ratio is not None and math.isfinite(v.ratio):
         floor = (
-            "at the rounding floor"
-            if v.ratio <= RATIO_WATCH
-            else f"{v.ratio:.3g} times the rounding floor"
+            "at the rounding floor" if v.ratio <= RATIO_WATCH else f"{v.ratio:.3g} times the rounding floor"
         )
         where = (
             f"The largest block-local error is {v.error_name} = {_g(w.value)} in block {w.block} "

@@ -29,7 +29,7 @@ from lightning_stability.diagnostics import propose_ln_eps_from_variance
 
 
 class LNEpsilonBump(Callback):
-    r"""Raise the ε of ε-dominated LayerNorm/RMSNorm layers every ``every_n_steps`` steps (SPEC §6).
+    r"""Raise the ε of ε-dominated LayerNorm/RMSNorm layers every every_n_steps steps (SPEC §6).
 
     At every ``every_n_steps``-th optimizer step (``trainer.global_step`` a multiple of it,
     once per step even with gradient accumulation, never at step 0) the callback takes
