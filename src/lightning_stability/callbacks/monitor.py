@@ -201,7 +201,8 @@ class StabilityMonitor(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Say once when the early-warning alarm cannot fire within this run's length."""
         total = trainer.estimated_stepping_batches
-        first = (self._alarm.window + 1) * self.every_n_steps  # needs a full window before a sample
+        needed = self._alarm.window - len(self._alarm) + 1  # a full window, then the sample judged
+        first = (trainer.global_step // self.every_n_steps + needed) * self.every_n_steps  # (resumed too)
         if math.isfinite(total) and first > total:
             rank_zero_warn(
                 f"StabilityMonitor: the early-warning alarm cannot fire in this run: it needs "
