@@ -275,4 +275,5 @@ def test_verdict_falls_back_to_r_block_and_says_so(tmp_path: Path) -> None:
     assert (v.error_name, v.worst.block, v.status) == ("r_block", 1, "at risk")  # type: ignore[union-attr]
     assert v.ratio == pytest.approx(3e-2 / FP16)
     md = (tmp_path / "out" / "report.md").read_text()
+    assert "The largest per-block mismatch is r_block = 0.03 in block 1 (step 20): 31 × ε_mach (FP16" in md
     assert "only the propagated `r_block`" in md and "not necessarily where it is made" in md

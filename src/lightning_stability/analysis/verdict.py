@@ -208,8 +208,9 @@ def _describe(v: RunVerdict, lead: str | None) -> list[str]:
         floor = (
             "at the rounding floor" if v.ratio <= RATIO_WATCH else f"{v.ratio:.3g} times the rounding floor"
         )
+        kind = "block-local error" if v.error_name == "r_local" else "per-block mismatch"
         where = (
-            f"The largest block-local error is {v.error_name} = {_g(w.value)} in block {w.block} "
+            f"The largest {kind} is {v.error_name} = {_g(w.value)} in block {w.block} "
             f"(step {w.step}): {v.ratio:.2g} × ε_mach ({eps_text}), {floor}."
         )
     else:
