@@ -1,6 +1,12 @@
 """Pre-LN Tiny-ViT on CIFAR-10: the paper's testbed, wired for ``lightning-stability``.
 
-Run the main job (BF16 mixed precision, CPU is fine; ~2-4 minutes on 2 cores)::
+Run the main job (trains in FP32; the monitor answers "what would BF16 do?" on a
+sample of every 5th batch; about 2 minutes on 2 CPU cores, with or without native BF16)::
+
+    python examples/tiny_vit.py fit --config examples/configs/tiny_vit.yaml
+
+the same model trained in BF16 mixed precision (fast only where the CPU or GPU has
+native BF16: on a CPU without it BF16 matmuls are ~10-25x slower than FP32)::
 
     python examples/tiny_vit.py fit --config examples/configs/tiny_vit_bf16.yaml
 
@@ -8,6 +14,10 @@ and the "what would FP16 do?" job (trains in FP32, the monitor replays the
 sampled batch under FP16 autocast)::
 
     python examples/tiny_vit.py fit --config examples/configs/tiny_vit_fp16_whatif.yaml
+
+A run ends with the command that turns its logs into a verdict
+(``lightning-stability report <log root>``). A bad callback value stops the run
+before training with one line, ``error: ...``, naming the argument.
 
 Without ``--data.data_dir`` the data is a deterministic synthetic CIFAR-shaped
 set (nothing is downloaded, ever). With real data, point ``--data.data_dir`` at
@@ -20,14 +30,17 @@ from __future__ import annotations
 
 import math
 import pickle
+import shutil
+import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -363,20 +376,99 @@ class CIFAR10DataModule(LightningDataModule):
 # --------------------------------------------------------------------------- entry point
 
 
+def report_command() -> str:
+    """How to call ``lightning-stability`` from here: on PATH, next to this Python, or as a module."""
+    if shutil.which("lightning-stability"):
+        return "lightning-stability"
+    beside = Path(sys.executable).parent / "lightning-stability"
+    if beside.exists():
+        try:
+            return str(beside.relative_to(Path.cwd()))
+        except ValueError:
+            return str(beside)
+    return f"{sys.executable} -m lightning_stability.analysis.cli"
+
+
 def tensorboard_hint(trainer) -> str | None:
-    """Where the TensorBoard logs of ``trainer`` went, and the command to view them."""
+    """Where the TensorBoard logs of ``trainer`` went, and the commands to read them."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             root = Path(logger.save_dir) / (logger.name or "")
-            return f"Logs: {logger.log_dir}\nView them with:  tensorboard --logdir {root}"
+            return (
+                f"Logs: {logger.log_dir}\n"
+                f"Next, the verdict (report.md: healthy or at risk, which block, what to try):\n"
+                f"    {report_command()} report {root}\n"
+                f"Curves:  tensorboard --logdir {root}"
+            )
     return None
 
 
+def _misconfiguration(err: BaseException) -> MisconfigurationException | None:
+    """The ``MisconfigurationException`` in ``err``'s chain of causes, if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, MisconfigurationException):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def innermost_error(message: str) -> str:
+    """The innermost ``Parser key "name": reason`` of a jsonargparse message, with its class path.
+
+    jsonargparse explains a bad callback value by every type it tried (the ``list[Callback]``
+    union, each class path): the reason that matters is the innermost key and the line after it.
+    """
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for i in range(len(lines) - 2, -1, -1):
+        if lines[i].startswith('Parser key "') and not lines[i + 1].startswith("Parser key"):
+            problems = [ln for ln in lines[:i] if ln.startswith("- Problem with given class_path '")]
+            owner = problems[-1].split("'")[1] if problems else None
+            reason = f"{lines[i]} {lines[i + 1]}"
+            return f"{owner}: {reason}" if owner else reason
+    return lines[0] if len(lines) == 1 else message
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """A bad value ends in one ``error:`` line and a tip, not the 60-line usage block and its story."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse's nested parsers raise; only the top level prints
+            super().error(message, ex)
+        sys.stderr.write(f"error: {innermost_error(message)}\n")
+        sys.stderr.write(
+            f"tip: {self.prog.replace(' [options]', '')} --help lists the options; "
+            "--trainer.callbacks.help CLASS documents a callback\n"
+        )
+        self.exit(2)
+
+
+class TinyViTCLI(LightningCLI):
+    """``LightningCLI`` whose bad callback/model values end in one line, not a chained traceback.
+
+    jsonargparse checks annotated types while parsing (one line, exit 2), but a value that
+    only ``__init__`` rejects (e.g. ``eps_max <= eps_min``) raises while the classes are
+    instantiated, wrapped in a long ``ValueError`` chain. Here that ends as ``parser.error``.
+    """
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, MisconfigurationException) as err:
+            cause = _misconfiguration(err)
+            if cause is None:
+                raise
+            self.parser.error(str(cause))
+
+
 def main(args: list[str] | None = None) -> LightningCLI:
-    cli = LightningCLI(
+    cli = TinyViTCLI(
         TinyViT,
         CIFAR10DataModule,
         save_config_kwargs={"overwrite": True},
+        parser_class=OneLineErrorParser,
         args=args,
     )
     if cli.subcommand == "fit" and cli.trainer.is_global_zero:

@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_stability.analysis.cli import main
 from lightning_stability.analysis.logs import find_runs, load_run
-from lightning_stability.analysis.report import MATPLOTLIB_MISSING, build_report
+from lightning_stability.analysis.report import MATPLOTLIB_MISSING, LeadLagRow, build_report, lead_reading
 
 FP16, BF16 = 2.0**-10, 2.0**-7
 
@@ -177,3 +177,103 @@ def test_console_script(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     md = (logs / "stability_report" / "report.md").read_text()  # default --out
     assert _row(md, "logs", "fwd error")[3] == "17"
+
+
+# --------------------------------------------------------------------------- verdict and readings
+
+
+def test_tables_read_in_steps_and_words(logdir: Path, tmp_path: Path) -> None:
+    rep = build_report(logdir, tmp_path / "words", n_permutations=200, plots=False, progress=False)
+    md = rep.markdown.read_text()
+    # planted 17-step lead, p at its floor: the only case that may say "leads by"
+    assert _row(md, "fp16/version_0", "fwd error")[8] == "κ_softmax leads fwd error by 17 steps (p 0.005)"
+    # train_loss is logged on the same steps as stability/*: joined without a shift, all 195 points
+    assert _row(md, "fp16/version_0", "loss")[2] == "195"
+    short = _row(md, "short", "fwd error")
+    assert "30 logged points (one every 1 step(s)); a ±60-step scan needs at least 70" in short[7]
+    assert "--max-lag 20" in short[7] and short[8] == "not computed"
+    # predictor_scaled = r_block / 0.8: a tenth of a decade above the mismatch, nothing above y = x
+    assert "sits a median 0.1 decade(s) below the predictor (0% of 570 points above y = x)" in md
+    assert "Here `Pearson_log` = 1.00: the predictor tracks the mismatch." in md
+
+
+def _lead_row(lag: int, p: float, edge: int = 60) -> LeadLagRow:
+    lags = tuple(range(-edge, edge + 1))
+    return LeadLagRow("r", "fwd error", "stability/r_block", 100, 1, lag, 0.4, p, lags=lags)
+
+
+@pytest.mark.parametrize(
+    ("lag", "p", "reading"),
+    [
+        (20, 0.003, "κ_softmax leads fwd error by 20 steps (p 0.003)"),
+        (20, 0.05, "no significant lead (best lag 20 steps, corr 0.400, p 0.050 ≥ 0.05)"),
+        (60, 0.001, "no lead: the best lag (60 steps) sits at the edge of the ±60-step scan (p 0.001)"),
+        (-60, 0.001, "no lead: the best lag (-60 steps) sits at the edge of the ±60-step scan (p 0.001)"),
+        (-12, 0.001, "κ_softmax does not lead: best lag -12 steps (p 0.001)"),
+    ],
+)
+def test_lead_reading_says_leads_only_for_significant_inner_positive_lags(
+    lag: int, p: float, reading: str
+) -> None:
+    assert lead_reading(_lead_row(lag, p)) == reading
+
+
+def _write_blocks(path: Path, eps: float, r_local: list[float], **per_block: list[float]) -> None:
+    """A run with per-block tags, every 5 steps: each value peaks (given value) at step 30 and is
+    half of it elsewhere (r_local: a quarter); alarms at steps 35 and 40."""
+    w = SummaryWriter(str(path))
+    for step in range(0, 60, 5):
+        w.add_scalar("stability/eps_mach", eps, step)
+        for b, peak in enumerate(r_local):
+            w.add_scalar(f"stability/block{b}/r_local", peak if step == 30 else peak / 4, step)
+        for tag, values in per_block.items():
+            for b, peak in enumerate(values):
+                w.add_scalar(f"stability/block{b}/{tag}", peak if step == 30 else peak / 2, step)
+        w.add_scalar("stability/alarm", 1.0 if step in (35, 40) else 0.0, step)
+        w.add_scalar("stability/worst_block", float(np.argmax(r_local)) if step else 0.0, step)
+    w.close()
+
+
+def test_verdict_names_the_fragile_block_and_what_to_try(tmp_path: Path) -> None:
+    # block 2: r_local 0.2 = 25.6 × ε_mach(BF16) and logits of 150; blocks 0, 1 at the floor
+    _write_blocks(
+        tmp_path / "risky", BF16, [1e-3, 2e-3, 0.2], attn_logit_max=[8.0, 9.0, 150.0], rho_ln=[50.0, 3.0, 0.4]
+    )
+    _write_blocks(tmp_path / "calm", BF16, [1e-3, 3e-3, 2e-3], attn_logit_max=[8.0, 9.0, 7.0])
+    rep = build_report(tmp_path, tmp_path / "out", n_permutations=50, plots=False, progress=False)
+    by_run = {v.run: v for v in rep.verdicts}
+    risky, calm = by_run["risky"], by_run["calm"]
+    assert (risky.status, risky.worst.block, risky.worst.step) == ("at risk", 2, 30)  # type: ignore[union-attr]
+    assert risky.ratio == pytest.approx(0.2 / BF16)
+    assert risky.worst_block_share == pytest.approx(11 / 12)
+    assert risky.logit is not None and (risky.logit.block, risky.logit.value) == (2, 150.0)
+    assert risky.rho_ln is not None and risky.rho_ln.block == 2
+    assert risky.rho_ln.value == pytest.approx(0.2)  # half the peak: the smallest ρ_LN, float32 in the log
+    assert risky.alarm_steps == [35, 40]
+    assert (calm.status, calm.worst.block) == ("healthy", 1)  # type: ignore[union-attr]
+    assert calm.ratio == pytest.approx(3e-3 / BF16)
+    md = rep.markdown.read_text()
+    assert md.index("## Verdict") < md.index("## Predictor vs observed")
+    assert "**At risk: 1 of 2 run(s)** — risky (block 2)." in md
+    assert "block 2's r_local is 25.6 × ε_mach" in md
+    assert "an attention logit reached 150 (> 100)" in md
+    assert "keep block 2's attention in FP32" in md and "QK-clip at τ = 100, for block 2's attention" in md
+    assert "add LNEpsilonBump" in md
+    assert "0.38 × ε_mach (BF16, ε_mach = 0.0078), at the rounding floor" in md  # calm: 3e-3 / 2^-7
+    assert "fired 2 time(s) (steps 35, 40)" in md
+
+
+def test_verdict_falls_back_to_r_block_and_says_so(tmp_path: Path) -> None:
+    w = SummaryWriter(str(tmp_path / "old"))
+    for step in range(0, 40, 5):
+        w.add_scalar("stability/eps_mach", FP16, step)
+        w.add_scalar("stability/block0/r_block", 2e-4, step)
+        w.add_scalar("stability/block1/r_block", 3e-2 if step == 20 else 3e-4, step)
+        w.add_scalar("stability/nonfinite", 0.0, step)
+    w.close()
+    v = build_report(tmp_path, tmp_path / "out", n_permutations=50, plots=False, progress=False).verdicts[0]
+    assert (v.error_name, v.worst.block, v.status) == ("r_block", 1, "at risk")  # type: ignore[union-attr]
+    assert v.ratio == pytest.approx(3e-2 / FP16)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "The largest per-block mismatch is r_block = 0.03 in block 1 (step 20): 31 × ε_mach (FP16" in md
+    assert "only the propagated `r_block`" in md and "not necessarily where it is made" in md

@@ -239,7 +239,7 @@ def clean_argv(monkeypatch):
 
 
 @pytest.mark.usefixtures("clean_argv")
-@pytest.mark.parametrize("name", ["tiny_vit_bf16.yaml", "tiny_vit_fp16_whatif.yaml"])
+@pytest.mark.parametrize("name", ["tiny_vit.yaml", "tiny_vit_bf16.yaml", "tiny_vit_fp16_whatif.yaml"])
 def test_cli_fit_with_shipped_config(tmp_path, capsys, name):
     config_path = small_config(tmp_path, name)
     cli = tiny_vit.main(
@@ -263,6 +263,9 @@ def test_cli_fit_with_shipped_config(tmp_path, capsys, name):
     out = capsys.readouterr().out
     assert f"tensorboard --logdir {log_root}" in out
     assert str(log_dir) in out
+    # the run ends with the next command: the report, runnable as printed
+    line = next(ln.strip() for ln in out.splitlines() if ln.strip().endswith(f"report {log_root}"))
+    assert line.split(" report ")[0] in {tiny_vit.report_command(), "lightning-stability"}
 
 
 @pytest.mark.usefixtures("clean_argv")

@@ -3,9 +3,12 @@
 :func:`build_report` reads every run under a log root (see
 :mod:`lightning_stability.analysis.logs`) and writes into ``out``:
 
-* ``report.md`` — a regression table shaped like the paper's Table 2 (all runs
-  pooled, one point per logged step), a lead–lag table shaped like Table 3 (one
-  row per run and target), links to the figures and a "how to read this" note;
+* ``report.md`` — opens with a verdict in plain words (healthy / watch / at risk,
+  which block, how far above the ε_mach rounding floor, what to try; see
+  :mod:`lightning_stability.analysis.verdict`), then a regression table shaped like
+  the paper's Table 2 (all runs pooled, one point per logged step), a lead–lag table
+  shaped like Table 3 (one row per run and target, with its reading in words), links
+  to the figures and a "how to read this" note;
 * ``leadlag_<run>.png`` — z-scored ``stability/kappa_softmax_max`` and
   ``stability/r_block`` over steps with the detected lead, plus the
   correlation-vs-lag curve;
@@ -20,7 +23,13 @@ still written and one message says how to get the plots.
 Step units: lead–lag parameters (``max_lag``, ``horizon``, ``window``) are given
 in **training steps**, as in the paper (which logs every step). When a run logs
 every ``k`` steps, they are converted to samples by dividing by ``k`` (rounded),
-and lags are reported back in steps (samples × ``k``).
+and lags are reported back in steps (samples × ``k``); every number the report
+prints is in steps or says "logged points".
+
+Step alignment: series are joined on their logged step. ``StabilityMonitor`` logs a
+measurement made after optimizer step N under step N − 1, Lightning's own step for
+that batch's ``training_step`` values, so ``stability/*`` and ``train_loss`` share
+steps (logs written before this rule, at step N, join a loss one batch later).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from .leadlag import lead_lag, lead_lag_permutation_test
 from .logs import Run, Series, align, load_runs, step_stride
 from .regression import predictor_regression
 from .spikes import spike_precision_at_k
+from .verdict import RunVerdict, run_verdict, verdict_markdown
 
 __all__ = [
     "MATPLOTLIB_MISSING",
@@ -107,6 +117,7 @@ class Report:
     leadlag: list[LeadLagRow]
     figures: list[Path]
     plots_skipped: str | None = None
+    verdicts: list[RunVerdict] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -260,11 +271,7 @@ def _leadlag_row(
     if s is None or t is None:
         missing = SIGNAL_TAG if s is None else target_tag
         return LeadLagRow(run.name, target, target_tag, 0, 1, note=f"`{missing}` not logged")
-    if target != "fwd error":
-        # Lightning logs training_step values at the step *before* the optimizer step
-        # (4, 9, …) while callbacks log after it (5, 10, …): same batch, step + 1.
-        t = Series(t.steps + 1, t.values)
-    steps, (sv, tv) = align(s, t)
+    steps, (sv, tv) = align(s, t)  # joined on the logged step (see "Step alignment" above)
     T = int(steps.size)
     stride = step_stride(steps)
     notes = []
@@ -294,12 +301,65 @@ def _leadlag_row(
             curve=ll.curve,
         )
     except ValueError as exc:
-        notes.append(f"lead–lag not computed: {exc}")
+        if ml + 10 > T:  # lead_lag's min_overlap; say it in logged points and steps, not samples
+            notes.append(
+                f"lead–lag not computed: series too short: {T} logged points (one every {stride} "
+                f"step(s)); a ±{ml * stride}-step scan needs at least {ml + 10} — log more often "
+                f"or pass --max-lag {max(0, (T - 10) * stride)}"
+            )
+        else:
+            notes.append(f"lead–lag not computed: {exc}")
     try:
         row["precision_at_k"] = spike_precision_at_k(sv, tv, k=k, horizon=hz, window=win, z=z)
     except ValueError as exc:
         notes.append(f"Prec@K not computed ({exc})")
     return LeadLagRow(**row, note="; ".join(notes))
+
+
+def lead_reading(row: LeadLagRow, alpha: float = 0.05) -> str:
+    """The lead–lag row in plain words; "leads by" only for a significant lead inside the scan.
+
+    A best lag at the edge of the scanned range (``±max_lag``) is not a lead: the curve was
+    still rising where the scan stopped, or the maximum is an end effect.
+    """
+    if row.lag is None:
+        return "not computed"
+    edge = max((abs(v) for v in row.lags), default=abs(row.lag))
+    p = _fmt_p(row.p_value)
+    if edge and abs(row.lag) >= edge:
+        return f"no lead: the best lag ({row.lag} steps) sits at the edge of the ±{edge}-step scan (p {p})"
+    if not (row.p_value < alpha):
+        return f"no significant lead (best lag {row.lag} steps, corr {_fmt(row.corr)}, p {p} ≥ {alpha})"
+    if row.lag <= 0:
+        return f"κ_softmax does not lead: best lag {row.lag} steps (p {p})"
+    return f"κ_softmax leads {row.target} by {row.lag} steps (p {p})"
+
+
+def _verdict_lead(row: LeadLagRow | None) -> str | None:
+    """How the verdict reads a run's κ_softmax → r_block test."""
+    if row is None or row.lag is None:
+        return None
+    reading = lead_reading(row)
+    if reading.startswith("κ_softmax leads"):
+        p = _fmt_p(row.p_value)
+        return f"κ_softmax leads the mismatch by {row.lag} steps in this run (p {p}): act on the warnings"
+    return f"the lead–lag test finds no early warning in this run ({reading}): treat the warnings as noise"
+
+
+def _bound_gap(runs: Sequence[Run]) -> tuple[int, float, float] | None:
+    """(points, median log10(mismatch / predictor·ε_mach), fraction above y = x), pooled."""
+    ratios = []
+    for run in runs:
+        p, m = run.get("stability/predictor_scaled"), run.get(MISMATCH_TAG)
+        if p is None or m is None:
+            continue
+        _, (pv, mv) = align(p, m)
+        ok = np.isfinite(pv) & np.isfinite(mv) & (pv > 0) & (mv > 0)
+        ratios.append(np.log10(mv[ok] / pv[ok]))
+    if not ratios or not np.concatenate(ratios).size:
+        return None
+    r = np.concatenate(ratios)
+    return int(r.size), float(np.median(r)), float(np.mean(r > 0))
 
 
 # --------------------------------------------------------------------------- plots
@@ -327,12 +387,13 @@ def _plot_leadlag(Figure: Any, run: Run, row: LeadLagRow, path: Path) -> bool:
     ax.set_ylabel("z-score")
     ax.legend(loc="upper left")
     if row.lag is not None:
-        lead = "leads" if row.lag > 0 else ("lags" if row.lag < 0 else "moves with")
+        reading = lead_reading(row)
+        title = reading.split(" (")[0] if reading.startswith("κ_softmax leads") else reading.split(":")[0]
         text = (
-            f"κ_softmax {lead} r_block by {abs(row.lag)} steps\n"
-            f"corr {row.corr:.3f}, p {_fmt_p(row.p_value)}, Prec@K {_fmt(row.precision_at_k)}"
+            f"best lag {row.lag} steps, corr {row.corr:.3f}\n"
+            f"p {_fmt_p(row.p_value)}, Prec@K {_fmt(row.precision_at_k)}"
         )
-        ax.set_title(f"{run.name}: {text.splitlines()[0]}")
+        ax.set_title(f"{run.name}: {title}")
         ax.annotate(
             text,
             xy=(0.99, 0.97),
@@ -382,7 +443,11 @@ def _plot_scatter(Figure: Any, runs: Sequence[Run], path: Path) -> bool:
     ax.set_yscale("log")
     ax.set_xlabel("predictor · ε_mach  (stability/predictor_scaled)")
     ax.set_ylabel("observed mismatch  (stability/r_block)")
-    ax.set_title("Predicted vs observed forward mismatch (one point per logged step)")
+    ax.set_title(
+        "Predicted vs observed forward mismatch (one point per logged step)\n"
+        "the predictor is an upper-bound-style quantity: points at or below y = x",
+        fontsize=10,
+    )
     ax.legend(title="precision")
     fig.savefig(path, dpi=100)
     return True
@@ -391,6 +456,7 @@ def _plot_scatter(Figure: Any, runs: Sequence[Run], path: Path) -> bool:
 def _plot_curves(Figure: Any, run: Run, path: Path) -> bool:
     """Per-block curves over steps, as TensorBoard's custom-scalars charts show them."""
     panels = [
+        (r"stability/block\d+/r_local", "block-local error r_local", True),
         (r"stability/block\d+/r_block", "forward mismatch r_block", True),
         (r"stability/block\d+/kappa_softmax", "κ_softmax", True),
         (r"stability/block\d+/predictor", "combined predictor", True),
@@ -462,7 +528,10 @@ the correlation's size. `Prec@K` is the fraction of the K = ⌈0.1·T⌉ steps w
 κ_softmax's rolling z-score (previous `window` steps) is highest that are followed
 within `horizon` steps by a target spike (rolling z > Z). With targets that rarely
 spike, Prec@K is low whatever the signal. A row that says the series is too short
-needs more logged steps (at least max_lag + 10 samples) or a smaller `--max-lag`.
+needs more logged points (at least max_lag / stride + 10, where stride is the
+logging interval in steps) or a smaller `--max-lag`. `T` counts logged points;
+lags, horizon and window are in training steps. The reading column says "leads by"
+only for a lag > 0 with p < 0.05 that is not at the edge of the scan.
 """
 
 
@@ -475,10 +544,15 @@ def _markdown(
     out_dir: Path,
     params: dict[str, Any],
     plots_skipped: str | None,
+    verdicts: Sequence[RunVerdict] = (),
 ) -> str:
     lines = ["# Stability report", ""]
     lines.append(f"Log root: `{logdir}` — {len(runs)} run(s).")
     lines.append("")
+    if verdicts:
+        fwd = {r.run: r for r in ll if r.target_tag == MISMATCH_TAG}
+        leads = {v.run: t for v in verdicts if (t := _verdict_lead(fwd.get(v.run))) is not None}
+        lines += verdict_markdown(list(verdicts), leads)
     lines.append("| run | logged steps (r_block) | scalar tags |")
     lines.append("|---|---|---|")
     for run in runs:
@@ -495,6 +569,34 @@ def _markdown(
             f"| {g.proxy} | {g.n} | {_fmt(g.pearson_log)} | {_fmt(g.spearman)} | {_fmt(g.r2)} | "
             f"{_fmt(g.slope)} | {_md_cell(note)} |"
         )
+    gap = _bound_gap(runs)
+    if gap is not None:
+        n, med, above = gap
+        lines += [
+            "",
+            f"**Reading the predictor row.** The ε-scaled predictor is an upper-bound-style quantity "
+            f"(SPEC §4: the forward mismatch is at most about predictor × ε_mach, up to constants), "
+            f"not an estimate: points are expected on or below y = x. Here the observed mismatch sits "
+            f"a median {abs(med):.1f} decade(s) {'below' if med <= 0 else 'above'} the predictor "
+            f"({above:.0%} of {n} points above y = x). "
+            + (
+                "When the points sit far below the line and spread along it, the linear-space slope "
+                "measures how loose the bound is for this model (a slope far below 1, even a tiny "
+                "negative one, is what a loose but respected bound looks like); read `Pearson_log` and "
+                "the scatter plot for whether the predictor *tracks* the mismatch."
+                if med < -1
+                else "The slope near 1 means the bound is nearly tight here."
+                if abs(med) <= 1
+                else "Points above y = x mean the bound's constants are too small for this model."
+            ),
+        ]
+        scaled = next((g for g in reg if g.proxy == "combined·ε_mach"), None)
+        if scaled is not None and math.isfinite(scaled.pearson_log):
+            tracks = scaled.pearson_log >= 0.5
+            lines[-1] += (
+                f" Here `Pearson_log` = {scaled.pearson_log:.2f}: the predictor "
+                + ("tracks the mismatch." if tracks else "does not track the mismatch over these steps.")
+            )
     lines += ["", "## Lead–lag: κ_softmax as an early warning (cf. paper Table 3)", ""]
     lines.append(
         f"Signal: `{SIGNAL_TAG}`. Lags in steps (> 0: the signal leads), scanned in ±{params['max_lag']}; "
@@ -503,13 +605,15 @@ def _markdown(
         f"window {params['window']}, Z = {params['z']}."
     )
     lines.append("")
-    lines.append("| run | target | T | best lag | best corr | p-value | Prec@K | note |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append(
+        "| run | target | T (points) | best lag (steps) | best corr | p-value | Prec@K | note | reading |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in ll:
         lag = "—" if r.lag is None else str(r.lag)
         lines.append(
             f"| {_md_cell(r.run)} | {r.target} | {r.T} | {lag} | {_fmt(r.corr)} | {_fmt_p(r.p_value)} | "
-            f"{_fmt(r.precision_at_k)} | {_md_cell(r.note)} |"
+            f"{_fmt(r.precision_at_k)} | {_md_cell(r.note)} | {_md_cell(lead_reading(r))} |"
         )
     for target in dict.fromkeys(r.target for r in ll):
         ok = [r for r in ll if r.target == target and r.lag is not None]
@@ -642,8 +746,11 @@ def build_report(
     else:
         plots_skipped = "plots disabled"
 
+    verdicts = [run_verdict(run) for run in runs]
     md = out_dir / "report.md"
-    md.write_text(_markdown(logdir, runs, reg, ll, figures, out_dir, params, plots_skipped), encoding="utf-8")
+    md.write_text(
+        _markdown(logdir, runs, reg, ll, figures, out_dir, params, plots_skipped, verdicts), encoding="utf-8"
+    )
     return Report(
         out_dir=out_dir,
         markdown=md,
@@ -652,4 +759,5 @@ def build_report(
         leadlag=ll,
         figures=figures,
         plots_skipped=plots_skipped,
+        verdicts=verdicts,
     )

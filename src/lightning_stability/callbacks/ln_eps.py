@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_stability.callbacks._common import (
@@ -25,11 +25,11 @@ from lightning_stability.capture.batch import sample_inputs
 from lightning_stability.capture.guards import preserved_rng, side_forward
 from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
 from lightning_stability.diagnostics import eps_mach as dtype_eps_mach
-from lightning_stability.diagnostics import propose_ln_eps_from_variance
+from lightning_stability.diagnostics import propose_ln_eps_from_variance, rho_ln_from_variance
 
 
 class LNEpsilonBump(Callback):
-    r"""Raise the ε of ε-dominated LayerNorm/RMSNorm layers every ``every_n_steps`` steps (SPEC §6).
+    r"""Raise the ε of ε-dominated LayerNorm/RMSNorm layers every every_n_steps steps (SPEC §6).
 
     At every ``every_n_steps``-th optimizer step (``trainer.global_step`` a multiple of it,
     once per step even with gradient accumulation, never at step 0) the callback takes
@@ -66,16 +66,16 @@ class LNEpsilonBump(Callback):
     ``ln_eps/bumped_layers`` (number of distinct layers bumped so far).
 
     Args:
-        target_rho: ``ρ*`` in ``(0, 1)``: a bumped layer is brought to ``ρ_LN = ρ*``.
+        target_rho: ρ* in (0, 1): a bumped layer is brought to ρ_LN = ρ*.
         eps_min: lower clip of the proposed ε (> 0).
-        eps_max: upper clip of the proposed ε (> ``eps_min``).
-        every_n_steps: bump when ``trainer.global_step`` is a multiple of this.
+        eps_max: upper clip of the proposed ε (> eps_min).
+        every_n_steps: bump when trainer.global_step is a multiple of this.
         sample_size: examples of the batch to measure (fewer if the batch is smaller).
-        eps_mach: machine epsilon in ``ρ_LN``; ``None`` uses the training's low
-            precision (BF16 2⁻⁷, FP16 2⁻¹⁰, FP32 2⁻²³ for ``32-true``), the paper's
-            choice; a number in ``(0, 1)`` overrides it.
-        include: ``fnmatch`` patterns of layer names to consider (``None``: all).
-        exclude: ``fnmatch`` patterns of layer names to leave alone.
+        eps_mach: machine epsilon in ρ_LN; None uses the training's low precision
+            (BF16 2⁻⁷, FP16 2⁻¹⁰, FP32 2⁻²³ for 32-true), the paper's choice; a number
+            in (0, 1) overrides it (e.g. 0.0078125 = 2⁻⁷ asks an FP32 run what BF16 needs).
+        include: fnmatch patterns of layer names to consider (None: all).
+        exclude: fnmatch patterns of layer names to leave alone.
         restore_on_fit_end: put the original ε values back when fit ends or raises.
         seed: seed of the private generator choosing the sampled examples.
 
@@ -87,6 +87,9 @@ class LNEpsilonBump(Callback):
             It keeps the bumped values after the restore.
         bumped: names of the layers bumped so far.
         unchangeable: names of the normalization layers whose ε cannot be changed.
+        min_rho: the smallest ρ_LN measured so far as ``(ρ_LN, layer name, step)`` (before
+            any bump at that step), or ``None`` before the first measurement.
+        summary: what the callback did, one line, printed on rank zero at the end of fit.
     """
 
     def __init__(
@@ -137,6 +140,8 @@ class LNEpsilonBump(Callback):
         self._pending: dict[str, Any] | None = None
         self._fitting = False
         self._warned = False
+        self.min_rho: tuple[float, str, int] | None = None
+        self.summary = ""
 
     @property
     @override
@@ -203,8 +208,42 @@ class LNEpsilonBump(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fitting = False
+        self.summary = self._fit_end_summary()
+        if self._layers:
+            rank_zero_info(self.summary)
         if self.restore_on_fit_end:
             self.restore()
+
+    def _fit_end_summary(self) -> str:
+        """What changed, or why nothing did: the smallest ρ_LN seen against 1 and ρ*."""
+        em = self._eps_mach_used
+        em_text = "ε_mach = ?" if not em else (
+            f"ε_mach = 2^{math.log2(em):.0f}" if math.log2(em).is_integer() else f"ε_mach = {em:.3g}"
+        )
+        if self.min_rho is None:
+            return (
+                f"LNEpsilonBump changed nothing: it never measured (every_n_steps={self.every_n_steps}; "
+                "no sampled step ran or every measurement failed)."
+            )
+        rho, name, step = self.min_rho
+        seen = f"smallest ρ_LN seen {rho:.3g} ({name}, step {step}; {em_text})"
+        restored = " Original ε restored at fit end." if self.restore_on_fit_end else ""
+        if self.bumped:
+            moves = ", ".join(
+                f"{n} {_fmt_eps(self.original_eps.get(n))}→{self.current_eps[n]:.2g}"
+                for n in sorted(self.bumped)
+            )
+            return f"LNEpsilonBump raised ε of {len(self.bumped)} layer(s): {moves}; {seen}.{restored}"
+        if rho >= 1.0:
+            why = "is ≥ 1, so no norm was ε-dominated: nothing to do"
+        elif rho <= self.target_rho:
+            why = (
+                f"is < 1 but ≤ target_rho={self.target_rho}: Algorithm 1 would lower ε there, and it never "
+                "lowers ε"
+            )
+        else:
+            why = f"is in (target_rho={self.target_rho}, 1), but no clipped proposal exceeded the current ε"
+        return f"LNEpsilonBump changed nothing: {seen} {why}."
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -274,6 +313,9 @@ class LNEpsilonBump(Callback):
                 var, d, eps_r = rank_rows[j]
                 if math.isfinite(var) and math.isfinite(eps_r) and eps_r > 0 and d > 0:
                     eps = eps_r
+                    rho = float(rho_ln_from_variance(var, int(d), eps_r, em))  # for the fit-end summary
+                    if self.min_rho is None or rho < self.min_rho[0]:
+                        self.min_rho = (rho, layer.name, step)
                     proposals.append(
                         propose_ln_eps_from_variance(
                             var, int(d), eps_r, em, self.target_rho, self.eps_min, self.eps_max
@@ -337,3 +379,7 @@ def _param_dtype(layer: NormLayer) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+def _fmt_eps(eps: float | None) -> str:
+    return "None" if eps is None else f"{eps:.2g}"

@@ -12,6 +12,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from lightning_stability.callbacks._cli_types import (
+    AtLeastTwoInt,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+)
 from lightning_stability.callbacks._common import (
     DTYPES,
     PrecisionName,
@@ -40,7 +46,7 @@ from lightning_stability.verdict import FitVerdict
 
 
 class StabilityMonitor(Callback):
-    r"""Measure the forward pass's low-precision fragility every ``every_n_steps`` training steps.
+    r"""Measure the forward pass's low-precision fragility every every_n_steps training steps.
 
     At a sampled step it takes ``sample_size`` examples of the current batch and runs
     the model twice without gradients — in the training's low precision and in exact
@@ -50,54 +56,61 @@ class StabilityMonitor(Callback):
     the unified bound. Training is not changed: same parameters, RNG stream, module
     modes, no hooks left behind; steps that are not sampled cost nothing.
 
+    Logged steps: a measurement made after optimizer step N (``trainer.global_step == N``,
+    on the batch that step trained on) is logged at step N − 1, the step under which
+    Lightning logs that batch's ``training_step`` values, so the two join on ``step``.
+
+    (The Args below are plain text: ``LightningCLI --help`` prints them as written.)
+
     Args:
-        every_n_steps: measure when ``trainer.global_step`` is a multiple of this.
+        every_n_steps: measure when trainer.global_step is a multiple of this (an integer >= 1).
         sample_size: examples of the batch to measure (fewer if the batch is smaller).
-        precision: low precision of the measured pass: ``None`` uses the trainer's own;
-            ``"bf16"``/``"fp16"`` force that autocast (an FP32 run can ask "what would BF16
-            do?"); ``"fp32"`` measures plain FP32.
-        head_reduction: combine the heads' ``kappa_softmax`` by ``"max"`` or ``"sum"`` (the paper's
-            conservative form, SPEC §1); ``kappa_score`` and ``kappa_v`` are always the max over heads.
-        batch_reduction: combine the sampled examples by ``"max"`` or ``"mean"``.
-        residual_gain_iters: power-iteration steps for each block's residual gain ``ρ_ℓ``;
-            0 turns it off, and with it the unified bound (it costs about
-            ``3·residual_gain_iters`` extra block forwards per block).
-        blocks: ``fnmatch`` patterns naming the blocks (e.g. ``["model.h.*"]``); ``None``
-            finds the repeated layers (the longest uniform ``nn.ModuleList``).
-        log_per_head: also log ``stability/block{i}/head{h}/<name>``.
-        alarm_window: sampled steps of history for the rolling z-score of ``kappa_softmax_max``
-            (the paper's 20); the alarm stays silent until that many samples exist.
+        precision: low precision of the measured pass. None (default): the trainer's own;
+            bf16 or fp16: that autocast, so an FP32 run can ask "what would BF16 do?";
+            fp32: plain FP32.
+        head_reduction: combine the heads' kappa_softmax by max or sum (the paper's conservative
+            form, SPEC §1); kappa_score and kappa_v are always the max over heads.
+        batch_reduction: combine the sampled examples by max or mean.
+        residual_gain_iters: power-iteration steps for each block's residual gain rho_l;
+            0 turns it off, and with it the unified bound (each iteration costs about
+            3 extra block forwards per block).
+        blocks: name patterns of the blocks, e.g. [model.h.*] (* stays within one name
+            segment, ** spans segments); None finds the repeated layers (README: block detection).
+        log_per_head: also log stability/block{i}/head{h}/<name>.
+        alarm_window: sampled steps of history for the rolling z-score of kappa_softmax_max
+            (the paper's 20, at least 2); the alarm stays silent until that many samples
+            exist, i.e. for the first alarm_window x every_n_steps training steps.
         alarm_threshold: z-score above which the early warning fires (the paper's 1.5).
-        ln_c1: constant ``C1`` of ``C_LN`` (Proposition 1).
-        ln_c2: constant ``C2`` of ``C_LN``.
-        ln_c3: constant ``C3`` of ``C_LN``.
-        bound_c: the absolute constant ``c`` of the unified bound.
+        ln_c1: constant C1 of C_LN (Proposition 1).
+        ln_c2: constant C2 of C_LN.
+        ln_c3: constant C3 of C_LN.
+        bound_c: the absolute constant c of the unified bound.
         seed: seed of the private generator choosing the sampled examples.
-        eps_mach: numeric ``ε_mach`` override (SPEC §2) for ``ρ_LN``, ``C_LN``, ``predictor_scaled``
-            and the bound; ``None`` uses that of the measured low precision.
-        local_errors: measure ``r_local`` / ``r_attention_local`` / ``r_ffn_local`` (each block and
+        eps_mach: numeric machine epsilon override (SPEC §2) for rho_ln, c_ln, predictor_scaled
+            and the bound; None uses that of the measured low precision.
+        local_errors: measure r_local / r_attention_local / r_ffn_local (each block and
             sub-layer run once more in the low precision on its exact FP32 input).
-        balanced_mass: also log ``theta``, the balanced-mass factor θ(p) of the attention rows
-            (exact subset-mass search: costly, see README's Performance; off by default).
+        balanced_mass: also log theta, the balanced-mass factor of the attention rows
+            (exact subset-mass search: costly, see the README; off by default).
     """
 
     def __init__(
         self,
-        every_n_steps: int = 50,
-        sample_size: int = 16,
+        every_n_steps: PositiveInt = 50,
+        sample_size: PositiveInt = 16,
         precision: PrecisionName | None = None,
         head_reduction: Literal["max", "sum"] = "max",
         batch_reduction: Literal["max", "mean"] = "max",
-        residual_gain_iters: int = 0,
+        residual_gain_iters: NonNegativeInt = 0,
         blocks: list[str] | None = None,
         log_per_head: bool = False,
-        alarm_window: int = 20,
-        alarm_threshold: float = 1.5,
-        ln_c1: float = 1.0,
-        ln_c2: float = 1.0,
-        ln_c3: float = 1.0,
-        bound_c: float = 1.0,
-        seed: int = 0,
+        alarm_window: AtLeastTwoInt = 20,
+        alarm_threshold: NonNegativeFloat = 1.5,
+        ln_c1: NonNegativeFloat = 1.0,
+        ln_c2: NonNegativeFloat = 1.0,
+        ln_c3: NonNegativeFloat = 1.0,
+        bound_c: NonNegativeFloat = 1.0,
+        seed: NonNegativeInt = 0,
         eps_mach: float | None = None,
         local_errors: bool = True,
         balanced_mass: bool = False,
@@ -124,8 +137,8 @@ class StabilityMonitor(Callback):
             check_number("eps_mach", eps_mach, 0.0, 1.0, open_low=True, open_high=True)
         check_choice("local_errors", local_errors, (True, False))
         check_choice("balanced_mass", balanced_mass, (True, False))
-        self.every_n_steps = every_n_steps
-        self.sample_size = sample_size
+        self.every_n_steps = int(every_n_steps)  # plain ints also when LightningCLI passed PositiveInt
+        self.sample_size = int(sample_size)
         self.precision = precision
         self.head_reduction = head_reduction
         self.batch_reduction = batch_reduction
@@ -239,6 +252,20 @@ class StabilityMonitor(Callback):
             self._alarm.load_state_dict(state_dict["alarm"])
         if "verdict" in state_dict:
             self._verdict.load_state_dict(state_dict["verdict"])
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Say once when the early-warning alarm cannot fire within this run's length."""
+        total = trainer.estimated_stepping_batches
+        needed = self._alarm.window - len(self._alarm) + 1  # a full window, then the sample judged
+        first = (trainer.global_step // self.every_n_steps + needed) * self.every_n_steps  # (resumed too)
+        if math.isfinite(total) and first > total:
+            rank_zero_warn(
+                f"StabilityMonitor: the early-warning alarm cannot fire in this run: it needs "
+                f"alarm_window={self._alarm.window} sampled steps of history x every_n_steps="
+                f"{self.every_n_steps} before it can judge one (first possible at step {first}), "
+                f"but the run has {int(total)} steps. Lower every_n_steps or alarm_window."
+            )
 
     # ------------------------------------------------------------ measurement
     def measure(
@@ -363,7 +390,7 @@ class StabilityMonitor(Callback):
             if isinstance(logger, TensorBoardLogger) and not self._layout_written and trainer.is_global_zero:
                 logger.experiment.add_custom_scalars(custom_scalars_layout(len(report.blocks)))
                 self._layout_written = True
-            logger.log_metrics(metrics, step=report.step)
+            logger.log_metrics(metrics, step=lightning_log_step(trainer))
         if fired:
             worst = max(
                 (b for b in report.blocks if b.kappa_softmax is not None),
@@ -371,7 +398,7 @@ class StabilityMonitor(Callback):
                 default=None,
             )
             rank_zero_warn(
-                f"StabilityMonitor early warning at step {report.step}: kappa_softmax_max = "
+                f"StabilityMonitor early warning at step {lightning_log_step(trainer)}: kappa_softmax_max = "
                 f"{report.kappa_softmax_max:.4g} jumped above its rolling mean "
                 f"(z > {self.alarm_threshold}); largest in block {worst.name if worst else '?'!r}."
             )
@@ -389,6 +416,19 @@ def _all_ranks_measured(trainer: Trainer, pl_module: LightningModule, raw: RawMe
     )
     flags = trainer.strategy.all_gather(mine).reshape(-1, 2)
     return bool((flags[:, 0] == 1).all() and (flags[:, 1] == flags[0, 1]).all())
+
+
+def lightning_log_step(trainer: Trainer) -> int:
+    """The step under which Lightning logs the current batch's ``training_step`` values.
+
+    In ``on_train_batch_end`` the optimizer has stepped (``trainer.global_step`` counts it)
+    but Lightning's own logging step, ``fit_loop.epoch_loop._batches_that_stepped``, is
+    incremented only after the hook: logging under it makes the monitor's rows join
+    ``train_loss`` rows on ``step`` (CSV) and share TensorBoard's x-axis. Falls back to
+    ``global_step - 1`` should that private counter ever move.
+    """
+    counter = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
+    return int(counter) if isinstance(counter, int) else max(0, trainer.global_step - 1)
 
 
 def custom_scalars_layout(n_blocks: int) -> dict[str, dict[str, list[Any]]]:
