@@ -23,6 +23,7 @@ from lightning_stability.callbacks._common import (
     is_distributed,
     low_precision_context,
 )
+from lightning_stability.callbacks._dashboard import TensorBoardDashboard, custom_scalars_layout
 from lightning_stability.capture.batch import sample_inputs
 from lightning_stability.capture.probe import (
     NO_ATTENTION_WARNING,
@@ -32,9 +33,10 @@ from lightning_stability.capture.probe import (
     first_nonfinite_module,
 )
 from lightning_stability.diagnostics import RollingZScore
-from lightning_stability.metrics import METRICS
 from lightning_stability.stability_report import StabilityReport
 from lightning_stability.verdict import FitVerdict
+
+__all__ = ["StabilityMonitor", "custom_scalars_layout"]
 
 
 class StabilityMonitor(Callback):
@@ -142,7 +144,7 @@ class StabilityMonitor(Callback):
         self._warned_no_attention = False
         self._warned_no_blocks = False
         self._warned_skip = False
-        self._layout_written = False
+        self._dashboard = TensorBoardDashboard()
 
     @property
     @override
@@ -214,6 +216,10 @@ class StabilityMonitor(Callback):
                 # two trailing spaces: a markdown line break in TensorBoard's text tab
                 text = self.summary.replace("\n", "  \n")
                 logger.experiment.add_text("stability/summary", text, global_step=trainer.global_step)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._dashboard.close()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -329,10 +335,10 @@ class StabilityMonitor(Callback):
             metrics["stability/alarm"] = float(fired)
         self._verdict.update(report)
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and not self._layout_written and trainer.is_global_zero:
-                logger.experiment.add_custom_scalars(custom_scalars_layout(len(report.blocks)))
-                self._layout_written = True
             logger.log_metrics(metrics, step=report.step)
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                # same step as the line above; TensorBoard only: layout, log10 copies, block sub-runs
+                self._dashboard.write(logger, metrics, [b.name for b in report.blocks], step=report.step)
         if fired:
             worst = max(
                 (b for b in report.blocks if b.kappa_softmax is not None),
@@ -358,24 +364,3 @@ def _all_ranks_measured(trainer: Trainer, pl_module: LightningModule, raw: RawMe
     )
     flags = trainer.strategy.all_gather(mine).reshape(-1, 2)
     return bool((flags[:, 0] == 1).all() and (flags[:, 1] == flags[0, 1]).all())
-
-
-def custom_scalars_layout(n_blocks: int) -> dict[str, dict[str, list[Any]]]:
-    """TensorBoard custom-scalars layout from the metric table: one multi-line chart per block
-    metric across blocks, one per model-level metric, plus the side-by-side comparisons."""
-    per_block = {
-        m.name: ["Multiline", [rf"stability/block\d+/{m.name}$"]] for m in METRICS if m.level != "model"
-    }
-    model: dict[str, list[Any]] = {
-        "mismatch vs predictor": ["Multiline", ["stability/r_block$", "stability/predictor_scaled$"]],
-        "early warning": ["Multiline", ["stability/kappa_softmax_max$", "stability/alarm$"]],
-        "bound": ["Multiline", ["stability/bound$", "stability/bound_rigorous$", "stability/r_block$"]],
-        "where: local vs propagated error": [
-            "Multiline",
-            [r"stability/block\d+/r_local$", "stability/r_block$"],
-        ],
-    }
-    for m in METRICS:
-        if m.level == "model" or m.blocks:
-            model.setdefault(m.name, ["Multiline", [f"stability/{m.name}$"]])
-    return {"stability (model)": model, f"stability per block ({n_blocks} blocks)": per_block}
