@@ -9,8 +9,8 @@ What TensorBoard itself cannot be told, and how the dashboard gets around it:
 * **Log axes.** A layout cannot switch a chart to a log axis (each card has a toggle, off by
   default). Values that span decades (``Metric.log_scale``) are therefore also written as their
   base-10 logarithm (``stability_block/log10_<name>`` in the block sub-runs,
-  ``stability_model/log10_<name>`` in the main run): ``-2.6`` reads as ``2.5e-3``. Error charts
-  carry ``log10 ε_mach`` as the floor line.
+  ``stability_model/log10_<name>`` in the main run): ``-2.6`` reads as ``2.5e-3``. The chart
+  of the last block's ``r_block`` carries ``log10 ε_mach`` as the floor line.
 * **Smoothing.** Multi-line charts follow the global smoothing slider; margin charts are never
   smoothed. The 0/1 alarm, the worst-block index and the non-finite count are margin charts
   (value = lower = upper), so a single alarm step stays a 1, never a smoothed 0.2.
@@ -67,8 +67,17 @@ _PHRASE = {
     "rho_ln": "ρ_LN (< 1: ε-dominated norm)",
     "residual_gain": "residual-branch gain ρ",
 }
-_ERRORS = ("r_local", "r_attention_local", "r_ffn_local", "r_block", "r_block_mean_token", "r_block_median")
-_WHERE = (*_ERRORS, "attn_logit_max", "amax")
+#: The "where" section, in this order; the other block metrics follow in the conditioning section.
+_WHERE = (
+    "r_local",
+    "r_attention_local",
+    "r_ffn_local",
+    "r_block",
+    "attn_logit_max",
+    "amax",
+    "r_block_mean_token",
+    "r_block_median",
+)
 
 
 def log10_or_none(value: float) -> float | None:
@@ -138,8 +147,8 @@ def custom_scalars_layout(metrics: dict[str, float]) -> dict[str, dict[str, list
 
     Four sections: the early warning (κ_softmax_max and the 0/1 alarm), the verdict (model
     level: r_block against the ε_mach floor, the predictor, the bound, FP16 headroom, worst
-    block, non-finite count), *where* (per block, one colour per block: the errors against the
-    ε_mach floor, attention logits, activation maxima), and the per-block conditioning
+    block, non-finite count), *where* (per block, one colour per block: the local and
+    propagated errors, attention logits, activation maxima), and the per-block conditioning
     diagnostics. Only metrics present in ``metrics`` get a chart.
     """
     block_on, model_on = _on(metrics)
@@ -181,16 +190,12 @@ def custom_scalars_layout(metrics: dict[str, float]) -> dict[str, dict[str, list
 
     where: dict[str, list[Any]] = {}
     diagnostics: dict[str, list[Any]] = {}
-    for metric in METRICS:
+    block_metrics = [BY_NAME[n] for n in _WHERE] + [m for m in METRICS if m.name not in _WHERE]
+    for metric in block_metrics:
         if metric.level == "model" or metric.name not in block_on:
             continue
-        chart = _lines(_block_tag(metric))
-        if metric.name in _ERRORS:
-            chart[1] += eps
-            title = _title(metric) + (" — flat line: ε_mach" if eps else "")
-        else:
-            title = _title(metric)
-        (where if metric.name in _WHERE else diagnostics)[title] = chart
+        # no ε_mach line here: it would squeeze the blocks' lines together (it is in the r_block chart)
+        (where if metric.name in _WHERE else diagnostics)[_title(metric)] = _lines(_block_tag(metric))
     layout = {
         "stability · early warning": warning,
         "stability · verdict": verdict,
