@@ -145,3 +145,18 @@ def test_split_metrics_drops_what_a_log_axis_cannot_show() -> None:
     )
     assert main == {}
     assert blocks == [{}, {"stability_block/log10_kappa_v": 2.0, "stability_block/wo_norm": 0.5}]
+
+
+def test_a_dashboard_that_cannot_be_written_warns_once_and_training_goes_on(tmp_path: Path) -> None:
+    seed_everything(0)
+    tb = TensorBoardLogger(str(tmp_path / "tb"), name="run", version=0)
+    Path(tb.log_dir).mkdir(parents=True)
+    (Path(tb.log_dir) / "block0").write_text("a file where the sub-run directory goes")
+    cb = StabilityMonitor(every_n_steps=2, sample_size=4, precision="bf16")
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=tb, max_steps=4))
+    with pytest.warns(UserWarning, match="TensorBoard dashboard is off") as record:
+        trainer.fit(TinyTransformer(depth=DEPTH), make_loader())
+    assert sum("dashboard is off" in str(w.message) for w in record) == 1
+    assert trainer.global_step == 4
+    main = _scalars(_accumulator(Path(tb.log_dir)))
+    assert set(main["stability/block0/r_local"]) == {2, 4}

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_stability.metrics import BY_NAME, METRICS, Metric
 
@@ -234,11 +235,30 @@ class TensorBoardDashboard:
 
     def __init__(self) -> None:
         self._writers: dict[str, list[Any]] = {}
+        self._failed = False
 
     def write(
         self, logger: TensorBoardLogger, metrics: dict[str, float], block_names: Sequence[str], step: int
     ) -> None:
-        """Write one logged step's dashboard values (``metrics``: the monitor's flat tags)."""
+        """Write one logged step's dashboard values (``metrics``: the monitor's flat tags).
+
+        A failure (a sub-run directory that cannot be created, a writer that breaks) is warned
+        once and turns the dashboard off: the monitor never stops training.
+        """
+        if self._failed:
+            return
+        try:
+            self._write(logger, metrics, block_names, step)
+        except Exception as err:
+            self._failed = True
+            rank_zero_warn(
+                f"StabilityMonitor: the TensorBoard dashboard is off ({type(err).__name__}: {err}); "
+                "the stability/* tags are still logged."
+            )
+
+    def _write(
+        self, logger: TensorBoardLogger, metrics: dict[str, float], block_names: Sequence[str], step: int
+    ) -> None:
         main, per_block = split_metrics(metrics)
         log_dir = logger.log_dir
         experiment = logger.experiment
