@@ -37,7 +37,9 @@ class Metric:
             blocks combine into it (``"max"``, ``"last"``); ``None``: not rolled up.
         ranks: how ranks combine. A :data:`RankOp` when the value is measured directly (the
             raw key is the name), else a note on what it is derived from.
-        log_scale: plot on a log axis (condition numbers, errors).
+        log_scale: its values span decades (condition numbers, errors): TensorBoard's dashboard
+            plots its log10.
+        unit: what a linear value counts (``"nats"``, ``"bits"``, ``"0/1"``…), shown in chart titles.
         attr: the report field holding the logged value when it differs from ``name``.
     """
 
@@ -50,6 +52,7 @@ class Metric:
     ranks: str = "max"
     log_scale: bool = False
     attr: str | None = None
+    unit: str = ""
 
     @property
     def measured(self) -> bool:
@@ -81,6 +84,7 @@ METRICS: tuple[Metric, ...] = (
         "mean",
         "mean",
         ranks="min",
+        unit="nats",
     ),
     Metric(
         "attn_logit_max",
@@ -92,7 +96,7 @@ METRICS: tuple[Metric, ...] = (
         log_scale=True,
     ),
     # ---- weights and normalization, per block
-    Metric("wo_norm", "block", "‖W_O‖₂ of the attention output projection"),
+    Metric("wo_norm", "block", "‖W_O‖₂ of the attention output projection", unit="spectral norm"),
     Metric(
         "kappa_eff",
         "block",
@@ -106,12 +110,14 @@ METRICS: tuple[Metric, ...] = (
         "block",
         "Σ C_LN = C1·σ/√ε + C2·σ²/ε + C3 over the block's normalization layers (SPEC §2)",
         ranks="from min σ²",
+        log_scale=True,
     ),
     Metric(
         "rho_ln",
         "block",
         "min ρ_LN = σ²·d·ε_mach/ε over the block's normalization layers (< 1: ε-dominated) (SPEC §2)",
         ranks="from min σ²",
+        log_scale=True,
     ),
     Metric(
         "predictor",
@@ -196,7 +202,12 @@ METRICS: tuple[Metric, ...] = (
         "mean pairwise cosine similarity of the block's exact output tokens (→ 1: rank collapse)",
         examples="mean",
     ),
-    Metric("residual_gain", "block", "‖J_f‖₂ of the residual branch (residual_gain_iters > 0)"),
+    Metric(
+        "residual_gain",
+        "block",
+        "‖J_f‖₂ of the residual branch (residual_gain_iters > 0)",
+        unit="spectral norm",
+    ),
     Metric(
         "amax",
         "block",
@@ -221,22 +232,32 @@ METRICS: tuple[Metric, ...] = (
         log_scale=True,
     ),
     Metric(
-        "bound", "model", "unified bound, first-order (1+ρ) form (needs residual gains)", ranks="from blocks"
+        "bound",
+        "model",
+        "unified bound, first-order (1+ρ) form (needs residual gains)",
+        ranks="from blocks",
+        log_scale=True,
     ),
     Metric(
         "bound_rigorous",
         "model",
         "unified bound, (1+ρ)/(1−ρ) form; inf when small gain fails",
         ranks="from blocks",
+        log_scale=True,
     ),
     Metric(
-        "nonfinite", "model", "non-finite elements in the low-precision block outputs", ranks="from blocks"
+        "nonfinite",
+        "model",
+        "non-finite elements in the low-precision block outputs",
+        ranks="from blocks",
+        unit="count",
     ),
     Metric(
         "eps_mach",
         "model",
         "ε_mach used (2⁻⁷ bf16, 2⁻¹⁰ fp16, 2⁻²³ fp32, or the eps_mach override)",
         ranks="—",
+        log_scale=True,
     ),
     Metric(
         "worst_block",
@@ -244,14 +265,18 @@ METRICS: tuple[Metric, ...] = (
         "index of the block with the largest r_local (report: its name)",
         ranks="from r_local",
         attr="worst_block_index",
+        unit="index",
     ),
     Metric(
         "fp16_headroom",
         "model",
         "log2(65504 / max |output| over every module): bits before FP16 overflows",
         ranks="from module maxima",
+        unit="bits",
     ),
-    Metric("alarm", "model", "1 at a step where the κ_softmax early warning fired, else 0", ranks="—"),
+    Metric(
+        "alarm", "model", "1 at a step where the κ_softmax early warning fired, else 0", ranks="—", unit="0/1"
+    ),
 )
 
 #: Internal raw statistics (not logged): their cross-rank reduction, by the last key segment.

@@ -73,7 +73,8 @@ class StabilityReport:
     """One sampled step: model-level values and one :class:`BlockReport` per block, in model order.
 
     Attributes:
-        step: ``trainer.global_step`` when measured.
+        step: the logged step of the measurement: Lightning's step of the batch it was taken on
+            (``trainer.global_step − 1`` in ``on_train_batch_end``), so it joins ``training_step`` rows.
         dtype: low-precision dtype the low-precision pass really used (``"bfloat16"``…).
         eps_mach: the machine epsilon used (of ``dtype``, or the monitor's ``eps_mach`` override).
         blocks: per-block reports.

@@ -2,7 +2,9 @@
 
 A **run** is a directory that directly contains at least one
 ``events.out.tfevents.*`` file; :func:`find_runs` lists every such directory
-under a log root (the root included). All event files of a run directory are
+under a log root (the root included), except the ``block{i}`` sub-runs that
+``StabilityMonitor`` writes inside a run for TensorBoard's per-block colours
+(they hold copies of the run's own ``stability/block{i}/*`` values). All event files of a run directory are
 read together by ``EventAccumulator`` (a resumed run appends a new file), and
 when a step was logged more than once the **last** value wins.
 
@@ -22,6 +24,8 @@ import numpy as np
 __all__ = ["Run", "Series", "align", "find_runs", "load_run", "load_runs", "step_stride"]
 
 EVENT_GLOB = "events.out.tfevents.*"
+#: Directory names of the monitor's TensorBoard dashboard sub-runs (``<run>/block3``).
+DASHBOARD_SUB_RUN = re.compile(r"block\d+")
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,7 +65,8 @@ class Run:
 
 
 def find_runs(logdir: str | Path) -> list[Path]:
-    """Every directory under ``logdir`` (itself included) holding an event file, sorted.
+    """Every directory under ``logdir`` (itself included) holding an event file, sorted;
+    a ``block{i}`` directory inside a run (the monitor's dashboard sub-run) is not a run.
 
     Args:
         logdir: Log root.
@@ -76,7 +81,8 @@ def find_runs(logdir: str | Path) -> list[Path]:
     root = Path(logdir)
     if not root.is_dir():
         return []
-    return sorted({p.parent for p in root.rglob(EVENT_GLOB) if p.is_file()})
+    runs = {p.parent for p in root.rglob(EVENT_GLOB) if p.is_file()}
+    return sorted(r for r in runs if not (DASHBOARD_SUB_RUN.fullmatch(r.name) and r.parent in runs))
 
 
 def load_run(path: str | Path, name: str | None = None) -> Run:

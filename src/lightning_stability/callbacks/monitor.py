@@ -29,6 +29,7 @@ from lightning_stability.callbacks._common import (
     is_distributed,
     low_precision_context,
 )
+from lightning_stability.callbacks._dashboard import TensorBoardDashboard, custom_scalars_layout
 from lightning_stability.capture.batch import sample_inputs
 from lightning_stability.capture.probe import (
     NO_ATTENTION_WARNING,
@@ -40,9 +41,10 @@ from lightning_stability.capture.probe import (
 )
 from lightning_stability.capture.structure import structure_warnings, unattended_blocks, unmatched_patterns
 from lightning_stability.diagnostics import RollingZScore
-from lightning_stability.metrics import METRICS
 from lightning_stability.stability_report import StabilityReport
 from lightning_stability.verdict import FitVerdict
+
+__all__ = ["StabilityMonitor", "custom_scalars_layout"]
 
 
 class StabilityMonitor(Callback):
@@ -164,7 +166,7 @@ class StabilityMonitor(Callback):
         self._warned_skip = False
         self._warned_structure = False
         self._warned_unattended = False
-        self._layout_written = False
+        self._dashboard = TensorBoardDashboard()
 
     @property
     @override
@@ -238,6 +240,10 @@ class StabilityMonitor(Callback):
                 logger.experiment.add_text("stability/summary", text, global_step=trainer.global_step)
 
     @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._dashboard.close()
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "last_step": self._last_step,
@@ -291,14 +297,16 @@ class StabilityMonitor(Callback):
         probe = self._probe
         assert probe is not None
         values = self._reduce(trainer, raw)
-        report = compose_report(probe, raw, values, step, self.ln_constants, self.bound_c, self.eps_mach)
+        # report.step is the logged step (joins Lightning's training_step rows); `step` seeds the sample
+        log_step = lightning_log_step(trainer)
+        report = compose_report(probe, raw, values, log_step, self.ln_constants, self.bound_c, self.eps_mach)
         if report.nonfinite:
             report.first_nonfinite = first_nonfinite_module(
                 pl_module, args, kwargs, lambda: self._low_precision(trainer, pl_module)
             )
             rank_zero_warn(
                 f"StabilityMonitor: the low-precision ({report.dtype}) forward went non-finite "
-                f"at step {step} "
+                f"at step {report.step} "
                 f"({report.nonfinite} values in block outputs); first non-finite module: "
                 f"{report.first_nonfinite!r}. r_block is inf; training goes on."
             )
@@ -387,10 +395,10 @@ class StabilityMonitor(Callback):
             metrics["stability/alarm"] = float(fired)
         self._verdict.update(report)
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and not self._layout_written and trainer.is_global_zero:
-                logger.experiment.add_custom_scalars(custom_scalars_layout(len(report.blocks)))
-                self._layout_written = True
-            logger.log_metrics(metrics, step=lightning_log_step(trainer))
+            logger.log_metrics(metrics, step=report.step)
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                # same step as the line above; TensorBoard only: layout, log10 copies, block sub-runs
+                self._dashboard.write(logger, metrics, [b.name for b in report.blocks], step=report.step)
         if fired:
             worst = max(
                 (b for b in report.blocks if b.kappa_softmax is not None),
@@ -398,7 +406,7 @@ class StabilityMonitor(Callback):
                 default=None,
             )
             rank_zero_warn(
-                f"StabilityMonitor early warning at step {lightning_log_step(trainer)}: kappa_softmax_max = "
+                f"StabilityMonitor early warning at step {report.step}: kappa_softmax_max = "
                 f"{report.kappa_softmax_max:.4g} jumped above its rolling mean "
                 f"(z > {self.alarm_threshold}); largest in block {worst.name if worst else '?'!r}."
             )
@@ -430,23 +438,3 @@ def lightning_log_step(trainer: Trainer) -> int:
     counter = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
     return int(counter) if isinstance(counter, int) else max(0, trainer.global_step - 1)
 
-
-def custom_scalars_layout(n_blocks: int) -> dict[str, dict[str, list[Any]]]:
-    """TensorBoard custom-scalars layout from the metric table: one multi-line chart per block
-    metric across blocks, one per model-level metric, plus the side-by-side comparisons."""
-    per_block = {
-        m.name: ["Multiline", [rf"stability/block\d+/{m.name}$"]] for m in METRICS if m.level != "model"
-    }
-    model: dict[str, list[Any]] = {
-        "mismatch vs predictor": ["Multiline", ["stability/r_block$", "stability/predictor_scaled$"]],
-        "early warning": ["Multiline", ["stability/kappa_softmax_max$", "stability/alarm$"]],
-        "bound": ["Multiline", ["stability/bound$", "stability/bound_rigorous$", "stability/r_block$"]],
-        "where: local vs propagated error": [
-            "Multiline",
-            [r"stability/block\d+/r_local$", "stability/r_block$"],
-        ],
-    }
-    for m in METRICS:
-        if m.level == "model" or m.blocks:
-            model.setdefault(m.name, ["Multiline", [f"stability/{m.name}$"]])
-    return {"stability (model)": model, f"stability per block ({n_blocks} blocks)": per_block}
