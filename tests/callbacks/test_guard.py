@@ -205,7 +205,7 @@ def test_qk_clip_fit_acts_once_on_the_fragile_block_and_control_is_untouched(tmp
     guard = StabilityGuard(tau=100.0)
     trainer = fit(model, tmp_path, [signal_monitor("bf16"), guard], max_steps=6)
     assert [(a.step, a.block_name, a.action, a.applied) for a in guard.actions] == [
-        (2, "blocks.0", "qk_clip", True)
+        (1, "blocks.0", "qk_clip", True)
     ]
     assert "heads [0]" in guard.actions[0].detail
     # the monitor's per-head maxima (what the guard clipped by) equal a plain-hook FP32 recomputation
@@ -216,8 +216,8 @@ def test_qk_clip_fit_acts_once_on_the_fragile_block_and_control_is_untouched(tmp
     assert max(after[1]) < 100  # block 1 sees block 0's new output; still below τ
     assert torch.equal(model.blocks[0].attn.qkv.weight[2 * D :], v_rows)
     tags = logged(trainer)
-    assert tags[(2, "stability/guard/block0/qk_clip")] == pytest.approx(100.0 / before[0][0], rel=1e-5)
-    assert tags[(6, "stability/guard/actions")] == 1.0
+    assert tags[(1, "stability/guard/block0/qk_clip")] == pytest.approx(100.0 / before[0][0], rel=1e-5)
+    assert tags[(5, "stability/guard/actions")] == 1.0
 
     control = tiny()
     guard_c = StabilityGuard(tau=100.0)
@@ -237,10 +237,10 @@ def test_dry_run_changes_nothing_and_says_what_it_would_do(tmp_path: Any) -> Non
         trainer = fit(model, tmp_path, [signal_monitor("bf16"), guard])
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert [(a.step, a.action, a.applied) for a in guard.actions] == [
-        (2, "qk_clip", False),
-        (4, "qk_clip", False),
+        (1, "qk_clip", False),
+        (3, "qk_clip", False),
     ]
-    assert (2, "stability/guard/dry_run/block0/qk_clip") in logged(trainer)
+    assert (1, "stability/guard/dry_run/block0/qk_clip") in logged(trainer)
 
 
 def fragile_norm(model: TinyTransformer, scale: float = 0.01) -> None:
@@ -262,7 +262,7 @@ def test_eps_fit_bumps_block0_norm_once_by_lnepsilonbumps_rule_and_restores(tmp_
     model.blocks[0].norm1.register_forward_pre_hook(lambda m, a: seen.append(m.eps) if m.training else None)
     fit(model, tmp_path, [monitor, guard], max_steps=6)
     assert [(a.step, a.block_name, a.action, a.applied) for a in guard.actions] == [
-        (2, "blocks.0", "eps_bump", True)
+        (1, "blocks.0", "eps_bump", True)
     ]
     (action,) = guard.actions
     rho = float(action.cause.split()[1])
@@ -312,7 +312,7 @@ def test_fp32_fit_guards_the_fp16_fragile_block_and_a_resumed_run_keeps_it(tmp_p
     monitor = signal_monitor("fp16")
     trainer = fit(model, tmp_path, [monitor, guard], max_steps=4, precision="bf16-mixed")
     assert [(a.step, a.block_name, a.action, a.applied) for a in guard.actions] == [
-        (2, "blocks.1", "fp32", True)
+        (1, "blocks.1", "fp32", True)
     ]
     assert "fp16 headroom 0.542 bits" in guard.actions[0].cause
     assert dtypes == [torch.bfloat16] * 2 + [torch.float32] * 2  # FP32 from step 3 on
@@ -328,7 +328,7 @@ def test_fp32_fit_guards_the_fp16_fragile_block_and_a_resumed_run_keeps_it(tmp_p
         precision="bf16-mixed", ckpt_path=ckpt)
     assert ffn == [torch.float32] * 2  # steps 5 and 6: block 1 in FP32 from the first resumed step
     assert guard2.fp32_blocks == ["blocks.1"]
-    assert [(a.step, a.action) for a in guard2.actions] == [(2, "fp32")]  # kept, not repeated
+    assert [(a.step, a.action) for a in guard2.actions] == [(1, "fp32")]  # kept, not repeated
     assert "forward" not in resumed.blocks[1].__dict__
 
     control = tiny()
@@ -412,7 +412,7 @@ def test_ddp_two_processes_take_the_same_action(tmp_path: Path) -> None:
     fragile_norm(model)
     fragile_logits(model, 40.0)  # head 0 of block 0 far above τ on every rank's examples
     qkv = model.blocks[0].attn.qkv.weight.detach().clone()
-    # step 2 measures each rank's second batch of 4, from the DistributedSampler Lightning puts
+    # step 2 (logged as 1) measures each rank's second batch of 4, from the DistributedSampler Lightning puts
     # on a training loader (shuffled, seed 0, epoch 0)
     data = make_loader(n=32, batch_size=4).dataset
     batches = [list(DistributedSampler(data, num_replicas=2, rank=r, seed=0))[4:8] for r in (0, 1)]
@@ -430,7 +430,7 @@ def test_ddp_two_processes_take_the_same_action(tmp_path: Path) -> None:
     # same decisions, same per-head maxima (max over both ranks' examples), same new ε and the
     # same clipped weights, though each rank measured other examples
     assert ranks[0] == ranks[1]
-    first = {a[2]: a for a in ranks[0]["actions"] if a[0] == 2}
+    first = {a[2]: a for a in ranks[0]["actions"] if a[0] == 1}
     assert {"eps_bump", "qk_clip"} <= set(first) and first["eps_bump"][3] and first["qk_clip"][3]
     heads = first["qk_clip"][5]
     assert len(heads) == H and heads[0] > 100.0 > max(heads[1:])

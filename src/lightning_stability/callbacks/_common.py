@@ -94,3 +94,16 @@ def low_precision_dtype(
     """
     with low_precision_context(trainer, pl_module, precision):
         return compute_dtype(pl_module)
+
+
+def lightning_log_step(trainer: Trainer) -> int:
+    """The step under which Lightning logs the current batch's ``training_step`` values.
+
+    In ``on_train_batch_end`` the optimizer has stepped (``trainer.global_step`` counts it)
+    but Lightning's own logging step, ``fit_loop.epoch_loop._batches_that_stepped``, is
+    incremented only after the hook: logging under it makes the monitor's rows join
+    ``train_loss`` rows on ``step`` (CSV) and share TensorBoard's x-axis. Falls back to
+    ``global_step - 1`` should that private counter ever move.
+    """
+    counter = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
+    return int(counter) if isinstance(counter, int) else max(0, trainer.global_step - 1)

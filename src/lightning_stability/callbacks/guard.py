@@ -13,7 +13,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_stability.callbacks._common import check_choice, check_number, low_precision_dtype
+from lightning_stability.callbacks._common import (
+    check_choice,
+    check_number,
+    lightning_log_step,
+    low_precision_dtype,
+)
 from lightning_stability.callbacks.ln_eps import LNEpsilonBump
 from lightning_stability.callbacks.monitor import StabilityMonitor
 from lightning_stability.capture.mitigations import (
@@ -38,7 +43,7 @@ class GuardAction:
     """One decision of the guard: what it saw in a block and what it did (or would do).
 
     Attributes:
-        step: ``trainer.global_step`` of the report.
+        step: the report's (logged) step: Lightning's step of the measured batch.
         block: block index in the report (``-1``: no block).
         block_name: qualified module name of the block.
         cause: the measured values that matched, e.g. ``"attn_logit_max 152 > tau 100"``.
@@ -230,7 +235,7 @@ class StabilityGuard(Callback):
     ) -> None:
         monitor = self._monitor
         report = monitor.last_report if monitor is not None else None
-        step = trainer.global_step
+        step = lightning_log_step(trainer)  # the step the monitor's report of this batch carries
         if monitor is None or report is None or report.step != step or step == self._last_step:
             return
         self._last_step = step
@@ -311,8 +316,11 @@ class StabilityGuard(Callback):
         logit = block.attn_logit_max
         if self.enabled["qk_clip"] and logit is not None and logit > self.tau * (1.0 + RECLIP_TOLERANCE):
             heads = list(block.per_head.get("attn_logit_max", [])) or [float(logit)]
-            plans.append(GuardAction(step, i, name, f"attn_logit_max {logit:.4g} > tau {self.tau:g}",
-                                     "qk_clip", heads=heads))
+            plans.append(
+                GuardAction(
+                    step, i, name, f"attn_logit_max {logit:.4g} > tau {self.tau:g}", "qk_clip", heads=heads
+                )
+            )
         rho = block.rho_ln
         # measured in FP32, ρ_LN < 1 is the norm and harmless (ε_mach = 2⁻²³): not a cause
         once = name not in self._eps and report.dtype != "float32"

@@ -27,6 +27,7 @@ from lightning_stability.callbacks._common import (
     check_patterns,
     inputs_or_raise,
     is_distributed,
+    lightning_log_step,
     low_precision_context,
 )
 from lightning_stability.callbacks._dashboard import TensorBoardDashboard, custom_scalars_layout
@@ -424,17 +425,3 @@ def _all_ranks_measured(trainer: Trainer, pl_module: LightningModule, raw: RawMe
     )
     flags = trainer.strategy.all_gather(mine).reshape(-1, 2)
     return bool((flags[:, 0] == 1).all() and (flags[:, 1] == flags[0, 1]).all())
-
-
-def lightning_log_step(trainer: Trainer) -> int:
-    """The step under which Lightning logs the current batch's ``training_step`` values.
-
-    In ``on_train_batch_end`` the optimizer has stepped (``trainer.global_step`` counts it)
-    but Lightning's own logging step, ``fit_loop.epoch_loop._batches_that_stepped``, is
-    incremented only after the hook: logging under it makes the monitor's rows join
-    ``train_loss`` rows on ``step`` (CSV) and share TensorBoard's x-axis. Falls back to
-    ``global_step - 1`` should that private counter ever move.
-    """
-    counter = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
-    return int(counter) if isinstance(counter, int) else max(0, trainer.global_step - 1)
-
