@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lightning_stability.verdict import HEADROOM_WARN_BITS, QK_CLIP_TAU
+
 from .logs import Run, Series
 
 __all__ = [
@@ -45,12 +47,12 @@ ALARM_TAG = "stability/alarm"
 RATIO_WATCH = 1.0
 #: r / ε_mach above which the worst block is "at risk" (an order of magnitude above the floor)
 RATIO_AT_RISK = 10.0
-#: attention logit above which QK-clip would act (Megatron's τ = 100)
-LOGIT_WATCH = 100.0
+#: attention logit above which QK-clip would act (Megatron's τ = 100; the fit-end summary's too)
+LOGIT_WATCH = QK_CLIP_TAU
 #: attention logit past which every run of Wortsman et al. (2023) diverged
 LOGIT_AT_RISK = 1e4
 #: FP16 headroom (bits) below which an FP16 run is "watch" / "at risk"
-HEADROOM_WATCH = 4.0
+HEADROOM_WATCH = HEADROOM_WARN_BITS
 HEADROOM_AT_RISK = 1.0
 
 _SEVERITY = {"healthy": 0, "watch": 1, "at risk": 2}
