@@ -10,8 +10,8 @@ The model trains in FP32; the :class:`~lightning_stability.StabilityMonitor` in 
 configs replays sampled batches under a BF16 or FP16 *what-if* autocast.
 
 Besides the monitor's ``stability/*`` tags, the module writes its own per-step
-ground truth with the same step convention as the monitor (``trainer.global_step``
-after the update): ``train/loss``, ``train/grad_norm`` (before clipping), and
+ground truth with the same step convention as the monitor (Lightning's logging step of
+the batch, ``trainer.global_step − 1`` after the update): ``train/loss``, ``train/grad_norm`` (before clipping), and
 ``scenario/*`` values of the *training* forward pass — ``scenario/act_max`` (the
 largest |activation| anywhere in the model: FP16 overflows past 65504) and, per
 block, ``scenario/block{i}/attn_logit_max`` and ``scenario/block{i}/amax``. These
@@ -257,7 +257,7 @@ class ScenarioGPT(LightningModule):
         for i, block in enumerate(self.blocks):
             metrics[f"scenario/block{i}/attn_logit_max"] = block.attn.last_logit_max
             metrics[f"scenario/block{i}/amax"] = self._amax.get(f"blocks.{i}", math.nan)
-        logger.log_metrics(metrics, step=self.trainer.global_step)
+        logger.log_metrics(metrics, step=self.trainer.global_step - 1)  # the monitor's (and Lightning's) step
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

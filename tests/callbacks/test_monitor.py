@@ -59,7 +59,7 @@ def test_sampled_steps_logged_with_reference_values(tmp_path, tiny_model) -> Non
     steps = [s for s, m in logger.records if "stability/r_block" in m]
     assert steps == [1, 3]  # measured after optimizer steps 2 and 4, logged at Lightning's steps 1 and 3
     report = monitor.last_report
-    assert report is not None and report.step == 4
+    assert report is not None and report.step == 3  # the logged step
     assert report.dtype == "bfloat16" and report.eps_mach == 2.0**-7
     assert [b.name for b in report.blocks] == ["blocks.0", "blocks.1"]
     metrics = logger.records[-1][1]
@@ -385,7 +385,7 @@ def test_alarm_fires_on_a_kappa_softmax_jump_and_calls_hook(tmp_path) -> None:
     with pytest.warns(UserWarning, match="early warning at step 6"):
         # one fixed batch and lr=0: κ_softmax is constant until the planted jump
         _, logger = fit(Jump(lr=0.0), tmp_path, monitor, steps=8, loader=make_loader(n=8))
-    assert fired == [7]
+    assert fired == [6]  # report.step: the logged step
     alarms = {s: m["stability/alarm"] for s, m in logger.records}
     assert alarms[6] == 1.0 and alarms[4] == 0.0 and alarms[5] == 0.0  # logged at global_step - 1
     assert monitor.state_dict()["alarm"]["history"]

@@ -53,7 +53,8 @@ def fit_warnings(
         Trainer(**trainer_kwargs(tmp_path, callbacks=[monitor], max_steps=3)).fit(
             model, make_loader(n=8, batch_size=8)
         )
-    return monitor, [str(w.message) for w in caught if str(w.message).startswith("StabilityMonitor")]
+    said = [str(w.message) for w in caught if str(w.message).startswith("StabilityMonitor")]
+    return monitor, [m for m in said if "alarm cannot fire" not in m]  # 3 steps: too short to arm
 
 
 def test_missing_w_o_is_warned_once_and_the_predictor_leaves_the_attention_term_out(tmp_path: Any) -> None:
@@ -62,7 +63,7 @@ def test_missing_w_o_is_warned_once_and_the_predictor_leaves_the_attention_term_
     assert "blocks.0, blocks.1: no attention output projection W_O found" in message
     assert "combined predictor of these blocks leaves out the attention term" in message
     report = monitor.last_report
-    assert report is not None and report.step == 3  # measured at steps 1, 2, 3: warned once
+    assert report is not None and report.step == 2  # measured after optimizer steps 1, 2, 3 (logged 0, 1, 2): warned once
     for b in report.blocks:
         assert b.wo_norm is None and b.kappa_softmax is not None
         assert b.kappa_eff is not None and b.c_ln is not None
