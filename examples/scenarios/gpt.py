@@ -11,7 +11,8 @@ configs replays sampled batches under a BF16 or FP16 *what-if* autocast.
 
 Besides the monitor's ``stability/*`` tags, the module writes its own per-step
 ground truth with the same step convention as the monitor (Lightning's logging step of
-the batch, ``trainer.global_step − 1`` after the update): ``train/loss``, ``train/grad_norm`` (before clipping), and
+the batch, ``trainer.global_step − 1`` after the update): ``train/loss``,
+``train/grad_norm`` (before clipping), and
 ``scenario/*`` values of the *training* forward pass — ``scenario/act_max`` (the
 largest |activation| anywhere in the model: FP16 overflows past 65504) and, per
 block, ``scenario/block{i}/attn_logit_max`` and ``scenario/block{i}/amax``. These

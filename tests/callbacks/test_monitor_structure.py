@@ -63,7 +63,7 @@ def test_missing_w_o_is_warned_once_and_the_predictor_leaves_the_attention_term_
     assert "blocks.0, blocks.1: no attention output projection W_O found" in message
     assert "combined predictor of these blocks leaves out the attention term" in message
     report = monitor.last_report
-    assert report is not None and report.step == 2  # measured after optimizer steps 1, 2, 3 (logged 0, 1, 2): warned once
+    assert report is not None and report.step == 2  # measured thrice (logged at 0, 1, 2): warned once
     for b in report.blocks:
         assert b.wo_norm is None and b.kappa_softmax is not None
         assert b.kappa_eff is not None and b.c_ln is not None
