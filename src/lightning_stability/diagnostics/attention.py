@@ -236,24 +236,76 @@ def _widen(
     )
 
 
-def _row_entropy(prob: Tensor, p1: Tensor, idx: Tensor, s0: Tensor, top: Tensor) -> Tensor:
-    """Row entropies ``−Σ p log p`` (float64) from the softmax ``prob`` of the scores.
+# Sub-chunk of the row statistics pass (elements): two float32 buffers of 1 MiB stay in cache.
+_BUF_ELEMS = 1 << 18
 
-    Written as ``H = log Z + Σ p_i·g_i`` with ``g_i = max − s_i ≥ 0`` and ``log Z = log1p(r/p₁)``,
-    ``r = Σ_{i≠argmax} p_i`` the tail mass (``idx`` is the arg-max): every term is non-negative,
-    so nothing cancels, unlike ``LSE − Σ p s`` (which read a true 6.5e-7 nats as 0). The terms
-    come from the working-precision probabilities and scores (a few ulps each) and are summed
-    pairwise, so each row's entropy carries a relative error of ~``log₂(n)·u`` (≈ 1e-6 in
-    float32) however small it is; rows are combined in float64. (A float64 softmax over every
-    entry would cost ~3× the whole diagnostic.) ``s0`` holds the scores with masked entries
-    zeroed (their ``p`` is 0).
+
+def _row_stats_pass(
+    s: Tensor, mask: Tensor | None, want_entropy: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One cache-blocked pass over the scores ``s: (G, n_q, n_k)`` (working precision).
+
+    Per row, over the attended keys, with ``P = softmax(S)``: ``‖S_i‖`` (masked entries as 0),
+    ``p1 = max P_i``, ``‖P_i‖`` and, with ``want_entropy``, the row entropy (see
+    :func:`_row_entropy_terms`). Nothing of the size of ``s`` is allocated: the softmax is
+    written into two reused buffers of at most ``_BUF_ELEMS`` elements, so every reduction
+    reads cache-resident data. (The former version wrote a fresh full-size probability tensor
+    and took an arg-max over it: ~10× a softmax at n ≥ 256, mostly page faults and the
+    index-returning ``max``.)
     """
-    r = prob.scatter(-1, idx.unsqueeze(-1), 0.0).sum(-1).to(_F64)
-    gap = top - s0
-    gap.mul_(prob)
-    p1d = p1.to(_F64).clamp_min(torch.finfo(_F64).tiny)
-    h = torch.log1p(r / p1d) + gap.sum(-1).to(_F64)
-    return torch.where(torch.isfinite(h), h.clamp_min(0.0), 0.0)
+    g, nq, nk = s.shape
+    per = max(1, min(g, _BUF_ELEMS // max(nq * nk, 1)))
+    ns, p1, pn = s.new_empty(g, nq), s.new_empty(g, nq), s.new_empty(g, nq)
+    ent = s.new_empty(g, nq) if want_entropy else None
+    buf, pbuf = s.new_empty(per, nq, nk), s.new_empty(per, nq, nk)
+    for a in range(0, g, per):
+        b = min(g, a + per)
+        sc, d, p = s[a:b], buf[: b - a], pbuf[: b - a]
+        if mask is None:
+            sm = sc
+            ns[a:b] = torch.linalg.vector_norm(sc, dim=-1)
+        else:
+            off = ~(mask if mask.shape[0] == 1 else mask[a:b])
+            sm = d.copy_(sc).masked_fill_(off, 0.0)
+            ns[a:b] = torch.linalg.vector_norm(sm, dim=-1)
+            sm.masked_fill_(off, -_INF)
+        torch.ops.aten._softmax.out(sm, -1, False, out=p)
+        p1c = p.amax(-1)
+        p1[a:b] = p1c
+        pn[a:b] = torch.linalg.vector_norm(p, dim=-1)
+        if ent is not None:
+            ent[a:b] = _row_entropy_terms(sm, d, p, p1c)
+    return ns, p1, pn, ent
+
+
+def _row_entropy_terms(sm: Tensor, d: Tensor, p: Tensor, p1: Tensor) -> Tensor:
+    """Row entropies ``−Σ p log p`` from the scores ``sm`` (masked = -inf) and ``p = softmax``.
+
+    Written as ``H = log1p(r/p₁) + Σ p_i·g_i`` with ``g_i = max − s_i ≥ 0`` and the tail mass
+    ``r = Σ_{i≠argmax} p_i``: every term is non-negative, so nothing cancels, unlike
+    ``LSE − Σ p s`` (which read a true 6.5e-7 nats as 0). For ``p₁ > ½`` the arg-max is unique
+    and ``r = Σ_{p<p₁} p`` keeps a tiny tail's relative precision; otherwise ``r = Σp − p₁ ≥ ½``
+    is accurate as it stands. The terms come from the working-precision probabilities and
+    scores (a few ulps each), so each row's entropy carries a relative error of ~``log₂(n)·u``
+    (≈ 1e-6 in float32) however small it is. ``d`` (a buffer, may alias ``sm``) is overwritten.
+    """
+    top = sm.amax(-1, keepdim=True).clamp_(min=torch.finfo(sm.dtype).min)
+    p1k = p1.unsqueeze(-1)
+    tail = torch.where(p < p1k, p, 0.0).sum(-1)
+    r = torch.where(p1 > 0.5, tail, p.sum(-1) - p1)
+    torch.sub(top, sm, out=d).clamp_(max=torch.finfo(sm.dtype).max)  # masked: p = 0, g finite
+    return torch.log1p(r / p1) + torch.linalg.vecdot(p, d)
+
+
+def _gather_rows(s: Tensor, mask: Tensor | None, rows: Tensor) -> Tensor:
+    """Rows ``rows`` of ``s: (G, n_q, n_k)`` flattened to ``(G·n_q, n_k)``, masked entries -inf."""
+    g, nq, nk = s.shape
+    sr = s.reshape(g * nq, nk).index_select(0, rows)
+    if mask is None:
+        return sr
+    gi = rows // nq if mask.shape[0] > 1 else torch.zeros_like(rows)
+    qi = rows % nq if mask.shape[1] > 1 else torch.zeros_like(rows)
+    return sr.masked_fill(~mask[gi, qi], -_INF)
 
 
 def _softmax_chunk(
@@ -261,67 +313,66 @@ def _softmax_chunk(
 ) -> tuple[Tensor, Tensor | None]:
     """kappa_softmax (and mean row entropy) for ``s: (G, n_q, n_k)``; ``mask: (G|1, n_q|1, n_k)``.
 
-    Phase 1 (all rows, working precision, a fused softmax plus a few reductions): rigorous
-    bounds on each row's ``λ·‖S_i‖/‖P_i‖``. Phase 2 (float64, exact): only rows whose upper bound
-    reaches the largest lower bound of their matrix.
+    Phase 1 (all rows, working precision, one cache-blocked pass): rigorous bounds on each
+    row's ``λ·‖S_i‖/‖P_i‖``. Phase 2 (float64, exact): only rows whose upper bound reaches the
+    largest lower bound of their matrix.
     """
     g, nq, nk = s.shape
-    if mask is not None:
-        s0 = s.masked_fill(~mask, 0.0)
-        sm = s.masked_fill(~mask, -_INF)
-        valid = mask.any(-1).expand(g, nq)
-    else:
-        s0 = sm = s
-        valid = torch.ones(g, nq, dtype=torch.bool, device=s.device)
-    ns = torch.linalg.vector_norm(s0, dim=-1)
+    valid = (
+        torch.ones(g, nq, dtype=torch.bool, device=s.device)
+        if mask is None
+        else mask.any(-1).expand(g, nq)
+    )
+    ns, p1, pn, h_rows = _row_stats_pass(s, mask, want_entropy)
     nonfin = ~torch.isfinite(ns)
     ok = valid & ~nonfin
-    prob = torch.softmax(sm, -1)
-    p1, arg = prob.max(-1)
-    pn = torch.linalg.vector_norm(prob, dim=-1)
     entropy: Tensor | None = None
-    if want_entropy:
-        top = torch.where(valid.unsqueeze(-1), sm.amax(-1, keepdim=True), 0.0)
-        h_row = torch.where(ok, _row_entropy(prob, p1, arg, s0, top), 0.0)
+    if h_rows is not None:
+        h_row = torch.where(ok & torch.isfinite(h_rows), h_rows.clamp_min(0.0), 0.0).to(_F64)
         entropy = h_row.sum(-1) / valid.sum(-1).clamp_min(1)
+    # Working-precision sums over n terms (the softmax's normaliser, both norms) are within
+    # n·u of exact whatever the summation order: widen every relative bound by twice that.
+    acc = 2.0 * nk * torch.finfo(s.dtype).eps / 2
+    margin = _BOUND_MARGIN + 2.0 * acc
     # Phase 1: bounds from p1 and ‖P‖ only (p2 ∈ [s2/r, min(p1, r, √s2)]).
     p1d, qd = p1.to(_F64), pn.to(_F64).square()
     rd = 1.0 - p1d
     s2 = (qd - p1d * p1d).clamp_min(0.0)
-    s2_abs = 4e-6 * qd  # cancellation in q − p1²
-    p2_lo = ((s2 - s2_abs).clamp_min(0.0) / (rd + 1e-6).clamp_max(1.0))
+    s2_abs = (4e-6 + 2.0 * acc) * qd  # cancellation in q − p1²
+    p2_lo = ((s2 - s2_abs).clamp_min(0.0) / (rd + 1e-6 + acc).clamp_max(1.0))
     p2_lo = torch.minimum(p2_lo, torch.minimum(p1d, rd))
-    p2_hi = torch.minimum(torch.minimum(p1d, rd + 1e-6), (s2 + s2_abs).sqrt())
-    p1l, p1h, rl, rh, p2l, p2h, s2l, s2h = _widen(p1d, rd, p2_lo, p2_hi, s2, 1e-5, 2e-6)
+    p2_hi = torch.minimum(torch.minimum(p1d, rd + 1e-6 + acc), (s2 + s2_abs).sqrt())
+    p1l, p1h, rl, rh, p2l, p2h, s2l, s2h = _widen(p1d, rd, p2_lo, p2_hi, s2, 1e-5 + acc, 2e-6 + acc)
     lam_lo, lam_hi = _lambda_bounds(
         p1l, p1h, rl, rh, p2l, p2h, (s2l - s2_abs).clamp_min(0.0), s2h + s2_abs
     )
     ratio = ns.to(_F64) / pn.to(_F64)
-    lb = torch.where(ok, lam_lo * ratio * (1.0 - _BOUND_MARGIN), 0.0).reshape(-1)
-    ub = torch.where(ok, lam_hi * ratio * (1.0 + _BOUND_MARGIN), -1.0).reshape(-1)
+    lb = torch.where(ok, lam_lo * ratio * (1.0 - margin), 0.0).reshape(-1)
+    ub = torch.where(ok, lam_hi * ratio * (1.0 + margin), -1.0).reshape(-1)
     grp = torch.arange(g, device=s.device).repeat_interleave(nq)
     rows = (ub.view(g, nq) >= lb.view(g, nq).amax(-1, keepdim=True)).reshape(-1).nonzero().squeeze(-1)
     # Phase 1.5: on those rows, p2 and the tail mass from P itself (float32, one gather).
     if rows.numel() > 4 * g:
-        pc = prob.reshape(g * nq, nk).index_select(0, rows)
+        pc = torch.softmax(_gather_rows(s, mask, rows), -1)
         p1c, idx = pc.max(-1, keepdim=True)
         pc.scatter_(-1, idx, 0.0)
         p2c = pc.amax(-1).to(_F64)
         rc = pc.sum(-1).to(_F64)
-        s2c = torch.linalg.vector_norm(pc, dim=-1).to(_F64).square()
+        s2c = torch.linalg.vecdot(pc, pc).to(_F64)
         del pc
-        lo_c, hi_c = _lambda_bounds(*_widen(p1c.squeeze(-1).to(_F64), rc, p2c, p2c, s2c, 1e-4, 0.0))
+        lo_c, hi_c = _lambda_bounds(
+            *_widen(p1c.squeeze(-1).to(_F64), rc, p2c, p2c, s2c, 1e-4 + 2.0 * acc, 0.0)
+        )
         rat_c = ratio.reshape(-1)[rows]
-        lb_c = torch.maximum(lb[rows], lo_c * rat_c * (1.0 - _BOUND_MARGIN))
-        ub_c = torch.minimum(ub[rows], hi_c * rat_c * (1.0 + _BOUND_MARGIN))
+        lb_c = torch.maximum(lb[rows], lo_c * rat_c * (1.0 - margin))
+        ub_c = torch.minimum(ub[rows], hi_c * rat_c * (1.0 + margin))
         g_c = grp[rows]
         best = torch.zeros(g, dtype=_F64, device=s.device).scatter_reduce(0, g_c, lb_c, reduce="amax")
         rows = rows[ub_c >= best[g_c]]
-    del prob
     # Phase 2: exact float64 solve on the surviving rows.
     out = torch.zeros(g, dtype=_F64, device=s.device)
     if rows.numel() > 0:
-        vals = _exact_rows(sm.reshape(g * nq, nk).index_select(0, rows))
+        vals = _exact_rows(_gather_rows(s, mask, rows))
         out.scatter_reduce_(0, grp[rows], vals, reduce="amax")
     bad = nonfin.any(-1)
     out = torch.where(bad, _INF, out)
