@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import check_mask, check_tensor, safe_ratio
+from ._checks import all_finite, check_mask, check_tensor, safe_ratio
 from .linear import extreme_singular_values
 
 __all__ = [
@@ -37,6 +37,7 @@ _INF = float("inf")
 # Extra relative safety margin on the (already widened) float32 row bounds used for pruning.
 _BOUND_MARGIN = 1e-4
 _NEWTON_FIXED = 4
+_PHASE15_MIN_ELEMS = 1 << 15
 _NEWTON_MAX = 40
 
 
@@ -65,21 +66,21 @@ def _secular_lambda(rest: Tensor, p1: Tensor, p2: Tensor, r: Tensor, s2: Tensor 
     lam = torch.where(special, p1 + 1.0, lam0)  # dummy away from the poles for special rows
     lo = torch.where(special, lam, lam0)
     if rest.numel() > 0:
-        it = 0
-        while True:
+        # Newton, fused to ~12 small ops per iteration (the cost at small n is per op):
+        # λ ← λ + (F(λ)) / (−F'(λ)) with F = (p1−λ)·s1 + a − λ, −F' = 1 + s1 + (p1−λ)·s1'.
+        hi = torch.where(special, lam, p1)
+        for it in range(1, _NEWTON_MAX + 1):
             t = rest / (lam.unsqueeze(-1) - rest)  # p_i/(λ−p_i): avoids underflow of p_i²
             s1 = torch.linalg.vecdot(rest, t)
             s1p = torch.linalg.vecdot(t, t)
             gap = p1 - lam
-            step = (gap * s1 + a - lam) / (-s1 - gap * s1p - 1.0)
-            lam = torch.clamp(torch.minimum(lam - step, p1), min=lo)
-            it += 1
-            if it >= _NEWTON_MAX:
+            num = torch.addcmul(a - lam, gap, s1)
+            den = torch.addcmul(s1 + 1.0, gap, s1p)
+            new = torch.addcdiv(lam, num, den).clamp_(min=lo, max=hi)
+            done = it >= _NEWTON_FIXED and torch.allclose(new, lam, rtol=4e-16, atol=0.0)
+            lam = new
+            if done:
                 break
-            if it >= _NEWTON_FIXED:
-                err = torch.where(special, 0.0, step.abs() - 4e-16 * lam)
-                if not bool((err > 0).any()):
-                    break
     lam = torch.where(tie, p1, lam)
     return torch.where(one_hot & ~tie, torch.zeros_like(lam), lam)
 
@@ -195,7 +196,7 @@ def _block_top(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
 
 def _lambda_bounds(
     p1_lo: Tensor, p1_hi: Tensor, r_lo: Tensor, r_hi: Tensor,
-    p2_lo: Tensor, p2_hi: Tensor, s2_lo: Tensor, s2_hi: Tensor,
+    p2_lo: Tensor, p2_hi: Tensor, s2_lo: Tensor, s2_hi: Tensor, tight: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Rigorous bounds ``lo ≤ ‖J(p)‖₂ ≤ hi`` from intervals on ``p1 = max p``, the tail mass
     ``r = 1 − p1``, the second largest ``p2`` and ``s2 = Σ_{i≠argmax} p_i²`` (float64).
@@ -204,22 +205,26 @@ def _lambda_bounds(
     and the root of ``F`` with ``Σ p_i²/(λ−p_i) ≥ s2/λ``. Above: ``p1``, ½, Gershgorin
     ``max_i 2p_i(1−p_i)``, the root of ``F`` with ``Σ p_i²/(λ−p_i) ≤ s2/(λ−p2)``, and the 2×2
     compression ``[[λ_top2, ‖p_top2‖·‖p_tail‖], [·, p2]]`` of the block form of ``J``.
+    ``tight=False`` skips the last two upper bounds (still rigorous, just looser): with the
+    wide ``p2`` interval of the first pruning pass they never bound, and at small n the cost
+    is per op.
     """
     lo = _block_top(p1_lo * r_lo, p1_lo * p2_lo, p2_lo * (1.0 - p2_lo))
     bh = p1_lo * r_lo - s2_lo
     lo = torch.maximum(lo, 0.5 * (bh + torch.sqrt(bh * bh + 4.0 * p1_lo * s2_lo)))
-    top2_hi = _block_top(p1_hi * r_hi, p1_hi * p2_hi, p2_hi * (1.0 - p2_hi))
-    # β² = (p1² + x)(s2 − x), x = p2² ∈ [p2_lo², p2_hi²]: maximise the concave quadratic.
-    x = ((s2_hi - p1_hi * p1_hi) * 0.5).clamp(min=p2_lo * p2_lo)
-    x = torch.minimum(x, torch.minimum(p2_hi * p2_hi, s2_hi))
-    beta = ((p1_hi * p1_hi + x) * (s2_hi - x).clamp_min(0.0)).sqrt()
-    hi = _block_top(top2_hi, beta, p2_hi)
     bg = p1_hi * r_hi + p2_hi - s2_hi
     cg = p1_hi * (s2_hi - r_hi * p2_hi)
-    lam_g = torch.maximum(0.5 * (bg + torch.sqrt((bg * bg + 4.0 * cg).clamp_min(0.0))), p2_hi)
-    hi = torch.minimum(hi, lam_g)
-    gersh = 2.0 * torch.maximum(p1_hi * r_hi, p2_hi * (1.0 - p2_hi))
-    hi = torch.minimum(torch.minimum(hi, gersh), p1_hi).clamp_max(0.5)
+    hi = torch.maximum(0.5 * (bg + torch.sqrt((bg * bg + 4.0 * cg).clamp_min(0.0))), p2_hi)
+    if tight:
+        top2_hi = _block_top(p1_hi * r_hi, p1_hi * p2_hi, p2_hi * (1.0 - p2_hi))
+        # β² = (p1² + x)(s2 − x), x = p2² ∈ [p2_lo², p2_hi²]: maximise the concave quadratic.
+        x = ((s2_hi - p1_hi * p1_hi) * 0.5).clamp(min=p2_lo * p2_lo)
+        x = torch.minimum(x, torch.minimum(p2_hi * p2_hi, s2_hi))
+        beta = ((p1_hi * p1_hi + x) * (s2_hi - x).clamp_min(0.0)).sqrt()
+        hi = torch.minimum(hi, _block_top(top2_hi, beta, p2_hi))
+        gersh = 2.0 * torch.maximum(p1_hi * r_hi, p2_hi * (1.0 - p2_hi))
+        hi = torch.minimum(hi, gersh)
+    hi = torch.minimum(hi, p1_hi).clamp_max(0.5)
     return lo, hi
 
 
@@ -344,7 +349,7 @@ def _softmax_chunk(
     p2_hi = torch.minimum(torch.minimum(p1d, rd + 1e-6 + acc), (s2 + s2_abs).sqrt())
     p1l, p1h, rl, rh, p2l, p2h, s2l, s2h = _widen(p1d, rd, p2_lo, p2_hi, s2, 1e-5 + acc, 2e-6 + acc)
     lam_lo, lam_hi = _lambda_bounds(
-        p1l, p1h, rl, rh, p2l, p2h, (s2l - s2_abs).clamp_min(0.0), s2h + s2_abs
+        p1l, p1h, rl, rh, p2l, p2h, (s2l - s2_abs).clamp_min(0.0), s2h + s2_abs, tight=False
     )
     ratio = ns.to(_F64) / pn.to(_F64)
     lb = torch.where(ok, lam_lo * ratio * (1.0 - margin), 0.0).reshape(-1)
@@ -352,7 +357,8 @@ def _softmax_chunk(
     grp = torch.arange(g, device=s.device).repeat_interleave(nq)
     rows = (ub.view(g, nq) >= lb.view(g, nq).amax(-1, keepdim=True)).reshape(-1).nonzero().squeeze(-1)
     # Phase 1.5: on those rows, p2 and the tail mass from P itself (float32, one gather).
-    if rows.numel() > 4 * g:
+    # Worth its ~50 small ops only once the exact solve's element work would dominate.
+    if rows.numel() > 4 * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
         pc = torch.softmax(_gather_rows(s, mask, rows), -1)
         p1c, idx = pc.max(-1, keepdim=True)
         pc.scatter_(-1, idx, 0.0)
@@ -559,13 +565,17 @@ def kappa_v(v: Tensor, ridge: float = 1e-6, key_mask: Tensor | None = None) -> T
     if not ridge >= 0.0:
         raise ValueError(f"{fn}: ridge must be >= 0, got {ridge}")
     v64 = v.to(_F64)
-    fin = torch.isfinite(v64).flatten(-2).all(-1)
-    v64 = torch.where(torch.isfinite(v64), v64, 0.0)
     lead = tuple(v.shape[:-2])
+    clean = all_finite(v64)
+    fin = torch.ones(lead, dtype=torch.bool, device=v.device)
+    if not clean:
+        fin = torch.isfinite(v64).flatten(-2).all(-1)
+        v64 = torch.where(torch.isfinite(v64), v64, 0.0)
     if key_mask is not None:
         check_mask(key_mask, tuple(v.shape[:-1]), fn, "key_mask")
         keys = _expand_rank(key_mask, v.dim() - 1).expand(v.shape[:-1])
-        fin = (torch.isfinite(v.to(_F64)) | ~keys.unsqueeze(-1)).flatten(-2).all(-1)
+        if not clean:
+            fin = (torch.isfinite(v.to(_F64)) | ~keys.unsqueeze(-1)).flatten(-2).all(-1)
     if v.shape[-1] == 0 or v.shape[-2] == 0:
         return torch.ones(lead, dtype=_F64, device=v.device)
     if key_mask is not None:
@@ -804,10 +814,13 @@ def attention_diagnostics(
         if q is not None and k is not None:
             qc = _take_lead(q, lead, g0, g1).to(work)
             kc = _take_lead(k, lead, g0, g1).to(work)
-            fin = torch.isfinite(qc).flatten(1).all(-1) & torch.isfinite(kc).flatten(1).all(-1)
             s = qc @ kc.transpose(-1, -2)
             qn, kn, sn = _masked_norms(qc, kc, s, mc)
-            ks[g0:g1] = torch.where(fin, safe_ratio(qn * kn, sn), _INF)
+            if all_finite(qc, kc):
+                ks[g0:g1] = safe_ratio(qn * kn, sn)
+            else:
+                fin = torch.isfinite(qc).flatten(1).all(-1) & torch.isfinite(kc).flatten(1).all(-1)
+                ks[g0:g1] = torch.where(fin, safe_ratio(qn * kn, sn), _INF)
         if scores is None:
             s.mul_(sc)
             bc = None if bz is None else _take_lead(bz, lead, g0, g1).to(work)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_tensor, safe_ratio
+from ._checks import all_finite, check_tensor, safe_ratio
 
 __all__ = [
     "condition_from_singular_values",
@@ -51,7 +51,8 @@ def extreme_singular_values(w: Tensor, gram_max_cond: float = 1e3) -> tuple[Tens
         (4.0, 0.5)
     """
     x = w.detach().to(torch.float64)
-    x = torch.where(torch.isfinite(x), x, 0.0)
+    if not all_finite(x):
+        x = torch.where(torch.isfinite(x), x, 0.0)
     gram = x.mT @ x if x.shape[-2] >= x.shape[-1] else x @ x.mT
     lam = torch.linalg.eigvalsh(gram)
     hi, lo = lam[..., -1].clamp_min(0.0), lam[..., 0].clamp_min(0.0)
