@@ -13,6 +13,7 @@ function here:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "kappa_score",
     "kappa_softmax",
     "kappa_v",
+    "kappa_v_many",
     "softmax_jacobian_norm",
 ]
 
@@ -591,6 +593,63 @@ def kappa_v(v: Tensor, ridge: float = 1e-6, key_mask: Tensor | None = None) -> T
     smin = torch.where(smin <= rank.sqrt() * unit * smax, 0.0, smin)
     kap = safe_ratio(smax, smin + ridge).clamp_min(1.0)
     return torch.where(fin, kap, _INF)
+
+
+def kappa_v_many(
+    vs: Sequence[Tensor], ridge: float = 1e-6, key_masks: Sequence[Tensor | None] | None = None
+) -> list[Tensor]:
+    """:func:`kappa_v` of many V tensors (e.g. every layer's, after the pass) in few solver calls.
+
+    Tensors with the same ``(n, d)``, dtype and presence of a key mask are concatenated along
+    their flattened leading dims and go through one :func:`kappa_v` call (one Gram
+    ``eigvalsh``), so the per-call overhead is paid once per distinct shape, not once per
+    layer. Each result equals ``kappa_v(v, ridge, key_mask)`` exactly (the solver works matrix
+    by matrix; a non-finite V only routes its group through the entry-wise path, which leaves
+    the finite heads' numbers unchanged).
+
+    Args:
+        vs: Value tensors ``(..., n, d)``.
+        ridge: As in :func:`kappa_v`.
+        key_masks: ``None`` or one entry per tensor: ``None`` or a boolean mask broadcastable
+            to ``v.shape[:-1]`` (as ``kappa_v``'s ``key_mask``).
+
+    Returns:
+        One float64 tensor of each input's leading shape, in input order.
+
+    Raises:
+        ValueError: If ``key_masks`` has a different length than ``vs``, or as :func:`kappa_v`.
+
+    Example:
+        >>> out = kappa_v_many([torch.diag(torch.tensor([4.0, 2.0])), torch.eye(3).expand(2, 3, 3)])
+        >>> [round(out[0].item(), 4), out[1].tolist()]  # σmax/(σmin + 1e-6)
+        [2.0, [1.0, 1.0]]
+    """
+    fn = "kappa_v_many"
+    if key_masks is not None and len(key_masks) != len(vs):
+        raise ValueError(f"{fn}: key_masks has {len(key_masks)} entries for {len(vs)} tensors")
+    masks: list[Tensor | None] = list(key_masks) if key_masks is not None else [None] * len(vs)
+    groups: dict[tuple[int, int, torch.dtype, bool], list[int]] = {}
+    for i, v in enumerate(vs):
+        check_tensor(f"vs[{i}]", v, 2, fn)
+        groups.setdefault((v.shape[-2], v.shape[-1], v.dtype, masks[i] is None), []).append(i)
+    out: list[Tensor] = [torch.empty(0)] * len(vs)
+    for (n, d, _, no_mask), idx in groups.items():
+        flat = [vs[i].reshape(-1, n, d) for i in idx]
+        keys = None
+        if not no_mask:
+            parts = []
+            for i in idx:
+                km = masks[i]
+                assert km is not None
+                check_mask(km, tuple(vs[i].shape[:-1]), fn, f"key_masks[{i}]")
+                parts.append(_expand_rank(km, vs[i].dim() - 1).expand(vs[i].shape[:-1]).reshape(-1, n))
+            keys = torch.cat(parts)
+        kap = kappa_v(torch.cat(flat), ridge, key_mask=keys)
+        start = 0
+        for i, f in zip(idx, flat, strict=True):
+            out[i] = kap[start : start + f.shape[0]].reshape(vs[i].shape[:-2])
+            start += f.shape[0]
+    return out
 
 
 def attention_entropy(p: Tensor, mask: Tensor | None = None) -> Tensor:
