@@ -26,7 +26,11 @@ from lightning_stability.diagnostics import attention_diagnostics, kappa_softmax
 def _interleaved_medians(
     fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 2
 ) -> dict[str, float]:
-    """Median seconds of each function, timed in turn within every repetition."""
+    """Median seconds of each function, timed in turn within every repetition.
+
+    Keys ``name`` hold wall-clock medians, ``name/cpu`` this process's CPU-time medians (on a
+    machine shared with other jobs the CPU time is the steadier of the two).
+    """
 
     def sync() -> None:
         if device.type == "cuda":
@@ -36,14 +40,22 @@ def _interleaved_medians(
         for fn in fns.values():
             fn()
     sync()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[str, list[float]] = {key: [] for name in fns for key in (name, f"{name}/cpu")}
     for _ in range(reps):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync()
+            times[f"{name}/cpu"].append(time.process_time() - c0)
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _row(label: str, med: dict[str, float], a: str, b: str) -> str:
+    def cols(x: float, y: float) -> str:
+        return f"{x * 1e3:12.3f} {y * 1e3:11.3f} {x / y:7.2f}"
+
+    return f"{label:>18} | {cols(med[a], med[b])} | {cols(med[a + '/cpu'], med[b + '/cpu'])}"
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -64,7 +76,9 @@ def main() -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} load={load:.1f}")
-    print(f"{'scores':>22} {'kappa_softmax ms':>17} {'softmax ms':>11} {'ratio':>7}")
+    head = f"{'ms':>12} {'baseline ms':>11} {'ratio':>7}"
+    print(f"{'wall clock':>44} | {'process CPU time':>32}")
+    print(f"{'kappa_softmax':>18} | {head} | {head}   (baseline: torch.softmax)")
     for variant, scale in (("normal", 1.0), ("peaked x10", 10.0)):
         for n in args.sizes:
             s = torch.randn(16, 4, n, n, generator=gen, device=device) * scale
@@ -72,10 +86,10 @@ def main() -> None:
             med = _interleaved_medians(
                 {"k": lambda s=s: kappa_softmax(s), "s": lambda s=s: torch.softmax(s, -1)}, device, reps
             )
-            label = f"{variant} n={n}"
-            print(f"{label:>22} {med['k'] * 1e3:17.3f} {med['s'] * 1e3:11.3f} {med['k'] / med['s']:7.2f}")
+            print(_row(f"{variant} n={n}", med, "k", "s"))
     if args.diagnostics:
-        print(f"{'q,k,v (16,4,n,24)':>22} {'attn_diag ms':>17} {'attention ms':>11} {'ratio':>7}")
+        head = f"{'ms':>12} {'baseline ms':>11} {'ratio':>7}"
+        print(f"{'attn_diagnostics':>18} | {head} | {head}   (baseline: the attention itself)")
         for n in args.sizes:
             qkv = tuple(torch.randn(16, 4, n, 24, generator=gen, device=device) for _ in range(3))
             reps = args.reps or (31 if n <= 256 else 9)
@@ -84,8 +98,7 @@ def main() -> None:
                 device,
                 reps,
             )
-            label = f"n={n}"
-            print(f"{label:>22} {med['d'] * 1e3:17.3f} {med['a'] * 1e3:11.3f} {med['d'] / med['a']:7.2f}")
+            print(_row(f"n={n}", med, "d", "a"))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average at the end: {load:.1f}")
 
