@@ -150,3 +150,15 @@ def test_batched_kappa_v_of_mixed_shapes_equals_one_by_one() -> None:
         assert torch.equal(kv, kappa_v(v, key_mask=km))
     with pytest.raises(ValueError, match="key_masks"):
         kappa_v_many(vs, key_masks=keys[:2])
+
+
+def test_inputs_that_require_grad_give_the_detached_values() -> None:
+    g = gen(5)
+    q, k, v = (torch.randn(2, 2, 7, 4, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 2, 7, 7, generator=g) > 0.3
+    d = attention_diagnostics(q, k, v, mask)
+    ref = attention_diagnostics(q.detach(), k.detach(), v.detach(), mask)
+    for name in ("kappa_score", "kappa_softmax", "kappa_v", "entropy", "logit_max"):
+        assert torch.equal(getattr(d, name), getattr(ref, name))
+    s = (q @ k.transpose(-1, -2)).requires_grad_(True)
+    assert torch.equal(kappa_softmax(s, mask), kappa_softmax(s.detach(), mask))

@@ -260,6 +260,7 @@ def _row_stats_pass(
     and took an arg-max over it: ~10× a softmax at n ≥ 256, mostly page faults and the
     index-returning ``max``.)
     """
+    s = s.detach()  # the buffers are written with out=, which autograd refuses
     g, nq, nk = s.shape
     per = max(1, min(g, _BUF_ELEMS // max(nq * nk, 1)))
     ns, p1, pn = s.new_empty(g, nq), s.new_empty(g, nq), s.new_empty(g, nq)
@@ -566,6 +567,7 @@ def kappa_v(v: Tensor, ridge: float = 1e-6, key_mask: Tensor | None = None) -> T
     check_tensor("v", v, 2, fn)
     if not ridge >= 0.0:
         raise ValueError(f"{fn}: ridge must be >= 0, got {ridge}")
+    v = v.detach()  # a diagnostic: no graph (eigvalsh under autograd also takes another route)
     v64 = v.to(_F64)
     lead = tuple(v.shape[:-2])
     clean = all_finite(v64)
@@ -847,11 +849,15 @@ def attention_diagnostics(
     """
     fn = "attention_diagnostics"
     bsz, nh, nq, nk = _check_qkv(q, k, v, scores, fn)
+    # A diagnostic builds no graph (and the blocked pass writes its buffers with out=).
+    v = v.detach()
+    q, k, scores = (None if t is None else t.detach() for t in (q, k, scores))
     if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"{fn}: softcap must be a finite number > 0, got {softcap}")
     target = (bsz, nh, nq, nk)
     m = _prep_mask(mask, target, fn)
     bz = _check_bias(bias, target, fn) if scores is None else None
+    bz = None if bz is None else bz.detach()
     sc = 1.0
     if scores is None:
         assert q is not None
