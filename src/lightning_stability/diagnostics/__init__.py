@@ -8,6 +8,7 @@ from .attention import (
     kappa_score,
     kappa_softmax,
     kappa_v,
+    kappa_v_many,
     softmax_jacobian_norm,
 )
 from .balanced_mass import (
@@ -23,6 +24,7 @@ from .linear import (
     condition_number,
     extreme_singular_values,
     kappa_wkwq,
+    singular_value_extremes_many,
     spectral_norm,
     wkwq_norm,
 )
@@ -55,6 +57,7 @@ __all__ = [
     "kappa_score",
     "kappa_softmax",
     "kappa_v",
+    "kappa_v_many",
     "kappa_wkwq",
     "ln_error_coefficient",
     "ln_error_coefficient_from_variance",
@@ -65,6 +68,7 @@ __all__ = [
     "rho_ln",
     "rho_ln_from_variance",
     "rolling_zscore",
+    "singular_value_extremes_many",
     "softmax_jacobian_inf1_norm",
     "softmax_jacobian_norm",
     "spectral_norm",

@@ -13,12 +13,13 @@ function here:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ._checks import check_mask, check_tensor, safe_ratio
+from ._checks import all_finite, check_mask, check_tensor, safe_ratio
 from .linear import extreme_singular_values
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "kappa_score",
     "kappa_softmax",
     "kappa_v",
+    "kappa_v_many",
     "softmax_jacobian_norm",
 ]
 
@@ -37,6 +39,7 @@ _INF = float("inf")
 # Extra relative safety margin on the (already widened) float32 row bounds used for pruning.
 _BOUND_MARGIN = 1e-4
 _NEWTON_FIXED = 4
+_PHASE15_MIN_ELEMS = 1 << 15
 _NEWTON_MAX = 40
 
 
@@ -65,21 +68,21 @@ def _secular_lambda(rest: Tensor, p1: Tensor, p2: Tensor, r: Tensor, s2: Tensor 
     lam = torch.where(special, p1 + 1.0, lam0)  # dummy away from the poles for special rows
     lo = torch.where(special, lam, lam0)
     if rest.numel() > 0:
-        it = 0
-        while True:
+        # Newton, fused to ~12 small ops per iteration (the cost at small n is per op):
+        # λ ← λ + (F(λ)) / (−F'(λ)) with F = (p1−λ)·s1 + a − λ, −F' = 1 + s1 + (p1−λ)·s1'.
+        hi = torch.where(special, lam, p1)
+        for it in range(1, _NEWTON_MAX + 1):
             t = rest / (lam.unsqueeze(-1) - rest)  # p_i/(λ−p_i): avoids underflow of p_i²
             s1 = torch.linalg.vecdot(rest, t)
             s1p = torch.linalg.vecdot(t, t)
             gap = p1 - lam
-            step = (gap * s1 + a - lam) / (-s1 - gap * s1p - 1.0)
-            lam = torch.clamp(torch.minimum(lam - step, p1), min=lo)
-            it += 1
-            if it >= _NEWTON_MAX:
+            num = torch.addcmul(a - lam, gap, s1)
+            den = torch.addcmul(s1 + 1.0, gap, s1p)
+            new = torch.addcdiv(lam, num, den).clamp_(min=lo, max=hi)
+            done = it >= _NEWTON_FIXED and torch.allclose(new, lam, rtol=4e-16, atol=0.0)
+            lam = new
+            if done:
                 break
-            if it >= _NEWTON_FIXED:
-                err = torch.where(special, 0.0, step.abs() - 4e-16 * lam)
-                if not bool((err > 0).any()):
-                    break
     lam = torch.where(tie, p1, lam)
     return torch.where(one_hot & ~tie, torch.zeros_like(lam), lam)
 
@@ -195,7 +198,7 @@ def _block_top(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
 
 def _lambda_bounds(
     p1_lo: Tensor, p1_hi: Tensor, r_lo: Tensor, r_hi: Tensor,
-    p2_lo: Tensor, p2_hi: Tensor, s2_lo: Tensor, s2_hi: Tensor,
+    p2_lo: Tensor, p2_hi: Tensor, s2_lo: Tensor, s2_hi: Tensor, tight: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Rigorous bounds ``lo ≤ ‖J(p)‖₂ ≤ hi`` from intervals on ``p1 = max p``, the tail mass
     ``r = 1 − p1``, the second largest ``p2`` and ``s2 = Σ_{i≠argmax} p_i²`` (float64).
@@ -204,22 +207,26 @@ def _lambda_bounds(
     and the root of ``F`` with ``Σ p_i²/(λ−p_i) ≥ s2/λ``. Above: ``p1``, ½, Gershgorin
     ``max_i 2p_i(1−p_i)``, the root of ``F`` with ``Σ p_i²/(λ−p_i) ≤ s2/(λ−p2)``, and the 2×2
     compression ``[[λ_top2, ‖p_top2‖·‖p_tail‖], [·, p2]]`` of the block form of ``J``.
+    ``tight=False`` skips the last two upper bounds (still rigorous, just looser): with the
+    wide ``p2`` interval of the first pruning pass they never bound, and at small n the cost
+    is per op.
     """
     lo = _block_top(p1_lo * r_lo, p1_lo * p2_lo, p2_lo * (1.0 - p2_lo))
     bh = p1_lo * r_lo - s2_lo
     lo = torch.maximum(lo, 0.5 * (bh + torch.sqrt(bh * bh + 4.0 * p1_lo * s2_lo)))
-    top2_hi = _block_top(p1_hi * r_hi, p1_hi * p2_hi, p2_hi * (1.0 - p2_hi))
-    # β² = (p1² + x)(s2 − x), x = p2² ∈ [p2_lo², p2_hi²]: maximise the concave quadratic.
-    x = ((s2_hi - p1_hi * p1_hi) * 0.5).clamp(min=p2_lo * p2_lo)
-    x = torch.minimum(x, torch.minimum(p2_hi * p2_hi, s2_hi))
-    beta = ((p1_hi * p1_hi + x) * (s2_hi - x).clamp_min(0.0)).sqrt()
-    hi = _block_top(top2_hi, beta, p2_hi)
     bg = p1_hi * r_hi + p2_hi - s2_hi
     cg = p1_hi * (s2_hi - r_hi * p2_hi)
-    lam_g = torch.maximum(0.5 * (bg + torch.sqrt((bg * bg + 4.0 * cg).clamp_min(0.0))), p2_hi)
-    hi = torch.minimum(hi, lam_g)
-    gersh = 2.0 * torch.maximum(p1_hi * r_hi, p2_hi * (1.0 - p2_hi))
-    hi = torch.minimum(torch.minimum(hi, gersh), p1_hi).clamp_max(0.5)
+    hi = torch.maximum(0.5 * (bg + torch.sqrt((bg * bg + 4.0 * cg).clamp_min(0.0))), p2_hi)
+    if tight:
+        top2_hi = _block_top(p1_hi * r_hi, p1_hi * p2_hi, p2_hi * (1.0 - p2_hi))
+        # β² = (p1² + x)(s2 − x), x = p2² ∈ [p2_lo², p2_hi²]: maximise the concave quadratic.
+        x = ((s2_hi - p1_hi * p1_hi) * 0.5).clamp(min=p2_lo * p2_lo)
+        x = torch.minimum(x, torch.minimum(p2_hi * p2_hi, s2_hi))
+        beta = ((p1_hi * p1_hi + x) * (s2_hi - x).clamp_min(0.0)).sqrt()
+        hi = torch.minimum(hi, _block_top(top2_hi, beta, p2_hi))
+        gersh = 2.0 * torch.maximum(p1_hi * r_hi, p2_hi * (1.0 - p2_hi))
+        hi = torch.minimum(hi, gersh)
+    hi = torch.minimum(hi, p1_hi).clamp_max(0.5)
     return lo, hi
 
 
@@ -236,24 +243,77 @@ def _widen(
     )
 
 
-def _row_entropy(prob: Tensor, p1: Tensor, idx: Tensor, s0: Tensor, top: Tensor) -> Tensor:
-    """Row entropies ``−Σ p log p`` (float64) from the softmax ``prob`` of the scores.
+# Sub-chunk of the row statistics pass (elements): two float32 buffers of 1 MiB stay in cache.
+_BUF_ELEMS = 1 << 18
 
-    Written as ``H = log Z + Σ p_i·g_i`` with ``g_i = max − s_i ≥ 0`` and ``log Z = log1p(r/p₁)``,
-    ``r = Σ_{i≠argmax} p_i`` the tail mass (``idx`` is the arg-max): every term is non-negative,
-    so nothing cancels, unlike ``LSE − Σ p s`` (which read a true 6.5e-7 nats as 0). The terms
-    come from the working-precision probabilities and scores (a few ulps each) and are summed
-    pairwise, so each row's entropy carries a relative error of ~``log₂(n)·u`` (≈ 1e-6 in
-    float32) however small it is; rows are combined in float64. (A float64 softmax over every
-    entry would cost ~3× the whole diagnostic.) ``s0`` holds the scores with masked entries
-    zeroed (their ``p`` is 0).
+
+def _row_stats_pass(
+    s: Tensor, mask: Tensor | None, want_entropy: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One cache-blocked pass over the scores ``s: (G, n_q, n_k)`` (working precision).
+
+    Per row, over the attended keys, with ``P = softmax(S)``: ``‖S_i‖`` (masked entries as 0),
+    ``p1 = max P_i``, ``‖P_i‖`` and, with ``want_entropy``, the row entropy (see
+    :func:`_row_entropy_terms`). Nothing of the size of ``s`` is allocated: the softmax is
+    written into two reused buffers of at most ``_BUF_ELEMS`` elements, so every reduction
+    reads cache-resident data. (The former version wrote a fresh full-size probability tensor
+    and took an arg-max over it: ~10× a softmax at n ≥ 256, mostly page faults and the
+    index-returning ``max``.)
     """
-    r = prob.scatter(-1, idx.unsqueeze(-1), 0.0).sum(-1).to(_F64)
-    gap = top - s0
-    gap.mul_(prob)
-    p1d = p1.to(_F64).clamp_min(torch.finfo(_F64).tiny)
-    h = torch.log1p(r / p1d) + gap.sum(-1).to(_F64)
-    return torch.where(torch.isfinite(h), h.clamp_min(0.0), 0.0)
+    s = s.detach()  # the buffers are written with out=, which autograd refuses
+    g, nq, nk = s.shape
+    per = max(1, min(g, _BUF_ELEMS // max(nq * nk, 1)))
+    ns, p1, pn = s.new_empty(g, nq), s.new_empty(g, nq), s.new_empty(g, nq)
+    ent = s.new_empty(g, nq) if want_entropy else None
+    buf, pbuf = s.new_empty(per, nq, nk), s.new_empty(per, nq, nk)
+    for a in range(0, g, per):
+        b = min(g, a + per)
+        sc, d, p = s[a:b], buf[: b - a], pbuf[: b - a]
+        if mask is None:
+            sm = sc
+            ns[a:b] = torch.linalg.vector_norm(sc, dim=-1)
+        else:
+            off = ~(mask if mask.shape[0] == 1 else mask[a:b])
+            sm = d.copy_(sc).masked_fill_(off, 0.0)
+            ns[a:b] = torch.linalg.vector_norm(sm, dim=-1)
+            sm.masked_fill_(off, -_INF)
+        torch.ops.aten._softmax.out(sm, -1, False, out=p)
+        p1c = p.amax(-1)
+        p1[a:b] = p1c
+        pn[a:b] = torch.linalg.vector_norm(p, dim=-1)
+        if ent is not None:
+            ent[a:b] = _row_entropy_terms(sm, d, p, p1c)
+    return ns, p1, pn, ent
+
+
+def _row_entropy_terms(sm: Tensor, d: Tensor, p: Tensor, p1: Tensor) -> Tensor:
+    """Row entropies ``−Σ p log p`` from the scores ``sm`` (masked = -inf) and ``p = softmax``.
+
+    Written as ``H = log1p(r/p₁) + Σ p_i·g_i`` with ``g_i = max − s_i ≥ 0`` and the tail mass
+    ``r = Σ_{i≠argmax} p_i``: every term is non-negative, so nothing cancels, unlike
+    ``LSE − Σ p s`` (which read a true 6.5e-7 nats as 0). For ``p₁ > ½`` the arg-max is unique
+    and ``r = Σ_{p<p₁} p`` keeps a tiny tail's relative precision; otherwise ``r = Σp − p₁ ≥ ½``
+    is accurate as it stands. The terms come from the working-precision probabilities and
+    scores (a few ulps each), so each row's entropy carries a relative error of ~``log₂(n)·u``
+    (≈ 1e-6 in float32) however small it is. ``d`` (a buffer, may alias ``sm``) is overwritten.
+    """
+    top = sm.amax(-1, keepdim=True).clamp_(min=torch.finfo(sm.dtype).min)
+    p1k = p1.unsqueeze(-1)
+    tail = torch.where(p < p1k, p, 0.0).sum(-1)
+    r = torch.where(p1 > 0.5, tail, p.sum(-1) - p1)
+    torch.sub(top, sm, out=d).clamp_(max=torch.finfo(sm.dtype).max)  # masked: p = 0, g finite
+    return torch.log1p(r / p1) + torch.linalg.vecdot(p, d)
+
+
+def _gather_rows(s: Tensor, mask: Tensor | None, rows: Tensor) -> Tensor:
+    """Rows ``rows`` of ``s: (G, n_q, n_k)`` flattened to ``(G·n_q, n_k)``, masked entries -inf."""
+    g, nq, nk = s.shape
+    sr = s.reshape(g * nq, nk).index_select(0, rows)
+    if mask is None:
+        return sr
+    gi = rows // nq if mask.shape[0] > 1 else torch.zeros_like(rows)
+    qi = rows % nq if mask.shape[1] > 1 else torch.zeros_like(rows)
+    return sr.masked_fill(~mask[gi, qi], -_INF)
 
 
 def _softmax_chunk(
@@ -261,67 +321,67 @@ def _softmax_chunk(
 ) -> tuple[Tensor, Tensor | None]:
     """kappa_softmax (and mean row entropy) for ``s: (G, n_q, n_k)``; ``mask: (G|1, n_q|1, n_k)``.
 
-    Phase 1 (all rows, working precision, a fused softmax plus a few reductions): rigorous
-    bounds on each row's ``λ·‖S_i‖/‖P_i‖``. Phase 2 (float64, exact): only rows whose upper bound
-    reaches the largest lower bound of their matrix.
+    Phase 1 (all rows, working precision, one cache-blocked pass): rigorous bounds on each
+    row's ``λ·‖S_i‖/‖P_i‖``. Phase 2 (float64, exact): only rows whose upper bound reaches the
+    largest lower bound of their matrix.
     """
     g, nq, nk = s.shape
-    if mask is not None:
-        s0 = s.masked_fill(~mask, 0.0)
-        sm = s.masked_fill(~mask, -_INF)
-        valid = mask.any(-1).expand(g, nq)
-    else:
-        s0 = sm = s
-        valid = torch.ones(g, nq, dtype=torch.bool, device=s.device)
-    ns = torch.linalg.vector_norm(s0, dim=-1)
+    valid = (
+        torch.ones(g, nq, dtype=torch.bool, device=s.device)
+        if mask is None
+        else mask.any(-1).expand(g, nq)
+    )
+    ns, p1, pn, h_rows = _row_stats_pass(s, mask, want_entropy)
     nonfin = ~torch.isfinite(ns)
     ok = valid & ~nonfin
-    prob = torch.softmax(sm, -1)
-    p1, arg = prob.max(-1)
-    pn = torch.linalg.vector_norm(prob, dim=-1)
     entropy: Tensor | None = None
-    if want_entropy:
-        top = torch.where(valid.unsqueeze(-1), sm.amax(-1, keepdim=True), 0.0)
-        h_row = torch.where(ok, _row_entropy(prob, p1, arg, s0, top), 0.0)
+    if h_rows is not None:
+        h_row = torch.where(ok & torch.isfinite(h_rows), h_rows.clamp_min(0.0), 0.0).to(_F64)
         entropy = h_row.sum(-1) / valid.sum(-1).clamp_min(1)
+    # Working-precision sums over n terms (the softmax's normaliser, both norms) are within
+    # n·u of exact whatever the summation order: widen every relative bound by twice that.
+    acc = 2.0 * nk * torch.finfo(s.dtype).eps / 2
+    margin = _BOUND_MARGIN + 2.0 * acc
     # Phase 1: bounds from p1 and ‖P‖ only (p2 ∈ [s2/r, min(p1, r, √s2)]).
     p1d, qd = p1.to(_F64), pn.to(_F64).square()
     rd = 1.0 - p1d
     s2 = (qd - p1d * p1d).clamp_min(0.0)
-    s2_abs = 4e-6 * qd  # cancellation in q − p1²
-    p2_lo = ((s2 - s2_abs).clamp_min(0.0) / (rd + 1e-6).clamp_max(1.0))
+    s2_abs = (4e-6 + 2.0 * acc) * qd  # cancellation in q − p1²
+    p2_lo = ((s2 - s2_abs).clamp_min(0.0) / (rd + 1e-6 + acc).clamp_max(1.0))
     p2_lo = torch.minimum(p2_lo, torch.minimum(p1d, rd))
-    p2_hi = torch.minimum(torch.minimum(p1d, rd + 1e-6), (s2 + s2_abs).sqrt())
-    p1l, p1h, rl, rh, p2l, p2h, s2l, s2h = _widen(p1d, rd, p2_lo, p2_hi, s2, 1e-5, 2e-6)
+    p2_hi = torch.minimum(torch.minimum(p1d, rd + 1e-6 + acc), (s2 + s2_abs).sqrt())
+    p1l, p1h, rl, rh, p2l, p2h, s2l, s2h = _widen(p1d, rd, p2_lo, p2_hi, s2, 1e-5 + acc, 2e-6 + acc)
     lam_lo, lam_hi = _lambda_bounds(
-        p1l, p1h, rl, rh, p2l, p2h, (s2l - s2_abs).clamp_min(0.0), s2h + s2_abs
+        p1l, p1h, rl, rh, p2l, p2h, (s2l - s2_abs).clamp_min(0.0), s2h + s2_abs, tight=False
     )
     ratio = ns.to(_F64) / pn.to(_F64)
-    lb = torch.where(ok, lam_lo * ratio * (1.0 - _BOUND_MARGIN), 0.0).reshape(-1)
-    ub = torch.where(ok, lam_hi * ratio * (1.0 + _BOUND_MARGIN), -1.0).reshape(-1)
+    lb = torch.where(ok, lam_lo * ratio * (1.0 - margin), 0.0).reshape(-1)
+    ub = torch.where(ok, lam_hi * ratio * (1.0 + margin), -1.0).reshape(-1)
     grp = torch.arange(g, device=s.device).repeat_interleave(nq)
     rows = (ub.view(g, nq) >= lb.view(g, nq).amax(-1, keepdim=True)).reshape(-1).nonzero().squeeze(-1)
     # Phase 1.5: on those rows, p2 and the tail mass from P itself (float32, one gather).
-    if rows.numel() > 4 * g:
-        pc = prob.reshape(g * nq, nk).index_select(0, rows)
+    # Worth its ~50 small ops only once the exact solve's element work would dominate.
+    if rows.numel() > 4 * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
+        pc = torch.softmax(_gather_rows(s, mask, rows), -1)
         p1c, idx = pc.max(-1, keepdim=True)
         pc.scatter_(-1, idx, 0.0)
         p2c = pc.amax(-1).to(_F64)
         rc = pc.sum(-1).to(_F64)
-        s2c = torch.linalg.vector_norm(pc, dim=-1).to(_F64).square()
+        s2c = torch.linalg.vecdot(pc, pc).to(_F64)
         del pc
-        lo_c, hi_c = _lambda_bounds(*_widen(p1c.squeeze(-1).to(_F64), rc, p2c, p2c, s2c, 1e-4, 0.0))
+        lo_c, hi_c = _lambda_bounds(
+            *_widen(p1c.squeeze(-1).to(_F64), rc, p2c, p2c, s2c, 1e-4 + 2.0 * acc, 0.0)
+        )
         rat_c = ratio.reshape(-1)[rows]
-        lb_c = torch.maximum(lb[rows], lo_c * rat_c * (1.0 - _BOUND_MARGIN))
-        ub_c = torch.minimum(ub[rows], hi_c * rat_c * (1.0 + _BOUND_MARGIN))
+        lb_c = torch.maximum(lb[rows], lo_c * rat_c * (1.0 - margin))
+        ub_c = torch.minimum(ub[rows], hi_c * rat_c * (1.0 + margin))
         g_c = grp[rows]
         best = torch.zeros(g, dtype=_F64, device=s.device).scatter_reduce(0, g_c, lb_c, reduce="amax")
         rows = rows[ub_c >= best[g_c]]
-    del prob
     # Phase 2: exact float64 solve on the surviving rows.
     out = torch.zeros(g, dtype=_F64, device=s.device)
     if rows.numel() > 0:
-        vals = _exact_rows(sm.reshape(g * nq, nk).index_select(0, rows))
+        vals = _exact_rows(_gather_rows(s, mask, rows))
         out.scatter_reduce_(0, grp[rows], vals, reduce="amax")
     bad = nonfin.any(-1)
     out = torch.where(bad, _INF, out)
@@ -507,14 +567,19 @@ def kappa_v(v: Tensor, ridge: float = 1e-6, key_mask: Tensor | None = None) -> T
     check_tensor("v", v, 2, fn)
     if not ridge >= 0.0:
         raise ValueError(f"{fn}: ridge must be >= 0, got {ridge}")
+    v = v.detach()  # a diagnostic: no graph (eigvalsh under autograd also takes another route)
     v64 = v.to(_F64)
-    fin = torch.isfinite(v64).flatten(-2).all(-1)
-    v64 = torch.where(torch.isfinite(v64), v64, 0.0)
     lead = tuple(v.shape[:-2])
+    clean = all_finite(v64)
+    fin = torch.ones(lead, dtype=torch.bool, device=v.device)
+    if not clean:
+        fin = torch.isfinite(v64).flatten(-2).all(-1)
+        v64 = torch.where(torch.isfinite(v64), v64, 0.0)
     if key_mask is not None:
         check_mask(key_mask, tuple(v.shape[:-1]), fn, "key_mask")
         keys = _expand_rank(key_mask, v.dim() - 1).expand(v.shape[:-1])
-        fin = (torch.isfinite(v.to(_F64)) | ~keys.unsqueeze(-1)).flatten(-2).all(-1)
+        if not clean:
+            fin = (torch.isfinite(v.to(_F64)) | ~keys.unsqueeze(-1)).flatten(-2).all(-1)
     if v.shape[-1] == 0 or v.shape[-2] == 0:
         return torch.ones(lead, dtype=_F64, device=v.device)
     if key_mask is not None:
@@ -530,6 +595,63 @@ def kappa_v(v: Tensor, ridge: float = 1e-6, key_mask: Tensor | None = None) -> T
     smin = torch.where(smin <= rank.sqrt() * unit * smax, 0.0, smin)
     kap = safe_ratio(smax, smin + ridge).clamp_min(1.0)
     return torch.where(fin, kap, _INF)
+
+
+def kappa_v_many(
+    vs: Sequence[Tensor], ridge: float = 1e-6, key_masks: Sequence[Tensor | None] | None = None
+) -> list[Tensor]:
+    """:func:`kappa_v` of many V tensors (e.g. every layer's, after the pass) in few solver calls.
+
+    Tensors with the same ``(n, d)``, dtype and presence of a key mask are concatenated along
+    their flattened leading dims and go through one :func:`kappa_v` call (one Gram
+    ``eigvalsh``), so the per-call overhead is paid once per distinct shape, not once per
+    layer. Each result equals ``kappa_v(v, ridge, key_mask)`` exactly (the solver works matrix
+    by matrix; a non-finite V only routes its group through the entry-wise path, which leaves
+    the finite heads' numbers unchanged).
+
+    Args:
+        vs: Value tensors ``(..., n, d)``.
+        ridge: As in :func:`kappa_v`.
+        key_masks: ``None`` or one entry per tensor: ``None`` or a boolean mask broadcastable
+            to ``v.shape[:-1]`` (as ``kappa_v``'s ``key_mask``).
+
+    Returns:
+        One float64 tensor of each input's leading shape, in input order.
+
+    Raises:
+        ValueError: If ``key_masks`` has a different length than ``vs``, or as :func:`kappa_v`.
+
+    Example:
+        >>> out = kappa_v_many([torch.diag(torch.tensor([4.0, 2.0])), torch.eye(3).expand(2, 3, 3)])
+        >>> [round(out[0].item(), 4), out[1].tolist()]  # σmax/(σmin + 1e-6)
+        [2.0, [1.0, 1.0]]
+    """
+    fn = "kappa_v_many"
+    if key_masks is not None and len(key_masks) != len(vs):
+        raise ValueError(f"{fn}: key_masks has {len(key_masks)} entries for {len(vs)} tensors")
+    masks: list[Tensor | None] = list(key_masks) if key_masks is not None else [None] * len(vs)
+    groups: dict[tuple[int, int, torch.dtype, bool], list[int]] = {}
+    for i, v in enumerate(vs):
+        check_tensor(f"vs[{i}]", v, 2, fn)
+        groups.setdefault((v.shape[-2], v.shape[-1], v.dtype, masks[i] is None), []).append(i)
+    out: list[Tensor] = [torch.empty(0)] * len(vs)
+    for (n, d, _, no_mask), idx in groups.items():
+        flat = [vs[i].reshape(-1, n, d) for i in idx]
+        keys = None
+        if not no_mask:
+            parts = []
+            for i in idx:
+                km = masks[i]
+                assert km is not None
+                check_mask(km, tuple(vs[i].shape[:-1]), fn, f"key_masks[{i}]")
+                parts.append(_expand_rank(km, vs[i].dim() - 1).expand(vs[i].shape[:-1]).reshape(-1, n))
+            keys = torch.cat(parts)
+        kap = kappa_v(torch.cat(flat), ridge, key_mask=keys)
+        start = 0
+        for i, f in zip(idx, flat, strict=True):
+            out[i] = kap[start : start + f.shape[0]].reshape(vs[i].shape[:-2])
+            start += f.shape[0]
+    return out
 
 
 def attention_entropy(p: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -727,11 +849,15 @@ def attention_diagnostics(
     """
     fn = "attention_diagnostics"
     bsz, nh, nq, nk = _check_qkv(q, k, v, scores, fn)
+    # A diagnostic builds no graph (and the blocked pass writes its buffers with out=).
+    v = v.detach()
+    q, k, scores = (None if t is None else t.detach() for t in (q, k, scores))
     if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"{fn}: softcap must be a finite number > 0, got {softcap}")
     target = (bsz, nh, nq, nk)
     m = _prep_mask(mask, target, fn)
     bz = _check_bias(bias, target, fn) if scores is None else None
+    bz = None if bz is None else bz.detach()
     sc = 1.0
     if scores is None:
         assert q is not None
@@ -753,10 +879,13 @@ def attention_diagnostics(
         if q is not None and k is not None:
             qc = _take_lead(q, lead, g0, g1).to(work)
             kc = _take_lead(k, lead, g0, g1).to(work)
-            fin = torch.isfinite(qc).flatten(1).all(-1) & torch.isfinite(kc).flatten(1).all(-1)
             s = qc @ kc.transpose(-1, -2)
             qn, kn, sn = _masked_norms(qc, kc, s, mc)
-            ks[g0:g1] = torch.where(fin, safe_ratio(qn * kn, sn), _INF)
+            if all_finite(qc, kc):
+                ks[g0:g1] = safe_ratio(qn * kn, sn)
+            else:
+                fin = torch.isfinite(qc).flatten(1).all(-1) & torch.isfinite(kc).flatten(1).all(-1)
+                ks[g0:g1] = torch.where(fin, safe_ratio(qn * kn, sn), _INF)
         if scores is None:
             s.mul_(sc)
             bc = None if bz is None else _take_lead(bz, lead, g0, g1).to(work)

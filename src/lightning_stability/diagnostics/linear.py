@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from ._checks import check_tensor, safe_ratio
+from ._checks import all_finite, check_tensor, safe_ratio
 
 __all__ = [
     "condition_from_singular_values",
     "condition_number",
     "extreme_singular_values",
     "kappa_wkwq",
+    "singular_value_extremes_many",
     "spectral_norm",
     "wkwq_norm",
 ]
@@ -51,7 +54,8 @@ def extreme_singular_values(w: Tensor, gram_max_cond: float = 1e3) -> tuple[Tens
         (4.0, 0.5)
     """
     x = w.detach().to(torch.float64)
-    x = torch.where(torch.isfinite(x), x, 0.0)
+    if not all_finite(x):
+        x = torch.where(torch.isfinite(x), x, 0.0)
     gram = x.mT @ x if x.shape[-2] >= x.shape[-1] else x @ x.mT
     lam = torch.linalg.eigvalsh(gram)
     hi, lo = lam[..., -1].clamp_min(0.0), lam[..., 0].clamp_min(0.0)
@@ -61,6 +65,46 @@ def extreme_singular_values(w: Tensor, gram_max_cond: float = 1e3) -> tuple[Tens
         sv = torch.linalg.svdvals(x[redo])
         smax[redo], smin[redo] = sv[..., 0], sv[..., -1]
     return smax, smin
+
+
+def singular_value_extremes_many(
+    mats: Sequence[Tensor], gram_max_cond: float = 1e3
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`extreme_singular_values` of many matrices of mixed shapes, one solver call per shape.
+
+    For a caller holding every layer's small problems after the pass (weights of several
+    shapes, V of every layer): matrices of equal trailing shape are stacked (in float64) and
+    solved together, so the per-call overhead (~20 small ops and a LAPACK dispatch) is paid once
+    per distinct shape instead of once per matrix. Every value equals the one-by-one result
+    (same Gram-eigenvalue route, same SVD fallback, solved matrix by matrix inside LAPACK).
+
+    Args:
+        mats: Tensors ``(..., m, n)`` (each at least one row and column); leading dims allowed.
+        gram_max_cond: As in :func:`extreme_singular_values`.
+
+    Returns:
+        One ``(σmax, σmin)`` pair of float64 tensors of each input's leading shape, in input order.
+
+    Example:
+        >>> out = singular_value_extremes_many([torch.eye(3) * 2, torch.ones(4, 2)])
+        >>> [(round(a.item(), 6), round(b.item(), 6)) for a, b in out]
+        [(2.0, 2.0), (2.828427, 0.0)]
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(mats):
+        check_tensor(f"mats[{i}]", m, 2, "singular_value_extremes_many")
+        groups.setdefault((m.shape[-2], m.shape[-1]), []).append(i)
+    out: list[tuple[Tensor, Tensor]] = [(torch.empty(0), torch.empty(0))] * len(mats)
+    for shape, idx in groups.items():
+        flat = [mats[i].detach().to(torch.float64).reshape(-1, *shape) for i in idx]
+        hi, lo = extreme_singular_values(torch.cat(flat), gram_max_cond)
+        start = 0
+        for i, f in zip(idx, flat, strict=True):
+            lead = mats[i].shape[:-2]
+            stop = start + f.shape[0]
+            out[i] = (hi[start:stop].reshape(lead), lo[start:stop].reshape(lead))
+            start = stop
+    return out
 
 
 def condition_from_singular_values(s: Tensor) -> Tensor:
