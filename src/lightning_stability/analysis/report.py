@@ -460,6 +460,9 @@ def _plot_curves(Figure: Any, run: Run, path: Path) -> bool:
         (r"stability/block\d+/r_block", "forward mismatch r_block", True),
         (r"stability/block\d+/kappa_softmax", "κ_softmax", True),
         (r"stability/block\d+/predictor", "combined predictor", True),
+        (r"stability/block\d+/attn_logit_max", "max attention logit", True),
+        (r"stability/block\d+/rank_collapse", "rank collapse ‖X−1x̄ᵀ‖/‖X‖", True),
+        (r"stability/block\d+/theta", "balanced mass θ(p)", False),
     ]
     panels = [(pat, label, log) for pat, label, log in panels if run.tags_matching(pat)]
     if not panels:
