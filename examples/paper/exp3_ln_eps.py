@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rhos", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     ap.add_argument("--caps", type=float, nargs="+", default=[5e-3, 1e-2])
     ap.add_argument("--configs", nargs="+", choices=["paper", "ours"], default=["paper", "ours"])
+    ap.add_argument(
+        "--paper_seeds", type=int, default=None, help="seeds of the `paper` configuration (reduced runs)"
+    )
     ap.add_argument("--ours_embed_scale", type=float, default=0.01)
     ap.add_argument("--last", type=int, default=50, help="tail window (steps)")
     ap.add_argument("--data_dir", default=None, help="CIFAR-10 python batches (default: synthetic)")
@@ -219,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         small = {"depth": 2, "batch_size": 16, "synthetic_size": 256, "sample_size": 4} if args.quick else {}
         configs = []
         for seed, cname in itertools.product(range(args.seeds), args.configs):  # seed-major (see Exp-1)
+            if cname == "paper" and args.paper_seeds is not None and seed >= args.paper_seeds:
+                continue
             scale = 1.0 if cname == "paper" else args.ours_embed_scale
             bumps = [None] + [
                 {
