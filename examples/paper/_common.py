@@ -282,6 +282,14 @@ def environment() -> str:
     )
 
 
+def provenance(command: str, wall: float | None, results: Sequence[RunResult]) -> str:
+    """The command and wall time line of a table; rebuilt tables (``wall=None``) sum the runs' times."""
+    runs = sum(r.wall_s for r in results) / 60
+    if wall is not None:
+        return f"Command: `{command}` — wall time {wall / 60:.1f} min ({len(results)} runs)"
+    return f"Tables rebuilt from the saved runs: {len(results)} runs, {runs:.1f} min of training wall time"
+
+
 def save_raw(out: Path, name: str, results: Sequence[RunResult]) -> Path:
     """All runs' measurements as one JSON file (``out/<name>.json``; not meant for the repository)."""
     out.mkdir(parents=True, exist_ok=True)

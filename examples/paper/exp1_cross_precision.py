@@ -46,6 +46,7 @@ from _common import (
     load_raw,
     log,
     markdown_table,
+    provenance,
     run_fit,
     save_raw,
     series,
@@ -139,7 +140,7 @@ def tables(results: list[RunResult], wall: float | None, command: str) -> str:
         f"{next(iter(results[0].config['measure'].values()))} steps. "
         f"Widths {widths}, seeds {seeds}, {steps} steps, "
         f"{'real CIFAR-10' if results[0].config['data_dir'] else 'synthetic CIFAR-shaped data'}.",
-        f"Command: `{command}`" + (f" — wall time {wall / 60:.1f} min" if wall is not None else ""),
+        provenance(command, wall, results),
         f"Environment: {environment()}",
         "",
         "**Per-configuration tails** (95th percentile over sampled steps; mean ± std over seeds):",

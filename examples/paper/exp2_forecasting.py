@@ -41,6 +41,7 @@ from _common import (
     load_raw,
     log,
     markdown_table,
+    provenance,
     run_fit,
     save_raw,
     series,
@@ -153,7 +154,7 @@ def tables(results: list[RunResult], args: argparse.Namespace, wall: float | Non
         f"Lags ±{args.max_lag} (positive: the signal leads), {args.permutations} permutations re-selecting "
         f"the lag, Precision@K with K = ⌈0.1·T⌉ = {k}, H = {args.horizon}, "
         f"window {args.window}, Z = {args.z}.",
-        f"Command: `{command}`" + (f" — wall time {wall / 60:.1f} min" if wall is not None else ""),
+        provenance(command, wall, results),
         f"Environment: {environment()}",
         "",
     ]

@@ -50,6 +50,7 @@ from _common import (
     load_raw,
     log,
     markdown_table,
+    provenance,
     run_fit,
     save_raw,
     series,
@@ -115,8 +116,9 @@ def tables(results: list[RunResult], last: int, wall: float | None, command: str
         cells = sorted({(k[2], k[3]) for k in by_key if k[0] == cname and k[2] is not None})
         scale = next(r.config["embed_scale"] for k, r in by_key.items() if k[0] == cname)
         rows = []
+        layers: set[str] = set()
         for rho, cap in cells:
-            dl, dr, nb, when, same = [], [], [], [], 0
+            dl, dr, nb, when, top, same = [], [], [], [], [], 0
             for seed, ctrl in sorted(controls.items()):
                 inter = by_key.get((cname, seed, rho, cap))
                 if inter is None:
@@ -127,11 +129,14 @@ def tables(results: list[RunResult], last: int, wall: float | None, command: str
                 dr.append(rc - ri)
                 nb.append(len(inter.bumped_layers))
                 when += [b["step"] for b in inter.bumps]
+                top += [b["eps_to"] for b in inter.bumps]
+                layers.update(inter.bumped_layers)
                 same += int(inter.loss == ctrl.loss)
             if not dl:
                 continue
             bumps = (
-                f"{np.mean(nb):.1f} (max {max(nb)}); steps {min(when)}–{max(when)}, {len(when)} bumps"
+                f"{np.mean(nb):.1f} (max {max(nb)}); steps {min(when)}–{max(when)}, {len(when)} bumps, "
+                f"largest ε {fmt(max(top))}"
                 if when
                 else "0"
             )
@@ -161,6 +166,7 @@ def tables(results: list[RunResult], last: int, wall: float | None, command: str
             f"**{cname}** — {title}. Control tail loss {fmt(float(np.mean([b[0] for b in base])))}, "
             f"control tail r_block {fmt(float(np.mean([b[1] for b in base])))} (means over seeds). "
             f"{rho_summary(ctrl_list)}.",
+            f"Layers bumped in any run: {', '.join(f'`{n}`' for n in sorted(layers)) or 'none'}.",
             "",
             markdown_table(
                 [
@@ -187,7 +193,7 @@ def tables(results: list[RunResult], last: int, wall: float | None, command: str
         f"{'real CIFAR-10' if any_cfg['data_dir'] else 'synthetic CIFAR-shaped data'}. "
         "Δ = control − intervention (positive: the bump helped), mean and sample std over seeds; "
         "'identical to control' counts seeds whose intervention loss curve equals the control's bit for bit.",
-        f"Command: `{command}`" + (f" — wall time {wall / 60:.1f} min" if wall is not None else ""),
+        provenance(command, wall, results),
         f"Environment: {environment()}",
         "",
     ]
