@@ -34,6 +34,7 @@ import itertools
 import math
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +85,14 @@ def sd(v: list[float]) -> float:
 
 
 def key(r: RunResult) -> tuple[str, int, float | None, float | None]:
-    b = r.config["ln_bump"]
-    name = "ours" if r.config["embed_scale"] != 1.0 else "paper"
-    return (name, r.config["seed"], b["target_rho"] if b else None, b["eps_max"] if b else None)
+    """``(configuration, seed, ρ*, cap)`` of a run (``ρ*``, ``cap`` None for a control)."""
+    return config_key(r.config)
+
+
+def config_key(cfg: dict) -> tuple[str, int, float | None, float | None]:
+    b = cfg["ln_bump"]
+    name = "ours" if cfg["embed_scale"] != 1.0 else "paper"
+    return (name, cfg["seed"], b["target_rho"] if b else None, b["eps_max"] if b else None)
 
 
 def rho_summary(controls: list[RunResult]) -> str:
@@ -217,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data_dir", default=None, help="CIFAR-10 python batches (default: synthetic)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default=NAME, help="file stem of the outputs under --out")
+    ap.add_argument("--resume", action="store_true", help="keep the runs in <out>/<name>.json, run the rest")
     ap.add_argument("--tables_only", action="store_true", help="rebuild the table from <out>/<name>.json")
     args = ap.parse_args(argv)
     command = "python examples/paper/exp3_ln_eps.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -261,12 +268,18 @@ def main(argv: list[str] | None = None) -> None:
         )
         start = time.perf_counter()
         results = []
+        raw = args.out / f"{args.name}.json"
+        if args.resume and raw.exists():
+            results = load_raw(raw)
+            done = {key(r) for r in results}
+            configs = [c for c in configs if config_key(asdict(c)) not in done]
+            log(f"resuming: {len(results)} runs loaded, {len(configs)} to go")
         for c in configs:
             results.append(run_fit(c))
             save_raw(args.out, args.name, results)
             r = results[-1]
             log(f"{key(r)}: {r.wall_s:.0f} s, bumped {len(r.bumped_layers)} layers")
-        wall = time.perf_counter() - start
+        wall = None if args.resume else time.perf_counter() - start
     md = tables(results, args.last, wall, command)
     (args.out / f"{args.name}.md").write_text(md)
     print(md)
