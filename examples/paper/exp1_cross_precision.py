@@ -63,6 +63,7 @@ PROXIES = (
     ("κ_softmax", "block", "kappa_softmax"),
     ("κ_score", "block", "kappa_score"),
     ("κ(V)", "block", "kappa_v"),
+    ("ε_mach alone (control, ours)", "tag", "stability/eps_mach"),
 )
 #: The paper's Table 2 (mixed precision): Pearson_log, Spearman, R², slope.
 PAPER = {
@@ -118,7 +119,7 @@ def regression_rows(points: list[dict], target: str, paper: bool) -> list[list[s
             ours = ["—"] * 4 + [f"0 ({exc})"]
         row = [label, *ours]
         if paper:
-            row += [" / ".join(fmt(v) for v in PAPER[label])]
+            row += [" / ".join(fmt(v) for v in PAPER[label]) if label in PAPER else "not in the paper"]
         rows.append(row)
     return rows
 
