@@ -81,6 +81,7 @@ def aligned(result: RunResult) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 def stats(signal: np.ndarray, target: np.ndarray, args: argparse.Namespace, seed: int) -> dict[str, float]:
     """Best lag, its correlation, permutation p and Precision@K of one (signal, target) pair."""
     out: dict[str, float] = {"lag": math.nan, "corr": math.nan, "p": math.nan, "prec": math.nan}
+    out["chance"] = math.nan
     try:
         ll = lead_lag(signal, target, max_lag=args.max_lag)
         pt = lead_lag_permutation_test(
@@ -91,6 +92,10 @@ def stats(signal: np.ndarray, target: np.ndarray, args: argparse.Namespace, seed
         log(f"lead-lag not computed: {exc}")
     try:
         out["prec"] = spike_precision_at_k(signal, target, horizon=args.horizon, window=args.window, z=args.z)
+        # chance level: every step with a defined z-score raises an alarm (K = T)
+        out["chance"] = spike_precision_at_k(
+            signal, target, k=len(signal), horizon=args.horizon, window=args.window, z=args.z
+        )
     except ValueError as exc:
         log(f"Precision@K not computed: {exc}")
     return out
@@ -119,6 +124,7 @@ def tables(results: list[RunResult], args: argparse.Namespace, wall: float | Non
                 fmt(st["corr"]),
                 fmt(st["p"]),
                 fmt(st["prec"]),
+                fmt(st["chance"]),
             ]
             if label == "fwd error" and seed in PAPER:
                 lag, corr, p, prec = PAPER[seed]
@@ -130,8 +136,8 @@ def tables(results: list[RunResult], args: argparse.Namespace, wall: float | Non
     for label, rs in rows_by_target.items():
         rows += rs
         st = summary[label]
-        mean = [float(np.nanmean([x[k] for x in st])) for k in ("lag", "corr", "prec")]
-        std = [float(np.nanstd([x[k] for x in st])) for k in ("lag", "corr", "prec")]
+        mean = [float(np.nanmean([x[k] for x in st])) for k in ("lag", "corr", "prec", "chance")]
+        std = [float(np.nanstd([x[k] for x in st])) for k in ("lag", "corr", "prec", "chance")]
         paper = "19.6 / 0.722 / — / 0.937" if label == "fwd error" else ""
         rows.append(
             [
@@ -141,6 +147,7 @@ def tables(results: list[RunResult], args: argparse.Namespace, wall: float | Non
                 f"{fmt(mean[1])} ± {fmt(std[1])}",
                 f"max {fmt(max(x['p'] for x in st))}",
                 f"{fmt(mean[2])} ± {fmt(std[2])}",
+                f"{fmt(mean[3])} ± {fmt(std[3])}",
                 paper,
             ]
         )
@@ -156,10 +163,21 @@ def tables(results: list[RunResult], args: argparse.Namespace, wall: float | Non
         f"window {args.window}, Z = {args.z}.",
         provenance(command, wall, results),
         f"Environment: {environment()}",
+        "'chance Prec (K = T)': the same precision with every step as an alarm — what Prec@K is worth "
+        "without a signal.",
         "",
     ]
     table = markdown_table(
-        ["seed", "target", "best lag", "best corr", "p-value", "Prec@K", "paper (lag / corr / p / Prec@K)"],
+        [
+            "seed",
+            "target",
+            "best lag",
+            "best corr",
+            "p-value",
+            "Prec@K",
+            "chance Prec (K = T)",
+            "paper (lag / corr / p / Prec@K)",
+        ],
         rows,
     )
     return "\n".join(head) + table + "\n"
