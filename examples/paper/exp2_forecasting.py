@@ -180,7 +180,7 @@ def tables(results: list[RunResult], args: argparse.Namespace, wall: float | Non
         ],
         rows,
     )
-    return "\n".join(head) + table + "\n"
+    return "\n".join(head) + "\n" + table + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
