@@ -76,7 +76,7 @@ PAPER = {
 SECONDS_PER_RUN = {
     96: 75.0,
     128: 110.0,
-}  # measured on 2 shared CPU cores, 160 steps, 3 monitors every 5 steps
+}  # one idle CPU core (timed at 20 steps), 160 steps, 3 monitors every 5 steps; a busy machine takes longer
 
 
 def get(result: RunResult, precision: str, kind: str, name: str) -> np.ndarray:
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
             for d in args.widths
         ]
         expected = sum(SECONDS_PER_RUN.get(c.d_model, 90.0) * c.steps / 160 for c in configs)
-        log(f"Exp-1: {len(configs)} runs, expected wall time {eta(1, expected)} (2 shared CPU cores)")
+        log(f"Exp-1: {len(configs)} runs, expected wall time {eta(1, expected)} on an idle CPU core")
         start = time.perf_counter()
         results = []
         for c in configs:

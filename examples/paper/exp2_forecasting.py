@@ -65,7 +65,7 @@ PAPER = {
     4: (19, 0.755, 0.001, 0.895),
 }
 PAPER_MEAN = (19.6, 0.722, None, 0.937)
-SECONDS_PER_RUN = 110.0  # 195 steps, FP16 what-if every step, d=96, 2 shared CPU cores
+SECONDS_PER_RUN = 110.0  # idle CPU core: 195 steps, FP16 what-if every step, d=96
 
 
 def aligned(result: RunResult) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -67,7 +67,7 @@ PAPER = {
     (0.7, 0.005): (9.795e-3, 2.055e-2, -1.081e-5, 5.336e-5),
     (0.7, 0.01): (4.433e-3, 7.523e-3, 2.828e-6, 5.117e-5),
 }
-SECONDS_PER_RUN = 60.0  # 195 steps, FP16 what-if every 5 steps, d=96, 2 shared CPU cores
+SECONDS_PER_RUN = 60.0  # idle CPU core: 195 steps, FP16 what-if every 5 steps, d=96
 
 
 def tail_means(r: RunResult, last: int) -> tuple[float, float]:
