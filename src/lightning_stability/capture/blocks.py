@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_stability.capture.hooks import HookContext
+
 #: ``(block index, call number within the forward, output)``
 OutputFn = Callable[[int, int, Tensor], None]
 #: ``(block index, call number, args, kwargs)``
@@ -24,7 +26,7 @@ def first_tensor(output: Any) -> Tensor | None:
     return None
 
 
-class BlockTap:
+class BlockTap(HookContext):
     """Context manager calling ``on_output`` (and ``on_input``) for every block call.
 
     Hooks exist only inside the ``with``; they are removed on exit, also when the
@@ -48,22 +50,16 @@ class BlockTap:
         self.on_output = on_output
         self.on_input = on_input
         self._calls = [0] * len(self.blocks)
-        self._stack = ExitStack()
+        super().__init__()
 
-    def __enter__(self) -> BlockTap:
+    def _reset(self) -> None:
         self._calls = [0] * len(self.blocks)
-        try:
-            for i, block in enumerate(self.blocks):
-                if self.on_input is not None:
-                    self._stack.enter_context(block.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-                self._stack.enter_context(block.register_forward_hook(self._post(i)))
-        except BaseException:
-            self._stack.close()
-            raise
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
+    def _install(self, stack: ExitStack) -> None:
+        for i, block in enumerate(self.blocks):
+            if self.on_input is not None:
+                stack.enter_context(block.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            stack.enter_context(block.register_forward_hook(self._post(i)))
 
     def _pre(self, i: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -125,7 +121,7 @@ def find_sublayers(block: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     return found
 
 
-class ModuleAmax:
+class ModuleAmax(HookContext):
     """Context manager recording ``max |output|`` of every module of a model during one forward.
 
     ``amax[name]`` is a 0-d tensor on the output's device (max over every floating output
@@ -142,20 +138,14 @@ class ModuleAmax:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.amax: dict[str, Tensor] = {}
-        self._stack = ExitStack()
+        super().__init__()
 
-    def __enter__(self) -> ModuleAmax:
+    def _reset(self) -> None:
         self.amax = {}
-        try:
-            for name, module in self.model.named_modules():
-                self._stack.enter_context(module.register_forward_hook(self._hook(name)))
-        except BaseException:
-            self._stack.close()
-            raise
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
+    def _install(self, stack: ExitStack) -> None:
+        for name, module in self.model.named_modules():
+            stack.enter_context(module.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_stability.capture.hooks import HookContext
 from lightning_stability.diagnostics.norm import token_variance
 
 #: Attribute names under which third-party RMSNorm/LayerNorm modules keep ε.
@@ -154,7 +155,7 @@ def token_variances(x: Tensor, n_dims: int, rms: bool) -> Tensor:
     return token_variance(x.detach().reshape(-1, math.prod(x.shape[x.dim() - n_dims :])), rms=rms)
 
 
-class NormCapture:
+class NormCapture(HookContext):
     """Context manager recording the input variance and compute dtype of normalization layers.
 
     Example:
@@ -170,21 +171,15 @@ class NormCapture:
         self.layers = list(layers)
         self.record_variances = variances
         self.stats: dict[str, NormStats] = {}
-        self._stack = ExitStack()
+        super().__init__()
 
-    def __enter__(self) -> NormCapture:
+    def _reset(self) -> None:
         self.stats = {}
-        try:
-            for layer in self.layers:
-                self._stack.enter_context(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
-                self._stack.enter_context(layer.module.register_forward_hook(self._post_hook(layer)))
-        except BaseException:
-            self._stack.close()
-            raise
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
+    def _install(self, stack: ExitStack) -> None:
+        for layer in self.layers:
+            stack.enter_context(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
+            stack.enter_context(layer.module.register_forward_hook(self._post_hook(layer)))
 
     def _pre_hook(self, layer: NormLayer) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:

@@ -38,6 +38,7 @@ from lightning_stability.capture.guards import (
     rng_snapshot,
     side_forward,
 )
+from lightning_stability.capture.hooks import HookContext
 from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
 from lightning_stability.capture.structure import MISSING_WO, Block, WeightFn, model_blocks, moe_kappa_eff
 from lightning_stability.metrics import BLOCK_METRICS, BY_NAME, HEAD_METRICS, RankOp, rank_op
@@ -294,27 +295,19 @@ def _copy(x: Any) -> Any:
     return x
 
 
-class _Taps:
+class _Taps(HookContext):
     """Forward pre-/post-hooks on a list of modules calling ``on_input(j, c, args, kwargs)``
     and ``on_output(j, c, output)`` (``c``: call number); removed on exit."""
 
     def __init__(self, modules: Sequence[nn.Module], on_input: Any, on_output: Any) -> None:
         self.modules, self.on_input, self.on_output = list(modules), on_input, on_output
-        self._stack = ExitStack()
         self._calls = [0] * len(self.modules)
+        super().__init__()
 
-    def __enter__(self) -> _Taps:
-        try:
-            for j, m in enumerate(self.modules):
-                self._stack.enter_context(m.register_forward_pre_hook(self._pre(j), with_kwargs=True))
-                self._stack.enter_context(m.register_forward_hook(self._post(j), always_call=True))
-        except BaseException:
-            self._stack.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
+    def _install(self, stack: ExitStack) -> None:
+        for j, m in enumerate(self.modules):
+            stack.enter_context(m.register_forward_pre_hook(self._pre(j), with_kwargs=True))
+            stack.enter_context(m.register_forward_hook(self._post(j), always_call=True))
 
     def _pre(self, j: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
