@@ -227,7 +227,12 @@ METRICS: tuple[Metric, ...] = (
         "log2(65504 / max |output| over every module): bits before FP16 overflows",
         ranks="from module maxima",
     ),
-    Metric("alarm", "model", "1 at a step where the κ_softmax early warning fired, else 0", ranks="—"),
+    Metric(
+        "alarm",
+        "model",
+        "1 at a step where the early warning (alarm_rule) fired, else 0; which rule and block: alarm_reason",
+        ranks="—",
+    ),
 )
 
 #: Internal raw statistics (not logged): their cross-rank reduction, by the last key segment.

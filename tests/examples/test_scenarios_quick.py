@@ -117,7 +117,12 @@ def test_paper_rule_replays_the_monitors_logged_alarm(tmp_path: Path) -> None:
     )
     data = gpt.MarkovDataModule(vocab_size=16, seq_len=16, n_sequences=128, batch_size=8)
     monitor = StabilityMonitor(
-        every_n_steps=1, sample_size=4, precision="bf16", alarm_window=3, alarm_threshold=0.5
+        every_n_steps=1,
+        sample_size=4,
+        precision="bf16",
+        alarm_rule="paper",
+        alarm_window=3,
+        alarm_threshold=0.5,
     )
     trainer = Trainer(
         max_steps=16,
