@@ -23,10 +23,13 @@ run on the same run's ``train/loss`` and ``train/grad_norm``.
 * ``none``: scenario (c) is ε-dominated from initialisation; nothing diverges, the
   question is only whether the rule names it and stays silent on the control.
 
-Signals the monitor of this version does not log (``attn_logit_max``, ``amax``,
-``fp16_headroom``, ``r_local``: issue 11) are read from the monitor's tags when present;
-otherwise ``attn_logit_max``/``amax``/``fp16_headroom`` fall back to the model's own
-``scenario/*`` values at the same steps (flagged ``*`` in the table) and ``r_local`` is n/a.
+Every signal is read from the monitor's own ``stability/*`` tags. Only logs of a monitor
+version that did not log ``attn_logit_max``/``amax``/``fp16_headroom`` (before issue 11) fall
+back to the model's own ``scenario/*`` values at the same steps (flagged ``*`` in the table).
+
+**One implementation.** When the run's monitor used the default alarm, its logged
+``stability/alarm`` must equal the offline replay of :func:`default_alarm` on the same tags;
+``RunScore.online_matches`` records that (``None``: the run logged no alarm, or another rule).
 """
 
 from __future__ import annotations
@@ -140,6 +143,7 @@ class RunScore:
     fallback: bool = False
     detectors: dict[str, int | None] = field(default_factory=dict)
     final_loss: float = math.nan
+    online_matches: bool | None = None
 
 
 def loss_divergence(run: Run) -> int | None:
@@ -216,6 +220,9 @@ def score_run(run: Run, scenario: str, control: bool, seed: int) -> RunScore:
                 fired.append((int(values["step"]), result.reason))
         score.alarms[name] = fired
         score.available[name] = seen
+    logged = [int(v["step"]) for v in checks if v.get("stability/alarm") == 1.0]
+    if any("stability/alarm" in v for v in checks) and not score.fallback:
+        score.online_matches = logged == [step for step, _ in score.alarms["default"]]
     loss, grad = run.get("train/loss"), run.get("train/grad_norm")
     if loss is not None:
         score.final_loss = float(np.mean(loss.values[-LOSS_WINDOW:]))
@@ -283,11 +290,13 @@ def plot_scenario(scenario: str, runs: list[tuple[Run, Run, RunScore]], path: Pa
         ("train/loss", "loss", False),
         ("attn_logit_max", "max attention logit", True),
         ("fp16_headroom", "FP16 headroom (bits)", False),
+        ("rho_ln", "min ρ_LN", True),
         ("kappa_softmax_max", "κ_softmax max", True),
         ("attention_entropy", "min attention entropy (nats)", False),
-        ("rho_ln", "min ρ_LN", True),
+        ("r_local", "max r_local (a block's own error)", True),
+        ("r_block", "r_block (last block)", True),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
     for ax, (key, title, logy) in zip(axes.flat, panels, strict=True):
         for k, (fail, ctrl, score) in enumerate(runs):
             for run, color, label in ((fail, "C3", "scenario"), (ctrl, "C0", "control")):
