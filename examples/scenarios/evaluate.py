@@ -85,6 +85,7 @@ CANDIDATES: dict[str, Callable[[], AlarmRule]] = {
     ),
     "rho_ln<1": lambda: Level("rho_ln", 1.0, above=False),
     "r_local>10·eps": lambda: LocalErrorFloor(10.0),
+    "r_local>1·eps": lambda: LocalErrorFloor(1.0),
     "default": default_alarm,
 }
 
@@ -144,6 +145,7 @@ class RunScore:
     detectors: dict[str, int | None] = field(default_factory=dict)
     final_loss: float = math.nan
     online_matches: bool | None = None
+    r_local_peak: float | None = None  # max over blocks and checks (up to the event) of r_local / eps_mach
 
 
 def loss_divergence(run: Run) -> int | None:
@@ -200,6 +202,22 @@ def sampled_steps(run: Run) -> list[dict[str, float]]:
     return out
 
 
+def r_local_peak(checks: list[dict[str, float]], event: int | None) -> float | None:
+    """Largest ``r_local / eps_mach`` over blocks and the checks before ``event`` (all without one).
+
+    How many roundings' worth of error the worst block adds on its own: what the ``r_local``
+    rule (``LocalErrorFloor``) thresholds, so the table shows how far each run is from it.
+    """
+    peaks = [
+        v / c["stability/eps_mach"]
+        for c in checks
+        if "stability/eps_mach" in c and (event is None or c["step"] < event)
+        for t, v in c.items()
+        if t.startswith("stability/block") and t.endswith("/r_local") and math.isfinite(v)
+    ]
+    return max(peaks) if peaks else None
+
+
 def score_run(run: Run, scenario: str, control: bool, seed: int) -> RunScore:
     """Event step, every candidate rule's firings and the loss-based detectors for one run."""
     kind = SCENARIOS[scenario][0]
@@ -220,6 +238,7 @@ def score_run(run: Run, scenario: str, control: bool, seed: int) -> RunScore:
                 fired.append((int(values["step"]), result.reason))
         score.alarms[name] = fired
         score.available[name] = seen
+    score.r_local_peak = r_local_peak(checks, event)
     logged = [int(v["step"]) for v in checks if v.get("stability/alarm") == 1.0]
     if any("stability/alarm" in v for v in checks) and not score.fallback:
         score.online_matches = logged == [step for step, _ in score.alarms["default"]]
@@ -248,6 +267,10 @@ def _first(score: RunScore, rule: str) -> str:
     return f"{step} (b{block}{lead})"
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2g}"
+
+
 def _det(step: int | None, event: int | None) -> str:
     if step is None:
         return "—"
@@ -258,7 +281,7 @@ def markdown_table(pairs: list[tuple[RunScore, RunScore]]) -> str:
     """One row per (scenario, seed): the failing run's first alarms and the control's alarm counts."""
     rules = list(CANDIDATES)
     dets = ["Lightning spike (loss)", "OLMo 6σ (loss)", "OLMo 6σ (grad norm)"]
-    head = ["scenario", "seed", "event (rule)", "loss fail/ctrl"]
+    head = ["scenario", "seed", "event (rule)", "loss fail/ctrl", "max r_local/ε fail (pre-event)/ctrl"]
     head += [f"{r}: first (block, lead) / ctrl checks" for r in rules]
     head += [f"{d}: first / ctrl" for d in dets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -270,6 +293,7 @@ def markdown_table(pairs: list[tuple[RunScore, RunScore]]) -> str:
             f"{fail.event if fail.event is not None else '—'} ({kind})",
         ]
         row.append(f"{fail.final_loss:.2f}/{ctrl.final_loss:.2f}")
+        row.append(f"{_num(fail.r_local_peak)}/{_num(ctrl.r_local_peak)}")
         for r in rules:
             n_ctrl = len(ctrl.alarms.get(r, [])) if ctrl.available.get(r, False) else "n/a"
             row.append(f"{_first(fail, r)} / {n_ctrl}")
