@@ -146,6 +146,7 @@ class RunScore:
     final_loss: float = math.nan
     online_matches: bool | None = None
     r_local_peak: float | None = None  # max over blocks and checks (up to the event) of r_local / eps_mach
+    r_local_peak_all: float | None = None  # the same over every check
 
 
 def loss_divergence(run: Run) -> int | None:
@@ -239,6 +240,7 @@ def score_run(run: Run, scenario: str, control: bool, seed: int) -> RunScore:
         score.alarms[name] = fired
         score.available[name] = seen
     score.r_local_peak = r_local_peak(checks, event)
+    score.r_local_peak_all = r_local_peak(checks, None)
     logged = [int(v["step"]) for v in checks if v.get("stability/alarm") == 1.0]
     if any("stability/alarm" in v for v in checks) and not score.fallback:
         score.online_matches = logged == [step for step, _ in score.alarms["default"]]
@@ -268,7 +270,7 @@ def _first(score: RunScore, rule: str) -> str:
 
 
 def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2g}"
+    return "—" if x is None else f"{x:.2g}"
 
 
 def _det(step: int | None, event: int | None) -> str:
@@ -281,7 +283,13 @@ def markdown_table(pairs: list[tuple[RunScore, RunScore]]) -> str:
     """One row per (scenario, seed): the failing run's first alarms and the control's alarm counts."""
     rules = list(CANDIDATES)
     dets = ["Lightning spike (loss)", "OLMo 6σ (loss)", "OLMo 6σ (grad norm)"]
-    head = ["scenario", "seed", "event (rule)", "loss fail/ctrl", "max r_local/ε fail (pre-event)/ctrl"]
+    head = [
+        "scenario",
+        "seed",
+        "event (rule)",
+        "loss fail/ctrl",
+        "max r_local/ε: fail before event (all) / ctrl",
+    ]
     head += [f"{r}: first (block, lead) / ctrl checks" for r in rules]
     head += [f"{d}: first / ctrl" for d in dets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -293,7 +301,7 @@ def markdown_table(pairs: list[tuple[RunScore, RunScore]]) -> str:
             f"{fail.event if fail.event is not None else '—'} ({kind})",
         ]
         row.append(f"{fail.final_loss:.2f}/{ctrl.final_loss:.2f}")
-        row.append(f"{_num(fail.r_local_peak)}/{_num(ctrl.r_local_peak)}")
+        row.append(f"{_num(fail.r_local_peak)} ({_num(fail.r_local_peak_all)}) / {_num(ctrl.r_local_peak)}")
         for r in rules:
             n_ctrl = len(ctrl.alarms.get(r, [])) if ctrl.available.get(r, False) else "n/a"
             row.append(f"{_first(fail, r)} / {n_ctrl}")
@@ -301,6 +309,55 @@ def markdown_table(pairs: list[tuple[RunScore, RunScore]]) -> str:
             row.append(f"{_det(fail.detectors.get(d), fail.event)} / {_det(ctrl.detectors.get(d), None)}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def rule_summary(pairs: list[tuple[RunScore, RunScore]]) -> str:
+    """One row per rule, one cell per scenario: first firing step per seed, its lead, the blocks
+    named, and the firing checks on each seed's control; then the monitor's online alarm check."""
+    scenarios = list(dict.fromkeys(f.scenario for f, _ in pairs))
+    lines = ["| rule | " + " | ".join(scenarios) + " |", "|" + "---|" * (len(scenarios) + 1)]
+    for rule in [*CANDIDATES, "Lightning spike (loss)", "OLMo 6σ (loss)", "OLMo 6σ (grad norm)"]:
+        cells = []
+        for scenario in scenarios:
+            runs = [(f, c) for f, c in pairs if f.scenario == scenario]
+            cells.append(_summary_cell(rule, runs))
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    online = [f.online_matches for pair in pairs for f in pair if f.online_matches is not None]
+    lines.append("")
+    lines.append(
+        f"Monitor's logged `stability/alarm` == offline replay of the default: "
+        f"{sum(online)} of {len(online)} runs"
+    )
+    return "\n".join(lines)
+
+
+def _summary_cell(rule: str, runs: list[tuple[RunScore, RunScore]]) -> str:
+    if rule in CANDIDATES:
+        if not any(f.available.get(rule, False) for f, _ in runs):
+            return "n/a"
+        firsts = [f.alarms.get(rule, [])[:1] for f, _ in runs]
+        ctrl = ", ".join(str(len(c.alarms.get(rule, []))) for _, c in runs)
+        blocks = sorted(
+            {r.split(" in block ")[1].split(" ")[0] for x in firsts for _, r in x if " in block " in r}
+        )
+        steps = [x[0][0] if x else None for x in firsts]
+    else:
+        steps = [f.detectors.get(rule) for f, _ in runs]
+        fired = [c.detectors.get(rule) for _, c in runs]
+        ctrl = ", ".join("0" if x is None else f"at {x}" for x in fired)
+        blocks = []
+    if all(x is None for x in steps):
+        return f"silent; ctrl {ctrl}"
+    shown = ", ".join("—" if x is None else str(x) for x in steps)
+    leads = [
+        f.event - x for (f, _), x in zip(runs, steps, strict=True) if x is not None and f.event is not None
+    ]
+    text = f"{shown}"
+    if leads:
+        text += "; lead " + ", ".join(str(v) for v in leads)
+    if blocks:
+        text += "; block " + "/".join(blocks)
+    return text + f"; ctrl {ctrl}"
 
 
 def plot_scenario(scenario: str, runs: list[tuple[Run, Run, RunScore]], path: Path) -> None:
@@ -394,9 +451,10 @@ def main(argv: list[str] | None = None) -> str:
         plot_scenario(scenario, per_seed, fig_dir / f"scenario_{scenario}.png")
     table = markdown_table(pairs)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "table.md").write_text(table + "\n")
+    summary = rule_summary(pairs)
+    (a.out / "table.md").write_text(table + "\n\n" + summary + "\n")
     (a.out / "scores.json").write_text(json.dumps([[asdict(f), asdict(c)] for f, c in pairs], indent=1))
-    print(table)
+    print(table + "\n\n" + summary)
     return table
 
 
