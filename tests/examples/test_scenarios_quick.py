@@ -74,6 +74,10 @@ def test_evaluate_quick_end_to_end(tmp_path: Path) -> None:
     assert (fail["scenario"], fail["control"], ctrl["control"]) == ("logit_growth", False, True)
     # the replay saw the monitor's signals (κ_softmax is logged by this monitor version)
     assert fail["available"]["paper z(κ_softmax)>1.5"] and fail["available"]["entropy<0.1"]
+    # every signal from the monitor's own tags (no scenario/* stand-in), r_local included
+    assert not fail["fallback"] and fail["available"]["r_local>10·eps"] and fail["r_local_peak_all"] > 0
+    # one implementation: the monitor's logged stability/alarm is the offline replay of the default
+    assert fail["online_matches"] is True and ctrl["online_matches"] is True
     run = evaluate.load_run(out / "logit_growth" / "seed0")
     loss = run.get("train/loss")
     assert loss is not None and loss.steps.tolist() == list(range(1, 31))
