@@ -23,9 +23,9 @@ How a caller (the monitor) is meant to use it, once per sampled step::
     if latch.update(result.fired):                        # a new episode: warn once
         warn(result.reason); on_alarm(...)                # e.g. "attn_logit_max>100 in block 0 (value 172)"
 
-and checkpoints ``alarm.state_dict()`` / ``latch.state_dict()``. The paper's rule is
-``RollingZ("kappa_softmax_max", window, threshold, block_metric="kappa_softmax")``, the
-same numbers as the monitor's current alarm.
+and checkpoints ``alarm.state_dict()`` / ``latch.state_dict()`` (``StabilityMonitor`` does
+exactly this). The paper's rule is ``RollingZ("kappa_softmax_max", window, threshold,
+block_metric="kappa_softmax")``: the monitor's ``alarm_rule="paper"``.
 
 Pure Python/torch: no Lightning, no logging (the diagnostics layer).
 """
