@@ -23,10 +23,13 @@ run on the same run's ``train/loss`` and ``train/grad_norm``.
 * ``none``: scenario (c) is ε-dominated from initialisation; nothing diverges, the
   question is only whether the rule names it and stays silent on the control.
 
-Signals the monitor of this version does not log (``attn_logit_max``, ``amax``,
-``fp16_headroom``, ``r_local``: issue 11) are read from the monitor's tags when present;
-otherwise ``attn_logit_max``/``amax``/``fp16_headroom`` fall back to the model's own
-``scenario/*`` values at the same steps (flagged ``*`` in the table) and ``r_local`` is n/a.
+Every signal is read from the monitor's own ``stability/*`` tags. Only logs of a monitor
+version that did not log ``attn_logit_max``/``amax``/``fp16_headroom`` (before issue 11) fall
+back to the model's own ``scenario/*`` values at the same steps (flagged ``*`` in the table).
+
+**One implementation.** When the run's monitor used the default alarm, its logged
+``stability/alarm`` must equal the offline replay of :func:`default_alarm` on the same tags;
+``RunScore.online_matches`` records that (``None``: the run logged no alarm, or another rule).
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ CANDIDATES: dict[str, Callable[[], AlarmRule]] = {
     ),
     "rho_ln<1": lambda: Level("rho_ln", 1.0, above=False),
     "r_local>10·eps": lambda: LocalErrorFloor(10.0),
+    "r_local>1·eps": lambda: LocalErrorFloor(1.0),
     "default": default_alarm,
 }
 
@@ -140,6 +144,9 @@ class RunScore:
     fallback: bool = False
     detectors: dict[str, int | None] = field(default_factory=dict)
     final_loss: float = math.nan
+    online_matches: bool | None = None
+    r_local_peak: float | None = None  # max over blocks and checks (up to the event) of r_local / eps_mach
+    r_local_peak_all: float | None = None  # the same over every check
 
 
 def loss_divergence(run: Run) -> int | None:
@@ -196,6 +203,22 @@ def sampled_steps(run: Run) -> list[dict[str, float]]:
     return out
 
 
+def r_local_peak(checks: list[dict[str, float]], event: int | None) -> float | None:
+    """Largest ``r_local / eps_mach`` over blocks and the checks before ``event`` (all without one).
+
+    How many roundings' worth of error the worst block adds on its own: what the ``r_local``
+    rule (``LocalErrorFloor``) thresholds, so the table shows how far each run is from it.
+    """
+    peaks = [
+        v / c["stability/eps_mach"]
+        for c in checks
+        if "stability/eps_mach" in c and (event is None or c["step"] < event)
+        for t, v in c.items()
+        if t.startswith("stability/block") and t.endswith("/r_local") and math.isfinite(v)
+    ]
+    return max(peaks) if peaks else None
+
+
 def score_run(run: Run, scenario: str, control: bool, seed: int) -> RunScore:
     """Event step, every candidate rule's firings and the loss-based detectors for one run."""
     kind = SCENARIOS[scenario][0]
@@ -216,6 +239,11 @@ def score_run(run: Run, scenario: str, control: bool, seed: int) -> RunScore:
                 fired.append((int(values["step"]), result.reason))
         score.alarms[name] = fired
         score.available[name] = seen
+    score.r_local_peak = r_local_peak(checks, event)
+    score.r_local_peak_all = r_local_peak(checks, None)
+    logged = [int(v["step"]) for v in checks if v.get("stability/alarm") == 1.0]
+    if any("stability/alarm" in v for v in checks) and not score.fallback:
+        score.online_matches = logged == [step for step, _ in score.alarms["default"]]
     loss, grad = run.get("train/loss"), run.get("train/grad_norm")
     if loss is not None:
         score.final_loss = float(np.mean(loss.values[-LOSS_WINDOW:]))
@@ -241,6 +269,10 @@ def _first(score: RunScore, rule: str) -> str:
     return f"{step} (b{block}{lead})"
 
 
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2g}"
+
+
 def _det(step: int | None, event: int | None) -> str:
     if step is None:
         return "—"
@@ -251,7 +283,13 @@ def markdown_table(pairs: list[tuple[RunScore, RunScore]]) -> str:
     """One row per (scenario, seed): the failing run's first alarms and the control's alarm counts."""
     rules = list(CANDIDATES)
     dets = ["Lightning spike (loss)", "OLMo 6σ (loss)", "OLMo 6σ (grad norm)"]
-    head = ["scenario", "seed", "event (rule)", "loss fail/ctrl"]
+    head = [
+        "scenario",
+        "seed",
+        "event (rule)",
+        "loss fail/ctrl",
+        "max r_local/ε: fail before event (all) / ctrl",
+    ]
     head += [f"{r}: first (block, lead) / ctrl checks" for r in rules]
     head += [f"{d}: first / ctrl" for d in dets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -263,6 +301,7 @@ def markdown_table(pairs: list[tuple[RunScore, RunScore]]) -> str:
             f"{fail.event if fail.event is not None else '—'} ({kind})",
         ]
         row.append(f"{fail.final_loss:.2f}/{ctrl.final_loss:.2f}")
+        row.append(f"{_num(fail.r_local_peak)} ({_num(fail.r_local_peak_all)}) / {_num(ctrl.r_local_peak)}")
         for r in rules:
             n_ctrl = len(ctrl.alarms.get(r, [])) if ctrl.available.get(r, False) else "n/a"
             row.append(f"{_first(fail, r)} / {n_ctrl}")
@@ -270,6 +309,55 @@ def markdown_table(pairs: list[tuple[RunScore, RunScore]]) -> str:
             row.append(f"{_det(fail.detectors.get(d), fail.event)} / {_det(ctrl.detectors.get(d), None)}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def rule_summary(pairs: list[tuple[RunScore, RunScore]]) -> str:
+    """One row per rule, one cell per scenario: first firing step per seed, its lead, the blocks
+    named, and the firing checks on each seed's control; then the monitor's online alarm check."""
+    scenarios = list(dict.fromkeys(f.scenario for f, _ in pairs))
+    lines = ["| rule | " + " | ".join(scenarios) + " |", "|" + "---|" * (len(scenarios) + 1)]
+    for rule in [*CANDIDATES, "Lightning spike (loss)", "OLMo 6σ (loss)", "OLMo 6σ (grad norm)"]:
+        cells = []
+        for scenario in scenarios:
+            runs = [(f, c) for f, c in pairs if f.scenario == scenario]
+            cells.append(_summary_cell(rule, runs))
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    online = [f.online_matches for pair in pairs for f in pair if f.online_matches is not None]
+    lines.append("")
+    lines.append(
+        f"Monitor's logged `stability/alarm` == offline replay of the default: "
+        f"{sum(online)} of {len(online)} runs"
+    )
+    return "\n".join(lines)
+
+
+def _summary_cell(rule: str, runs: list[tuple[RunScore, RunScore]]) -> str:
+    if rule in CANDIDATES:
+        if not any(f.available.get(rule, False) for f, _ in runs):
+            return "n/a"
+        firsts = [f.alarms.get(rule, [])[:1] for f, _ in runs]
+        ctrl = ", ".join(str(len(c.alarms.get(rule, []))) for _, c in runs)
+        blocks = sorted(
+            {r.split(" in block ")[1].split(" ")[0] for x in firsts for _, r in x if " in block " in r}
+        )
+        steps = [x[0][0] if x else None for x in firsts]
+    else:
+        steps = [f.detectors.get(rule) for f, _ in runs]
+        fired = [c.detectors.get(rule) for _, c in runs]
+        ctrl = ", ".join("0" if x is None else f"at {x}" for x in fired)
+        blocks = []
+    if all(x is None for x in steps):
+        return f"silent; ctrl {ctrl}"
+    shown = ", ".join("—" if x is None else str(x) for x in steps)
+    leads = [
+        f.event - x for (f, _), x in zip(runs, steps, strict=True) if x is not None and f.event is not None
+    ]
+    text = f"{shown}"
+    if leads:
+        text += "; lead " + ", ".join(str(v) for v in leads)
+    if blocks:
+        text += "; block " + "/".join(blocks)
+    return text + f"; ctrl {ctrl}"
 
 
 def plot_scenario(scenario: str, runs: list[tuple[Run, Run, RunScore]], path: Path) -> None:
@@ -283,11 +371,13 @@ def plot_scenario(scenario: str, runs: list[tuple[Run, Run, RunScore]], path: Pa
         ("train/loss", "loss", False),
         ("attn_logit_max", "max attention logit", True),
         ("fp16_headroom", "FP16 headroom (bits)", False),
+        ("rho_ln", "min ρ_LN", True),
         ("kappa_softmax_max", "κ_softmax max", True),
         ("attention_entropy", "min attention entropy (nats)", False),
-        ("rho_ln", "min ρ_LN", True),
+        ("r_local", "max r_local (a block's own error)", True),
+        ("r_block", "r_block (last block)", True),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
     for ax, (key, title, logy) in zip(axes.flat, panels, strict=True):
         for k, (fail, ctrl, score) in enumerate(runs):
             for run, color, label in ((fail, "C3", "scenario"), (ctrl, "C0", "control")):
@@ -361,9 +451,10 @@ def main(argv: list[str] | None = None) -> str:
         plot_scenario(scenario, per_seed, fig_dir / f"scenario_{scenario}.png")
     table = markdown_table(pairs)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "table.md").write_text(table + "\n")
+    summary = rule_summary(pairs)
+    (a.out / "table.md").write_text(table + "\n\n" + summary + "\n")
     (a.out / "scores.json").write_text(json.dumps([[asdict(f), asdict(c)] for f, c in pairs], indent=1))
-    print(table)
+    print(table + "\n\n" + summary)
     return table
 
 

@@ -275,7 +275,11 @@ METRICS: tuple[Metric, ...] = (
         unit="bits",
     ),
     Metric(
-        "alarm", "model", "1 at a step where the κ_softmax early warning fired, else 0", ranks="—", unit="0/1"
+        "alarm",
+        "model",
+        "1 at a step where the early warning (alarm_rule) fired, else 0; which rule and block: alarm_reason",
+        ranks="—",
+        unit="0/1",
     ),
 )
 

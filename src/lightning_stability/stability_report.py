@@ -93,7 +93,10 @@ class StabilityReport:
         worst_block_index: its index (logged as ``stability/worst_block``).
         fp16_headroom: ``log2(65504 / max |output|)`` over every module of the model (exact pass).
         amax_module: the module holding that maximum (``"(model output)"`` for the root module).
-        alarm: whether the κ_softmax early warning fired at this step (set by the monitor).
+        alarm: whether the monitor's early warning (its ``alarm_rule``) fired at this step; ``None``
+            when its signals were not measured.
+        alarm_reason: when it fired, which rule in which block: ``"attn_logit_max>100 in block 0
+            ('blocks.0') (value 172)"`` (not logged: a string; ``None`` when it did not fire).
         first_nonfinite: the first module whose low-precision output went non-finite.
         norm_dtypes: dtype each normalization layer computed in during the low-precision pass.
     """
@@ -118,6 +121,7 @@ class StabilityReport:
     fp16_headroom: float | None = None
     amax_module: str | None = None
     alarm: bool | None = None
+    alarm_reason: str | None = None
     first_nonfinite: str | None = None
     norm_dtypes: dict[str, str] = field(default_factory=dict)
 

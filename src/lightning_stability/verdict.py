@@ -100,9 +100,9 @@ class FitVerdict:
             e = self.rho_ln
             out.append(f"ε-dominated normalization: rho_ln = {e.value:.3g} in {e.where} at step {e.step}")
         if self.alarms:
-            out.append(f"κ_softmax early warning fired at steps {_steps(self.alarms)}")
+            out.append(f"early warning (stability/alarm) fired at steps {_steps(self.alarms)}")
         else:
-            out.append("κ_softmax early warning: never fired")
+            out.append("early warning (stability/alarm): never fired")
         for e in self.nonfinite[:3]:
             out.append(f"non-finite low-precision outputs at step {e.step} (first in {e.where})")
         if self.r_block_last is not None:

@@ -381,14 +381,14 @@ def test_alarm_fires_on_a_kappa_softmax_jump_and_calls_hook(tmp_path) -> None:
                     self.blocks[0].attn.qkv.weight[:64].mul_(8.0)
 
     torch.manual_seed(0)
-    monitor = Hooked(every_n_steps=1, alarm_window=4, alarm_threshold=3.0)
+    monitor = Hooked(every_n_steps=1, alarm_rule="paper", alarm_window=4, alarm_threshold=3.0)
     with pytest.warns(UserWarning, match="early warning at step 6"):
         # one fixed batch and lr=0: κ_softmax is constant until the planted jump
         _, logger = fit(Jump(lr=0.0), tmp_path, monitor, steps=8, loader=make_loader(n=8))
     assert fired == [6]  # report.step: the logged step
     alarms = {s: m["stability/alarm"] for s, m in logger.records}
     assert alarms[6] == 1.0 and alarms[4] == 0.0 and alarms[5] == 0.0  # logged at global_step - 1
-    assert monitor.state_dict()["alarm"]["history"]
+    assert monitor.state_dict()["alarm"]["z"]["history"]
 
 
 def test_blocks_that_never_run_or_none_found_are_reported(tmp_path, tiny_model) -> None:

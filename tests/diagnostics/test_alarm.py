@@ -178,3 +178,15 @@ def test_default_alarm_reasons_and_silence() -> None:
     assert (r.rule, r.block) == ("rho_ln<1", 1)
     off = default_alarm(attn_logit_max=math.inf, fp16_headroom_bits=-math.inf, rho_ln=-math.inf)
     assert not off.update({**quiet, **_step(attn_logit_max=[1e6], rho_ln=[0.0])}).fired
+
+
+def test_default_rho_ln_level_applies_to_low_precision_passes_only() -> None:
+    """Against FP32's rounding (2^-23) nearly every norm has rho_ln < 1: not a fragile forward."""
+    rule = default_alarm()
+    eps_dominated = _step(rho_ln=[3.0, 0.2])
+    for eps, fires in ((2.0**-7, True), (2.0**-10, True), (2.0**-23, False)):
+        r = rule.update({"stability/eps_mach": eps, **eps_dominated})
+        assert r.fired is fires, eps
+    r = rule.update(eps_dominated)  # no eps_mach logged: not applicable
+    assert not r.fired and not r.available
+    assert Level("rho_ln", 1.0, above=False).update({"stability/eps_mach": 2.0**-23, **eps_dominated}).fired

@@ -74,6 +74,10 @@ def test_evaluate_quick_end_to_end(tmp_path: Path) -> None:
     assert (fail["scenario"], fail["control"], ctrl["control"]) == ("logit_growth", False, True)
     # the replay saw the monitor's signals (κ_softmax is logged by this monitor version)
     assert fail["available"]["paper z(κ_softmax)>1.5"] and fail["available"]["entropy<0.1"]
+    # every signal from the monitor's own tags (no scenario/* stand-in), r_local included
+    assert not fail["fallback"] and fail["available"]["r_local>10·eps"] and fail["r_local_peak_all"] > 0
+    # one implementation: the monitor's logged stability/alarm is the offline replay of the default
+    assert fail["online_matches"] is True and ctrl["online_matches"] is True
     run = evaluate.load_run(out / "logit_growth" / "seed0")
     loss = run.get("train/loss")
     assert loss is not None and loss.steps.tolist() == list(range(30))
@@ -117,7 +121,12 @@ def test_paper_rule_replays_the_monitors_logged_alarm(tmp_path: Path) -> None:
     )
     data = gpt.MarkovDataModule(vocab_size=16, seq_len=16, n_sequences=128, batch_size=8)
     monitor = StabilityMonitor(
-        every_n_steps=1, sample_size=4, precision="bf16", alarm_window=3, alarm_threshold=0.5
+        every_n_steps=1,
+        sample_size=4,
+        precision="bf16",
+        alarm_rule="paper",
+        alarm_window=3,
+        alarm_threshold=0.5,
     )
     trainer = Trainer(
         max_steps=16,

@@ -146,7 +146,8 @@ def _on(metrics: dict[str, float]) -> tuple[set[str], set[str]]:
 def custom_scalars_layout(metrics: dict[str, float]) -> dict[str, dict[str, list[Any]]]:
     """TensorBoard CUSTOM SCALARS layout for the tags of one logged step (``metrics``).
 
-    Four sections: the early warning (κ_softmax_max and the 0/1 alarm), the verdict (model
+    Four sections: the early warning (the largest attention logit, κ_softmax_max and the 0/1
+    alarm), the verdict (model
     level: r_block against the ε_mach floor, the predictor, the bound, FP16 headroom, worst
     block, non-finite count), *where* (per block, one colour per block: the local and
     propagated errors, attention logits, activation maxima), and the per-block conditioning
@@ -156,12 +157,18 @@ def custom_scalars_layout(metrics: dict[str, float]) -> dict[str, dict[str, list
     eps = [f"^{_model_log10_tag('eps_mach')}$"] if "eps_mach" in model_on else []
 
     warning: dict[str, list[Any]] = {}  # TensorBoard draws multi-line charts before margin charts
+    if "attn_logit_max" in model_on:  # the default alarm's main input (its level: 100)
+        warning["attn_logit_max — largest attention logit, default alarm at 100 [log10]"] = _lines(
+            _model_log10_tag("attn_logit_max")
+        )
     if "kappa_softmax_max" in model_on:
-        warning["kappa_softmax_max — the alarm's input [log10]"] = _lines(
+        warning["kappa_softmax_max — the paper rule's input [log10]"] = _lines(
             _model_log10_tag("kappa_softmax_max")
         )
     if "alarm" in model_on:
-        warning["alarm — κ_softmax early warning fired [0/1, unsmoothed]"] = _margin("stability/alarm")
+        warning["alarm — early warning fired (reason: the run's warning) [0/1, unsmoothed]"] = _margin(
+            "stability/alarm"
+        )
     verdict: dict[str, list[Any]] = {}
     if "r_block" in model_on:
         verdict["r_block — error at the last block's output [log10] — flat line: ε_mach"] = [

@@ -294,8 +294,10 @@ class StabilityGuard(Callback):
                 continue
             plans += self._match_block(report, i, block)
         matched = [p for p in plans if alarm_block is None or p.block == alarm_block]
-        if reason and not matched:
-            where = report.blocks[alarm_block] if alarm_block is not None else None
+        where = report.blocks[alarm_block] if alarm_block is not None else None
+        # an alarm that keeps firing in a block already acted on is explained: not "unmatched"
+        acted = {a.block_name for a in self.actions if a.applied and a.action != "none"}
+        if reason and not matched and not (where is not None and where.name in acted):
             plans.append(
                 GuardAction(
                     report.step,

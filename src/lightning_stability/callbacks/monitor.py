@@ -41,7 +41,13 @@ from lightning_stability.capture.probe import (
     predictor_warnings,
 )
 from lightning_stability.capture.structure import structure_warnings, unattended_blocks, unmatched_patterns
-from lightning_stability.diagnostics import RollingZScore
+from lightning_stability.diagnostics.alarm import (
+    AlarmResult,
+    AlarmRule,
+    EpisodeLatch,
+    RollingZ,
+    default_alarm,
+)
 from lightning_stability.stability_report import StabilityReport
 from lightning_stability.verdict import FitVerdict
 
@@ -80,10 +86,21 @@ class StabilityMonitor(Callback):
         blocks: name patterns of the blocks, e.g. [model.h.*] (* stays within one name
             segment, ** spans segments); None finds the repeated layers (README: block detection).
         log_per_head: also log stability/block{i}/head{h}/<name>.
-        alarm_window: sampled steps of history for the rolling z-score of kappa_softmax_max
-            (the paper's 20, at least 2); the alarm stays silent until that many samples
-            exist, i.e. for the first alarm_window x every_n_steps training steps.
-        alarm_threshold: z-score above which the early warning fires (the paper's 1.5).
+        alarm_rule: the early warning (stability/alarm). default: any of three absolute levels,
+            each naming its block: max attention logit above alarm_attn_logit_max, FP16 headroom
+            below alarm_fp16_headroom_bits (FP16 passes only), min rho_ln below alarm_rho_ln
+            (chosen by the scenario evaluation: README "Does it warn?"). paper: the paper's
+            rolling z-score of kappa_softmax_max (alarm_window, alarm_threshold).
+        alarm_attn_logit_max: default rule: fire when any block's max attention logit exceeds this
+            (Megatron's QK-clip tau = 100); inf turns this part off.
+        alarm_fp16_headroom_bits: default rule: fire when fewer bits than this remain before FP16
+            overflows (stability/fp16_headroom), when the measured pass is FP16; -inf turns it off.
+        alarm_rho_ln: default rule: fire when any block's min rho_ln drops below this (an
+            epsilon-dominated normalization, SPEC §2), when the measured pass is FP16/BF16; 0 turns it off.
+        alarm_window: paper rule: sampled steps of history for the rolling z-score of
+            kappa_softmax_max (the paper's 20, at least 2); it stays silent until that many
+            samples exist, i.e. for the first alarm_window x every_n_steps training steps.
+        alarm_threshold: paper rule: z-score above which it fires (the paper's 1.5).
         ln_c1: constant C1 of C_LN (Proposition 1).
         ln_c2: constant C2 of C_LN.
         ln_c3: constant C3 of C_LN.
@@ -107,6 +124,10 @@ class StabilityMonitor(Callback):
         residual_gain_iters: NonNegativeInt = 0,
         blocks: list[str] | None = None,
         log_per_head: bool = False,
+        alarm_rule: Literal["default", "paper"] = "default",
+        alarm_attn_logit_max: float = 100.0,
+        alarm_fp16_headroom_bits: float = 2.0,
+        alarm_rho_ln: NonNegativeFloat = 1.0,
         alarm_window: AtLeastTwoInt = 20,
         alarm_threshold: NonNegativeFloat = 1.5,
         ln_c1: NonNegativeFloat = 1.0,
@@ -126,6 +147,10 @@ class StabilityMonitor(Callback):
         check_int("residual_gain_iters", residual_gain_iters, minimum=0)
         check_patterns("blocks", blocks)
         check_choice("log_per_head", log_per_head, (True, False))
+        check_choice("alarm_rule", alarm_rule, ("default", "paper"))
+        check_number("alarm_attn_logit_max", alarm_attn_logit_max, 0.0, math.inf, open_low=True)
+        check_number("alarm_fp16_headroom_bits", alarm_fp16_headroom_bits, -math.inf, 16.0)
+        check_number("alarm_rho_ln", alarm_rho_ln, 0.0, math.inf, open_high=True)
         check_int("alarm_window", alarm_window, minimum=2)
         for name, value in (
             ("alarm_threshold", alarm_threshold),
@@ -148,6 +173,7 @@ class StabilityMonitor(Callback):
         self.residual_gain_iters = residual_gain_iters
         self.blocks = blocks
         self.log_per_head = log_per_head
+        self.alarm_rule = alarm_rule
         self.alarm_threshold = float(alarm_threshold)
         self.ln_constants = (float(ln_c1), float(ln_c2), float(ln_c3))
         self.bound_c = float(bound_c)
@@ -159,7 +185,14 @@ class StabilityMonitor(Callback):
         #: the verdict of the last fit (set at its end): see :meth:`on_fit_end`
         self.summary: str | None = None
         self._verdict = FitVerdict()
-        self._alarm = RollingZScore(alarm_window)
+        self._alarm: AlarmRule
+        if alarm_rule == "default":
+            levels = (float(alarm_attn_logit_max), float(alarm_fp16_headroom_bits), float(alarm_rho_ln))
+            self._alarm = default_alarm(*levels)
+        else:
+            paper = RollingZ("kappa_softmax_max", alarm_window, alarm_threshold, block_metric="kappa_softmax")
+            self._alarm = paper
+        self._latch = EpisodeLatch()
         self._probe: StabilityProbe | None = None
         self._last_step = -1
         self._warned_no_attention = False
@@ -186,10 +219,11 @@ class StabilityMonitor(Callback):
         return inputs_or_raise(batch, "StabilityMonitor")
 
     def on_alarm(self, trainer: Trainer, pl_module: LightningModule, report: StabilityReport) -> None:
-        """Called (on every rank) when the κ_softmax early warning fires. Override to act on it.
+        """Called (on every rank) once per alarm episode, when the early warning starts firing.
 
-        For example save a checkpoint, tighten precision, or lower the learning rate. The
-        default does nothing beyond the logged ``stability/alarm`` and the warning.
+        ``report.alarm_reason`` says which rule fired in which block. Override to act on it: for
+        example save a checkpoint, tighten precision, or lower the learning rate. The default
+        does nothing beyond the logged ``stability/alarm`` and the warning.
         """
 
     # ------------------------------------------------------------------ hooks
@@ -248,28 +282,39 @@ class StabilityMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "last_step": self._last_step,
+            "alarm_rule": self._alarm.name,
             "alarm": self._alarm.state_dict(),
+            "alarm_latch": self._latch.state_dict(),
             "verdict": self._verdict.state_dict(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
-        if "alarm" in state_dict:
+        # the rule's memory only fits the rule that wrote it (a changed rule starts fresh)
+        if "alarm" in state_dict and state_dict.get("alarm_rule") == self._alarm.name:
             self._alarm.load_state_dict(state_dict["alarm"])
+            self._latch.load_state_dict(state_dict.get("alarm_latch", {}))
         if "verdict" in state_dict:
             self._verdict.load_state_dict(state_dict["verdict"])
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Say once when the early-warning alarm cannot fire within this run's length."""
+        """Say once when the paper's rolling-z alarm cannot fire within this run's length.
+
+        The default rule (absolute levels) can fire at the first sampled step; the paper's
+        z-score needs a full window of history first.
+        """
+        if not isinstance(self._alarm, RollingZ):
+            return
+        window, seen = self._alarm.window, self._alarm.seen
         total = trainer.estimated_stepping_batches
-        needed = self._alarm.window - len(self._alarm) + 1  # a full window, then the sample judged
+        needed = window - seen + 1  # a full window, then the sample judged
         first = (trainer.global_step // self.every_n_steps + needed) * self.every_n_steps  # (resumed too)
         if math.isfinite(total) and first > total:
             rank_zero_warn(
-                f"StabilityMonitor: the early-warning alarm cannot fire in this run: it needs "
-                f"alarm_window={self._alarm.window} sampled steps of history x every_n_steps="
+                f"StabilityMonitor: the early-warning alarm cannot fire in this run: alarm_rule='paper' "
+                f"needs alarm_window={window} sampled steps of history x every_n_steps="
                 f"{self.every_n_steps} before it can judge one (first possible at step {first}), "
                 f"but the run has {int(total)} steps. Lower every_n_steps or alarm_window."
             )
@@ -387,31 +432,37 @@ class StabilityMonitor(Callback):
     # ---------------------------------------------------------------- logging
     def _log(self, trainer: Trainer, pl_module: LightningModule, report: StabilityReport) -> None:
         metrics = report.metrics()
-        fired = False
-        if report.kappa_softmax_max is not None:
-            warm = len(self._alarm) >= self._alarm.window  # silent until the window is full
-            z = self._alarm.update(report.kappa_softmax_max)
-            fired = warm and z is not None and z > self.alarm_threshold
-            report.alarm = fired
-            metrics["stability/alarm"] = float(fired)
+        result = self._check_alarm(report, metrics)
         self._verdict.update(report)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=report.step)
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
                 # same step as the line above; TensorBoard only: layout, log10 copies, block sub-runs
                 self._dashboard.write(logger, metrics, [b.name for b in report.blocks], step=report.step)
-        if fired:
-            worst = max(
-                (b for b in report.blocks if b.kappa_softmax is not None),
-                key=lambda b: b.kappa_softmax or 0.0,
-                default=None,
-            )
+        if self._latch.update(result.fired):  # warn once per episode, not at every firing check
             rank_zero_warn(
-                f"StabilityMonitor early warning at step {report.step}: kappa_softmax_max = "
-                f"{report.kappa_softmax_max:.4g} jumped above its rolling mean "
-                f"(z > {self.alarm_threshold}); largest in block {worst.name if worst else '?'!r}."
+                f"StabilityMonitor early warning at step {report.step}: {report.alarm_reason} "
+                f"(alarm_rule={self.alarm_rule!r}; it stays quiet until the alarm stops firing)."
             )
             self.on_alarm(trainer, pl_module, report)
+
+    def _check_alarm(self, report: StabilityReport, metrics: dict[str, float]) -> AlarmResult:
+        """Run the alarm rule on the step's tags; set ``report.alarm``, ``alarm_reason``, ``stability/alarm``.
+
+        ``stability/alarm`` is logged whenever the rule's signals were measured (1 at every
+        firing check); the reason names the rule, the block index and its module name.
+        """
+        result = self._alarm.update(metrics)
+        if result.available:
+            report.alarm = result.fired
+            metrics["stability/alarm"] = float(result.fired)
+        if result.fired:
+            report.alarm_reason = result.reason
+            if result.block is not None and result.block < len(report.blocks):
+                where = f" in block {result.block}"
+                named = f"{where} ({report.blocks[result.block].name!r})"
+                report.alarm_reason = result.reason.replace(where, named, 1)
+        return result
 
 
 def _all_ranks_measured(trainer: Trainer, pl_module: LightningModule, raw: RawMeasurement | None) -> bool:

@@ -23,9 +23,9 @@ How a caller (the monitor) is meant to use it, once per sampled step::
     if latch.update(result.fired):                        # a new episode: warn once
         warn(result.reason); on_alarm(...)                # e.g. "attn_logit_max>100 in block 0 (value 172)"
 
-and checkpoints ``alarm.state_dict()`` / ``latch.state_dict()``. The paper's rule is
-``RollingZ("kappa_softmax_max", window, threshold, block_metric="kappa_softmax")``, the
-same numbers as the monitor's current alarm.
+and checkpoints ``alarm.state_dict()`` / ``latch.state_dict()`` (``StabilityMonitor`` does
+exactly this). The paper's rule is ``RollingZ("kappa_softmax_max", window, threshold,
+block_metric="kappa_softmax")``: the monitor's ``alarm_rule="paper"``.
 
 Pure Python/torch: no Lightning, no logging (the diagnostics layer).
 """
@@ -145,6 +145,9 @@ class Level(AlarmRule):
         only_eps_mach: apply only when ``<prefix>/eps_mach`` equals this (e.g. ``2**-10``:
             FP16 headroom matters to an FP16 pass, not to BF16, whose range is FP32's);
             otherwise the result is ``available=False``.
+        min_eps_mach: apply only when ``<prefix>/eps_mach`` is at least this (a low-precision
+            pass; e.g. ``ρ_LN`` compares the norm's ε with the pass's rounding, and under FP32
+            almost every norm has ``ρ_LN < 1`` with nothing fragile); otherwise ``available=False``.
         prefix: tag prefix.
     """
 
@@ -156,17 +159,22 @@ class Level(AlarmRule):
         block_metric: str | None = None,
         only_eps_mach: float | None = None,
         prefix: str = "stability",
+        min_eps_mach: float | None = None,
     ) -> None:
         self.metric = metric
         self.threshold = float(threshold)
         self.above = above
         self.block_metric = block_metric
         self.only_eps_mach = only_eps_mach
+        self.min_eps_mach = min_eps_mach
         self.prefix = prefix
         self.name = f"{metric}{'>' if above else '<'}{threshold:g}"
 
     def update(self, values: Mapping[str, float]) -> AlarmResult:
-        if self.only_eps_mach is not None and values.get(f"{self.prefix}/eps_mach") != self.only_eps_mach:
+        eps = values.get(f"{self.prefix}/eps_mach")
+        if (self.only_eps_mach is not None and eps != self.only_eps_mach) or (
+            self.min_eps_mach is not None and (eps is None or not eps >= self.min_eps_mach)
+        ):
             return AlarmResult(False, self.name, threshold=self.threshold, available=False)
         blocks = block_values(values, self.metric, self.prefix)
         i: int | None
@@ -217,6 +225,16 @@ class RollingZ(AlarmRule):
         self._z = RollingZScore(window)
         scale = "log10 " if log else ""
         self.name = f"z({scale}{metric})>{threshold:g}"
+
+    @property
+    def window(self) -> int:
+        """Checks of history needed before the rule can fire."""
+        return self._z.window
+
+    @property
+    def seen(self) -> int:
+        """Checks of history held (capped at the window)."""
+        return len(self._z)
 
     def _value(self, values: Mapping[str, float]) -> float | None:
         tag = f"{self.prefix}/{self.metric}"
@@ -391,7 +409,8 @@ def default_alarm(
     Any of three absolute levels, each naming its block: the max attention logit above
     ``attn_logit_max`` (Megatron's QK-clip τ = 100), fewer than ``fp16_headroom_bits`` bits
     before FP16 overflows (FP16 passes only), or a normalization layer ε-dominated
-    (``rho_ln`` below the level, SPEC §2). A threshold of ``inf`` (or ``-inf`` for the
+    (``rho_ln`` below the level, SPEC §2; FP16/BF16 passes only: against FP32's rounding
+    nearly every norm is "ε-dominated", harmlessly). A threshold of ``inf`` (or ``-inf`` for the
     "below" levels) turns that part off.
 
     Args:
@@ -415,7 +434,7 @@ def default_alarm(
                 block_metric="amax",
                 only_eps_mach=FP16_EPS_MACH,
             ),
-            Level("rho_ln", rho_ln, above=False),
+            Level("rho_ln", rho_ln, above=False, min_eps_mach=FP16_EPS_MACH),
         ],
         name="default",
     )
