@@ -97,14 +97,14 @@ def test_default_alarm_fires_on_logits_above_100_names_the_block_and_is_silent_o
     assert all(b.attn_logit_max is not None and b.attn_logit_max < 100 for b in control.last_report.blocks)
     # fires at every check, warns and calls on_alarm once (one episode), naming block 1
     assert hot.last_report.alarm is True
-    assert hot.called == [(1, hot.last_report.alarm_reason)]
+    assert hot.called == [(0, hot.last_report.alarm_reason)]  # report.step: the logged step
     reason = hot.called[0][1]
     assert reason is not None and reason.startswith("attn_logit_max>100 in block 1 ('blocks.1')")
     assert len(_early_warnings(record)) == 1 and reason in _early_warnings(record)[0]
     assert not control.called and not _early_warnings(quiet)
     assert set(_series(control_log, "stability/alarm").values()) == {0.0}
     assert control.last_report.alarm is False and control.last_report.alarm_reason is None
-    assert "early warning (stability/alarm) fired at steps 1" in (hot.summary or "")
+    assert "early warning (stability/alarm) fired at steps 0" in (hot.summary or "")
 
 
 def test_one_warning_per_episode(tmp_path: Path) -> None:
@@ -112,11 +112,11 @@ def test_one_warning_per_episode(tmp_path: Path) -> None:
     monitor = Recording(every_n_steps=1, sample_size=8, precision="bf16")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        # global_step g is measured after the batch started at step g-1: hot at checks 2, 3 and 6
+        # hot batches 1, 2, 5 (0-based): measured after their optimizer step, logged at 1, 2, 5
         _, logger = fit(HotLogits(on=(1, 2, 5)), tmp_path, monitor, steps=7)
     fired = _series(logger, "stability/alarm")
-    assert fired == {1: 0.0, 2: 1.0, 3: 1.0, 4: 0.0, 5: 0.0, 6: 1.0, 7: 0.0}
-    assert [s for s, _ in monitor.called] == [2, 6]
+    assert fired == {0: 0.0, 1: 1.0, 2: 1.0, 3: 0.0, 4: 0.0, 5: 1.0, 6: 0.0}
+    assert [s for s, _ in monitor.called] == [1, 5]
     assert len(_early_warnings(record)) == 2
 
 
@@ -131,7 +131,7 @@ def test_resume_keeps_the_latch_of_an_open_episode(tmp_path: Path) -> None:
     assert first.called and first.state_dict()["alarm_latch"]["active"] is True
     resumed = Recording(every_n_steps=1, sample_size=8, precision="bf16")
     _, logger = fit(model, tmp_path, resumed, steps=6, ckpt_path=str(ckpt))
-    assert _series(logger, "stability/alarm") == {4: 1.0, 5: 1.0, 6: 1.0}
+    assert _series(logger, "stability/alarm") == {3: 1.0, 4: 1.0, 5: 1.0}
     assert resumed.called == []  # the episode started before the checkpoint: no second warning
     fresh = Recording(every_n_steps=1, sample_size=8, precision="bf16", alarm_rule="paper")
     fresh.load_state_dict(first.state_dict())  # another rule's memory is not loaded
@@ -161,10 +161,10 @@ def test_paper_rule_keeps_its_window_across_a_resume(tmp_path: Path) -> None:
     trainer.save_checkpoint(ckpt)
     resumed = Recording(**kw)
     _, log = fit(model, tmp_path, resumed, steps=8, ckpt_path=str(ckpt))
-    expected = {s: v for s, v in _series(whole_log, "stability/alarm").items() if s > 4}
-    assert expected[7] == 1.0  # not vacuous: the jump fires, and only with steps 1–4 in the window
+    expected = {s: v for s, v in _series(whole_log, "stability/alarm").items() if s > 3}
+    assert expected[6] == 1.0  # not vacuous: the jump fires, and only with steps 0–3 in the window
     assert _series(log, "stability/alarm") == expected
-    assert [s for s, _ in resumed.called] == [7]
+    assert [s for s, _ in resumed.called] == [6]
     assert resumed.called[0][1] is not None and resumed.called[0][1].startswith("z(kappa_softmax_max)>3")
 
 
