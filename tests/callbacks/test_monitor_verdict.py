@@ -56,7 +56,7 @@ def test_end_of_fit_verdict_names_the_fragile_block(tmp_path, capsys) -> None:  
     room, room_step, module = min((r.fp16_headroom, r.step, r.amax_module) for r in monitor.reports)
     assert f"FP16 headroom: {room:.2f} bits" in summary and f"in {module}, step {room_step}" in summary
     # the default alarm (attn_logit_max > 100) fires at every check, naming block 2
-    assert "early warning (stability/alarm) fired at steps 1, 2, 3" in summary
+    assert "early warning (stability/alarm) fired at steps 0, 1, 2" in summary
     assert all(
         r.alarm_reason and r.alarm_reason.startswith("attn_logit_max>100 in block 2") for r in monitor.reports
     )

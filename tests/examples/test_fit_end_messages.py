@@ -78,9 +78,9 @@ def test_monitor_rows_join_training_step_rows_on_step(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("steps", "warned"), [(7, True), (8, False)])
 def test_monitor_says_when_its_alarm_cannot_fire(tmp_path: Path, steps: int, warned: bool) -> None:
-    # alarm_window=3 samples, one every 2 steps: the window is full after step 6, so the first
+    # the paper rule, alarm_window=3 samples, one every 2 steps: the window is full after step 6, so the first
     # sample that can fire is the one at step (3 + 1) x 2 = 8
-    monitor = StabilityMonitor(every_n_steps=2, sample_size=2, alarm_window=3)
+    monitor = StabilityMonitor(every_n_steps=2, sample_size=2, alarm_rule="paper", alarm_window=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _trainer(tmp_path, steps, [monitor]).fit(_model(), _loader(n=64))
@@ -91,7 +91,7 @@ def test_monitor_says_when_its_alarm_cannot_fire(tmp_path: Path, steps: int, war
         assert "first possible at step 8" in msgs[0] and f"has {steps} steps" in msgs[0]
     else:
         assert msgs == []
-    assert len(monitor._alarm) == 3  # the window is full by step 6 either way
+    assert monitor._alarm.seen == 3  # type: ignore[attr-defined]  # the window is full by step 6 either way
 
 
 def _rho_ln_by_hand(model: TinyViT, x: torch.Tensor, eps_mach: float) -> dict[str, float]:
