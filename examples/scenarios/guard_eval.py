@@ -1,4 +1,4 @@
-"""Does the guard keep runs alive? The diverging scenarios with ``StabilityGuard``, scored as in ``evaluate.py``.
+"""Does the guard keep runs alive? The diverging scenarios with ``StabilityGuard``, scored as in evaluate.py.
 
 ::
 
@@ -39,7 +39,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from lightning.pytorch import Callback
+from torch import Tensor, nn
+from typing_extensions import override
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -47,6 +51,7 @@ sys.path.insert(0, str(HERE))
 from evaluate import LOSS_WINDOW, QUICK_ARGS, SCENARIOS, loss_divergence, overflow_step, run_one  # noqa: E402
 
 from lightning_stability.analysis.logs import Run, load_run  # noqa: E402
+from lightning_stability.capture.mitigations import FP32Override, attention_module  # noqa: E402
 
 DIVERGING = ["logit_growth", "fp16_overflow"]
 
@@ -71,6 +76,82 @@ def guarded_config(
         {"class_path": "lightning_stability.StabilityGuard", "init_args": dict(guard_args)},
     ]
     return config
+
+
+class FP16WhatIf(Callback):
+    """At each monitor step: the model's forward under FP16 autocast, as is and with the guard's FP32 blocks.
+
+    The scenarios train in FP32, where the guard's FP32 override has nothing to change; this
+    measures what it would change in an FP16 run: the forward of the batch's first
+    ``sample_size`` examples under ``torch.autocast("cpu", torch.float16)``, once plainly and
+    once with every block the guard decided to move to FP32 so far (applied or not) run through
+    :class:`~lightning_stability.capture.mitigations.FP32Override`. Logged per sampled step:
+    ``guard_eval/fp16_{plain,guarded}_amax`` (largest |output| of a module computing in FP16,
+    ``inf`` once one overflows) and ``guard_eval/fp16_{plain,guarded}_nonfinite`` (1 when an FP16
+    output or the logits are not finite). Eval mode, no grad, no randomness: training is untouched.
+    """
+
+    def __init__(self, monitor: Any, guard: Any, sample_size: int = 8) -> None:
+        self.monitor, self.guard, self.sample_size = monitor, guard, sample_size
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        report = self.monitor.last_report
+        step = trainer.global_step
+        if report is None or report.step != step or trainer.logger is None:
+            return
+        x = batch[0][: self.sample_size]
+        names = sorted({a.block_name for a in self.guard.actions if a.action == "fp32"})
+        targets = [self._target(pl_module, n) for n in names]
+        metrics: dict[str, float] = {}
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for label, mods in (("plain", []), ("guarded", [t for t in targets if t is not None])):
+                amax, finite = _fp16_forward(pl_module, x, mods)
+                metrics[f"guard_eval/fp16_{label}_amax"] = amax
+                metrics[f"guard_eval/fp16_{label}_nonfinite"] = 0.0 if finite else 1.0
+            metrics["guard_eval/fp16_guarded_blocks"] = float(len(targets))
+        finally:
+            pl_module.train(was_training)
+        trainer.logger.log_metrics(metrics, step=step)
+
+    def _target(self, model: nn.Module, name: str) -> nn.Module | None:
+        block = model.get_submodule(name)
+        if self.guard.fp32_scope == "block":
+            return block
+        found = attention_module(block)
+        return None if found is None else found[1]
+
+
+@torch.no_grad()
+def _fp16_forward(model: nn.Module, x: Tensor, fp32_modules: list[nn.Module]) -> tuple[float, bool]:
+    """Largest |output| among FP16 module outputs and whether everything stayed finite."""
+    amax, finite = 0.0, True
+
+    def hook(module: nn.Module, args: Any, out: Any) -> None:
+        nonlocal amax, finite
+        if isinstance(out, Tensor) and out.dtype == torch.float16:
+            a = float(out.abs().amax())
+            amax = max(amax, a)
+            finite = finite and math.isfinite(a)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
+    overrides = [FP32Override(m) for m in fp32_modules]
+    try:
+        for o in overrides:
+            o.apply()
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = model(x)
+        finite = finite and bool(torch.isfinite(logits).all())
+    finally:
+        for o in overrides:
+            o.remove()
+        for h in handles:
+            h.remove()
+    return amax, finite
 
 
 class _HookTimer:
@@ -112,7 +193,6 @@ def run_guarded(
     quick: bool,
 ) -> Path:
     """Train one guarded run through LightningCLI; writes ``guard_actions.json`` and ``timing.json``."""
-    import torch
     from gpt import MarkovDataModule, ScenarioGPT
     from lightning.pytorch.cli import LightningCLI
 
@@ -142,6 +222,8 @@ def run_guarded(
     trainer = cli.trainer
     monitor = next(cb for cb in trainer.callbacks if isinstance(cb, StabilityMonitor))  # type: ignore[attr-defined]
     guard = next(cb for cb in trainer.callbacks if isinstance(cb, StabilityGuard))  # type: ignore[attr-defined]
+    if monitor.precision == "fp16":
+        trainer.callbacks.append(FP16WhatIf(monitor, guard, int(monitor.sample_size)))  # type: ignore[attr-defined]
 
     def reported(step: int) -> bool:
         return monitor.last_report is not None and monitor.last_report.step == step
@@ -189,6 +271,7 @@ class GuardScore:
     actions: list[dict[str, Any]] = field(default_factory=list)
     control_actions: list[dict[str, Any]] = field(default_factory=list)
     timing: dict[str, Any] = field(default_factory=dict)
+    fp16: dict[str, Any] = field(default_factory=dict)  # FP16WhatIf of the guarded run (FP16 scenarios)
 
 
 def event(run: Run, scenario: str) -> int | None:
@@ -229,25 +312,55 @@ def score(scenario: str, seed: int, variant: str, baseline: Path, out: Path) -> 
         actions=json.loads((g_dir / "guard_actions.json").read_text()),
         control_actions=json.loads((c_dir / "guard_actions.json").read_text()),
         timing=json.loads((g_dir / "timing.json").read_text()),
+        fp16={**fp16_whatif(guarded), **{f"control_{k}": v for k, v in fp16_whatif(ctrl_guarded).items()}},
     )
 
 
-def _actions(actions: list[dict[str, Any]], tau: float, limit: int = 3) -> str:
-    """``step b{block} action (cause) [heads]``, the first ``limit`` and a count of the rest."""
+def fp16_whatif(run: Run) -> dict[str, Any]:
+    """First sampled step whose FP16 forward was non-finite, plain and with the guard's FP32 blocks."""
+    out: dict[str, Any] = {}
+    for label in ("plain", "guarded"):
+        s = run.get(f"guard_eval/fp16_{label}_nonfinite")
+        a = run.get(f"guard_eval/fp16_{label}_amax")
+        if s is None or a is None:
+            continue
+        bad = [int(t) for t, v in zip(s.steps, s.values, strict=True) if v > 0]
+        out[f"{label}_first_nonfinite"] = bad[0] if bad else None
+        out[f"{label}_nonfinite_checks"] = len(bad)
+        out[f"{label}_checks"] = len(s.values)
+        finite = [float(v) for v in a.values if math.isfinite(v)]
+        out[f"{label}_max_finite_amax"] = max(finite) if finite else math.nan
+    return out
+
+
+def _one(a: dict[str, Any], tau: float) -> str:
+    """``step b{block} action (cause; heads, η)``, and why it was not applied."""
+    applied = "" if a["applied"] else " **not applied**: " + a["detail"]
+    heads = ""
+    if a["action"] == "qk_clip":
+        over = [i for i, s in enumerate(a["heads"]) if s > tau] if len(a["heads"]) > 1 else "all"
+        heads = f"; heads {over}, η {a['value']:.3g}"
+    return f"{a['step']} b{a['block']} {a['action']} ({a['cause']}{heads}){applied}"
+
+
+def _actions(actions: list[dict[str, Any]], tau: float) -> str:
+    """The first action in full, then how many of each kind, in which blocks, until which step."""
     if not actions:
         return "none"
-    parts = []
-    for a in actions[:limit]:
-        applied = "" if a["applied"] else " **not applied**: " + a["detail"]
-        heads = ""
-        if a["action"] == "qk_clip":
-            over = [i for i, s in enumerate(a["heads"]) if s > tau] if len(a["heads"]) > 1 else "all"
-            heads = f"; heads {over}, η {a['value']:.3g}"
-        parts.append(f"{a['step']} b{a['block']} {a['action']} ({a['cause']}{heads}){applied}")
-    rest = len(actions) - limit
-    kinds = sorted({a["action"] for a in actions})
-    tail = f"; … {rest} more ({', '.join(kinds)}), last at {actions[-1]['step']}" if rest > 0 else ""
-    return "; ".join(parts) + tail
+    text = "first: " + _one(actions[0], tau)
+    if len(actions) > 1:
+        kinds: dict[str, dict[int, int]] = {}
+        for a in actions:
+            per_block = kinds.setdefault(a["action"], {})
+            per_block[a["block"]] = per_block.get(a["block"], 0) + 1
+        counts = "; ".join(
+            f"{sum(b.values())} × {kind} (" + ", ".join(f"b{i} ×{n}" for i, n in sorted(b.items())) + ")"
+            for kind, b in kinds.items()
+        )
+        logits = [max(a["heads"]) for a in actions if a["action"] == "qk_clip" and a["heads"]]
+        peak = f", max logit at a clip {max(logits):.4g}" if logits else ""
+        text += f"; in all {counts}, steps {actions[0]['step']}–{actions[-1]['step']}{peak}"
+    return text
 
 
 def markdown_table(scores: list[GuardScore], margin: float, tau: float) -> str:
@@ -285,6 +398,38 @@ def markdown_table(scores: list[GuardScore], margin: float, tau: float) -> str:
     return "\n".join(lines)
 
 
+def fp16_table(scores: list[GuardScore]) -> str:
+    """FP16 scenarios: the FP16 what-if forward of the guarded run, plain vs with the guard's FP32 blocks."""
+    rows = [s for s in scores if s.fp16]
+    if not rows:
+        return ""
+
+    def first(f: dict[str, Any], label: str) -> str:
+        n = f.get(f"{label}_nonfinite_checks", 0)
+        step = f.get(f"{label}_first_nonfinite")
+        return "finite" if step is None else f"non-finite from {step} ({n}/{f[f'{label}_checks']} checks)"
+
+    head = [
+        "scenario",
+        "seed",
+        "FP16 forward, as is",
+        "FP16 forward with the guard's FP32 blocks",
+        "max finite FP16 |output| as is / guarded",
+        "control: as is / guarded",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in rows:
+        f = s.fp16
+        ctrl = {k.removeprefix("control_"): v for k, v in f.items() if k.startswith("control_")}
+        lines.append(
+            f"| {s.scenario} | {s.seed} | {first(f, 'plain')} | {first(f, 'guarded')} | "
+            f"{f.get('plain_max_finite_amax', math.nan):.4g} / "
+            f"{f.get('guarded_max_finite_amax', math.nan):.4g} | "
+            f"{first(ctrl, 'plain')} / {first(ctrl, 'guarded')} |"
+        )
+    return "\n".join(lines)
+
+
 def overhead_table(scores: list[GuardScore]) -> str:
     """Median wall time of the guard's hook vs the monitor's at sampled steps vs a training step."""
     guard = [x for s in scores for x in s.timing.get("guard_hook_s", [])]
@@ -315,7 +460,7 @@ def _job(kind: str, scenario: str, control: bool, seed: int, a: argparse.Namespa
 
 
 def main(argv: list[str] | None = None) -> str:
-    """Train what is missing (``--jobs`` at a time), score, write ``guard_table_*.md``/``guard_scores_*.json``."""
+    """Train what is missing (``--jobs`` at a time), score, write ``guard_table_<variant>.md`` and json."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/guard_eval"))
     p.add_argument(
@@ -357,7 +502,8 @@ def main(argv: list[str] | None = None) -> str:
                 for future in futures:
                     print("done:", future.result(), flush=True)
     scores = [score(sc, seed, a.variant, a.baseline, a.out) for sc in a.scenarios for seed in seeds]
-    text = markdown_table(scores, a.margin, a.tau) + "\n\n" + overhead_table(scores)
+    tables = [markdown_table(scores, a.margin, a.tau), fp16_table(scores), overhead_table(scores)]
+    text = "\n\n".join(t for t in tables if t)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"guard_table_{a.variant}.md").write_text(text + "\n")
     (a.out / f"guard_scores_{a.variant}.json").write_text(json.dumps([asdict(s) for s in scores], indent=1))

@@ -26,7 +26,12 @@ def test_guarded_config_keeps_the_scenarios_monitor_and_appends_the_guard() -> N
     cfg = guard_eval.guarded_config("fp16_overflow", False, 2, {"tau": 50.0})
     monitor, guard = cfg["trainer"]["callbacks"]
     assert monitor["class_path"].endswith("StabilityMonitor")
-    assert monitor["init_args"] == {"precision": "fp16", "every_n_steps": 2, "sample_size": 8, "log_per_head": True}
+    assert monitor["init_args"] == {
+        "precision": "fp16",
+        "every_n_steps": 2,
+        "sample_size": 8,
+        "log_per_head": True,
+    }
     assert guard == {"class_path": "lightning_stability.StabilityGuard", "init_args": {"tau": 50.0}}
     assert cfg["model"]["lr"] == 0.3  # the scenario itself, not its control
 
@@ -68,3 +73,23 @@ def test_guard_eval_quick_clips_where_logits_pass_tau_and_leaves_the_control_alo
     assert s["timing"]["sampled_steps"] == 6 and len(s["timing"]["guard_hook_s"]) == 6
     assert len(s["timing"]["monitor_hook_s"]) == 6
     assert "guard's `on_train_batch_end` at a sampled step" in table
+
+
+def test_fp16_whatif_overflows_as_is_and_stays_finite_with_the_block_in_fp32() -> None:
+    """The check behind the FP16 table: an FP16 Linear output past 65504 is inf; FP32Override removes it."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(8))
+        model[0].bias.zero_()
+        model[1][0].weight.fill_(1e4)  # outputs 8·1e4 + bias > 65504 for x = 1
+    x = torch.full((2, 8), 1.0)
+    amax, finite = guard_eval._fp16_forward(model, x, [])
+    assert not finite and amax == float("inf")
+    amax, finite = guard_eval._fp16_forward(model, x, [model[1]])
+    assert finite
+    plain = model[0](x).abs().max().item()  # the only FP16 output left: the first Linear's
+    assert amax == pytest.approx(plain, rel=1e-3)
+    assert "forward" not in model[1].__dict__  # the override was removed
