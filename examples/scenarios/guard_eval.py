@@ -446,7 +446,11 @@ def overhead_table(scores: list[GuardScore]) -> str:
         ("guard's `on_train_batch_end` at another step", med(other) if other else math.nan),
     ]
     lines = ["| what (median over the guarded runs) | time | × training step |", "|---|---|---|"]
-    lines += [f"| {what} | {t * 1e3:.3g} ms | {t / med(step):.2g} |" for what, t in rows]
+    lines += [f"| {what} | {t * 1e3:.3g} ms | {t / med(step):.2g} |" for what, t in rows if math.isfinite(t)]
+    timed = [s.timing for s in scores if s.timing]
+    for what, keys in (("monitor", ["monitor_hook_s"]), ("guard", ["guard_hook_s", "guard_hook_other_s"])):
+        share = med(sum(sum(t[k]) for k in keys) / t["fit_seconds"] for t in timed)
+        lines.append(f"| the {what}'s hooks, share of the fit's wall time | — | {share:.2g} |")
     return "\n".join(lines)
 
 
