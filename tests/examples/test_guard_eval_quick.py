@@ -93,3 +93,20 @@ def test_fp16_whatif_overflows_as_is_and_stays_finite_with_the_block_in_fp32() -
     plain = model[0](x).abs().max().item()  # the only FP16 output left: the first Linear's
     assert amax == pytest.approx(plain, rel=1e-3)
     assert "forward" not in model[1].__dict__  # the override was removed
+
+
+def test_guard_eval_quick_fp16_whatif_is_logged_and_changes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "guard"
+    table = guard_eval.main(["--quick", "--out", str(out), "--scenarios", "fp16_overflow", "--jobs", "1"])
+    assert "FP16 forward with the guard's FP32 blocks" in table
+    (s,) = json.loads((out / "guard_scores_default.json").read_text())
+    # tiny model, 30 steps: far from 65504, so no FP32 block and the two forwards agree
+    assert s["actions"] == [] and s["control_actions"] == []
+    assert s["fp16"]["plain_checks"] == s["fp16"]["guarded_checks"] == 6
+    assert s["fp16"]["plain_first_nonfinite"] is None and s["fp16"]["control_guarded_first_nonfinite"] is None
+    assert 0 < s["fp16"]["plain_max_finite_amax"] == s["fp16"]["guarded_max_finite_amax"] < 65504
+    # the what-if forward (eval mode, no grad) leaves training bitwise as without guard and probe
+    without = guard_eval.load_run(out / "baseline" / "fp16_overflow" / "seed0").get("train/loss")
+    with_guard = guard_eval.load_run(out / "fp16_overflow_guard_default" / "seed0").get("train/loss")
+    assert without is not None and with_guard is not None
+    assert without.values.tolist() == with_guard.values.tolist() and s["control_identical"]
