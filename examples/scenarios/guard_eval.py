@@ -23,7 +23,9 @@ The divergence rule is ``evaluate.py``'s (``loss_divergence`` for (a), ``overflo
 (b): the same functions). Each guarded run also records the guard's actions
 (``guard_actions.json``) and the wall time of the monitor's and the guard's
 ``on_train_batch_end`` at every sampled step next to the mean training step, so the guard's
-own overhead is measured on the same runs (``timing.json``).
+own overhead is measured on the same runs (``timing.json``). The scenarios train in FP32, where
+the guard's FP32 override has nothing to change; for a monitor measuring FP16, :class:`FP16WhatIf`
+logs what it would change in an FP16 run (the FP16 forward as is and with the guard's FP32 blocks).
 """
 
 from __future__ import annotations
