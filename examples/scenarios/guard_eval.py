@@ -101,7 +101,7 @@ class FP16WhatIf(Callback):
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         report = self.monitor.last_report
-        step = trainer.global_step
+        step = trainer.global_step - 1  # Lightning's step of this batch: the monitor's report.step
         if report is None or report.step != step or trainer.logger is None:
             return
         x = batch[0][: self.sample_size]
@@ -173,8 +173,8 @@ class _HookTimer:
             t0 = time.perf_counter()
             out = original(trainer, *args, **kwargs)
             self.seconds.append(time.perf_counter() - t0)
-            self.steps.append(int(trainer.global_step))
-            self.at_report.append(bool(self.sampled(int(trainer.global_step))))
+            self.steps.append(int(trainer.global_step) - 1)  # the monitor's report.step convention
+            self.at_report.append(bool(self.sampled(int(trainer.global_step) - 1)))
             return out
 
         self.callback.on_train_batch_end = timed

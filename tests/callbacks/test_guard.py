@@ -339,6 +339,16 @@ def test_fp32_fit_guards_the_fp16_fragile_block_and_a_resumed_run_keeps_it(tmp_p
     assert guard_c.actions == [] and control_dtypes == [torch.bfloat16] * 4
 
 
+def test_fp32_decision_under_fp32_training_is_refused_once_not_at_every_check(tmp_path: Any) -> None:
+    # training in FP32, measuring the FP16 what-if: "run the block in FP32" has nothing to change
+    model = tiny()
+    fragile_range(model)
+    guard = StabilityGuard()
+    fit(model, tmp_path, [signal_monitor("fp16"), guard], max_steps=6, precision="32-true")
+    assert [(a.block_name, a.action, a.applied) for a in guard.actions] == [("blocks.1", "fp32", False)]
+    assert guard.actions[0].detail == "training already computes in float32" and guard.fp32_blocks == []
+
+
 def test_fp32_scope_attention_moves_only_the_attention(tmp_path: Any) -> None:
     model = tiny()
     fragile_range(model)

@@ -56,7 +56,7 @@ def test_guard_eval_quick_clips_where_logits_pass_tau_and_leaves_the_control_alo
         )
     }
     for a in actions:  # each clip is at a monitor step, where the logged logit really passed tau
-        assert a["step"] % 5 == 0 and logged[a["step"]] > 10.0
+        assert a["step"] % 5 == 4 and logged[a["step"]] > 10.0  # logged steps 4, 9, …
         assert len(a["heads"]) == 2 and max(a["heads"]) == pytest.approx(logged[a["step"]], rel=1e-6)
         assert a["value"] == pytest.approx(10.0 / max(a["heads"]), rel=1e-6)
     # training is bitwise the unguarded run's until the first clip, and differs right after it
@@ -64,8 +64,9 @@ def test_guard_eval_quick_clips_where_logits_pass_tau_and_leaves_the_control_alo
     without = guard_eval.load_run(out / "baseline" / "logit_growth" / "seed0").get("train/loss")
     with_guard = run.get("train/loss")
     assert without is not None and with_guard is not None
-    assert without.values[:first].tolist() == with_guard.values[:first].tolist()
-    assert without.values[first] != with_guard.values[first]
+    # (a clip at logged step s acts after batch s's optimizer step: batch s + 1 is the first to see it)
+    assert without.values[: first + 1].tolist() == with_guard.values[: first + 1].tolist()
+    assert without.values[first + 1] != with_guard.values[first + 1]
     # the control with the guard: no action, the same losses as without it
     assert s["control_actions"] == [] and s["control_identical"]
     assert s["final_control_guarded"] == s["final_control"]

@@ -192,6 +192,7 @@ class StabilityGuard(Callback):
         self._trainer: Trainer | None = None
         self._module: LightningModule | None = None
         self._trains_fp32 = False
+        self._fp32_refused: set[str] = set()  # blocks whose FP32 decision could not apply: decided once
         self._last_step = -1
         self._pending: dict[str, Any] | None = None
         self._fitting = False
@@ -295,8 +296,9 @@ class StabilityGuard(Callback):
             plans += self._match_block(report, i, block)
         matched = [p for p in plans if alarm_block is None or p.block == alarm_block]
         where = report.blocks[alarm_block] if alarm_block is not None else None
-        # an alarm that keeps firing in a block already acted on is explained: not "unmatched"
-        acted = {a.block_name for a in self.actions if a.applied and a.action != "none"}
+        # an alarm that keeps firing in a block already acted on (or whose action was refused, and
+        # said so once) is explained: not "unmatched"
+        acted = {a.block_name for a in self.actions if a.applied and a.action != "none"} | self._fp32_refused
         if reason and not matched and not (where is not None and where.name in acted):
             plans.append(
                 GuardAction(
@@ -329,7 +331,7 @@ class StabilityGuard(Callback):
         if self.enabled["eps_bump"] and once and rho is not None and rho < self.rho_ln_threshold:
             cause = f"rho_ln {rho:.3g} < {self.rho_ln_threshold:g}"
             plans.append(GuardAction(step, i, name, cause, "eps_bump"))
-        if self.enabled["fp32"] and name not in self.fp32_blocks:
+        if self.enabled["fp32"] and name not in self.fp32_blocks and name not in self._fp32_refused:
             cause = self._fp32_cause(report, i, block)
             if cause:
                 plans.append(GuardAction(step, i, name, cause, "fp32"))
@@ -451,6 +453,7 @@ class StabilityGuard(Callback):
     def _fp32(self, plan: GuardAction, block: Block) -> None:
         if self._trains_fp32:
             plan.detail = "training already computes in float32"
+            self._fp32_refused.add(block.name)  # said once, not at every later check
             return
         target, label = self._fp32_target(block)
         if target is None:
