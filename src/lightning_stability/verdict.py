@@ -19,6 +19,8 @@ from lightning_stability.stability_report import StabilityReport
 QK_CLIP_TAU = 100.0
 #: FP16 headroom (bits) below which the summary warns: activations within 16× of 65504.
 HEADROOM_WARN_BITS = 4.0
+#: ε_mach from which a pass is low precision (FP16's 2⁻¹⁰; BF16's 2⁻⁷ is larger): ρ_LN is judged there only.
+LOW_PRECISION_EPS_MACH = 2.0**-10
 #: A block "stands out" when its r_local is this many times the median of the other blocks'.
 STANDS_OUT = 2.0
 
@@ -58,7 +60,9 @@ class FitVerdict:
                 self.r_local = Extreme(block.r_local, step, block.name, _local_detail(report, block.name))
             if block.attn_logit_max is not None and _above(block.attn_logit_max, self.logit):
                 self.logit = Extreme(block.attn_logit_max, step, block.name)
-            if block.rho_ln is not None and _above(-block.rho_ln, _neg(self.rho_ln)):
+            # ρ_LN < 1 is the norm of an FP32 pass (ε_mach 2⁻²³): only a low-precision pass is judged
+            low = report.eps_mach >= LOW_PRECISION_EPS_MACH
+            if low and block.rho_ln is not None and _above(-block.rho_ln, _neg(self.rho_ln)):
                 self.rho_ln = Extreme(block.rho_ln, step, block.name)
         if report.fp16_headroom is not None and _above(-report.fp16_headroom, _neg(self.headroom)):
             self.headroom = Extreme(report.fp16_headroom, step, report.amax_module or "?")

@@ -101,3 +101,14 @@ def test_verdict_advice_follows_the_measured_values() -> None:
     again.load_state_dict(verdict.state_dict())  # a resumed fit keeps its verdict
     assert again.summary() == text
     assert math.isclose(again.headroom.value if again.headroom else 0, 1.5)
+
+
+def test_rho_ln_of_an_fp32_pass_is_not_called_epsilon_dominated() -> None:
+    # ρ_LN = σ²·d·ε_mach/ε is < 1 for most norms at ε_mach = 2⁻²³: no advice from an FP32 pass
+    blocks = [BlockReport("b0", r_local=0.0, rho_ln=0.3)]
+    fp32 = FitVerdict()
+    fp32.update(StabilityReport(1, "float32", 2**-23, blocks))
+    assert fp32.rho_ln is None and "LNEpsilonBump" not in fp32.summary()
+    bf16 = FitVerdict()
+    bf16.update(StabilityReport(1, "bfloat16", 2**-7, blocks))
+    assert "LNEpsilonBump for ε-dominated norms (rho_ln = 0.3 < 1 in b0)" in bf16.summary()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lightning_stability.verdict import HEADROOM_WARN_BITS, QK_CLIP_TAU
+from lightning_stability.verdict import HEADROOM_WARN_BITS, LOW_PRECISION_EPS_MACH, QK_CLIP_TAU
 
 from .logs import Run, Series
 
@@ -184,7 +184,8 @@ def run_verdict(run: Run) -> RunVerdict:
         if v.headroom[0] < HEADROOM_WATCH:
             v.advice.append("train in BF16 rather than FP16, or rescale the module holding the maximum")
     v.rho_ln = _peak(_per_block(run, "rho_ln"), lowest=True)
-    if v.rho_ln is not None and v.rho_ln.value < 1.0:
+    low_precision = eps is not None and eps >= LOW_PRECISION_EPS_MACH  # FP32's ρ_LN < 1 is normal
+    if low_precision and v.rho_ln is not None and v.rho_ln.value < 1.0:
         flag("watch", f"a norm in block {v.rho_ln.block} is ε-dominated (ρ_LN {_g(v.rho_ln.value)} < 1)")
         v.advice.append("add LNEpsilonBump (raises the ε of ε-dominated norms)")
     alarm = run.get(ALARM_TAG)
