@@ -282,6 +282,12 @@ class _Call:
     output: Tensor | None = None
 
 
+def _fp32_copy(t: Tensor) -> Tensor:
+    """A detached float32 COPY, made once: ``t.float()`` would alias a float32 tensor the model may
+    later change in place, and ``.float().clone()`` copies a low-precision tensor twice."""
+    return t.detach().to(torch.float32, copy=True)
+
+
 def _copy(x: Any) -> Any:
     """A detached copy of every tensor in ``x`` (the model may later change its tensors in place)."""
     if isinstance(x, Tensor):
@@ -368,8 +374,7 @@ class _Collector:
             out = first_tensor(output)
             if out is None:
                 return
-            # a COPY: `.float()` aliases a float32 tensor, which the model may change in place later
-            copy = out.detach().float().clone()
+            copy = _fp32_copy(out)
             if j < n_blocks:  # the block outputs are also the references of the low-precision pass
                 self.ref[(j, c)] = copy
             if c < len(self.local[keys[j]]):
@@ -425,7 +430,7 @@ class _Collector:
         return out
 
     def _keep_ref(self, i: int, c: int, out: Tensor) -> None:
-        self.ref[(i, c)] = out.float().clone()  # a COPY: `.float()` aliases a float32 tensor
+        self.ref[(i, c)] = _fp32_copy(out)
 
     def _on_attention(self, call: AttentionCall) -> None:
         probe = self.probe
