@@ -6,12 +6,17 @@ e.g. ``/work/main/src`` (before) against ``src`` (after). Tiny-ViT at the paper'
 6 blocks, 65 tokens), 16 examples, BF16 autocast, one thread. Times the probe's ``measure`` +
 ``compose_report`` (the extra work of a sampled step) and one BF16 training step, as medians,
 and prints the sampled-step ratio (training step + measure) after/before; for the after side
-also with ``local_errors=False`` (what ``r_local``/``r_*_local`` cost).
+also with ``local_errors=False`` (what ``r_local``/``r_*_local`` cost). ``--cpu`` times CPU
+seconds of the process (``time.process_time``) instead of wall time: with one thread that is
+the work done, unaffected by other processes on a shared machine. ``--parts`` also prints the
+median of each step of ``measure`` (the ``_Collector`` methods) and of ``compose_report``, and
+one FP32 and one BF16 forward of the sample alone (the passes the probe cannot avoid).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import statistics
 import sys
@@ -44,7 +49,10 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="bench_overhead's --quick model (d=16, 2 blocks)"
     )
+    parser.add_argument("--cpu", action="store_true", help="CPU time of the process, not wall time")
+    parser.add_argument("--parts", action="store_true", help="also time each step of measure")
     cfg = parser.parse_args()
+    clock = time.process_time if cfg.cpu else time.perf_counter
     torch.set_num_threads(1)
     before, after = load_probe(cfg.before), load_probe(cfg.after)
     from tiny_vit import TinyViT
@@ -60,30 +68,63 @@ def main() -> None:
         loss.backward()
         opt.zero_grad(set_to_none=True)
 
-    def measure(mod: ModuleType, **kw: bool) -> Callable[[], None]:
+    parts: dict[str, dict[str, list[float]]] = {}
+    current = [""]  # the variant running: its parts are recorded under this name
+
+    def timed(fn: Callable[..., object], name: str) -> Callable[..., object]:
+        def wrapper(*a: object, **kw: object) -> object:
+            t0 = clock()
+            try:
+                return fn(*a, **kw)
+            finally:
+                if current[0]:
+                    parts.setdefault(current[0], {}).setdefault(name, []).append(clock() - t0)
+
+        return wrapper
+
+    if cfg.parts:  # each side is its own module object: patching one leaves the other alone
+        for mod in (before, after):
+            for name in ("exact_pass", "low_precision_pass", "local_passes", "finish"):
+                setattr(mod._Collector, name, timed(getattr(mod._Collector, name), name))
+            mod.compose_report = timed(mod.compose_report, "compose_report")  # type: ignore[attr-defined]
+
+    def measure(mod: ModuleType, side: str = "", **kw: bool) -> Callable[[], None]:
         probe = mod.StabilityProbe(model, **kw)
 
         def run() -> None:
+            current[0] = side
             raw = probe.measure((x,), {}, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
             keys, vec = raw.flat()
             mod.compose_report(probe, raw, dict(zip(keys, vec.tolist(), strict=True)), 0)
+            current[0] = ""
+
+        return run
+
+    def forward(dtype: torch.dtype | None) -> Callable[[], None]:
+        def run() -> None:
+            ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+            with torch.no_grad(), ctx:
+                model(x)
 
         return run
 
     variants = {
         "train_step": train_step,
-        "before": measure(before),
-        "after": measure(after),
+        "before": measure(before, "before"),
+        "after": measure(after, "after"),
         "after_no_local": measure(after, local_errors=False),
     }
+    if cfg.parts:
+        variants["fp32_pass"] = forward(None)
+        variants["bf16_pass"] = forward(torch.bfloat16)
     times: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():
         fn()
     for _ in range(cfg.reps):
         for name, fn in variants.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     for name, ms in med.items():
         print(f"{name:16s} {ms:8.2f} ms")
@@ -91,6 +132,14 @@ def main() -> None:
     print(f"measure after/before           {med['after'] / med['before']:.3f}x")
     print(f"sampled step after/before      {(step + med['after']) / (step + med['before']):.3f}x")
     print(f"  without local errors         {(step + med['after_no_local']) / (step + med['before']):.3f}x")
+    if cfg.parts:
+        passes = med["fp32_pass"] + med["bf16_pass"]
+        b, a = med["before"] / passes, med["after"] / passes
+        print(f"measure / (FP32 + BF16 pass)   before {b:.2f}x  after {a:.2f}x")
+        print(f"{'part':20s} {'before':>9s} {'after':>9s}")
+        for name in parts.get("after", {}):
+            b, a = (statistics.median(parts[s][name][1:]) * 1e3 for s in ("before", "after"))
+            print(f"{name:20s} {b:8.2f}  {a:8.2f}  ms")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ from lightning_stability.capture.guards import (
 from lightning_stability.capture.hooks import HookContext
 from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
 from lightning_stability.capture.structure import MISSING_WO, Block, WeightFn, model_blocks, moe_kappa_eff
+from lightning_stability.diagnostics.collapse import collapse_statistics
+from lightning_stability.diagnostics.linear import kappa_wkwq_many
 from lightning_stability.metrics import BLOCK_METRICS, BY_NAME, HEAD_METRICS, RankOp, rank_op
 from lightning_stability.stability_report import BlockReport, StabilityReport
 
@@ -137,6 +139,12 @@ class StabilityProbe:
             low precision on its exact FP32 input (``r_local``…); ``False`` skips that cost.
         balanced_mass: also compute the balanced-mass factor ``θ(p)`` of every attention row
             (``theta``); exact subset-mass search, costly (see README), so off by default.
+        reuse_weight_spectra: keep a copy of every conditioned weight and reuse its spectrum
+            (``‖W_O‖₂``, ``κ``, ``κ(W_Kᵀ W_Q)``) at a later measurement if the weight is bitwise
+            equal to the copy (exact: the same numbers as recomputing). Pays off only for weights
+            that do not move (frozen layers, a base model under adapters): in training every
+            step moves every weight (README, *Cost of the probe's own work*). Costs one copy of
+            those weights in memory, so off by default.
     """
 
     def __init__(
@@ -149,6 +157,7 @@ class StabilityProbe:
         log_per_head: bool = False,
         local_errors: bool = True,
         balanced_mass: bool = False,
+        reuse_weight_spectra: bool = False,
     ) -> None:
         self.model = model
         self.blocks: list[Block] = model_blocks(model, blocks)
@@ -168,6 +177,7 @@ class StabilityProbe:
         self.log_per_head = log_per_head
         self.local_errors = local_errors
         self.balanced_mass = balanced_mass
+        self.spectra = WeightSpectra(reuse_weight_spectra)
 
     def block_of(self, module_name: str) -> int | None:
         """Index of the block containing the module ``module_name`` (``None``: outside every block)."""
@@ -239,10 +249,11 @@ class StabilityProbe:
             jobs += [("wo", block.index, fn) for fn in block.wo.values()]
             for e, weights in enumerate(block.experts):
                 jobs += [(f"expert{e}", block.index, fn) for fn in weights.values()]
-        sigma = _grouped_singular_values([fn for _, _, fn in jobs])
+        sigma = _grouped_singular_values([fn for _, _, fn in jobs], self.spectra)
         found: dict[tuple[str, int], list[Tensor]] = defaultdict(list)
         for (kind, index, _), s in zip(jobs, sigma, strict=True):
             found[(kind, index)].append(s)
+        wkwq = self._wkwq(heads)
         for block in self.blocks:
             i = block.index
             ffn = [D.condition_from_singular_values(s) for s in found[("ffn", i)]]
@@ -261,15 +272,85 @@ class StabilityProbe:
                     f"block{i}/kappa_wo",
                     torch.stack([D.condition_from_singular_values(s) for s in wo]).amax(),
                 )
-            if block.qk and i in heads:
-                values = []
-                for proj in block.qk:
-                    n_heads = proj.n_heads or heads[i]  # the module's own count first (GQA calls carry H_kv)
-                    w_q, w_k = (w.float() for w in proj.pair(n_heads))
-                    if w_q.shape == w_k.shape and w_q.shape[0] % n_heads == 0:
-                        values.append(D.kappa_wkwq(w_q, w_k, n_heads).amax())
-                if values:
-                    raw.put(f"block{i}/kappa_wkwq", torch.stack(values).amax())
+            if wkwq.get(i):
+                raw.put(f"block{i}/kappa_wkwq", torch.stack([k.amax() for k in wkwq[i]]).amax())
+
+    def _wkwq(self, heads: dict[int, int]) -> dict[int, list[Tensor]]:
+        """Per attended block, ``κ(W_Q^hᵀ W_K^h)`` of each Q/K pair: every block's in one batched call."""
+        jobs: list[tuple[int, Tensor, Tensor, int]] = []
+        for block in self.blocks:
+            if not block.qk or block.index not in heads:
+                continue
+            for proj in block.qk:
+                # the module's own head count first (GQA calls carry H_kv)
+                n_heads = proj.n_heads or heads[block.index]
+                w_q, w_k = (w.detach() for w in proj.pair(n_heads))
+                if w_q.shape == w_k.shape and w_q.shape[0] % n_heads == 0:
+                    jobs.append((block.index, w_q, w_k, n_heads))
+        keys = [("wkwq", j) for j in range(len(jobs))]
+        kept = self.spectra.lookup(keys, [(q, k) for _, q, k, _ in jobs])
+        todo = [j for j, got in enumerate(kept) if got is None]
+        fresh = kappa_wkwq_many([jobs[j][1:] for j in todo])
+        for j, kappa in zip(todo, fresh, strict=True):
+            kept[j] = kappa
+            self.spectra.keep(keys[j], (jobs[j][1], jobs[j][2]), kappa)
+        out: dict[int, list[Tensor]] = defaultdict(list)
+        for (index, *_), value in zip(jobs, kept, strict=True):
+            assert value is not None
+            out[index].append(value)
+        return out
+
+
+class WeightSpectra:
+    """Spectra of the conditioned weights, reused while a weight is bitwise unchanged (opt-in).
+
+    Reuse is decided by equality with a kept copy, never by ``Tensor._version``: a write through
+    ``p.data`` (``p.data.add_(…)``, as some optimizers and EMA code do) bumps the version counter
+    of the ``.data`` alias only, so an unchanged counter does not prove an unchanged weight.
+    One host transfer decides every weight of a measurement.
+
+    Args:
+        reuse: keep copies and reuse; ``False``: every lookup misses and nothing is kept.
+    """
+
+    def __init__(self, reuse: bool = False) -> None:
+        self.reuse = reuse
+        self._kept: dict[Any, tuple[tuple[Tensor, ...], Tensor]] = {}
+        #: lookups answered from the kept spectra / recomputed, since construction
+        self.hits = 0
+        self.misses = 0
+
+    def lookup(self, keys: Sequence[Any], weights: Sequence[tuple[Tensor, ...]]) -> list[Tensor | None]:
+        """The kept result of each key whose weights all equal their kept copies, else ``None``."""
+        out: list[Tensor | None] = [None] * len(keys)
+        if not self.reuse:
+            self.misses += len(keys)
+            return out
+        candidates = [j for j, key in enumerate(keys) if _same_layout(self._kept.get(key), weights[j])]
+        if candidates:
+            equal = [
+                torch.stack([(a == b).all() for a, b in zip(self._kept[keys[j]][0], weights[j], strict=True)])
+                for j in candidates
+            ]
+            same = torch.stack([e.all() for e in equal]).tolist()  # one transfer for all of them
+            for j, equal in zip(candidates, same, strict=True):
+                if equal:
+                    out[j] = self._kept[keys[j]][1]
+        self.hits += sum(v is not None for v in out)
+        self.misses += sum(v is None for v in out)
+        return out
+
+    def keep(self, key: Any, weights: tuple[Tensor, ...], result: Tensor) -> None:
+        """Remember ``result`` for ``key`` with a copy of its ``weights`` (when reusing)."""
+        if self.reuse:
+            self._kept[key] = (tuple(w.detach().clone() for w in weights), result)
+
+
+def _same_layout(kept: tuple[tuple[Tensor, ...], Tensor] | None, weights: tuple[Tensor, ...]) -> bool:
+    if kept is None or len(kept[0]) != len(weights):
+        return False
+    pairs = zip(kept[0], weights, strict=True)
+    return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device for a, b in pairs)
 
 
 @dataclass
@@ -413,9 +494,9 @@ class _Collector:
                 x = x.unsqueeze(0)
             elif x.dim() == 3 and getattr(block.module, "batch_first", True) is False:
                 x = x.transpose(0, 1)
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
-            self.raw.put(f"block{block.index}/rank_collapse", D.rank_collapse(x).mean())
-            self.raw.put(f"block{block.index}/token_similarity", D.token_similarity(x).mean())
+            rank, similarity = collapse_statistics(x.reshape(x.shape[0], -1, x.shape[-1]))
+            self.raw.put(f"block{block.index}/rank_collapse", rank.mean())
+            self.raw.put(f"block{block.index}/token_similarity", similarity.mean())
 
     def _local_targets(self) -> list[tuple[tuple[str, int], nn.Module]]:
         """Blocks first (in order, so index j < n_blocks is block j), then their sub-layers."""
@@ -673,8 +754,20 @@ def _mismatch(lp: Tensor, x: Tensor) -> tuple[Tensor, ...]:
     err_tok = diff.square().sum(-1)
     ref_tok = x.reshape(diff.shape).square().sum(-1)
     per_token = (err_tok / ref_tok.clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
-    nonfinite = (~torch.isfinite(lp)).sum()
-    return err_tok.double().sum(), ref_tok.double().sum(), per_token, nonfinite
+    return err_tok.double().sum(), ref_tok.double().sum(), per_token, _nonfinite(lp, err_tok)
+
+
+def _nonfinite(lp: Tensor, err_tok: Tensor) -> Tensor:
+    """Non-finite entries of ``lp``, given its per-token squared errors against a reference.
+
+    A finite total error proves every entry of ``lp`` finite (a NaN/±inf entry, or a non-finite
+    reference, makes its token's error non-finite), so on CPU, where reading one number on the
+    host is free, the full-size ``isfinite`` mask (the dearest elementwise op of the comparison)
+    is only built when that total is not finite. Elsewhere it is always built: no host sync.
+    """
+    if lp.device.type == "cpu" and bool(torch.isfinite(err_tok.sum())):
+        return torch.zeros((), dtype=torch.int64)
+    return (~torch.isfinite(lp)).sum()
 
 
 def _squares(lp: Tensor, x: Tensor) -> tuple[Tensor, ...]:
@@ -697,24 +790,36 @@ def _residual_branch(
     return branch
 
 
-def _grouped_singular_values(fns: Sequence[WeightFn]) -> list[Tensor]:
-    """``[σmax, σmin]`` of each weight, one batched call per weight shape.
+def _grouped_singular_values(fns: Sequence[WeightFn], spectra: WeightSpectra | None = None) -> list[Tensor]:
+    """``[σmax, σmin]`` of each weight, one batched call per weight shape (kept ones reused).
 
     A weight with a non-finite entry gets ``[inf, 0]`` (so ``‖W‖₂`` and ``κ(W)`` read ``inf``).
     """
+    spectra = spectra or WeightSpectra()
     weights = [fn().detach() for fn in fns]
-    out: list[Tensor | None] = [None] * len(weights)
+    keys = [("sigma", j) for j in range(len(weights))]
+    out = spectra.lookup(keys, [(w,) for w in weights])
     groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for j, w in enumerate(weights):
-        groups[(tuple(w.shape), w.device)].append(j)
+        if out[j] is None:
+            groups[(tuple(w.shape), w.device)].append(j)
     for idx in groups.values():
         stack = torch.stack([weights[j] for j in idx])
         smax, smin = D.extreme_singular_values(stack)
-        finite = torch.isfinite(stack).flatten(-2).all(-1)
+        finite = _finite_matrices(stack)
         sigma = torch.stack([smax.masked_fill(~finite, math.inf), smin.masked_fill(~finite, 0.0)], -1)
         for row, j in zip(sigma, idx, strict=True):
             out[j] = row
+            spectra.keep(keys[j], (weights[j],), row)
     return [s for s in out if s is not None]
+
+
+def _finite_matrices(stack: Tensor) -> Tensor:
+    """Per matrix of ``(G, m, n)``: all entries finite. For float32 and narrower, from a float64 sum
+    per matrix (it cannot overflow, so it is finite exactly when every entry is): no full-size mask."""
+    if stack.dtype == torch.float64:
+        return torch.isfinite(stack).flatten(-2).all(-1)
+    return torch.isfinite(stack.sum((-2, -1), dtype=torch.float64))
 
 
 def _ratio(err_sq: float, ref_sq: float) -> float:

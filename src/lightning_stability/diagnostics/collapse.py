@@ -23,16 +23,24 @@ from torch import Tensor
 
 from ._checks import check_mask, check_tensor
 
-__all__ = ["rank_collapse", "token_similarity"]
+__all__ = ["collapse_statistics", "rank_collapse", "token_similarity"]
 
 _F64 = torch.float64
 _INF = float("inf")
 
 
-def _prepare(x: Tensor, mask: Tensor | None, fn: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x64 with masked tokens zeroed, keep (..., n) bool, finite (...) bool)``."""
+def _prepare(x: Tensor, mask: Tensor | None, fn: str) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(x64 with masked tokens zeroed, keep (..., n) bool or None = all, finite (...) bool)``.
+
+    Without a mask, a float16/bfloat16/float32 input takes a path with no full-size ``isfinite``
+    mask and no host sync: a float64 sum of such values cannot overflow (≤ 3.4e38 per entry),
+    so an example's sum is finite exactly when all its entries are, and a non-finite entry only
+    reaches its own example's statistics, which are then reported as ``inf``.
+    """
     check_tensor("x", x, 2, fn)
     x64 = x.to(_F64)
+    if mask is None and x.dtype != _F64:
+        return x64, None, torch.isfinite(x64.sum((-2, -1)))
     keep = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
     if mask is not None:
         check_mask(mask, tuple(x.shape[:-1]), fn)
@@ -40,6 +48,33 @@ def _prepare(x: Tensor, mask: Tensor | None, fn: str) -> tuple[Tensor, Tensor, T
     fin = (torch.isfinite(x64) | ~keep.unsqueeze(-1)).flatten(-2).all(-1)
     x64 = torch.where(keep.unsqueeze(-1) & torch.isfinite(x64), x64, 0.0)
     return x64, keep, fin
+
+
+def _similarity(x64: Tensor, keep: Tensor | None, fin: Tensor) -> Tensor:
+    norm = torch.linalg.vector_norm(x64, dim=-1, keepdim=True)
+    has_dir = norm.squeeze(-1) > 0
+    if keep is not None:
+        has_dir = has_dir & keep
+    u = x64 / torch.where(norm > 0, norm, 1.0)
+    k = has_dir.sum(-1).to(_F64)
+    s = torch.linalg.vector_norm(u.sum(-2), dim=-1).square()
+    out = (s - k) / (k * (k - 1.0)).clamp_min(1.0)
+    out = torch.where(k >= 2, out.clamp(-1.0, 1.0), 1.0)
+    return torch.where(fin, out, _INF)
+
+
+def _collapse(x64: Tensor, keep: Tensor | None, fin: Tensor) -> Tensor:
+    if keep is None:
+        centred = x64 - x64.mean(-2, keepdim=True)
+    else:
+        kf = keep.to(_F64).unsqueeze(-1)
+        count = kf.sum(-2, keepdim=True).clamp_min(1.0)
+        centred = (x64 - x64.sum(-2, keepdim=True) / count) * kf
+    resid = torch.linalg.vector_norm(centred, dim=(-2, -1))
+    total = torch.linalg.vector_norm(x64, dim=(-2, -1))
+    out = resid / torch.where(total > 0, total, 1.0)
+    out = torch.where(total > 0, out.clamp(0.0, 1.0), 0.0)
+    return torch.where(fin, out, _INF)
 
 
 def token_similarity(x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -65,15 +100,7 @@ def token_similarity(x: Tensor, mask: Tensor | None = None) -> Tensor:
         >>> round(token_similarity(x).item(), 6)  # (0 + 2·(1/√2)) / 3 pairs
         0.471405
     """
-    x64, keep, fin = _prepare(x, mask, "token_similarity")
-    norm = torch.linalg.vector_norm(x64, dim=-1, keepdim=True)
-    has_dir = keep & (norm.squeeze(-1) > 0)
-    u = x64 / torch.where(norm > 0, norm, 1.0)
-    k = has_dir.sum(-1).to(_F64)
-    s = torch.linalg.vector_norm(u.sum(-2), dim=-1).square()
-    out = (s - k) / (k * (k - 1.0)).clamp_min(1.0)
-    out = torch.where(k >= 2, out.clamp(-1.0, 1.0), 1.0)
-    return torch.where(fin, out, _INF)
+    return _similarity(*_prepare(x, mask, "token_similarity"))
 
 
 def rank_collapse(x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -99,12 +126,19 @@ def rank_collapse(x: Tensor, mask: Tensor | None = None) -> Tensor:
         >>> rank_collapse(x).tolist()  # identical tokens → 0; opposite tokens → 1
         [0.0, 1.0]
     """
-    x64, keep, fin = _prepare(x, mask, "rank_collapse")
-    kf = keep.to(_F64).unsqueeze(-1)
-    count = kf.sum(-2, keepdim=True).clamp_min(1.0)
-    mean = x64.sum(-2, keepdim=True) / count
-    resid = torch.linalg.vector_norm((x64 - mean) * kf, dim=(-2, -1))
-    total = torch.linalg.vector_norm(x64, dim=(-2, -1))
-    out = resid / torch.where(total > 0, total, 1.0)
-    out = torch.where(total > 0, out.clamp(0.0, 1.0), 0.0)
-    return torch.where(fin, out, _INF)
+    return _collapse(*_prepare(x, mask, "rank_collapse"))
+
+
+def collapse_statistics(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(rank_collapse(x, mask), token_similarity(x, mask))`` from one float64 copy of ``x``.
+
+    For a caller that wants both (the probe, for every block output): the float64 conversion and
+    the finiteness check are done once. Values equal the two functions' exactly.
+
+    Example:
+        >>> x = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+        >>> [t.tolist() for t in collapse_statistics(x)]
+        [[0.0], [1.0]]
+    """
+    prepared = _prepare(x, mask, "collapse_statistics")
+    return _collapse(*prepared), _similarity(*prepared)

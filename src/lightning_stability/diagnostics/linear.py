@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,6 +15,7 @@ __all__ = [
     "condition_number",
     "extreme_singular_values",
     "kappa_wkwq",
+    "kappa_wkwq_many",
     "singular_value_extremes_many",
     "spectral_norm",
     "wkwq_norm",
@@ -165,8 +167,7 @@ def condition_number(w: Tensor) -> Tensor:
     return torch.where(fin, condition_from_singular_values(s), float("inf"))
 
 
-def _wkwq_sigma(w_q: Tensor, w_k: Tensor, n_heads: int, fn: str) -> Tensor:
-    """Per head, the ``r = min(d_head, d_in)`` leading singular values of ``W_Q^hᵀ W_K^h`` (float64)."""
+def _check_wkwq(w_q: Tensor, w_k: Tensor, n_heads: int, fn: str) -> None:
     check_tensor("w_q", w_q, 2, fn)
     check_tensor("w_k", w_k, 2, fn)
     if w_q.dim() != 2 or w_q.shape != w_k.shape:
@@ -176,18 +177,35 @@ def _wkwq_sigma(w_q: Tensor, w_k: Tensor, n_heads: int, fn: str) -> Tensor:
         )
     if not isinstance(n_heads, int) or n_heads < 1 or w_q.shape[0] % n_heads != 0:
         raise ValueError(f"{fn}: n_heads={n_heads!r} must be a positive divisor of d_out={w_q.shape[0]}")
-    d_in = w_q.shape[1]
-    dh = w_q.shape[0] // n_heads
-    # W^h (d_head × d_in); W_Q^hᵀ W_K^h = Q_q R_q R_kᵀ Q_kᵀ with (W^h)ᵀ = Q R (reduced QR).
-    wq = w_q.detach().to(torch.float64).reshape(n_heads, dh, d_in).transpose(-1, -2)
-    wk = w_k.detach().to(torch.float64).reshape(n_heads, dh, d_in).transpose(-1, -2)
-    wq = torch.where(torch.isfinite(wq), wq, float("nan"))
-    wk = torch.where(torch.isfinite(wk), wk, float("nan"))
-    fin = torch.isfinite(wq).flatten(-2).all(-1) & torch.isfinite(wk).flatten(-2).all(-1)
-    rq = torch.linalg.qr(torch.nan_to_num(wq, nan=0.0), mode="r")[1]
-    rk = torch.linalg.qr(torch.nan_to_num(wk, nan=0.0), mode="r")[1]
-    s = torch.linalg.svdvals(rq @ rk.transpose(-1, -2))
+
+
+def _wkwq_sigma_stacked(w_q: Tensor, w_k: Tensor, n_heads: int) -> Tensor:
+    """Per matrix and head, the leading singular values of ``W_Q^hᵀ W_K^h``: ``(G, H, r)`` float64.
+
+    ``w_q``/``w_k`` are ``(G, d_out, d_in)`` stacks of checked weights. With ``(W^h)ᵀ = Q R``
+    (reduced QR), ``W_Q^hᵀ W_K^h = Q_q R_q R_kᵀ Q_kᵀ`` has the singular values of ``R_q R_kᵀ``
+    (``d_head`` square): one QR call factors every query and key head of the stack, one
+    ``svdvals`` call solves every head. Heads with a non-finite entry get ``inf``.
+    """
+    g, d_out, d_in = w_q.shape
+    dh = d_out // n_heads
+    both = torch.cat([w_q, w_k]).detach().to(torch.float64)
+    both = both.reshape(2 * g, n_heads, dh, d_in).transpose(-1, -2)  # (2G, H, d_in, d_head)
+    fin = torch.isfinite(both).flatten(-2).all(-1)
+    fin = fin[:g] & fin[g:]
+    r = torch.linalg.qr(both.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0), mode="r")[1]
+    s = torch.linalg.svdvals(r[:g] @ r[g:].transpose(-1, -2))
     return torch.where(fin.unsqueeze(-1), s, float("inf"))
+
+
+def _wkwq_sigma(w_q: Tensor, w_k: Tensor, n_heads: int, fn: str) -> Tensor:
+    """Per head, the ``r = min(d_head, d_in)`` leading singular values of ``W_Q^hᵀ W_K^h`` (float64)."""
+    _check_wkwq(w_q, w_k, n_heads, fn)
+    return _wkwq_sigma_stacked(w_q.unsqueeze(0), w_k.unsqueeze(0), n_heads)[0]
+
+
+def _kappa_from_sigma(s: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(s).all(-1), condition_from_singular_values(s), float("inf"))
 
 
 def kappa_wkwq(w_q: Tensor, w_k: Tensor, n_heads: int) -> Tensor:
@@ -212,8 +230,43 @@ def kappa_wkwq(w_q: Tensor, w_k: Tensor, n_heads: int) -> Tensor:
         >>> kappa_wkwq(w, w, n_heads=2).tolist()
         [4.0, 1.7777777777777777]
     """
-    s = _wkwq_sigma(w_q, w_k, n_heads, "kappa_wkwq")
-    return torch.where(torch.isfinite(s).all(-1), condition_from_singular_values(s), float("inf"))
+    return _kappa_from_sigma(_wkwq_sigma(w_q, w_k, n_heads, "kappa_wkwq"))
+
+
+def kappa_wkwq_many(pairs: Sequence[tuple[Tensor, Tensor, int]]) -> list[Tensor]:
+    """:func:`kappa_wkwq` of many ``(w_q, w_k, n_heads)`` triples (every block's, after the pass).
+
+    Triples of equal weight shape, ``n_heads`` and device are stacked: one QR call factors all
+    their query and key heads and one ``svdvals`` call solves all their heads, instead of two
+    QR and one ``svdvals`` call per block. Each result equals ``kappa_wkwq(w_q, w_k, n_heads)``
+    (LAPACK still works head by head; the same float64 arithmetic).
+
+    Args:
+        pairs: ``(w_q, w_k, n_heads)`` as :func:`kappa_wkwq` takes them.
+
+    Returns:
+        One ``(n_heads,)`` float64 tensor per triple, in input order.
+
+    Raises:
+        ValueError: As :func:`kappa_wkwq`, for any triple.
+
+    Example:
+        >>> w = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        >>> [t.tolist() for t in kappa_wkwq_many([(w, w, 2), (w, w, 1)])]
+        [[4.0, 1.7777777777777777], [16.0]]
+    """
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for j, (w_q, w_k, n_heads) in enumerate(pairs):
+        _check_wkwq(w_q, w_k, n_heads, "kappa_wkwq_many")
+        groups.setdefault((tuple(w_q.shape), n_heads, w_q.device), []).append(j)
+    out: list[Tensor] = [torch.empty(0)] * len(pairs)
+    for (_, n_heads, _), idx in groups.items():
+        w_q = torch.stack([pairs[j][0].detach().to(torch.float64) for j in idx])
+        w_k = torch.stack([pairs[j][1].detach().to(torch.float64) for j in idx])
+        kappa = _kappa_from_sigma(_wkwq_sigma_stacked(w_q, w_k, n_heads))
+        for row, j in zip(kappa, idx, strict=True):
+            out[j] = row
+    return out
 
 
 def wkwq_norm(w_q: Tensor, w_k: Tensor, n_heads: int) -> Tensor:

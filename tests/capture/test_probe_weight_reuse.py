@@ -1,0 +1,134 @@
+"""Issue 15, probe part: weight spectra reused only while a weight is bitwise unchanged (opt-in),
+and the non-finite count of the cheaper comparison path."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tests.capture.test_probe_correctness import Net, _x
+from torch import nn
+
+from lightning_stability.capture import StabilityProbe, compose_report
+from lightning_stability.stability_report import StabilityReport
+
+WEIGHT_METRICS = ("wo_norm", "kappa_eff", "kappa_wkwq")
+
+
+def measure(probe: StabilityProbe, x: torch.Tensor) -> StabilityReport:
+    raw = probe.measure((x,), {}, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    keys, vec = raw.flat()
+    return compose_report(probe, raw, dict(zip(keys, vec.tolist(), strict=True)), step=0)
+
+
+def weights(report: StabilityReport) -> list[tuple[float | None, ...]]:
+    return [tuple(getattr(b, name) for name in WEIGHT_METRICS) for b in report.blocks]
+
+
+def fresh(model: nn.Module, x: torch.Tensor) -> list[tuple[float | None, ...]]:
+    """The weight metrics recomputed from scratch (a probe that never reuses)."""
+    return weights(measure(StabilityProbe(model), x))
+
+
+def test_reuse_is_off_by_default_and_keeps_nothing() -> None:
+    torch.manual_seed(0)
+    probe = StabilityProbe(Net(depth=2))
+    measure(probe, _x())
+    measure(probe, _x())
+    assert probe.spectra.hits == 0 and probe.spectra.misses > 0 and not probe.spectra._kept
+
+
+def test_unchanged_weights_are_reused_with_the_same_numbers() -> None:
+    torch.manual_seed(0)
+    model = Net(depth=2)
+    probe = StabilityProbe(model, reuse_weight_spectra=True)
+    first = weights(measure(probe, _x()))
+    misses = probe.spectra.misses
+    assert probe.spectra.hits == 0 and misses == 2 * 4  # per block: W_O, fc1, fc2, the Q/K pair
+    second = weights(measure(probe, _x(seed=1)))  # another batch: the weights' numbers do not change
+    assert probe.spectra.hits == misses and probe.spectra.misses == misses
+    assert second == first == fresh(model, _x())
+    assert all(v is not None and math.isfinite(v) for row in first for v in row)
+
+
+def test_a_write_through_data_is_seen_although_the_version_counter_is_not_bumped() -> None:
+    torch.manual_seed(0)
+    model = Net(depth=2)
+    probe = StabilityProbe(model, reuse_weight_spectra=True)
+    before = weights(measure(probe, _x()))
+    fc1 = model.blocks[1].mlp[0].weight
+    version = fc1._version
+    with torch.no_grad():
+        fc1.data.add_(torch.randn(fc1.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    assert fc1._version == version  # a version-counter key would have reused the stale spectrum
+    after = weights(measure(probe, _x()))
+    assert probe.spectra.hits == 2 * 4 - 1  # everything but fc1 of block 1
+    assert after == fresh(model, _x())
+    assert after[0] == before[0] and after[1][1] != before[1][1]  # only block 1's kappa_eff moved
+
+
+def test_an_optimizer_step_recomputes_every_trained_weight() -> None:
+    torch.manual_seed(0)
+    model = Net(depth=2)
+    for p in model.blocks[0].parameters():  # block 0 frozen: its spectra stay reusable
+        p.requires_grad_(False)
+    probe = StabilityProbe(model, reuse_weight_spectra=True)
+    measure(probe, _x())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(_x()).square().mean().backward()
+    opt.step()
+    hits = probe.spectra.hits
+    after = weights(measure(probe, _x()))
+    assert probe.spectra.hits - hits == 4  # block 0's four; block 1's were all recomputed
+    assert after == fresh(model, _x())
+
+
+class _Overflowing(nn.Module):
+    """A block whose low-precision output holds a known number of non-finite values."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x + self.lin(x)
+        if torch.is_autocast_enabled("cpu"):
+            out = out.clone()
+            out[0, :3, 1] = math.inf  # 3 entries
+            out[1, 2, 4] = math.nan  # 1 entry
+        return out
+
+
+class _Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Overflowing() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_non_finite_count_is_exact_on_the_cheap_path() -> None:
+    torch.manual_seed(0)
+    model = _Stack()
+    x = torch.randn(2, 5, 8)
+    outs: list[torch.Tensor] = []  # the low-precision block outputs, from plain hooks
+    handles = [b.register_forward_hook(lambda m, a, o: outs.append(o.detach())) for b in model.blocks]
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    want = [int((~torch.isfinite(o)).sum()) for o in outs]
+    assert want[0] == 4 and want[1] > 4  # block 1 also spreads block 0's through its Linear
+    probe = StabilityProbe(model, blocks=["blocks.*"])
+    raw = probe.measure((x,), {}, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert [raw.values[f"block{i}/r_block/nonfinite"].item() for i in range(2)] == want
+    report = measure(probe, x)
+    assert report.nonfinite == sum(want) and report.blocks[0].r_block == math.inf
+    clean = StabilityProbe(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), blocks=["*"])
+    raw = clean.measure((x,), {}, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert raw.values["block0/r_block/nonfinite"].item() == 0
