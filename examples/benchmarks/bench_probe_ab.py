@@ -6,7 +6,8 @@ e.g. ``/work/main/src`` (before) against ``src`` (after). Tiny-ViT at the paper'
 6 blocks, 65 tokens), 16 examples, BF16 autocast, one thread. Times the probe's ``measure`` +
 ``compose_report`` (the extra work of a sampled step) and one BF16 training step, as medians,
 and prints the sampled-step ratio (training step + measure) after/before; for the after side
-also with ``local_errors=False`` (what ``r_local``/``r_*_local`` cost). ``--cpu`` times CPU
+also with ``local_errors=False`` (what ``r_local``/``r_*_local`` cost) and, where the after side
+has it, with ``reuse_weight_spectra=True`` (the weights never move here: the frozen case). ``--cpu`` times CPU
 seconds of the process (``time.process_time``) instead of wall time: with one thread that is
 the work done, unaffected by other processes on a shared machine. ``--parts`` also prints the
 median of each step of ``measure`` (the ``_Collector`` methods) and of ``compose_report``, and
@@ -114,6 +115,9 @@ def main() -> None:
         "after": measure(after, "after"),
         "after_no_local": measure(after, local_errors=False),
     }
+    if "reuse_weight_spectra" in after.StabilityProbe.__init__.__code__.co_varnames:
+        # the training step here never steps an optimizer: the weights stay bitwise equal (frozen)
+        variants["after_reuse_frozen"] = measure(after, reuse_weight_spectra=True)
     if cfg.parts:
         variants["fp32_pass"] = forward(None)
         variants["bf16_pass"] = forward(torch.bfloat16)
@@ -132,6 +136,9 @@ def main() -> None:
     print(f"measure after/before           {med['after'] / med['before']:.3f}x")
     print(f"sampled step after/before      {(step + med['after']) / (step + med['before']):.3f}x")
     print(f"  without local errors         {(step + med['after_no_local']) / (step + med['before']):.3f}x")
+    if "after_reuse_frozen" in med:
+        ratio = (step + med["after_reuse_frozen"]) / (step + med["before"])
+        print(f"  frozen weights, reused       {ratio:.3f}x")
     if cfg.parts:
         passes = med["fp32_pass"] + med["bf16_pass"]
         b, a = med["before"] / passes, med["after"] / passes

@@ -1,15 +1,20 @@
 """Issue 15, probe part: weight spectra reused only while a weight is bitwise unchanged (opt-in),
-and the non-finite count of the cheaper comparison path."""
+the non-finite count of the cheaper comparison path, the residual stream kept once."""
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import Any
 
+import pytest
 import torch
 from tests.capture.test_probe_correctness import Net, _x
 from torch import nn
 
 from lightning_stability.capture import StabilityProbe, compose_report
+from lightning_stability.capture.guards import side_forward
+from lightning_stability.capture.probe import _Collector
 from lightning_stability.stability_report import StabilityReport
 
 WEIGHT_METRICS = ("wo_norm", "kappa_eff", "kappa_wkwq")
@@ -132,3 +137,72 @@ def test_non_finite_count_is_exact_on_the_cheap_path() -> None:
     clean = StabilityProbe(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), blocks=["*"])
     raw = clean.measure((x,), {}, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     assert raw.values["block0/r_block/nonfinite"].item() == 0
+
+
+# ---------------------------------------------------------------- the residual stream kept once
+def _kept_calls(model: nn.Module, x: torch.Tensor, **kw: object) -> Any:
+    """The exact pass's kept block calls (inputs and outputs) of a probe on ``model``."""
+    probe = StabilityProbe(model, **kw)  # type: ignore[arg-type]
+    collector = _Collector(probe)
+    with side_forward(model) as same_stream:
+        collector.exact_pass(model, (x,), {}, same_stream)
+    return [collector.local[("r_local", b.index)][0] for b in probe.blocks]
+
+
+def test_a_block_fed_the_previous_output_keeps_no_second_copy() -> None:
+    torch.manual_seed(0)
+    calls = _kept_calls(Net(depth=3), _x())
+    for prev, nxt in itertools.pairwise(calls):
+        assert nxt.args[0] is prev.output  # one tensor: input of block j+1 = output of block j
+    scaled = _kept_calls(Net(depth=3, in_place=True), _x())  # x.mul_(0.5) between the blocks
+    for prev, nxt in itertools.pairwise(scaled):
+        assert nxt.args[0] is not prev.output
+        assert torch.equal(nxt.args[0], prev.output * 0.5)
+    gains = _kept_calls(Net(depth=3), _x(), residual_gain_iters=1)  # not shared with residual gains
+    assert all(nxt.args[0] is not prev.output for prev, nxt in itertools.pairwise(gains))
+
+
+class _InPlaceBlock(nn.Module):
+    """Writes its input in place before using it (the kept input must survive the re-run)."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.norm, self.lin = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(0.5)
+        return x + self.lin(self.norm(x))
+
+
+class _InPlaceNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_InPlaceBlock() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_local_errors_of_blocks_that_write_their_input_equal_plain_reruns() -> None:
+    torch.manual_seed(0)
+    model = _InPlaceNet()
+    x = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(1))
+    ins: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+    handles = [b.register_forward_pre_hook(lambda m, a: ins.append(a[0].clone())) for b in model.blocks]
+    handles += [b.register_forward_hook(lambda m, a, o: outs.append(o.clone())) for b in model.blocks]
+    try:
+        with torch.no_grad():
+            model(x.clone())
+    finally:
+        for h in handles:
+            h.remove()
+    want = []
+    for block, inp, out in zip(model.blocks, ins, outs, strict=True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            low = block(inp.clone()).float()
+        want.append(((low - out).norm() / out.norm()).item())
+    report = measure(StabilityProbe(model, blocks=["blocks.*"]), x)
+    assert [b.r_local for b in report.blocks] == pytest.approx(want, rel=1e-6)

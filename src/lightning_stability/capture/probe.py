@@ -369,6 +369,12 @@ def _fp32_copy(t: Tensor) -> Tensor:
     return t.detach().to(torch.float32, copy=True)
 
 
+def _version(t: Tensor) -> int:
+    """``t``'s version counter (bumped by every in-place write to it or its views); −1 for an
+    inference tensor, which has none."""
+    return -1 if t.is_inference() else t._version
+
+
 def _copy(x: Any) -> Any:
     """A detached copy of every tensor in ``x`` (the model may later change its tensors in place)."""
     if isinstance(x, Tensor):
@@ -443,13 +449,23 @@ class _Collector:
         self.local_modules = dict(targets)
         keys = [key for key, _ in targets]
         n_blocks = len(probe.blocks)
+        # The residual stream kept once: a block fed the previous block's very output (same tensor,
+        # not written since) gets that output's FP32 copy as its kept input instead of a second
+        # copy. Not with residual gains, whose block calls run before the low-precision pass
+        # compares against these copies.
+        share = probe.residual_gain_iters == 0
+        last: list[tuple[Tensor, int, Tensor]] = []  # the latest block output, its version, its copy
 
         def on_input(j: int, c: int, a: tuple[Any, ...], kw: dict[str, Any]) -> None:
             if keys[j][0] == "r_attention_local":  # tapped inside its block's re-run: output only
                 self.local[keys[j]].append(_Call((), {}, []))
                 return
             a, kw = _without_cache(a, kw)
-            self.local[keys[j]].append(_Call(_copy(a), _copy(kw), rng_snapshot()))
+            if j < n_blocks and last and a and a[0] is last[0][0] and _version(a[0]) == last[0][1]:
+                kept = (last[0][2], *_copy(a[1:]))
+            else:
+                kept = _copy(a)
+            self.local[keys[j]].append(_Call(kept, _copy(kw), rng_snapshot()))
 
         def on_output(j: int, c: int, output: Any) -> None:
             out = first_tensor(output)
@@ -458,6 +474,8 @@ class _Collector:
             copy = _fp32_copy(out)
             if j < n_blocks:  # the block outputs are also the references of the low-precision pass
                 self.ref[(j, c)] = copy
+                version = _version(out)
+                last[:] = [(out, version, copy)] if share and out.dtype == copy.dtype and version >= 0 else []
             if c < len(self.local[keys[j]]):
                 self.local[keys[j]][c].output = copy
 
