@@ -328,13 +328,13 @@ class WeightSpectra:
             return out
         candidates = [j for j, key in enumerate(keys) if _same_layout(self._kept.get(key), weights[j])]
         if candidates:
-            equal = [
+            per_weight = [
                 torch.stack([(a == b).all() for a, b in zip(self._kept[keys[j]][0], weights[j], strict=True)])
                 for j in candidates
             ]
-            same = torch.stack([e.all() for e in equal]).tolist()  # one transfer for all of them
-            for j, equal in zip(candidates, same, strict=True):
-                if equal:
+            same = torch.stack([e.all() for e in per_weight]).tolist()  # one transfer for all of them
+            for j, unchanged in zip(candidates, same, strict=True):
+                if unchanged:
                     out[j] = self._kept[keys[j]][1]
         self.hits += sum(v is not None for v in out)
         self.misses += sum(v is None for v in out)
