@@ -457,11 +457,11 @@ def _softmax_chunk(
     # Worth its ~50 small ops only once the exact solve's element work would dominate.
     if rows.numel() > 4 * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
         ratio_f = ratio.reshape(-1)
-        keep = [
+        parts = [
             _refine_rows(s, mask, rows[a : a + batch], lb, ub, ratio_f, acc, margin)
             for a in range(0, rows.numel(), batch)
         ]
-        lb_c, ub_c = torch.cat([k[0] for k in keep]), torch.cat([k[1] for k in keep])
+        lb_c, ub_c = torch.cat([b[0] for b in parts]), torch.cat([b[1] for b in parts])
         rows = rows[_candidates(lb_c, ub_c, g, nq, rows)]
     # Phase 2: exact float64 solve on the surviving rows.
     out = torch.zeros(g, dtype=_F64, device=s.device)
