@@ -254,26 +254,32 @@ def _widen(
 # Sub-chunk of the row statistics pass (elements): two float32 buffers of 1 MiB stay in cache.
 _BUF_ELEMS = 1 << 18
 _WORKSPACE = threading.local()
+_WORKSPACE_MAX_BYTES = 16 << 20
 
 
-def _workspace(numel: int, like: Tensor) -> Tensor:
-    """A flat scratch buffer of ``numel`` elements of ``like``'s dtype, reused between calls (CPU).
+def _workspace(numel: int, like: Tensor, slot: str, dtype: torch.dtype | None = None) -> Tensor:
+    """A flat scratch buffer of ``numel`` elements (``like``'s dtype), reused between calls (CPU).
+
+    ``slot`` names the user: buffers of different slots never alias, so a caller may hold one
+    slot's buffer (the scores) while a callee fills another (the row statistics pass).
 
     A fresh buffer of a megabyte is served by fresh pages (glibc maps blocks of this size
     afresh and returns them when freed): measured at n = 64, the two page-faulting buffers of
     the row statistics pass cost 0.4 ms of its 0.65 ms, more than the softmax inside it. The
     buffer is per thread and never escapes this module (every caller writes it before reading
     and returns fresh tensors), so reusing it changes no result. Other devices allocate as
-    before (their caching allocators already reuse memory).
+    before (their caching allocators already reuse memory), and so do buffers above
+    ``_WORKSPACE_MAX_BYTES`` (kept per thread for the process's life, the cache stays small).
     """
-    if like.device.type != "cpu":
-        return like.new_empty(numel)
-    cache: dict[torch.dtype, Tensor] = getattr(_WORKSPACE, "bufs", None) or {}
+    dtype = like.dtype if dtype is None else dtype
+    if like.device.type != "cpu" or numel * dtype.itemsize > _WORKSPACE_MAX_BYTES:
+        return like.new_empty(numel, dtype=dtype)
+    cache: dict[tuple[str, torch.dtype], Tensor] = getattr(_WORKSPACE, "bufs", None) or {}
     _WORKSPACE.bufs = cache
-    buf = cache.get(like.dtype)
+    buf = cache.get((slot, dtype))
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=like.dtype)
-        cache[like.dtype] = buf
+        buf = torch.empty(numel, dtype=dtype)
+        cache[(slot, dtype)] = buf
     return buf[:numel]
 
 
@@ -295,8 +301,10 @@ def _row_stats_pass(
     per = max(1, min(g, _BUF_ELEMS // max(nq * nk, 1)))
     ns, p1, pn = s.new_empty(g, nq), s.new_empty(g, nq), s.new_empty(g, nq)
     ent = s.new_empty(g, nq) if want_entropy else None
-    work = _workspace(2 * per * nq * nk, s)
-    buf, pbuf = work[: per * nq * nk].view(per, nq, nk), work[per * nq * nk :].view(per, nq, nk)
+    blk = per * nq * nk
+    work = _workspace((3 if want_entropy else 2) * blk, s, "pass").view(-1, per, nq, nk)
+    buf, pbuf = work[0], work[1]
+    wbuf = work[2] if want_entropy else None
     off_all = None if mask is None or mask.shape[0] != 1 else ~mask
     for a in range(0, g, per):
         b = min(g, a + per)
@@ -312,28 +320,35 @@ def _row_stats_pass(
         torch.ops.aten._softmax.out(sm, -1, False, out=p)
         torch.amax(p, -1, out=p1[a:b])
         torch.linalg.vector_norm(p, dim=-1, out=pn[a:b])
-        if ent is not None:
-            ent[a:b] = _row_entropy_terms(sm, d, p, p1[a:b])
+        if ent is not None and wbuf is not None:
+            ent[a:b] = _row_entropy_terms(sm, d, p, p1[a:b], wbuf[: b - a], masked=mask is not None)
     return ns, p1, pn, ent
 
 
-def _row_entropy_terms(sm: Tensor, d: Tensor, p: Tensor, p1: Tensor) -> Tensor:
+def _row_entropy_terms(
+    sm: Tensor, d: Tensor, p: Tensor, p1: Tensor, w: Tensor, masked: bool
+) -> Tensor:
     """Row entropies ``−Σ p log p`` from the scores ``sm`` (masked = -inf) and ``p = softmax``.
 
     Written as ``H = log1p(r/p₁) + Σ p_i·g_i`` with ``g_i = max − s_i ≥ 0`` and the tail mass
     ``r = Σ_{i≠argmax} p_i``: every term is non-negative, so nothing cancels, unlike
     ``LSE − Σ p s`` (which read a true 6.5e-7 nats as 0). For ``p₁ > ½`` the arg-max is unique
-    and ``r = Σ_{p<p₁} p`` keeps a tiny tail's relative precision; otherwise ``r = Σp − p₁ ≥ ½``
+    and ``r = Σ_{p<p₁} p`` keeps a tiny tail's relative precision; otherwise ``r = 1 − p₁ ≥ ½``
     is accurate as it stands. The terms come from the working-precision probabilities and
     scores (a few ulps each), so each row's entropy carries a relative error of ~``log₂(n)·u``
-    (≈ 1e-6 in float32) however small it is. ``d`` (a buffer, may alias ``sm``) is overwritten.
+    (≈ 1e-6 in float32) however small it is. ``d`` (a buffer, may alias ``sm``) and ``w`` (a
+    buffer shaped like ``p``) are overwritten; nothing of ``p``'s size is allocated (seven
+    passes over cache-resident data, eight with a mask).
     """
     top = sm.amax(-1, keepdim=True).clamp_(min=torch.finfo(sm.dtype).min)
-    p1k = p1.unsqueeze(-1)
-    tail = torch.where(p < p1k, p, 0.0).sum(-1)
-    r = torch.where(p1 > 0.5, tail, p.sum(-1) - p1)
-    torch.sub(top, sm, out=d).clamp_(max=torch.finfo(sm.dtype).max)  # masked: p = 0, g finite
-    return torch.log1p(r / p1) + torch.linalg.vecdot(p, d)
+    torch.sub(top, sm, out=d)  # g ≥ 0, exactly 0 only at the maximal scores
+    if masked:
+        d.clamp_(max=torch.finfo(sm.dtype).max)  # masked: p = 0, g finite (no 0·inf)
+    # Σ_{g>0} p: with p₁ > ½ the maximum is unique, so these are exactly the non-arg-max
+    # entries (a float sign() instead of a bool mask: bool kernels are ~5× dearer here).
+    tail = torch.mul(torch.sign(d, out=w), p, out=w).sum(-1)
+    r = torch.where(p1 > 0.5, tail, 1.0 - p1)
+    return torch.log1p(r / p1) + torch.mul(d, p, out=d).sum(-1)
 
 
 def _gather_rows(s: Tensor, mask: Tensor | None, rows: Tensor) -> Tensor:
@@ -833,10 +848,12 @@ def _logit_max_exact(
     in float64; the maximum of those is the exact one.
     """
     c, nq, nk = s.shape
-    a = s.abs()
-    if mc is not None:
-        a.masked_fill_(~mc, -1.0)
-    row_top = a.amax(-1)  # (c, n_q); -1 for a row without attended keys
+    a = None
+    if mc is None:  # two reductions instead of a full-size |s|
+        row_top = torch.maximum(s.amax(-1), s.amin(-1).neg_())
+    else:
+        a = torch.abs(s, out=_workspace(s.numel(), s, "abs").view_as(s)).masked_fill_(~mc, -1.0)
+        row_top = a.amax(-1)  # (c, n_q); -1 for a row without attended keys
     top = row_top.amax(-1)
     out = torch.zeros(c, dtype=_F64, device=s.device)
     if not bool((top >= 0).any()):
@@ -848,7 +865,7 @@ def _logit_max_exact(
     tol = 2.0 * (qc.shape[-1] + 4) * u * (abs(sc) * qn * kn + bmax) + torch.finfo(_F64).tiny
     thr = (top.to(_F64) - tol).clamp_min(0.0).view(c, 1)
     g, i = ((row_top.to(_F64) >= thr) & (row_top >= 0)).nonzero().unbind(1)  # candidate rows
-    rows = a[g, i].to(_F64)  # (m, n_k)
+    rows = (s[g, i].abs() if a is None else a[g, i]).to(_F64)  # (m, n_k)
     gg, jj = ((rows >= thr[g]) & (rows >= 0)).nonzero().unbind(1)
     g, i = g[gg], i[gg]
     val = torch.linalg.vecdot(qc[g, i].to(_F64), kc[g, jj].to(_F64)) * sc
@@ -971,7 +988,9 @@ def attention_diagnostics(
         if q is not None and k is not None:
             qc = _take_lead(q, lead, g0, g1).to(work)
             kc = _take_lead(k, lead, g0, g1).to(work)
-            s = qc @ kc.transpose(-1, -2)
+            # Into a reused buffer: nothing returned aliases the scores.
+            buf = _workspace((g1 - g0) * nq * nk, qc, "scores").view(g1 - g0, nq, nk)
+            s = torch.matmul(qc, kc.transpose(-1, -2), out=buf)
             qn, kn, sn = _masked_norms(qc, kc, s, mc)
             if all_finite(qc, kc):
                 ks[g0:g1] = safe_ratio(qn * kn, sn)
