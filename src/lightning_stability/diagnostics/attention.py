@@ -41,6 +41,10 @@ _INF = float("inf")
 _BOUND_MARGIN = 1e-4
 _NEWTON_FIXED = 4
 _PHASE15_MIN_ELEMS = 1 << 15
+# Candidates per matrix above which the p2-interval bounds (1b) / the candidates' own softmax
+# (1.5) run: below, the exact solve of the few candidates is cheaper than ~60 more small ops.
+_PHASE1B_MIN_ROWS = 2
+_PHASE15_MIN_ROWS = 4
 # Elements per gather of candidate rows (phases 1.5 and 2): bounds their float64 temporaries.
 _EXACT_ELEMS = 1 << 18
 _NEWTON_MAX = 40
@@ -459,7 +463,7 @@ def _softmax_chunk(
     ub = torch.where(ok, ub.mul_(ratio).mul_(1.0 + margin), -1.0).reshape(-1)
     rows = _candidates(lb, ub, g, nq, None)
     # Phase 1b (candidates only): the p2 interval [s2/r, min(p1, r, √s2)] tightens both.
-    if rows.numel() > 2 * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
+    if rows.numel() > _PHASE1B_MIN_ROWS * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
         p1c, qc, rc = p1d.reshape(-1)[rows], qd.reshape(-1)[rows], ratio.reshape(-1)[rows]
         lo_c, hi_c = _p2_interval_bounds(p1c, qc, s2_abs.reshape(-1)[rows], acc)
         lb_c = torch.maximum(lb[rows], lo_c.mul_(rc).mul_(1.0 - margin))
@@ -470,7 +474,7 @@ def _softmax_chunk(
     batch = max(1, _EXACT_ELEMS // nk)  # rows per gather: temporaries stay O(_EXACT_ELEMS)
     # Phase 1.5: on those rows, p2 and the tail mass from P itself (float32, one gather).
     # Worth its ~50 small ops only once the exact solve's element work would dominate.
-    if rows.numel() > 4 * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
+    if rows.numel() > _PHASE15_MIN_ROWS * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
         ratio_f = ratio.reshape(-1)
         parts = [
             _refine_rows(s, mask, rows[a : a + batch], lb, ub, ratio_f, acc, margin)
