@@ -422,14 +422,14 @@ def _p2_interval_bounds(p1: Tensor, q: Tensor, s2_abs: Tensor, acc: float) -> tu
 def _candidates(lb: Tensor, ub: Tensor, g: int, nq: int, rows: Tensor | None) -> Tensor:
     """Indices (into ``lb``/``ub``) of rows whose upper bound reaches their matrix's best lower
     bound; ``rows`` gives each entry's flat row (None: entry ``i`` is row ``i`` of ``(g, nq)``).
-    Where some lower bound is > 0, a row with ``ub = 0`` cannot reach it and is dropped.
+    Where some lower bound is > 0 this drops every row with ``ub = 0`` (e.g. ``‖S_i‖ = 0``);
+    where all are 0 (all-zero scores, or ``‖S_i‖²`` underflowing) every valid row stays.
     """
     if rows is None:
-        best = lb.view(g, nq).amax(-1, keepdim=True).expand(g, nq).reshape(-1)
-    else:
-        grp = rows // nq
-        best = torch.zeros(g, dtype=lb.dtype, device=lb.device).scatter_reduce_(0, grp, lb, "amax")[grp]
-    return ((ub >= best) & ((ub > 0) | (best <= 0))).nonzero().squeeze(-1)
+        return (ub.view(g, nq) >= lb.view(g, nq).amax(-1, keepdim=True)).view(-1).nonzero().squeeze(-1)
+    grp = rows // nq
+    best = torch.zeros(g, dtype=lb.dtype, device=lb.device).scatter_reduce_(0, grp, lb, "amax")
+    return (ub >= best[grp]).nonzero().squeeze(-1)
 
 
 def _softmax_chunk(
@@ -443,7 +443,7 @@ def _softmax_chunk(
     """
     g, nq, nk = s.shape
     ns, p1, pn, h_rows = _row_stats_pass(s, mask, want_entropy)
-    fin = torch.isfinite(ns)
+    fin = ns < _INF  # ‖S_i‖ ≥ 0: False exactly for inf and NaN (a compare, not isfinite's 3 ops)
     valid = None if mask is None else mask.any(-1).expand(g, nq)
     ok = fin if valid is None else valid & fin
     entropy: Tensor | None = None
