@@ -301,3 +301,23 @@ def test_logit_max_unmasked_two_reductions_match_float64() -> None:
     d = attention_diagnostics(q, k, torch.randn(2, 2, 11, 3, generator=g), scale=0.7)
     ref = ((q.to(F64) @ k.to(F64).transpose(-1, -2)) * 0.7).abs().flatten(-2).amax(-1)
     assert torch.allclose(d.logit_max, ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "per_head", "broadcast", "key_only"])
+def test_row_blocks_of_a_large_matrix_are_exact(monkeypatch: pytest.MonkeyPatch, mask_kind: str) -> None:
+    monkeypatch.setattr(attention_mod, "_BUF_ELEMS", 25)  # 11 keys: blocks of 2 rows of one matrix
+    g = gen(13 + len(mask_kind))
+    s = torch.randn(2, 3, 9, 11, generator=g) * 6
+    mask = None
+    if mask_kind == "per_head":
+        mask = torch.rand(2, 3, 9, 11, generator=g) > 0.4
+        mask[0, 1, 3] = False
+    elif mask_kind == "broadcast":
+        mask = torch.ones(1, 1, 9, 11, dtype=torch.bool).tril(1)
+    elif mask_kind == "key_only":
+        mask = (torch.rand(2, 1, 1, 11, generator=g) > 0.3) | (torch.arange(11) == 0)
+    ref = ksm_ref(s, mask)
+    assert (kappa_softmax(s, mask) - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+    d = attention_diagnostics(None, None, torch.randn(2, 3, 11, 4, generator=g), mask, scores=s)
+    assert torch.allclose(d.kappa_softmax, ref, rtol=1e-12, atol=0)
+    assert torch.allclose(d.entropy, entropy_ref(s, mask), rtol=1e-6, atol=1e-12)

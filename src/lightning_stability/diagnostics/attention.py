@@ -295,37 +295,43 @@ def _row_stats_pass(
     Per row, over the attended keys, with ``P = softmax(S)``: ``‖S_i‖`` (masked entries as 0),
     ``p1 = max P_i``, ``‖P_i‖`` and, with ``want_entropy``, the row entropy (see
     :func:`_row_entropy_terms`). Nothing of the size of ``s`` is allocated: the softmax is
-    written into two reused buffers of at most ``_BUF_ELEMS`` elements, so every reduction
-    reads cache-resident data. (The former version wrote a fresh full-size probability tensor
-    and took an arg-max over it: ~10× a softmax at n ≥ 256, mostly page faults and the
+    written into two (three with the entropy) reused buffers of at most ``_BUF_ELEMS`` elements
+    (whole matrices, or row blocks of a matrix larger than that), so every reduction reads
+    cache-resident data. (The former version wrote a fresh full-size probability tensor and
+    took an arg-max over it: ~10× a softmax at n ≥ 256, mostly page faults and the
     index-returning ``max``.)
     """
     s = s.detach()  # the buffers are written with out=, which autograd refuses
     g, nq, nk = s.shape
-    per = max(1, min(g, _BUF_ELEMS // max(nq * nk, 1)))
+    per = max(1, min(g, _BUF_ELEMS // max(nq * nk, 1)))  # matrices per block
+    rows = nq if per > 1 else max(1, min(nq, _BUF_ELEMS // max(nk, 1)))  # rows of a big matrix
     ns, p1, pn = s.new_empty(g, nq), s.new_empty(g, nq), s.new_empty(g, nq)
     ent = s.new_empty(g, nq) if want_entropy else None
-    blk = per * nq * nk
-    work = _workspace((3 if want_entropy else 2) * blk, s, "pass").view(-1, per, nq, nk)
-    buf, pbuf = work[0], work[1]
-    wbuf = work[2] if want_entropy else None
-    off_all = None if mask is None or mask.shape[0] != 1 else ~mask
+    work = _workspace((3 if want_entropy else 2) * per * rows * nk, s, "pass").view(-1, per, rows, nk)
+    off_all = None if mask is None or mask.shape[0] != 1 or rows < nq else ~mask
     for a in range(0, g, per):
         b = min(g, a + per)
-        sc, d, p = s[a:b], buf[: b - a], pbuf[: b - a]
-        if mask is None:
-            sm = sc
-            torch.linalg.vector_norm(sc, dim=-1, out=ns[a:b])
-        else:
-            off = off_all if off_all is not None else ~mask[a:b]
-            sm = d.copy_(sc).masked_fill_(off, 0.0)
-            torch.linalg.vector_norm(sm, dim=-1, out=ns[a:b])
-            sm.masked_fill_(off, -_INF)
-        torch.ops.aten._softmax.out(sm, -1, False, out=p)
-        torch.amax(p, -1, out=p1[a:b])
-        torch.linalg.vector_norm(p, dim=-1, out=pn[a:b])
-        if ent is not None and wbuf is not None:
-            ent[a:b] = _row_entropy_terms(sm, d, p, p1[a:b], wbuf[: b - a], masked=mask is not None)
+        for r0 in range(0, nq, rows):
+            r1 = min(nq, r0 + rows)
+            sc, d, p = s[a:b, r0:r1], work[0, : b - a, : r1 - r0], work[1, : b - a, : r1 - r0]
+            if mask is None:
+                sm = sc
+                torch.linalg.vector_norm(sc, dim=-1, out=ns[a:b, r0:r1])
+            else:
+                off = off_all
+                if off is None:
+                    mk = mask if mask.shape[0] == 1 else mask[a:b]
+                    off = ~(mk if mk.shape[1] == 1 else mk[:, r0:r1])
+                sm = d.copy_(sc).masked_fill_(off, 0.0)
+                torch.linalg.vector_norm(sm, dim=-1, out=ns[a:b, r0:r1])
+                sm.masked_fill_(off, -_INF)
+            torch.ops.aten._softmax.out(sm, -1, False, out=p)
+            p1b = p1[a:b, r0:r1]
+            torch.amax(p, -1, out=p1b)
+            torch.linalg.vector_norm(p, dim=-1, out=pn[a:b, r0:r1])
+            if ent is not None:
+                w = work[2, : b - a, : r1 - r0]
+                ent[a:b, r0:r1] = _row_entropy_terms(sm, d, p, p1b, w, masked=mask is not None)
     return ns, p1, pn, ent
 
 
