@@ -321,3 +321,19 @@ def test_row_blocks_of_a_large_matrix_are_exact(monkeypatch: pytest.MonkeyPatch,
     d = attention_diagnostics(None, None, torch.randn(2, 3, 11, 4, generator=g), mask, scores=s)
     assert torch.allclose(d.kappa_softmax, ref, rtol=1e-12, atol=0)
     assert torch.allclose(d.entropy, entropy_ref(s, mask), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_inputs_are_left_untouched(dtype: torch.dtype) -> None:
+    # float64 (and float32) inputs reach the helpers as views: nothing may write into them.
+    g = gen(14)
+    q, k, v = (torch.randn(2, 2, 10, 4, generator=g, dtype=dtype) for _ in range(3))
+    s = torch.randn(2, 2, 10, 10, generator=g, dtype=dtype) * 5
+    mask = torch.rand(2, 2, 10, 10, generator=g) > 0.3
+    bias = torch.randn(1, 2, 10, 10, generator=g, dtype=dtype)
+    before = [t.clone() for t in (q, k, v, s, bias)]
+    attention_diagnostics(q, k, v, mask, bias=bias, softcap=3.0)
+    attention_diagnostics(q, k, v, None, scores=s)
+    kappa_softmax(s, mask)
+    for t, b in zip((q, k, v, s, bias), before, strict=True):
+        assert torch.equal(t, b)

@@ -565,11 +565,13 @@ def kappa_softmax(scores: Tensor, mask: Tensor | None = None, *, chunk_size: int
 # kappa_score, kappa_v, entropy
 # ----------------------------------------------------------------------------------------------
 def _masked_norms(
-    q: Tensor, k: Tensor, qk: Tensor, mask: Tensor | None
+    q: Tensor, k: Tensor, qk: Tensor, mask: Tensor | None, rows2: tuple[Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``‖Q_act‖, ‖K_act‖, ‖(QKᵀ)_attended‖`` in float64 (q, k already in float64 or work dtype)."""
-    qn2 = q.to(_F64).square().sum(-1)
-    kn2 = k.to(_F64).square().sum(-1)
+    """``‖Q_act‖, ‖K_act‖, ‖(QKᵀ)_attended‖`` in float64 (q, k already in float64 or work dtype).
+
+    ``rows2``: the squared row norms of q and k in float64, if the caller has them already.
+    """
+    qn2, kn2 = rows2 if rows2 is not None else (q.to(_F64).square().sum(-1), k.to(_F64).square().sum(-1))
     if mask is None:
         sn = torch.linalg.vector_norm(qk, dim=(-2, -1)).to(_F64)
     else:
@@ -849,7 +851,8 @@ def _check_bias(bias: Tensor | None, target: tuple[int, int, int, int], fn: str)
 
 
 def _logit_max_exact(
-    qc: Tensor, kc: Tensor, s: Tensor, mc: Tensor | None, sc: float, bc: Tensor | None
+    qc: Tensor, kc: Tensor, s: Tensor, mc: Tensor | None, sc: float, bc: Tensor | None,
+    rows2: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``max |sc·q·kᵀ + b|`` over attended entries, per chunk element, exact in float64.
 
@@ -869,8 +872,9 @@ def _logit_max_exact(
     if not bool((top >= 0).any()):
         return torch.where(torch.isfinite(top), out, _INF)
     u = torch.finfo(s.dtype).eps
-    qn = torch.linalg.vector_norm(qc.to(_F64), dim=-1).amax(-1)
-    kn = torch.linalg.vector_norm(kc.to(_F64), dim=-1).amax(-1)
+    if rows2 is None:
+        rows2 = (qc.to(_F64).square().sum(-1), kc.to(_F64).square().sum(-1))
+    qn, kn = rows2[0].amax(-1).sqrt(), rows2[1].amax(-1).sqrt()  # largest row norms
     bmax = torch.zeros_like(qn) if bc is None else bc.abs().to(_F64).flatten(1).amax(-1).expand(c)
     tol = 2.0 * (qc.shape[-1] + 4) * u * (abs(sc) * qn * kn + bmax) + torch.finfo(_F64).tiny
     thr = (top.to(_F64) - tol).clamp_min(0.0).view(c, 1)
@@ -1001,7 +1005,8 @@ def attention_diagnostics(
             # Into a reused buffer: nothing returned aliases the scores.
             buf = _workspace((g1 - g0) * nq * nk, qc, "scores").view(g1 - g0, nq, nk)
             s = torch.matmul(qc, kc.transpose(-1, -2), out=buf)
-            qn, kn, sn = _masked_norms(qc, kc, s, mc)
+            rows2 = (qc.to(_F64).square().sum(-1), kc.to(_F64).square().sum(-1))  # shared
+            qn, kn, sn = _masked_norms(qc, kc, s, mc, rows2)
             if all_finite(qc, kc):
                 ks[g0:g1] = safe_ratio(qn * kn, sn)
             else:
@@ -1012,7 +1017,7 @@ def attention_diagnostics(
             bc = None if bz is None else _take_lead(bz, lead, g0, g1).to(work)
             if bc is not None:
                 s.add_(bc)
-            lmax[g0:g1] = _logit_max_exact(qc, kc, s, mc, sc, bc)
+            lmax[g0:g1] = _logit_max_exact(qc, kc, s, mc, sc, bc, rows2)
             if softcap is not None:
                 s.div_(softcap).tanh_().mul_(softcap)
         else:
