@@ -185,13 +185,13 @@ def _counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
 def test_staged_pruning_and_batched_exact_solve_are_exact(
     monkeypatch: pytest.MonkeyPatch, mask_kind: str, scale: float
 ) -> None:
-    # Force every stage on a small input: the p2-interval bounds on the candidates (1b), the
+    # Force every stage on a small input: the top-2 block lower bound on the candidates (1b), the
     # bounds from the candidates' own softmax (1.5), and exact solves gathered 3 rows at a time.
     monkeypatch.setattr(attention_mod, "_PHASE15_MIN_ELEMS", 0)
     monkeypatch.setattr(attention_mod, "_PHASE1B_MIN_ROWS", 0)
     monkeypatch.setattr(attention_mod, "_PHASE15_MIN_ROWS", 0)
     monkeypatch.setattr(attention_mod, "_EXACT_ELEMS", 3 * 23)
-    stage_1b = _counting(monkeypatch, "_p2_interval_bounds")
+    stage_1b = _counting(monkeypatch, "_block_lower_bound")
     stage_15 = _counting(monkeypatch, "_refine_rows")
     exact = _counting(monkeypatch, "_exact_rows")
     g = gen(100 + int(scale) + len(mask_kind))

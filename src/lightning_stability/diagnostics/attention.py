@@ -392,37 +392,45 @@ def _refine_rows(
 
 def _cheap_bounds(
     p1: Tensor, q: Tensor, s2_abs: Tensor, rel: float, eta: float
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Rigorous ``lo ≤ ‖J(p)‖₂ ≤ hi`` from working-precision ``p1 = max p`` and ``q = ‖p‖²``.
 
     ``p1`` is within relative ``rel`` (the tail ``r = 1 − p1`` within ``r·rel + eta``), ``q`` within
-    ``s2_abs`` of ``p1² + s2``. Above: ``p1``, ½ and Gershgorin ``max_i 2p_i(1−p_i) = 2·p1·r``.
-    Below: the root of ``F`` with ``Σ p_i²/(λ−p_i) ≥ s2/λ`` (increasing in p1, r and s2), as in
-    :func:`_lambda_bounds`. A dozen fewer ops than the latter: used on every row.
+    ``s2_abs`` of ``p1² + s2`` (``s2 = Σ_{i≠argmax} p_i²``). Above: ``p1``, ½, Gershgorin
+    ``max_i 2p_i(1−p_i) = 2·p1·r`` and the root of ``F`` with ``Σ p_i²/(λ−p_i) ≤ s2/(λ−p2)``,
+    ``p2 ≤ min(p1, r, √s2)``. Below: the root of ``F`` with ``Σ p_i²/(λ−p_i) ≥ s2/λ``. Both roots
+    as in :func:`_lambda_bounds`, which is monotone in each interval end used; ~35 ops, on
+    every row. Also returns the lower end of ``s2`` (for :func:`_block_lower_bound`).
     """
+    dn, up = 1.0 - rel, 1.0 + rel
     r = 1.0 - p1
-    p1l = p1 * (1.0 - rel)
-    rl = (r * (1.0 - rel) - eta).clamp_min_(0.0)
-    s2l = (q - p1 * p1).mul_(1.0 - rel).sub_(s2_abs).clamp_min_(0.0)
+    p1l, p1h = p1 * dn, p1 * up
+    rl = (r * dn - eta).clamp_min_(0.0)
+    rh = r * up + eta
+    s2 = (q - p1 * p1).clamp_min_(0.0)
+    s2l = (s2 * dn).sub_(s2_abs).clamp_min_(0.0)
+    s2h = (s2 * up).add_(s2_abs)
     bh = p1l * rl - s2l
     lo = (bh * bh).addcmul_(p1l, s2l, value=4.0).sqrt_().add_(bh).mul_(0.5)
-    rh2 = (r * (1.0 + rel) + eta).mul_(2.0).clamp_max_(1.0)  # min(1, 2·r_hi)
-    hi = (p1 * (1.0 + rel)).mul_(rh2).clamp_max_(0.5)
-    return lo, hi
+    p2h = torch.minimum(torch.minimum(p1h, rh), s2h.sqrt()).clamp_max_(0.5)
+    bg = torch.addcmul(p2h - s2h, p1h, rh)
+    cg = (s2h - rh * p2h).mul_(p1h)
+    root = (bg * bg).add_(cg, alpha=4.0).clamp_min_(0.0).sqrt_().add_(bg).mul_(0.5)
+    hi = torch.minimum(torch.maximum(root, p2h), (rh * 2.0).clamp_max_(1.0).mul_(p1h)).clamp_max_(0.5)
+    return lo, hi, s2l
 
 
-def _p2_interval_bounds(p1: Tensor, q: Tensor, s2_abs: Tensor, acc: float) -> tuple[Tensor, Tensor]:
-    """:func:`_lambda_bounds` (``tight=False``) from ``p1``, ``q = ‖p‖²`` and the p2 interval
-    ``[s2/r, min(p1, r, √s2)]`` they imply (working-precision inputs, widened as documented)."""
-    rd = 1.0 - p1
-    s2 = (q - p1 * p1).clamp_min(0.0)
-    p2_lo = (s2 - s2_abs).clamp_min(0.0) / (rd + 1e-6 + acc).clamp_max(1.0)
-    p2_lo = torch.minimum(p2_lo, torch.minimum(p1, rd))
-    p2_hi = torch.minimum(torch.minimum(p1, rd + 1e-6 + acc), (s2 + s2_abs).sqrt())
-    p1l, p1h, rl, rh, p2l, p2h, s2l, s2h = _widen(p1, rd, p2_lo, p2_hi, s2, 1e-5 + acc, 2e-6 + acc)
-    return _lambda_bounds(
-        p1l, p1h, rl, rh, p2l, p2h, (s2l - s2_abs).clamp_min(0.0), s2h + s2_abs, tight=False
-    )
+def _block_lower_bound(p1: Tensor, q: Tensor, s2l: Tensor, rel: float, eta: float, acc: float) -> Tensor:
+    """Lower bound of ``‖J(p)‖₂``: the top eigenvalue of the top-2 block (interlacing) with
+    ``p2 ≥ s2/r`` (as :func:`_lambda_bounds`; inputs as :func:`_cheap_bounds`). On peaked rows it
+    is far above the ``s2`` root, and a matrix's best lower bound decides its pruning."""
+    dn = 1.0 - rel
+    r = 1.0 - p1
+    p1l = p1 * dn
+    rl = (r * dn - eta).clamp_min_(0.0)
+    p2l = s2l / (r + 1e-6 + acc).clamp_max_(1.0)
+    p2l = torch.minimum(p2l, torch.minimum(p1, r)).mul_(dn)
+    return _block_top(p1l * rl, p1l * p2l, p2l * (1.0 - p2l))
 
 
 def _candidates(lb: Tensor, ub: Tensor, g: int, nq: int, rows: Tensor | None) -> Tensor:
@@ -460,23 +468,22 @@ def _softmax_chunk(
     # n·u of exact whatever the summation order: widen every relative bound by twice that.
     acc = 2.0 * nk * torch.finfo(s.dtype).eps / 2
     margin = _BOUND_MARGIN + 2.0 * acc
-    # Phase 1a (all rows, ~25 ops): λ ≤ min(p1, 2·p1·r, ½) above, the s2 root below.
+    # Phase 1a (all rows, ~35 ops): bounds from p1 and ‖P‖ (see _cheap_bounds).
     p1d, pnd = p1.to(_F64), pn.to(_F64)
     qd, ratio = pnd.square(), ns.to(_F64).div_(pnd)
     s2_abs = (4e-6 + 2.0 * acc) * qd  # cancellation in q − p1²
-    lb, ub = _cheap_bounds(p1d, qd, s2_abs, 1e-5 + acc, 2e-6 + acc)
+    rel, eta = 1e-5 + acc, 2e-6 + acc
+    lb, ub, s2l = _cheap_bounds(p1d, qd, s2_abs, rel, eta)
     lb = torch.where(ok, lb.mul_(ratio).mul_(1.0 - margin), 0.0).reshape(-1)
     ub = torch.where(ok, ub.mul_(ratio).mul_(1.0 + margin), -1.0).reshape(-1)
     rows = _candidates(lb, ub, g, nq, None)
-    # Phase 1b (candidates only): the p2 interval [s2/r, min(p1, r, √s2)] tightens both.
+    # Phase 1b (candidates only): the top-2 block lower bound raises each matrix's best.
     if rows.numel() > _PHASE1B_MIN_ROWS * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
-        p1c, qc, rc = p1d.reshape(-1)[rows], qd.reshape(-1)[rows], ratio.reshape(-1)[rows]
-        lo_c, hi_c = _p2_interval_bounds(p1c, qc, s2_abs.reshape(-1)[rows], acc)
-        lb_c = torch.maximum(lb[rows], lo_c.mul_(rc).mul_(1.0 - margin))
-        ub_c = torch.minimum(ub[rows], hi_c.mul_(rc).mul_(1.0 + margin))
-        keep = _candidates(lb_c, ub_c, g, nq, rows)
-        lb[rows], ub[rows] = lb_c, ub_c
-        rows = rows[keep]
+        p1c, qc, s2c = p1d.reshape(-1)[rows], qd.reshape(-1)[rows], s2l.reshape(-1)[rows]
+        lo_c = _block_lower_bound(p1c, qc, s2c, rel, eta, acc)
+        lb_c = torch.maximum(lb[rows], lo_c.mul_(ratio.reshape(-1)[rows]).mul_(1.0 - margin))
+        lb[rows] = lb_c
+        rows = rows[_candidates(lb_c, ub[rows], g, nq, rows)]
     batch = max(1, _EXACT_ELEMS // nk)  # rows per gather: temporaries stay O(_EXACT_ELEMS)
     # Phase 1.5: on those rows, p2 and the tail mass from P itself (float32, one gather).
     # Worth its ~50 small ops only once the exact solve's element work would dominate.
