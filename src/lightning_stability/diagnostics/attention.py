@@ -95,8 +95,10 @@ def _secular_lambda(rest: Tensor, p1: Tensor, p2: Tensor, r: Tensor, s2: Tensor 
 
 
 def _converged(new: Tensor, old: Tensor) -> bool:
-    """Every ``|new − old| ≤ 4e-16·new`` (two ulps; a host sync, so cheap ops only)."""
-    return bool((new - old).abs_().le_(new * 4e-16).all())
+    """Every ``new − old ≤ 4e-16·new`` (two ulps; a host sync, so three cheap ops). One-sided:
+    F is convex and decreasing, so Newton from a lower bound only moves up (a step down is
+    rounding at the root)."""
+    return bool((new * (1.0 - 4e-16)).le_(old).all())
 
 
 def softmax_jacobian_norm(p: Tensor) -> Tensor:
@@ -876,18 +878,26 @@ def _logit_max_exact(
         row_top = a.amax(-1)  # (c, n_q); -1 for a row without attended keys
     top = row_top.amax(-1)
     out = torch.zeros(c, dtype=_F64, device=s.device)
-    if not bool((top >= 0).any()):
+    if a is not None and not bool((top >= 0).any()):  # unmasked: top ≥ 0 (or NaN → inf below)
         return torch.where(torch.isfinite(top), out, _INF)
     u = torch.finfo(s.dtype).eps
     if rows2 is None:
         rows2 = (qc.to(_F64).square().sum(-1), kc.to(_F64).square().sum(-1))
     qn, kn = rows2[0].amax(-1).sqrt(), rows2[1].amax(-1).sqrt()  # largest row norms
-    bmax = torch.zeros_like(qn) if bc is None else bc.abs().to(_F64).flatten(1).amax(-1).expand(c)
-    tol = 2.0 * (qc.shape[-1] + 4) * u * (abs(sc) * qn * kn + bmax) + torch.finfo(_F64).tiny
+    bound = (qn * kn).mul_(abs(sc))
+    if bc is not None:
+        bound.add_(bc.abs().to(_F64).flatten(1).amax(-1).expand(c))
+    tol = bound.mul_(2.0 * (qc.shape[-1] + 4) * u).add_(torch.finfo(_F64).tiny)
     thr = (top.to(_F64) - tol).clamp_min(0.0).view(c, 1)
-    g, i = ((row_top.to(_F64) >= thr) & (row_top >= 0)).nonzero().unbind(1)  # candidate rows
+    cand = row_top.to(_F64) >= thr
+    if a is not None:
+        cand &= row_top >= 0  # a row without attended keys reads -1
+    g, i = cand.nonzero().unbind(1)  # candidate rows
     rows = (s[g, i].abs() if a is None else a[g, i]).to(_F64)  # (m, n_k)
-    gg, jj = ((rows >= thr[g]) & (rows >= 0)).nonzero().unbind(1)
+    cand = rows >= thr[g]
+    if a is not None:
+        cand &= rows >= 0
+    gg, jj = cand.nonzero().unbind(1)
     g, i = g[gg], i[gg]
     val = torch.linalg.vecdot(qc[g, i].to(_F64), kc[g, jj].to(_F64)) * sc
     if bc is not None:
@@ -1014,7 +1024,11 @@ def attention_diagnostics(
             s = torch.matmul(qc, kc.transpose(-1, -2), out=buf)
             rows2 = (qc.to(_F64).square().sum(-1), kc.to(_F64).square().sum(-1))  # shared
             qn, kn, sn = _masked_norms(qc, kc, s, mc, rows2)
-            if all_finite(qc, kc):
+            # Common case in one host sync: finite q, k (their squared norms sum finite) and
+            # ‖QKᵀ‖ > 0, where safe_ratio is a plain division.
+            if bool(torch.isfinite(rows2[0].sum() + rows2[1].sum()) & (sn > 0).all()):
+                ks[g0:g1] = qn * kn / sn
+            elif all_finite(qc, kc):
                 ks[g0:g1] = safe_ratio(qn * kn, sn)
             else:
                 fin = torch.isfinite(qc).flatten(1).all(-1) & torch.isfinite(kc).flatten(1).all(-1)
