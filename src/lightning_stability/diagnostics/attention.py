@@ -398,7 +398,7 @@ def _cheap_bounds(
     ``F`` with ``Σ p_i²/(λ−p_i) ≤ s2/(λ−p2)``, ``p2 ≤ min(p1, r, √s2)`` (Gershgorin's ``2·p1·r``
     pruned no further row on the benchmark's scores). Below: the root of ``F`` with
     ``Σ p_i²/(λ−p_i) ≥ s2/λ``. Both roots as in :func:`_lambda_bounds`, which is monotone in each
-    interval end used; ~30 ops, on every row. Also returns the lower end of ``s2`` (for
+    interval end used; ~40 ops, on every row. Also returns the lower end of ``s2`` (for
     :func:`_block_lower_bound`).
     """
     dn, up = 1.0 - rel, 1.0 + rel
@@ -467,7 +467,7 @@ def _softmax_chunk(
     # n·u of exact whatever the summation order: widen every relative bound by twice that.
     acc = 2.0 * nk * torch.finfo(s.dtype).eps / 2
     margin = _BOUND_MARGIN + 2.0 * acc
-    # Phase 1a (all rows, ~35 ops): bounds from p1 and ‖P‖ (see _cheap_bounds).
+    # Phase 1a (all rows, ~40 ops): bounds from p1 and ‖P‖ (see _cheap_bounds).
     p1d, pnd = p1.to(_F64), pn.to(_F64)
     qd, ratio = pnd.square(), ns.to(_F64).div_(pnd)
     s2_abs = (4e-6 + 2.0 * acc) * qd  # cancellation in q − p1²
