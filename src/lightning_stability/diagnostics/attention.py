@@ -450,9 +450,11 @@ def _softmax_chunk(
 ) -> tuple[Tensor, Tensor | None]:
     """kappa_softmax (and mean row entropy) for ``s: (G, n_q, n_k)``; ``mask: (G|1, n_q|1, n_k)``.
 
-    Phase 1 (all rows, working precision, one cache-blocked pass): rigorous bounds on each
-    row's ``λ·‖S_i‖/‖P_i‖``. Phase 2 (float64, exact): only rows whose upper bound reaches the
-    largest lower bound of their matrix.
+    Phase 1a (all rows, from one cache-blocked pass in working precision): rigorous cheap bounds
+    on each row's ``λ·‖S_i‖/‖P_i‖``; 1b (candidates, when many): the top-2 block lower bound;
+    1.5 (candidates, when still many and long): bounds from their own softmax (p2 and the tail);
+    2 (float64, exact, in bounded batches): only rows whose upper bound reaches the largest
+    lower bound of their matrix.
     """
     g, nq, nk = s.shape
     ns, p1, pn, h_rows = _row_stats_pass(s, mask, want_entropy)
