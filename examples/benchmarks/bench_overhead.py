@@ -461,6 +461,30 @@ def bench_sampled(cfg: argparse.Namespace, dm: CIFAR10DataModule, log_dir: str) 
     return {"parts_s": parts, "nonsampled_hook_s": hook, "host_syncs": syncs}
 
 
+def kept_bytes(s: SampledStep) -> int:
+    """Bytes the probe keeps after its exact pass: the FP32 block outputs (the references of the
+    low-precision pass) and, for the local errors, each block's and sub-layer's input and output.
+    Measured on the collector itself (storages counted once)."""
+    from lightning_stability.capture import probe as probe_module
+
+    seen: dict[int, int] = {}
+    original = probe_module._Collector.exact_pass
+
+    def exact_pass(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        kept = [self.ref, [(c.args, c.kwargs, c.output) for calls in self.local.values() for c in calls]]
+        for t in torch.utils._pytree.tree_leaves(kept):
+            if isinstance(t, torch.Tensor):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    probe_module._Collector.exact_pass = exact_pass  # type: ignore[method-assign]
+    try:
+        s.measure()
+    finally:
+        probe_module._Collector.exact_pass = original  # type: ignore[method-assign]
+    return sum(seen.values())
+
+
 def bench_scaling(cfg: argparse.Namespace, dm: CIFAR10DataModule, log_dir: str) -> list[dict[str, Any]]:
     rows = []
     for kw in cfg.scaling:
@@ -481,6 +505,7 @@ def bench_scaling(cfg: argparse.Namespace, dm: CIFAR10DataModule, log_dir: str) 
                 "ratio": t["step"] / t["passes"],
                 "peak_extra_bytes": peak_step,
                 "peak_passes_bytes": peak_passes,
+                "kept_bytes": kept_bytes(s),
                 "layer_score_bytes": s.layer_score_bytes,
                 "all_layers_score_bytes": s.layer_score_bytes * s.depth,
             }
@@ -613,12 +638,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               + ", ".join(f"{n} {kind}" for kind, n in counts.items()))
     print("\n== scaling (sampled step; memory: peak extra allocation during the step)")
     print(f"  {'d':>4}{'patch':>6}{'n':>6}{'passes ms':>11}{'step ms':>10}{'ratio':>7}"
-          f"{'peak MiB':>10}{'passes MiB':>11}{'1 layer MiB':>12}{'all MiB':>9}{'peak/layer':>11}")
+          f"{'peak MiB':>10}{'passes MiB':>11}{'1 layer MiB':>12}{'all MiB':>9}{'kept MiB':>9}"
+          f"{'peak/(layer+kept)':>18}")
     for r in scaling:
         print(f"  {r['d_model']:>4}{r['patch_size']:>6}{r['tokens']:>6}{r['passes_s'] * 1e3:11.2f}"
               f"{r['sampled_step_s'] * 1e3:10.2f}{r['ratio']:7.2f}{_mb(r['peak_extra_bytes']):>10}"
               f"{_mb(r['peak_passes_bytes']):>11}{_mb(r['layer_score_bytes']):>12}"
-              f"{_mb(r['all_layers_score_bytes']):>9}{r['peak_extra_bytes'] / r['layer_score_bytes']:11.2f}")
+              f"{_mb(r['all_layers_score_bytes']):>9}{_mb(r['kept_bytes']):>9}"
+              f"{r['peak_extra_bytes'] / (r['layer_score_bytes'] + r['kept_bytes']):18.2f}")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     result["load_after"] = list(load)
     print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

@@ -38,6 +38,9 @@ def test_bench_overhead_quick(tmp_path: Path) -> None:
         assert math.isfinite(parts[key]) and parts[key] > 0
     assert data["scaling"] and all(row["layer_score_bytes"] > 0 for row in data["scaling"])
     assert all(row["peak_extra_bytes"] > 0 for row in data["scaling"])
+    # the probe keeps at least every block's FP32 output: depth x tokens x d_model x 4 bytes per example
+    depth = bench.parse(["--quick"]).model["depth"]
+    assert all(row["kept_bytes"] >= depth * row["tokens"] * row["d_model"] * 4 for row in data["scaling"])
     syncs = data["sampled"]["host_syncs"]["sampled_step"]
     assert sum(syncs.values()) > 0 and all(isinstance(n, int) and n > 0 for n in syncs.values())
 
