@@ -66,6 +66,7 @@ RATIO_KEYS = (
     "fit_every_default_ratio_robust",
     "ln_eps_default_ratio",
     "sampled_step_over_passes",
+    "sampled_step_no_local_over_passes",
 )
 
 
@@ -191,6 +192,56 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return tracker.peak
 
 
+#: Ops that make the host wait for the device on CUDA: a value read back (``.item()``, ``bool()``,
+#: ``allclose``, ``equal``), an output whose size depends on the data (``nonzero``, boolean
+#: indexing, ``masked_select``, ``repeat_interleave`` without ``output_size``), and the dense
+#: solvers, which read their LAPACK-style ``info`` back to raise on failure.
+_SYNC_OPS = {
+    "aten._local_scalar_dense": "value read back (.item(), bool(), allclose)",
+    "aten.equal": "value read back (.item(), bool(), allclose)",
+    "aten.is_nonzero": "value read back (.item(), bool(), allclose)",
+    "aten.nonzero": "data-dependent size (nonzero, boolean index)",
+    "aten.masked_select": "data-dependent size (nonzero, boolean index)",
+    "aten.repeat_interleave": "data-dependent size (nonzero, boolean index)",
+    "aten._linalg_eigh": "dense solver (eigvalsh/svdvals: info check)",
+    "aten._linalg_svd": "dense solver (eigvalsh/svdvals: info check)",
+    "aten.linalg_qr": "dense solver (eigvalsh/svdvals: info check)",
+}
+
+
+class _SyncCounter(TorchDispatchMode):
+    """Counts the ops of ``_SYNC_OPS`` (and boolean-mask indexing) dispatched under the mode.
+
+    On CPU nothing waits, but the same calls on CUDA each stall the host until the device has
+    caught up: this is the count a GPU run would pay, measured where no GPU is available. The
+    one explicit device-to-host transfer of the step (``.cpu().tolist()`` of the reduced
+    statistics) does not dispatch on a CPU tensor and is not counted here.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = str(func.overloadpacket)
+        kind = _SYNC_OPS.get(name)
+        if kind is None and name in ("aten.index", "aten.index_put", "aten.index_put_"):
+            indices = args[1] if len(args) > 1 else ()
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()):
+                kind = _SYNC_OPS["aten.nonzero"]
+        if kind is not None:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_syncs(fn: Callable[[], Any]) -> dict[str, int]:
+    """Per kind, the number of host-syncing ops one call of ``fn`` dispatches (see ``_SyncCounter``)."""
+    counter = _SyncCounter()
+    with counter:
+        fn()
+    return dict(sorted(counter.counts.items()))
+
+
 # ------------------------------------------------------------------------------------ fitting
 class _StepClock(pl.Callback):
     """Timestamps of every ``on_train_batch_start`` and of ``on_train_end`` (step intervals)."""
@@ -309,6 +360,7 @@ class SampledStep:
         self.device = torch.device(cfg.device)
         self.model = make_model(cfg, **model_kw).to(self.device)
         self.monitor = StabilityMonitor(every_n_steps=1)
+        self.no_local = StabilityMonitor(every_n_steps=1, local_errors=False)
         self.idle = StabilityMonitor(every_n_steps=10**9)
         self.trainer = make_trainer(cfg, [self.monitor], 1, log_dir)
         images, labels = next(iter(dm.train_dataloader()))
@@ -376,6 +428,10 @@ class SampledStep:
         self.monitor._last_step = -1
         self.monitor.on_train_batch_end(self.trainer, self.model, None, self.batch, 0)
 
+    def whole_no_local(self) -> None:
+        self.no_local._last_step = -1
+        self.no_local.on_train_batch_end(self.trainer, self.model, None, self.batch, 0)
+
     def idle_hook(self) -> None:
         self.idle.on_train_batch_end(self.trainer, self.model, None, self.batch, 0)
 
@@ -394,13 +450,39 @@ def bench_sampled(cfg: argparse.Namespace, dm: CIFAR10DataModule, log_dir: str) 
             "diagnostics": s.diagnostics,
             "logging": s.logging,
             "sampled_step": s.whole,
+            "sampled_step_no_local": s.whole_no_local,
         },
         s.device,
         cfg.reps,
     )
     hook = interleaved({"hook": s.idle_hook}, s.device, cfg.reps, inner=1000)["hook"]
+    syncs = {"sampled_step": host_syncs(s.whole), "sampled_step_no_local": host_syncs(s.whole_no_local)}
     s.close()
-    return {"parts_s": parts, "nonsampled_hook_s": hook}
+    return {"parts_s": parts, "nonsampled_hook_s": hook, "host_syncs": syncs}
+
+
+def kept_bytes(s: SampledStep) -> int:
+    """Bytes the probe keeps after its exact pass: the FP32 block outputs (the references of the
+    low-precision pass) and, for the local errors, each block's and sub-layer's input and output.
+    Measured on the collector itself (storages counted once)."""
+    from lightning_stability.capture import probe as probe_module
+
+    seen: dict[int, int] = {}
+    original = probe_module._Collector.exact_pass
+
+    def exact_pass(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        kept = [self.ref, [(c.args, c.kwargs, c.output) for calls in self.local.values() for c in calls]]
+        for t in torch.utils._pytree.tree_leaves(kept):
+            if isinstance(t, torch.Tensor):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    probe_module._Collector.exact_pass = exact_pass  # type: ignore[method-assign]
+    try:
+        s.measure()
+    finally:
+        probe_module._Collector.exact_pass = original  # type: ignore[method-assign]
+    return sum(seen.values())
 
 
 def bench_scaling(cfg: argparse.Namespace, dm: CIFAR10DataModule, log_dir: str) -> list[dict[str, Any]]:
@@ -423,6 +505,7 @@ def bench_scaling(cfg: argparse.Namespace, dm: CIFAR10DataModule, log_dir: str) 
                 "ratio": t["step"] / t["passes"],
                 "peak_extra_bytes": peak_step,
                 "peak_passes_bytes": peak_passes,
+                "kept_bytes": kept_bytes(s),
                 "layer_score_bytes": s.layer_score_bytes,
                 "all_layers_score_bytes": s.layer_score_bytes * s.depth,
             }
@@ -516,6 +599,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fit_every_default_ratio_robust": fit["robust_ratio"][f"monitor_every_{default_n}"],
         "ln_eps_default_ratio": fit["ratio"][f"ln_eps_every_{ln_n}"],
         "sampled_step_over_passes": parts["sampled_step"] / passes,
+        "sampled_step_no_local_over_passes": parts["sampled_step_no_local"] / passes,
     }
     # amortized overhead predicted from the sampled-step cost, for candidate intervals
     extra = parts["sampled_step"]
@@ -539,18 +623,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("  predicted from the sampled-step cost: "
           + ", ".join(f"n={n}: {r:.4f}x" for n, r in predicted.items()))
     print("\n== one sampled step, decomposed (median, target whole/(LP+FP32) <= 1.5x)")
-    for key in ("lp_pass", "fp32_pass", "probe_measure", "diagnostics", "logging", "sampled_step"):
+    keys = ("lp_pass", "fp32_pass", "probe_measure", "diagnostics", "logging", "sampled_step",
+            "sampled_step_no_local")
+    for key in keys:
         print(f"  {key:<26}{parts[key] * 1e3:10.3f} ms  {parts[key] / passes:7.3f} x passes")
     print(f"  LP + FP32 passes          {passes * 1e3:10.3f} ms")
-    print(f"  sampled step / passes     {ratios['sampled_step_over_passes']:10.3f} x")
+    print(f"  sampled step / passes     {ratios['sampled_step_over_passes']:10.3f} x"
+          f"   (local_errors=False: {parts['sampled_step_no_local'] / passes:.3f} x)")
+    print(f"  floor with local errors: the passes + one more LP run of every block ~ "
+          f"{(passes + parts['lp_pass']) / passes:.2f} x passes, before any diagnostic")
+    print("\n== host syncs per sampled step (each would stall the host on CUDA; counted on CPU)")
+    for variant, counts in sampled["host_syncs"].items():
+        print(f"  {variant}: {sum(counts.values())} = "
+              + ", ".join(f"{n} {kind}" for kind, n in counts.items()))
     print("\n== scaling (sampled step; memory: peak extra allocation during the step)")
     print(f"  {'d':>4}{'patch':>6}{'n':>6}{'passes ms':>11}{'step ms':>10}{'ratio':>7}"
-          f"{'peak MiB':>10}{'passes MiB':>11}{'1 layer MiB':>12}{'all MiB':>9}{'peak/layer':>11}")
+          f"{'peak MiB':>10}{'passes MiB':>11}{'1 layer MiB':>12}{'all MiB':>9}{'kept MiB':>9}"
+          f"{'peak/(layer+kept)':>18}")
     for r in scaling:
         print(f"  {r['d_model']:>4}{r['patch_size']:>6}{r['tokens']:>6}{r['passes_s'] * 1e3:11.2f}"
               f"{r['sampled_step_s'] * 1e3:10.2f}{r['ratio']:7.2f}{_mb(r['peak_extra_bytes']):>10}"
               f"{_mb(r['peak_passes_bytes']):>11}{_mb(r['layer_score_bytes']):>12}"
-              f"{_mb(r['all_layers_score_bytes']):>9}{r['peak_extra_bytes'] / r['layer_score_bytes']:11.2f}")
+              f"{_mb(r['all_layers_score_bytes']):>9}{_mb(r['kept_bytes']):>9}"
+              f"{r['peak_extra_bytes'] / (r['layer_score_bytes'] + r['kept_bytes']):18.2f}")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     result["load_after"] = list(load)
     print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

@@ -38,3 +38,27 @@ def test_bench_overhead_quick(tmp_path: Path) -> None:
         assert math.isfinite(parts[key]) and parts[key] > 0
     assert data["scaling"] and all(row["layer_score_bytes"] > 0 for row in data["scaling"])
     assert all(row["peak_extra_bytes"] > 0 for row in data["scaling"])
+    # the probe keeps at least every block's FP32 output: depth x tokens x d_model x 4 bytes per example
+    depth = bench.parse(["--quick"]).model["depth"]
+    assert all(row["kept_bytes"] >= depth * row["tokens"] * row["d_model"] * 4 for row in data["scaling"])
+    syncs = data["sampled"]["host_syncs"]["sampled_step"]
+    assert sum(syncs.values()) > 0 and all(isinstance(n, int) and n > 0 for n in syncs.values())
+
+
+def test_host_sync_counter_counts_what_would_stall_a_gpu() -> None:
+    import torch
+
+    bench = _load()
+    x = torch.tensor([0.0, 2.0, -1.0])
+
+    def work() -> None:
+        float(x.sum())  # a value read back
+        bool((x > 0).any())  # another
+        x[x > 0]  # boolean indexing: data-dependent size
+        torch.nonzero(x)
+        torch.linalg.eigvalsh(torch.eye(2))  # a dense solver
+        torch.exp(x) + 1  # nothing
+
+    counts = bench.host_syncs(work)
+    by_kind = {kind.split(" (")[0]: n for kind, n in counts.items()}
+    assert by_kind == {"value read back": 2, "data-dependent size": 2, "dense solver": 1}

@@ -160,3 +160,55 @@ def test_a_dashboard_that_cannot_be_written_warns_once_and_training_goes_on(tmp_
     assert trainer.global_step == 4
     main = _scalars(_accumulator(Path(tb.log_dir)))
     assert set(main["stability/block0/r_local"]) == {1, 3}
+
+
+def _csv_columns(path: Path) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key.startswith("stability/") and value != "":
+                    out.setdefault(key, {})[int(row["step"])] = float(value)
+    return out
+
+
+def test_one_event_per_step_holds_the_same_tags_values_and_steps_as_log_metrics(tmp_path: Path) -> None:
+    """The main run's tags are written as one event per step: what CSV gets, to float32, same steps."""
+    log_dir = _fit(tmp_path)
+    main = {k: v for k, v in _scalars(_accumulator(log_dir)).items() if k.startswith("stability/")}
+    csv_values = _csv_columns(next((tmp_path / "csv").rglob("metrics.csv")))
+    assert len(main) > 50 and set(main) == set(csv_values)
+    for tag, by_step in csv_values.items():
+        assert set(main[tag]) == set(by_step) == {1, 3}, tag
+        for step, value in by_step.items():
+            got = main[tag][step]
+            assert (math.isnan(got) and math.isnan(value)) or got == pytest.approx(value, rel=1e-6), tag
+    # one event per logged step in the main event file, not one per tag
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = {e.step for e in events.Scalars("stability/alarm")}
+    assert steps == {1, 3}
+
+
+class _CountingLogger(TensorBoardLogger):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:  # type: ignore[override]
+        self.calls += any(k.startswith("stability/") for k in metrics)
+        super().log_metrics(metrics, step)
+
+
+def test_a_logger_prefix_and_an_overridden_log_metrics_are_honoured(tmp_path: Path) -> None:
+    seed_everything(0)
+    prefixed = TensorBoardLogger(str(tmp_path / "tb"), name="prefixed", prefix="train")
+    counting = _CountingLogger(str(tmp_path / "tb"), name="counting")
+    cb = StabilityMonitor(every_n_steps=2, sample_size=4, precision="bf16")
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=[prefixed, counting], max_steps=4))
+    trainer.fit(TinyTransformer(depth=DEPTH), make_loader())
+    tags = _scalars(_accumulator(Path(prefixed.log_dir)))
+    assert set(tags["train-stability/r_block"]) == {1, 3}
+    assert not [t for t in tags if t.startswith("stability/")]
+    assert counting.calls == 2  # the subclass's own log_metrics ran at both logged steps
+    assert set(_scalars(_accumulator(Path(counting.log_dir)))["stability/r_block"]) == {1, 3}

@@ -5,6 +5,8 @@ spectra API — each against an independent float64 reference."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -162,3 +164,176 @@ def test_inputs_that_require_grad_give_the_detached_values() -> None:
         assert torch.equal(getattr(d, name), getattr(ref, name))
     s = (q @ k.transpose(-1, -2)).requires_grad_(True)
     assert torch.equal(kappa_softmax(s, mask), kappa_softmax(s.detach(), mask))
+
+
+# ---------------------------------------------------------------- issue 15, kappa_softmax part 2
+def _counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Count the calls of the private helper ``name`` (so a test proves its path ran)."""
+    calls: list[int] = []
+    inner = getattr(attention_mod, name)
+
+    def wrapped(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(attention_mod, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "per_head", "broadcast"])
+@pytest.mark.parametrize("scale", [1.0, 8.0, 40.0])
+def test_staged_pruning_and_batched_exact_solve_are_exact(
+    monkeypatch: pytest.MonkeyPatch, mask_kind: str, scale: float
+) -> None:
+    # Force every stage on a small input: the top-2 block lower bound on the candidates (1b), the
+    # bounds from the candidates' own softmax (1.5), and exact solves gathered 3 rows at a time.
+    monkeypatch.setattr(attention_mod, "_PHASE15_MIN_ELEMS", 0)
+    monkeypatch.setattr(attention_mod, "_PHASE1B_MIN_ROWS", 0)
+    monkeypatch.setattr(attention_mod, "_PHASE15_MIN_ROWS", 0)
+    monkeypatch.setattr(attention_mod, "_EXACT_ELEMS", 3 * 23)
+    stage_1b = _counting(monkeypatch, "_block_lower_bound")
+    stage_15 = _counting(monkeypatch, "_refine_rows")
+    exact = _counting(monkeypatch, "_exact_rows")
+    g = gen(100 + int(scale) + len(mask_kind))
+    s = torch.randn(2, 3, 17, 23, generator=g) * scale
+    s[0, 0, :, 1] = s[0, 0, :, 0]  # exact top-2 ties
+    s[1, 2, 4] = 0.0  # a zero row (‖S_i‖ = 0)
+    s[1, 1, 5, 0] += 60.0  # a one-hot row
+    for b, h in ((0, 1), (1, 0)):  # heads of near-identical rows: many candidates survive 1b
+        s[b, h] = s[b, h, 0] + 1e-6 * torch.randn(17, 23, generator=g)
+    mask = None
+    if mask_kind == "per_head":
+        mask = torch.rand(2, 3, 17, 23, generator=g) > 0.3
+        mask[0, 2] = False  # a fully masked head
+        mask[1, 0, 3] = False  # a fully masked row
+    elif mask_kind == "broadcast":
+        mask = torch.ones(1, 1, 17, 23, dtype=torch.bool).tril(4)
+    ref = ksm_ref(s, mask)
+    got = kappa_softmax(s, mask)
+    assert (got - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+    assert stage_1b and stage_15 and len(exact) >= 2  # the stages ran; the solve in batches
+    s64 = s.to(F64) * 1.0001  # float64 input: same stages, float64 working precision
+    ref64 = ksm_ref(s64, mask)
+    assert (kappa_softmax(s64, mask) - ref64).abs().max().item() <= 1e-12 * ref64.abs().max().item()
+
+
+def test_zero_tiny_and_mixed_rows() -> None:
+    zero = torch.zeros(3, 8, 8)
+    assert kappa_softmax(zero).tolist() == [0.0, 0.0, 0.0]
+    # Scores so small that ‖S_i‖² underflows float32: the bounds read 0 everywhere, every row
+    # goes to the float64 solve, which resolves them.
+    tiny = torch.randn(2, 6, 9, generator=gen(7)) * 1e-30
+    ref = ksm_ref(tiny, None)
+    assert (ref > 0).all()
+    assert torch.allclose(kappa_softmax(tiny), ref, rtol=1e-12, atol=0)
+    mixed = torch.randn(2, 6, 9, generator=gen(8)) * 3
+    mixed[:, ::2] = 0.0  # half the rows zero: pruned without a solve
+    mixed[1, 1] *= 1e-30
+    ref = ksm_ref(mixed, None)
+    assert torch.allclose(kappa_softmax(mixed), ref, rtol=1e-12, atol=0)
+
+
+def test_one_chunk_equals_many_chunks_and_other_dtypes() -> None:
+    s = torch.randn(3, 4, 20, 20, generator=gen(9)) * 5
+    whole = kappa_softmax(s)  # float32 contiguous: one chunk, a view of the input
+    assert torch.equal(whole, kappa_softmax(s, chunk_size=5))
+    assert torch.equal(whole, kappa_softmax(s.transpose(0, 1).contiguous().transpose(0, 1)))  # strided
+    half = s.to(torch.bfloat16)  # converted chunk by chunk
+    ref = ksm_ref(half.to(F64), None)
+    assert (kappa_softmax(half) - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+
+
+def test_entropy_tail_terms_on_peaked_tied_and_masked_rows() -> None:
+    g = gen(10)
+    s = torch.randn(2, 2, 12, 16, generator=g) * 3
+    s[0, 0, 0] = torch.tensor([40.0] + [0.0] * 15)  # tail mass ~1e-17: H ~ 1e-15
+    s[0, 0, 1] = torch.tensor([25.0, 25.0] + [-5.0] * 14)  # exact tie at the max, p1 < ½
+    s[0, 1, 2] = torch.tensor([9.0, 9.0, 9.0] + [0.0] * 13)
+    s[1, 0, 3, 4] = 30.0  # p1 > ½ with a spread tail
+    s[1, 1, 5] = 0.0  # uniform row: H = log 16
+    mask = torch.rand(2, 2, 12, 16, generator=g) > 0.25
+    mask[..., 0] = True
+    mask[1, 1, 6] = False  # a row without attended keys
+    v = torch.randn(2, 2, 16, 3, generator=g)
+    for m in (None, mask):
+        d = attention_diagnostics(None, None, v, m, scores=s)
+        ref = entropy_ref(s, m)
+        assert torch.allclose(d.entropy, ref, rtol=1e-6, atol=0)
+    # The peaked row alone, against 40-digit arithmetic (float64 xlogy rounds p1 to 1 and
+    # drops the −p1·log p1 = 6.4e-17 nats of the total 2.6e-15): a relative 1e-6.
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    row = [mpmath.mpf(float(x)) for x in s[0, 0, 0]]
+    z = mpmath.fsum(mpmath.exp(x) for x in row)
+    ref1 = float(-mpmath.fsum((mpmath.exp(x) / z) * mpmath.log(mpmath.exp(x) / z) for x in row))
+    assert 2e-15 < ref1 < 3e-15
+    got1 = attention_diagnostics(None, None, v[:1, :1], scores=s[:1, :1, :1]).entropy.item()
+    assert math.isclose(got1, ref1, rel_tol=1e-6)
+
+
+def test_results_never_alias_the_reused_buffers() -> None:
+    g = gen(11)
+    q, k, v = (torch.randn(2, 3, 33, 8, generator=g) for _ in range(3))
+    first = attention_diagnostics(q, k, v)
+    names = ("kappa_score", "kappa_softmax", "entropy", "logit_max")
+    kept = {name: getattr(first, name).clone() for name in names}
+    q2, k2, v2 = (torch.randn(4, 2, 50, 8, generator=g) * 3 for _ in range(3))
+    second = attention_diagnostics(q2, k2, v2, torch.rand(4, 2, 50, 50, generator=g) > 0.2)
+    kappa_softmax(torch.randn(5, 40, 40, generator=g))
+    for name, val in kept.items():
+        assert torch.equal(getattr(first, name), val)
+    # a fresh thread has fresh buffers: the same numbers
+    import threading
+
+    box: list[object] = []
+    t = threading.Thread(target=lambda: box.append(attention_diagnostics(q, k, v)))
+    t.start()
+    t.join()
+    for name, val in kept.items():
+        assert torch.equal(getattr(box[0], name), val)
+    assert torch.isfinite(second.kappa_softmax).all()
+
+
+def test_logit_max_unmasked_two_reductions_match_float64() -> None:
+    g = gen(12)
+    q, k = torch.randn(2, 2, 9, 5, generator=g), torch.randn(2, 2, 11, 5, generator=g)
+    k[1, 0] *= -40.0  # the largest |logit| is negative
+    d = attention_diagnostics(q, k, torch.randn(2, 2, 11, 3, generator=g), scale=0.7)
+    ref = ((q.to(F64) @ k.to(F64).transpose(-1, -2)) * 0.7).abs().flatten(-2).amax(-1)
+    assert torch.allclose(d.logit_max, ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "per_head", "broadcast", "key_only"])
+def test_row_blocks_of_a_large_matrix_are_exact(monkeypatch: pytest.MonkeyPatch, mask_kind: str) -> None:
+    monkeypatch.setattr(attention_mod, "_BUF_ELEMS", 25)  # 11 keys: blocks of 2 rows of one matrix
+    g = gen(13 + len(mask_kind))
+    s = torch.randn(2, 3, 9, 11, generator=g) * 6
+    mask = None
+    if mask_kind == "per_head":
+        mask = torch.rand(2, 3, 9, 11, generator=g) > 0.4
+        mask[0, 1, 3] = False
+    elif mask_kind == "broadcast":
+        mask = torch.ones(1, 1, 9, 11, dtype=torch.bool).tril(1)
+    elif mask_kind == "key_only":
+        mask = (torch.rand(2, 1, 1, 11, generator=g) > 0.3) | (torch.arange(11) == 0)
+    ref = ksm_ref(s, mask)
+    assert (kappa_softmax(s, mask) - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+    d = attention_diagnostics(None, None, torch.randn(2, 3, 11, 4, generator=g), mask, scores=s)
+    assert torch.allclose(d.kappa_softmax, ref, rtol=1e-12, atol=0)
+    assert torch.allclose(d.entropy, entropy_ref(s, mask), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_inputs_are_left_untouched(dtype: torch.dtype) -> None:
+    # float64 (and float32) inputs reach the helpers as views: nothing may write into them.
+    g = gen(14)
+    q, k, v = (torch.randn(2, 2, 10, 4, generator=g, dtype=dtype) for _ in range(3))
+    s = torch.randn(2, 2, 10, 10, generator=g, dtype=dtype) * 5
+    mask = torch.rand(2, 2, 10, 10, generator=g) > 0.3
+    bias = torch.randn(1, 2, 10, 10, generator=g, dtype=dtype)
+    before = [t.clone() for t in (q, k, v, s, bias)]
+    attention_diagnostics(q, k, v, mask, bias=bias, softcap=3.0)
+    attention_diagnostics(q, k, v, None, scores=s)
+    kappa_softmax(s, mask)
+    for t, b in zip((q, k, v, s, bias), before, strict=True):
+        assert torch.equal(t, b)

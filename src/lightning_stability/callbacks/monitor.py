@@ -435,10 +435,12 @@ class StabilityMonitor(Callback):
         result = self._check_alarm(report, metrics)
         self._verdict.update(report)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=report.step)
-            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-                # same step as the line above; TensorBoard only: layout, log10 copies, block sub-runs
-                self._dashboard.write(logger, metrics, [b.name for b in report.blocks], step=report.step)
+            if not (isinstance(logger, TensorBoardLogger) and trainer.is_global_zero):
+                logger.log_metrics(metrics, step=report.step)
+                continue
+            # one event instead of one per tag; then, same step, layout, log10 copies, block sub-runs
+            self._dashboard.log_metrics(logger, metrics, step=report.step)
+            self._dashboard.write(logger, metrics, [b.name for b in report.blocks], step=report.step)
         if self._latch.update(result.fired):  # warn once per episode, not at every firing check
             rank_zero_warn(
                 f"StabilityMonitor early warning at step {report.step}: {report.alarm_reason} "

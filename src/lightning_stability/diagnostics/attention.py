@@ -13,6 +13,7 @@ function here:
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,37 +41,41 @@ _INF = float("inf")
 _BOUND_MARGIN = 1e-4
 _NEWTON_FIXED = 4
 _PHASE15_MIN_ELEMS = 1 << 15
+# Candidates per matrix above which the p2-interval bounds (1b) / the candidates' own softmax
+# (1.5) run: below, the exact solve of the few candidates is cheaper than ~60 more small ops.
+_PHASE1B_MIN_ROWS = 2
+_PHASE15_MIN_ROWS = 4
+# Elements per gather of candidate rows (phases 1.5 and 2): bounds their float64 temporaries.
+_EXACT_ELEMS = 1 << 18
 _NEWTON_MAX = 40
 
 
 # ----------------------------------------------------------------------------------------------
 # exact ‖Diag(p) − ppᵀ‖₂ via the secular equation
 # ----------------------------------------------------------------------------------------------
-def _secular_lambda(rest: Tensor, p1: Tensor, p2: Tensor, r: Tensor, s2: Tensor | None = None) -> Tensor:
+def _secular_lambda(rest: Tensor, p1: Tensor, p2: Tensor, r: Tensor) -> Tensor:
     """Largest eigenvalue of ``Diag(p) − ppᵀ`` (float64, rows of ``rest``).
 
     ``rest`` is the row with its arg-max entry (value ``p1``) set to zero, ``p2 = max(rest)``,
-    ``r = Σ rest`` (the tail mass, used for ``1 − p1``), ``s2 = Σ rest²`` (optional). Solves the
-    pole-removed secular equation ``F(λ) = (p1−λ)·Σ p_i²/(λ−p_i) + p1·r − λ = 0`` on ``(p2, p1]``
-    by Newton from a lower bound (see :func:`_lambda_bounds`); F is convex and decreasing there,
-    so the iterates increase monotonically to the root.
+    ``r = Σ rest`` (the tail mass, used for ``1 − p1``). Solves the pole-removed secular equation
+    ``F(λ) = (p1−λ)·Σ p_i²/(λ−p_i) + p1·r − λ = 0`` on ``(p2, p1]`` by Newton from a lower bound
+    (see :func:`_lambda_bounds`); F is convex and decreasing there, so the iterates increase
+    monotonically to the root.
     """
-    if s2 is None:
-        s2 = torch.linalg.vecdot(rest, rest)
     a = p1 * r
+    # Start at the top-2 block's eigenvalue (interlacing: a lower bound). The s2 root, the
+    # other lower bound of _lambda_bounds, saved no iteration on attention rows: 8 ops dropped.
     lam0 = _block_top(a, p1 * p2, p2 * (1.0 - p2))
-    bh = a - s2
-    lam0 = torch.maximum(lam0, 0.5 * (bh + torch.sqrt(bh * bh + 4.0 * p1 * s2)))
     lam0 = torch.minimum(torch.maximum(lam0, torch.nextafter(p2, p1)), p1)
     tie = (p1 - p2) <= 4.0 * torch.finfo(_F64).eps * p1
     one_hot = p2 <= 0.0
     special = tie | one_hot
     lam = torch.where(special, p1 + 1.0, lam0)  # dummy away from the poles for special rows
-    lo = torch.where(special, lam, lam0)
+    lo = lam  # the lower bound (the dummy for special rows: the clamp keeps them there)
     if rest.numel() > 0:
-        # Newton, fused to ~12 small ops per iteration (the cost at small n is per op):
+        hi = torch.maximum(lam, p1)  # p1, or the dummy
+        # Newton, fused to ~11 small ops per iteration (the cost at small n is per op):
         # λ ← λ + (F(λ)) / (−F'(λ)) with F = (p1−λ)·s1 + a − λ, −F' = 1 + s1 + (p1−λ)·s1'.
-        hi = torch.where(special, lam, p1)
         for it in range(1, _NEWTON_MAX + 1):
             t = rest / (lam.unsqueeze(-1) - rest)  # p_i/(λ−p_i): avoids underflow of p_i²
             s1 = torch.linalg.vecdot(rest, t)
@@ -79,12 +84,18 @@ def _secular_lambda(rest: Tensor, p1: Tensor, p2: Tensor, r: Tensor, s2: Tensor 
             num = torch.addcmul(a - lam, gap, s1)
             den = torch.addcmul(s1 + 1.0, gap, s1p)
             new = torch.addcdiv(lam, num, den).clamp_(min=lo, max=hi)
-            done = it >= _NEWTON_FIXED and torch.allclose(new, lam, rtol=4e-16, atol=0.0)
+            done = it >= _NEWTON_FIXED and _converged(new, lam)
             lam = new
             if done:
                 break
-    lam = torch.where(tie, p1, lam)
-    return torch.where(one_hot & ~tie, torch.zeros_like(lam), lam)
+    return torch.where(tie, p1, torch.where(one_hot, 0.0, lam))
+
+
+def _converged(new: Tensor, old: Tensor) -> bool:
+    """Every ``new − old ≤ 4e-16·new`` (two ulps; a host sync, so three cheap ops). One-sided:
+    F is convex and decreasing, so Newton from a lower bound only moves up (a step down is
+    rounding at the root)."""
+    return bool((new * (1.0 - 4e-16)).le_(old).all())
 
 
 def softmax_jacobian_norm(p: Tensor) -> Tensor:
@@ -161,33 +172,32 @@ def _chunk_len(g: int, per_item: int, chunk_size: int | None) -> int:
     return max(1, min(g, budget // max(per_item, 1)))
 
 
-def _row_stats(s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _row_stats(s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Exact softmax statistics of the rows of ``s`` (masked entries = -inf, others finite).
 
-    Returns ``(e, p1, p2, r, s2, p_norm, z)``: ``e = exp(s − max)`` with the arg-max entry zeroed,
+    Returns ``(e, p1, p2, r, p_norm, z)``: ``e = exp(s − max)`` with the arg-max entry zeroed,
     ``Z = 1 + Σ e``, ``p1 = 1/Z``, ``p2 = max(e)/Z``, ``r = Σ e/Z`` (the tail mass, exact even when
-    ``p1`` rounds to 1), ``s2 = Σ_{i≠argmax} p_i²``, ``p_norm = ‖softmax(s)‖`` and ``z = Z``.
+    ``p1`` rounds to 1), ``p_norm = ‖softmax(s)‖ = √(1 + Σ e²)/Z`` and ``z = Z``.
     """
-    mx, idx = s.max(-1, keepdim=True)
-    mx = torch.where(torch.isfinite(mx), mx, 0.0)
+    mx, idx = s.max(-1, keepdim=True)  # finite: every row has an attended, finite entry
     e = s - mx
     e.exp_()
     e.scatter_(-1, idx, 0.0)
     t = e.sum(-1)
     e2 = e.amax(-1)
-    q2 = torch.linalg.vector_norm(e, dim=-1).square()
+    en = torch.linalg.vector_norm(e, dim=-1)
     z = 1.0 + t
-    z2 = z * z
-    return e, 1.0 / z, e2 / z, t / z, q2 / z2, torch.sqrt(1.0 + q2) / z, z
+    return e, 1.0 / z, e2 / z, t / z, torch.hypot(en, en.new_ones(())) / z, z
 
 
-def _exact_rows(s_rows: Tensor) -> Tensor:
-    """Exact ``‖J(P_i)‖₂·‖S_i‖/‖P_i‖`` in float64 for finite rows (masked entries = -inf)."""
+def _exact_rows(s_rows: Tensor, masked: bool = True) -> Tensor:
+    """Exact ``‖J(P_i)‖₂·‖S_i‖/‖P_i‖`` in float64 for finite rows (masked entries = -inf, only
+    when ``masked``)."""
     s64 = s_rows.to(_F64)
-    ns = torch.linalg.vector_norm(torch.where(torch.isfinite(s64), s64, 0.0), dim=-1)
-    e, p1, p2, r, s2, pn, z = _row_stats(s64)
+    ns = torch.linalg.vector_norm(s64.nan_to_num(neginf=0.0) if masked else s64, dim=-1)
+    e, p1, p2, r, pn, z = _row_stats(s64)
     e.div_(z.unsqueeze(-1))
-    lam = _secular_lambda(e, p1, p2, r, s2)
+    lam = _secular_lambda(e, p1, p2, r)
     return lam * ns / pn
 
 
@@ -245,6 +255,34 @@ def _widen(
 
 # Sub-chunk of the row statistics pass (elements): two float32 buffers of 1 MiB stay in cache.
 _BUF_ELEMS = 1 << 18
+_WORKSPACE = threading.local()
+_WORKSPACE_MAX_BYTES = 16 << 20
+
+
+def _workspace(numel: int, like: Tensor, slot: str, dtype: torch.dtype | None = None) -> Tensor:
+    """A flat scratch buffer of ``numel`` elements (``like``'s dtype), reused between calls (CPU).
+
+    ``slot`` names the user: buffers of different slots never alias, so a caller may hold one
+    slot's buffer (the scores) while a callee fills another (the row statistics pass).
+
+    A fresh buffer of a megabyte is served by fresh pages (glibc maps blocks of this size
+    afresh and returns them when freed): measured at n = 64, the two page-faulting buffers of
+    the row statistics pass cost 0.4 ms of its 0.65 ms, more than the softmax inside it. The
+    buffer is per thread and never escapes this module (every caller writes it before reading
+    and returns fresh tensors), so reusing it changes no result. Other devices allocate as
+    before (their caching allocators already reuse memory), and so do buffers above
+    ``_WORKSPACE_MAX_BYTES`` (kept per thread for the process's life, the cache stays small).
+    """
+    dtype = like.dtype if dtype is None else dtype
+    if like.device.type != "cpu" or numel * dtype.itemsize > _WORKSPACE_MAX_BYTES:
+        return like.new_empty(numel, dtype=dtype)
+    cache: dict[tuple[str, torch.dtype], Tensor] = getattr(_WORKSPACE, "bufs", None) or {}
+    _WORKSPACE.bufs = cache
+    buf = cache.get((slot, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype)
+        cache[(slot, dtype)] = buf
+    return buf[:numel]
 
 
 def _row_stats_pass(
@@ -255,54 +293,70 @@ def _row_stats_pass(
     Per row, over the attended keys, with ``P = softmax(S)``: ``‖S_i‖`` (masked entries as 0),
     ``p1 = max P_i``, ``‖P_i‖`` and, with ``want_entropy``, the row entropy (see
     :func:`_row_entropy_terms`). Nothing of the size of ``s`` is allocated: the softmax is
-    written into two reused buffers of at most ``_BUF_ELEMS`` elements, so every reduction
-    reads cache-resident data. (The former version wrote a fresh full-size probability tensor
-    and took an arg-max over it: ~10× a softmax at n ≥ 256, mostly page faults and the
+    written into two (three with the entropy) reused buffers of at most ``_BUF_ELEMS`` elements
+    (whole matrices, or row blocks of a matrix larger than that), so every reduction reads
+    cache-resident data. (The former version wrote a fresh full-size probability tensor and
+    took an arg-max over it: ~10× a softmax at n ≥ 256, mostly page faults and the
     index-returning ``max``.)
     """
     s = s.detach()  # the buffers are written with out=, which autograd refuses
     g, nq, nk = s.shape
-    per = max(1, min(g, _BUF_ELEMS // max(nq * nk, 1)))
+    per = max(1, min(g, _BUF_ELEMS // max(nq * nk, 1)))  # matrices per block
+    rows = nq if per > 1 else max(1, min(nq, _BUF_ELEMS // max(nk, 1)))  # rows of a big matrix
     ns, p1, pn = s.new_empty(g, nq), s.new_empty(g, nq), s.new_empty(g, nq)
     ent = s.new_empty(g, nq) if want_entropy else None
-    buf, pbuf = s.new_empty(per, nq, nk), s.new_empty(per, nq, nk)
+    work = _workspace((3 if want_entropy else 2) * per * rows * nk, s, "pass").view(-1, per, rows, nk)
+    off_all = None if mask is None or mask.shape[0] != 1 or rows < nq else ~mask
     for a in range(0, g, per):
         b = min(g, a + per)
-        sc, d, p = s[a:b], buf[: b - a], pbuf[: b - a]
-        if mask is None:
-            sm = sc
-            ns[a:b] = torch.linalg.vector_norm(sc, dim=-1)
-        else:
-            off = ~(mask if mask.shape[0] == 1 else mask[a:b])
-            sm = d.copy_(sc).masked_fill_(off, 0.0)
-            ns[a:b] = torch.linalg.vector_norm(sm, dim=-1)
-            sm.masked_fill_(off, -_INF)
-        torch.ops.aten._softmax.out(sm, -1, False, out=p)
-        p1c = p.amax(-1)
-        p1[a:b] = p1c
-        pn[a:b] = torch.linalg.vector_norm(p, dim=-1)
-        if ent is not None:
-            ent[a:b] = _row_entropy_terms(sm, d, p, p1c)
+        for r0 in range(0, nq, rows):
+            r1 = min(nq, r0 + rows)
+            sc, d, p = s[a:b, r0:r1], work[0, : b - a, : r1 - r0], work[1, : b - a, : r1 - r0]
+            if mask is None:
+                sm = sc
+                torch.linalg.vector_norm(sc, dim=-1, out=ns[a:b, r0:r1])
+            else:
+                off = off_all
+                if off is None:
+                    mk = mask if mask.shape[0] == 1 else mask[a:b]
+                    off = ~(mk if mk.shape[1] == 1 else mk[:, r0:r1])
+                sm = d.copy_(sc).masked_fill_(off, 0.0)
+                torch.linalg.vector_norm(sm, dim=-1, out=ns[a:b, r0:r1])
+                sm.masked_fill_(off, -_INF)
+            torch.ops.aten._softmax.out(sm, -1, False, out=p)
+            p1b = p1[a:b, r0:r1]
+            torch.amax(p, -1, out=p1b)
+            torch.linalg.vector_norm(p, dim=-1, out=pn[a:b, r0:r1])
+            if ent is not None:
+                w = work[2, : b - a, : r1 - r0]
+                ent[a:b, r0:r1] = _row_entropy_terms(sm, d, p, p1b, w, masked=mask is not None)
     return ns, p1, pn, ent
 
 
-def _row_entropy_terms(sm: Tensor, d: Tensor, p: Tensor, p1: Tensor) -> Tensor:
+def _row_entropy_terms(
+    sm: Tensor, d: Tensor, p: Tensor, p1: Tensor, w: Tensor, masked: bool
+) -> Tensor:
     """Row entropies ``−Σ p log p`` from the scores ``sm`` (masked = -inf) and ``p = softmax``.
 
     Written as ``H = log1p(r/p₁) + Σ p_i·g_i`` with ``g_i = max − s_i ≥ 0`` and the tail mass
     ``r = Σ_{i≠argmax} p_i``: every term is non-negative, so nothing cancels, unlike
     ``LSE − Σ p s`` (which read a true 6.5e-7 nats as 0). For ``p₁ > ½`` the arg-max is unique
-    and ``r = Σ_{p<p₁} p`` keeps a tiny tail's relative precision; otherwise ``r = Σp − p₁ ≥ ½``
+    and ``r = Σ_{p<p₁} p`` keeps a tiny tail's relative precision; otherwise ``r = 1 − p₁ ≥ ½``
     is accurate as it stands. The terms come from the working-precision probabilities and
     scores (a few ulps each), so each row's entropy carries a relative error of ~``log₂(n)·u``
-    (≈ 1e-6 in float32) however small it is. ``d`` (a buffer, may alias ``sm``) is overwritten.
+    (≈ 1e-6 in float32) however small it is. ``d`` (a buffer, may alias ``sm``) and ``w`` (a
+    buffer shaped like ``p``) are overwritten; nothing of ``p``'s size is allocated (seven
+    passes over cache-resident data, eight with a mask).
     """
     top = sm.amax(-1, keepdim=True).clamp_(min=torch.finfo(sm.dtype).min)
-    p1k = p1.unsqueeze(-1)
-    tail = torch.where(p < p1k, p, 0.0).sum(-1)
-    r = torch.where(p1 > 0.5, tail, p.sum(-1) - p1)
-    torch.sub(top, sm, out=d).clamp_(max=torch.finfo(sm.dtype).max)  # masked: p = 0, g finite
-    return torch.log1p(r / p1) + torch.linalg.vecdot(p, d)
+    torch.sub(top, sm, out=d)  # g ≥ 0, exactly 0 only at the maximal scores
+    if masked:
+        d.clamp_(max=torch.finfo(sm.dtype).max)  # masked: p = 0, g finite (no 0·inf)
+    # Σ_{g>0} p: with p₁ > ½ the maximum is unique, so these are exactly the non-arg-max
+    # entries (a float sign() instead of a bool mask: bool kernels are ~5× dearer here).
+    tail = torch.mul(torch.sign(d, out=w), p, out=w).sum(-1)
+    r = torch.where(p1 > 0.5, tail, 1.0 - p1)
+    return torch.log1p(r / p1) + torch.mul(d, p, out=d).sum(-1)
 
 
 def _gather_rows(s: Tensor, mask: Tensor | None, rows: Tensor) -> Tensor:
@@ -316,77 +370,146 @@ def _gather_rows(s: Tensor, mask: Tensor | None, rows: Tensor) -> Tensor:
     return sr.masked_fill(~mask[gi, qi], -_INF)
 
 
+def _refine_rows(
+    s: Tensor, mask: Tensor | None, rows: Tensor, lb: Tensor, ub: Tensor, ratio: Tensor,
+    acc: float, margin: float,
+) -> tuple[Tensor, Tensor]:
+    """Tighter bounds ``(lb, ub)`` for ``rows`` from their own softmax (p2 and the tail mass)."""
+    pc = torch.softmax(_gather_rows(s, mask, rows), -1)
+    p1c, idx = pc.max(-1, keepdim=True)
+    pc.scatter_(-1, idx, 0.0)
+    p2c = pc.amax(-1).to(_F64)
+    rc = pc.sum(-1).to(_F64)
+    s2c = torch.linalg.vecdot(pc, pc).to(_F64)
+    del pc
+    lo_c, hi_c = _lambda_bounds(*_widen(p1c.squeeze(-1).to(_F64), rc, p2c, p2c, s2c, 1e-4 + 2.0 * acc, 0.0))
+    rat_c = ratio[rows]
+    lb_c = torch.maximum(lb[rows], lo_c * rat_c * (1.0 - margin))
+    return lb_c, torch.minimum(ub[rows], hi_c * rat_c * (1.0 + margin))
+
+
+def _cheap_bounds(
+    p1: Tensor, q: Tensor, s2_abs: Tensor, rel: float, eta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rigorous ``lo ≤ ‖J(p)‖₂ ≤ hi`` from working-precision ``p1 = max p`` and ``q = ‖p‖²``.
+
+    ``p1`` is within relative ``rel`` (the tail ``r = 1 − p1`` within ``r·rel + eta``), ``q`` within
+    ``s2_abs`` of ``p1² + s2`` (``s2 = Σ_{i≠argmax} p_i²``). Above: ``p1``, ½ and the root of
+    ``F`` with ``Σ p_i²/(λ−p_i) ≤ s2/(λ−p2)``, ``p2 ≤ min(p1, r, √s2)`` (Gershgorin's ``2·p1·r``
+    pruned no further row on the benchmark's scores). Below: the root of ``F`` with
+    ``Σ p_i²/(λ−p_i) ≥ s2/λ``. Both roots as in :func:`_lambda_bounds`, which is monotone in each
+    interval end used; ~40 ops, on every row. Also returns the lower end of ``s2`` (for
+    :func:`_block_lower_bound`).
+    """
+    dn, up = 1.0 - rel, 1.0 + rel
+    r = 1.0 - p1
+    p1l, p1h = p1 * dn, p1 * up
+    rl = (r * dn - eta).clamp_min_(0.0)
+    rh = r * up + eta
+    s2 = (q - p1 * p1).clamp_min_(0.0)
+    s2l = (s2 * dn).sub_(s2_abs).clamp_min_(0.0)
+    s2h = (s2 * up).add_(s2_abs)
+    bh = p1l * rl - s2l
+    lo = (bh * bh).addcmul_(p1l, s2l, value=4.0).sqrt_().add_(bh).mul_(0.5)
+    p2h = torch.minimum(torch.minimum(p1h, rh), s2h.sqrt()).clamp_max_(0.5)
+    bg = torch.addcmul(p2h - s2h, p1h, rh)
+    cg = (s2h - rh * p2h).mul_(p1h)
+    root = (bg * bg).add_(cg, alpha=4.0).clamp_min_(0.0).sqrt_().add_(bg).mul_(0.5)
+    hi = torch.minimum(torch.maximum(root, p2h), p1h).clamp_max_(0.5)
+    return lo, hi, s2l
+
+
+def _block_lower_bound(p1: Tensor, q: Tensor, s2l: Tensor, rel: float, eta: float, acc: float) -> Tensor:
+    """Lower bound of ``‖J(p)‖₂``: the top eigenvalue of the top-2 block (interlacing) with
+    ``p2 ≥ s2/r`` (as :func:`_lambda_bounds`; inputs as :func:`_cheap_bounds`). On peaked rows it
+    is far above the ``s2`` root, and a matrix's best lower bound decides its pruning."""
+    dn = 1.0 - rel
+    r = 1.0 - p1
+    p1l = p1 * dn
+    rl = (r * dn - eta).clamp_min_(0.0)
+    p2l = s2l / (r + 1e-6 + acc).clamp_max_(1.0)
+    p2l = torch.minimum(p2l, torch.minimum(p1, r)).mul_(dn)
+    return _block_top(p1l * rl, p1l * p2l, p2l * (1.0 - p2l))
+
+
+def _candidates(lb: Tensor, ub: Tensor, g: int, nq: int, rows: Tensor | None) -> Tensor:
+    """Indices (into ``lb``/``ub``) of rows whose upper bound reaches their matrix's best lower
+    bound; ``rows`` gives each entry's flat row (None: entry ``i`` is row ``i`` of ``(g, nq)``).
+    Where some lower bound is > 0 this drops every row with ``ub = 0`` (e.g. ``‖S_i‖ = 0``);
+    where all are 0 (all-zero scores, or ``‖S_i‖²`` underflowing) every valid row stays.
+    """
+    if rows is None:
+        return (ub.view(g, nq) >= lb.view(g, nq).amax(-1, keepdim=True)).view(-1).nonzero().squeeze(-1)
+    grp = rows // nq
+    best = torch.zeros(g, dtype=lb.dtype, device=lb.device).scatter_reduce_(0, grp, lb, "amax")
+    return (ub >= best[grp]).nonzero().squeeze(-1)
+
+
 def _softmax_chunk(
     s: Tensor, mask: Tensor | None, want_entropy: bool
 ) -> tuple[Tensor, Tensor | None]:
     """kappa_softmax (and mean row entropy) for ``s: (G, n_q, n_k)``; ``mask: (G|1, n_q|1, n_k)``.
 
-    Phase 1 (all rows, working precision, one cache-blocked pass): rigorous bounds on each
-    row's ``λ·‖S_i‖/‖P_i‖``. Phase 2 (float64, exact): only rows whose upper bound reaches the
-    largest lower bound of their matrix.
+    Phase 1a (all rows, from one cache-blocked pass in working precision): rigorous cheap bounds
+    on each row's ``λ·‖S_i‖/‖P_i‖``; 1b (candidates, when many): the top-2 block lower bound;
+    1.5 (candidates, when still many and long): bounds from their own softmax (p2 and the tail);
+    2 (float64, exact, in bounded batches): only rows whose upper bound reaches the largest
+    lower bound of their matrix.
     """
     g, nq, nk = s.shape
-    valid = (
-        torch.ones(g, nq, dtype=torch.bool, device=s.device)
-        if mask is None
-        else mask.any(-1).expand(g, nq)
-    )
     ns, p1, pn, h_rows = _row_stats_pass(s, mask, want_entropy)
-    nonfin = ~torch.isfinite(ns)
-    ok = valid & ~nonfin
+    fin = ns < _INF  # ‖S_i‖ ≥ 0: False exactly for inf and NaN (a compare, not isfinite's 3 ops)
+    valid = None if mask is None else mask.any(-1).expand(g, nq)
+    ok = fin if valid is None else valid & fin
     entropy: Tensor | None = None
     if h_rows is not None:
         h_row = torch.where(ok & torch.isfinite(h_rows), h_rows.clamp_min(0.0), 0.0).to(_F64)
-        entropy = h_row.sum(-1) / valid.sum(-1).clamp_min(1)
+        entropy = h_row.sum(-1) / (nq if valid is None else valid.sum(-1).clamp_min(1))
     # Working-precision sums over n terms (the softmax's normaliser, both norms) are within
     # n·u of exact whatever the summation order: widen every relative bound by twice that.
     acc = 2.0 * nk * torch.finfo(s.dtype).eps / 2
     margin = _BOUND_MARGIN + 2.0 * acc
-    # Phase 1: bounds from p1 and ‖P‖ only (p2 ∈ [s2/r, min(p1, r, √s2)]).
-    p1d, qd = p1.to(_F64), pn.to(_F64).square()
-    rd = 1.0 - p1d
-    s2 = (qd - p1d * p1d).clamp_min(0.0)
+    # Phase 1a (all rows, ~40 ops): bounds from p1 and ‖P‖ (see _cheap_bounds).
+    p1d, pnd = p1.to(_F64), pn.to(_F64)
+    qd, ratio = pnd.square(), ns.to(_F64).div_(pnd)
     s2_abs = (4e-6 + 2.0 * acc) * qd  # cancellation in q − p1²
-    p2_lo = ((s2 - s2_abs).clamp_min(0.0) / (rd + 1e-6 + acc).clamp_max(1.0))
-    p2_lo = torch.minimum(p2_lo, torch.minimum(p1d, rd))
-    p2_hi = torch.minimum(torch.minimum(p1d, rd + 1e-6 + acc), (s2 + s2_abs).sqrt())
-    p1l, p1h, rl, rh, p2l, p2h, s2l, s2h = _widen(p1d, rd, p2_lo, p2_hi, s2, 1e-5 + acc, 2e-6 + acc)
-    lam_lo, lam_hi = _lambda_bounds(
-        p1l, p1h, rl, rh, p2l, p2h, (s2l - s2_abs).clamp_min(0.0), s2h + s2_abs, tight=False
-    )
-    ratio = ns.to(_F64) / pn.to(_F64)
-    lb = torch.where(ok, lam_lo * ratio * (1.0 - margin), 0.0).reshape(-1)
-    ub = torch.where(ok, lam_hi * ratio * (1.0 + margin), -1.0).reshape(-1)
-    grp = torch.arange(g, device=s.device).repeat_interleave(nq)
-    rows = (ub.view(g, nq) >= lb.view(g, nq).amax(-1, keepdim=True)).reshape(-1).nonzero().squeeze(-1)
+    rel, eta = 1e-5 + acc, 2e-6 + acc
+    lb, ub, s2l = _cheap_bounds(p1d, qd, s2_abs, rel, eta)
+    lb, ub = lb.mul_(ratio).mul_(1.0 - margin), ub.mul_(ratio).mul_(1.0 + margin)
+    every = valid is None and bool(fin.all())  # every row attended and finite (one sync)
+    if not every:
+        lb, ub = torch.where(ok, lb, 0.0), torch.where(ok, ub, -1.0)
+    lb, ub = lb.reshape(-1), ub.reshape(-1)
+    rows = _candidates(lb, ub, g, nq, None)
+    # Phase 1b (candidates only): the top-2 block lower bound raises each matrix's best.
+    if rows.numel() > _PHASE1B_MIN_ROWS * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
+        p1c, qc, s2c = p1d.reshape(-1)[rows], qd.reshape(-1)[rows], s2l.reshape(-1)[rows]
+        lo_c = _block_lower_bound(p1c, qc, s2c, rel, eta, acc)
+        lb_c = torch.maximum(lb[rows], lo_c.mul_(ratio.reshape(-1)[rows]).mul_(1.0 - margin))
+        lb[rows] = lb_c
+        rows = rows[_candidates(lb_c, ub[rows], g, nq, rows)]
+    batch = max(1, _EXACT_ELEMS // nk)  # rows per gather: temporaries stay O(_EXACT_ELEMS)
     # Phase 1.5: on those rows, p2 and the tail mass from P itself (float32, one gather).
     # Worth its ~50 small ops only once the exact solve's element work would dominate.
-    if rows.numel() > 4 * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
-        pc = torch.softmax(_gather_rows(s, mask, rows), -1)
-        p1c, idx = pc.max(-1, keepdim=True)
-        pc.scatter_(-1, idx, 0.0)
-        p2c = pc.amax(-1).to(_F64)
-        rc = pc.sum(-1).to(_F64)
-        s2c = torch.linalg.vecdot(pc, pc).to(_F64)
-        del pc
-        lo_c, hi_c = _lambda_bounds(
-            *_widen(p1c.squeeze(-1).to(_F64), rc, p2c, p2c, s2c, 1e-4 + 2.0 * acc, 0.0)
-        )
-        rat_c = ratio.reshape(-1)[rows]
-        lb_c = torch.maximum(lb[rows], lo_c * rat_c * (1.0 - margin))
-        ub_c = torch.minimum(ub[rows], hi_c * rat_c * (1.0 + margin))
-        g_c = grp[rows]
-        best = torch.zeros(g, dtype=_F64, device=s.device).scatter_reduce(0, g_c, lb_c, reduce="amax")
-        rows = rows[ub_c >= best[g_c]]
+    if rows.numel() > _PHASE15_MIN_ROWS * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
+        ratio_f = ratio.reshape(-1)
+        parts = [
+            _refine_rows(s, mask, rows[a : a + batch], lb, ub, ratio_f, acc, margin)
+            for a in range(0, rows.numel(), batch)
+        ]
+        lb_c, ub_c = torch.cat([b[0] for b in parts]), torch.cat([b[1] for b in parts])
+        rows = rows[_candidates(lb_c, ub_c, g, nq, rows)]
     # Phase 2: exact float64 solve on the surviving rows.
     out = torch.zeros(g, dtype=_F64, device=s.device)
-    if rows.numel() > 0:
-        vals = _exact_rows(_gather_rows(s, mask, rows))
-        out.scatter_reduce_(0, grp[rows], vals, reduce="amax")
-    bad = nonfin.any(-1)
-    out = torch.where(bad, _INF, out)
-    if entropy is not None:
-        entropy = torch.where(bad, _INF, entropy)
+    for a in range(0, rows.numel(), batch):
+        rb = rows[a : a + batch]
+        vals = _exact_rows(_gather_rows(s, mask, rb), masked=mask is not None)
+        out.scatter_reduce_(0, rb // nq, vals, reduce="amax")
+    if not every:
+        bad = ~fin.all(-1)
+        out = torch.where(bad, _INF, out)
+        if entropy is not None:
+            entropy = torch.where(bad, _INF, entropy)
     return out, entropy
 
 
@@ -435,7 +558,13 @@ def kappa_softmax(scores: Tensor, mask: Tensor | None = None, *, chunk_size: int
     out = torch.zeros(g, dtype=_F64, device=scores.device)
     if nq == 0 or nk == 0 or g == 0:
         return out.reshape(lead)
-    step = _chunk_len(g, nq * nk, chunk_size)
+    # The blocked pass allocates nothing of the scores' size, so scores that need no conversion
+    # (working dtype, contiguous: each chunk is a view) are processed in one chunk; splitting
+    # them only repeats the per-chunk op overhead (4 chunks at n = 256 cost 2 ms of 5.5 ms).
+    if chunk_size is None and scores.dtype == work and scores.is_contiguous():
+        step = g
+    else:
+        step = _chunk_len(g, nq * nk, chunk_size)
     for g0 in range(0, g, step):
         g1 = min(g, g0 + step)
         s = _take_lead(scores, lead, g0, g1).to(work)
@@ -448,11 +577,13 @@ def kappa_softmax(scores: Tensor, mask: Tensor | None = None, *, chunk_size: int
 # kappa_score, kappa_v, entropy
 # ----------------------------------------------------------------------------------------------
 def _masked_norms(
-    q: Tensor, k: Tensor, qk: Tensor, mask: Tensor | None
+    q: Tensor, k: Tensor, qk: Tensor, mask: Tensor | None, rows2: tuple[Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``‖Q_act‖, ‖K_act‖, ‖(QKᵀ)_attended‖`` in float64 (q, k already in float64 or work dtype)."""
-    qn2 = q.to(_F64).square().sum(-1)
-    kn2 = k.to(_F64).square().sum(-1)
+    """``‖Q_act‖, ‖K_act‖, ‖(QKᵀ)_attended‖`` in float64 (q, k already in float64 or work dtype).
+
+    ``rows2``: the squared row norms of q and k in float64, if the caller has them already.
+    """
+    qn2, kn2 = rows2 if rows2 is not None else (q.to(_F64).square().sum(-1), k.to(_F64).square().sum(-1))
     if mask is None:
         sn = torch.linalg.vector_norm(qk, dim=(-2, -1)).to(_F64)
     else:
@@ -732,7 +863,8 @@ def _check_bias(bias: Tensor | None, target: tuple[int, int, int, int], fn: str)
 
 
 def _logit_max_exact(
-    qc: Tensor, kc: Tensor, s: Tensor, mc: Tensor | None, sc: float, bc: Tensor | None
+    qc: Tensor, kc: Tensor, s: Tensor, mc: Tensor | None, sc: float, bc: Tensor | None,
+    rows2: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``max |sc·q·kᵀ + b|`` over attended entries, per chunk element, exact in float64.
 
@@ -741,23 +873,34 @@ def _logit_max_exact(
     in float64; the maximum of those is the exact one.
     """
     c, nq, nk = s.shape
-    a = s.abs()
-    if mc is not None:
-        a.masked_fill_(~mc, -1.0)
-    row_top = a.amax(-1)  # (c, n_q); -1 for a row without attended keys
+    a = None
+    if mc is None:  # two reductions instead of a full-size |s|
+        row_top = torch.maximum(s.amax(-1), s.amin(-1).neg_())
+    else:
+        a = torch.abs(s, out=_workspace(s.numel(), s, "abs").view_as(s)).masked_fill_(~mc, -1.0)
+        row_top = a.amax(-1)  # (c, n_q); -1 for a row without attended keys
     top = row_top.amax(-1)
     out = torch.zeros(c, dtype=_F64, device=s.device)
-    if not bool((top >= 0).any()):
+    if a is not None and not bool((top >= 0).any()):  # unmasked: top ≥ 0 (or NaN → inf below)
         return torch.where(torch.isfinite(top), out, _INF)
     u = torch.finfo(s.dtype).eps
-    qn = torch.linalg.vector_norm(qc.to(_F64), dim=-1).amax(-1)
-    kn = torch.linalg.vector_norm(kc.to(_F64), dim=-1).amax(-1)
-    bmax = torch.zeros_like(qn) if bc is None else bc.abs().to(_F64).flatten(1).amax(-1).expand(c)
-    tol = 2.0 * (qc.shape[-1] + 4) * u * (abs(sc) * qn * kn + bmax) + torch.finfo(_F64).tiny
+    if rows2 is None:
+        rows2 = (qc.to(_F64).square().sum(-1), kc.to(_F64).square().sum(-1))
+    qn, kn = rows2[0].amax(-1).sqrt(), rows2[1].amax(-1).sqrt()  # largest row norms
+    bound = (qn * kn).mul_(abs(sc))
+    if bc is not None:
+        bound.add_(bc.abs().to(_F64).flatten(1).amax(-1).expand(c))
+    tol = bound.mul_(2.0 * (qc.shape[-1] + 4) * u).add_(torch.finfo(_F64).tiny)
     thr = (top.to(_F64) - tol).clamp_min(0.0).view(c, 1)
-    g, i = ((row_top.to(_F64) >= thr) & (row_top >= 0)).nonzero().unbind(1)  # candidate rows
-    rows = a[g, i].to(_F64)  # (m, n_k)
-    gg, jj = ((rows >= thr[g]) & (rows >= 0)).nonzero().unbind(1)
+    cand = row_top.to(_F64) >= thr
+    if a is not None:
+        cand &= row_top >= 0  # a row without attended keys reads -1
+    g, i = cand.nonzero().unbind(1)  # candidate rows
+    rows = (s[g, i].abs() if a is None else a[g, i]).to(_F64)  # (m, n_k)
+    cand = rows >= thr[g]
+    if a is not None:
+        cand &= rows >= 0
+    gg, jj = cand.nonzero().unbind(1)
     g, i = g[gg], i[gg]
     val = torch.linalg.vecdot(qc[g, i].to(_F64), kc[g, jj].to(_F64)) * sc
     if bc is not None:
@@ -879,9 +1022,16 @@ def attention_diagnostics(
         if q is not None and k is not None:
             qc = _take_lead(q, lead, g0, g1).to(work)
             kc = _take_lead(k, lead, g0, g1).to(work)
-            s = qc @ kc.transpose(-1, -2)
-            qn, kn, sn = _masked_norms(qc, kc, s, mc)
-            if all_finite(qc, kc):
+            # Into a reused buffer: nothing returned aliases the scores.
+            buf = _workspace((g1 - g0) * nq * nk, qc, "scores").view(g1 - g0, nq, nk)
+            s = torch.matmul(qc, kc.transpose(-1, -2), out=buf)
+            rows2 = (qc.to(_F64).square().sum(-1), kc.to(_F64).square().sum(-1))  # shared
+            qn, kn, sn = _masked_norms(qc, kc, s, mc, rows2)
+            # Common case in one host sync: finite q, k (their squared norms sum finite) and
+            # ‖QKᵀ‖ > 0, where safe_ratio is a plain division.
+            if bool(torch.isfinite(rows2[0].sum() + rows2[1].sum()) & (sn > 0).all()):
+                ks[g0:g1] = qn * kn / sn
+            elif all_finite(qc, kc):
                 ks[g0:g1] = safe_ratio(qn * kn, sn)
             else:
                 fin = torch.isfinite(qc).flatten(1).all(-1) & torch.isfinite(kc).flatten(1).all(-1)
@@ -891,7 +1041,7 @@ def attention_diagnostics(
             bc = None if bz is None else _take_lead(bz, lead, g0, g1).to(work)
             if bc is not None:
                 s.add_(bc)
-            lmax[g0:g1] = _logit_max_exact(qc, kc, s, mc, sc, bc)
+            lmax[g0:g1] = _logit_max_exact(qc, kc, s, mc, sc, bc, rows2)
             if softcap is not None:
                 s.div_(softcap).tanh_().mul_(softcap)
         else:
