@@ -46,6 +46,7 @@ def fit(model, tmp_path, monitor=None, steps=4, loader=None, **kw):  # type: ign
         ("eps_mach", 0.0),
         ("eps_mach", "bf16"),
         ("local_errors", "yes"),
+        ("reuse_weight_spectra", "yes"),
     ],
 )
 def test_bad_arguments_name_argument_and_value(arg: str, value: Any) -> None:
@@ -401,3 +402,25 @@ def test_blocks_that_never_run_or_none_found_are_reported(tmp_path, tiny_model) 
 
     with pytest.warns(UserWarning, match=r"skipped step 1: RuntimeError: none of the blocks"):
         fit(SkipsBlocks(), tmp_path, StabilityMonitor(every_n_steps=1), steps=1)
+
+
+def test_reuse_weight_spectra_on_a_fit_with_frozen_blocks_logs_the_same_numbers(tmp_path) -> None:
+    """Block 0 frozen: its weight spectra are reused from the first measurement on; every logged
+    value equals the run without reuse (same seed), block 1's spectra are recomputed each time."""
+    logged = {}
+    for reuse in (False, True):
+        seed_everything(0)
+        model = TinyTransformer(depth=2)
+        for p in model.blocks[0].parameters():
+            p.requires_grad_(False)
+        monitor = StabilityMonitor(
+            every_n_steps=1, sample_size=4, precision="bf16", reuse_weight_spectra=reuse
+        )
+        _, logger = fit(model, tmp_path / str(reuse), monitor, steps=3)
+        logged[reuse] = [m for _, m in logger.records if "stability/r_block" in m]
+        spectra = monitor._probe.spectra  # type: ignore[union-attr]
+        if reuse:  # per block W_O, fc1, fc2, the Q/K pair: block 0's 4 reused at steps 2 and 3
+            assert (spectra.hits, spectra.misses) == (8, 3 * 4 + 4)
+        else:
+            assert spectra.hits == 0 and not spectra._kept
+    assert len(logged[True]) == 3 and logged[True] == logged[False]

@@ -112,6 +112,11 @@ class StabilityMonitor(Callback):
             sub-layer run once more in the low precision on its exact FP32 input).
         balanced_mass: also log theta, the balanced-mass factor of the attention rows
             (exact subset-mass search: costly, see the README; off by default).
+        reuse_weight_spectra: keep a copy of every conditioned weight (W_O, FFN, Q/K) and reuse
+            its singular values while the weight is bitwise equal to the copy (frozen layers,
+            fine-tuning a few blocks); the logged numbers are the same. Costs one copy of those
+            weights in memory; saves nothing for weights the optimizer moves (README,
+            *Performance*).
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class StabilityMonitor(Callback):
         eps_mach: float | None = None,
         local_errors: bool = True,
         balanced_mass: bool = False,
+        reuse_weight_spectra: bool = False,
     ) -> None:
         check_int("every_n_steps", every_n_steps)
         check_int("sample_size", sample_size)
@@ -165,6 +171,7 @@ class StabilityMonitor(Callback):
             check_number("eps_mach", eps_mach, 0.0, 1.0, open_low=True, open_high=True)
         check_choice("local_errors", local_errors, (True, False))
         check_choice("balanced_mass", balanced_mass, (True, False))
+        check_choice("reuse_weight_spectra", reuse_weight_spectra, (True, False))
         self.every_n_steps = int(every_n_steps)  # plain ints also when LightningCLI passed PositiveInt
         self.sample_size = int(sample_size)
         self.precision = precision
@@ -181,6 +188,7 @@ class StabilityMonitor(Callback):
         self.eps_mach = None if eps_mach is None else float(eps_mach)
         self.local_errors = local_errors
         self.balanced_mass = balanced_mass
+        self.reuse_weight_spectra = reuse_weight_spectra
         self.last_report: StabilityReport | None = None
         #: the verdict of the last fit (set at its end): see :meth:`on_fit_end`
         self.summary: str | None = None
@@ -374,6 +382,7 @@ class StabilityMonitor(Callback):
                 self.log_per_head,
                 self.local_errors,
                 self.balanced_mass,
+                reuse_weight_spectra=self.reuse_weight_spectra,
             )
         probe = self._probe
         if not self._warned_structure:
