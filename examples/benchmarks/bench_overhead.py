@@ -221,8 +221,10 @@ class _SyncCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.counts: dict[str, int] = {}
+        self.ops = 0  # every dispatched op: about one kernel launch each on CUDA
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops += 1
         name = str(func.overloadpacket)
         kind = _SYNC_OPS.get(name)
         if kind is None and name in ("aten.index", "aten.index_put", "aten.index_put_"):
@@ -235,11 +237,12 @@ class _SyncCounter(TorchDispatchMode):
 
 
 def host_syncs(fn: Callable[[], Any]) -> dict[str, int]:
-    """Per kind, the number of host-syncing ops one call of ``fn`` dispatches (see ``_SyncCounter``)."""
+    """Per kind, the number of host-syncing ops one call of ``fn`` dispatches (see ``_SyncCounter``),
+    and under ``"ops"`` the number of ops it dispatches in all (≈ kernel launches on CUDA)."""
     counter = _SyncCounter()
     with counter:
         fn()
-    return dict(sorted(counter.counts.items()))
+    return {**dict(sorted(counter.counts.items())), "ops": counter.ops}
 
 
 # ------------------------------------------------------------------------------------ fitting
@@ -634,8 +637,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{(passes + parts['lp_pass']) / passes:.2f} x passes, before any diagnostic")
     print("\n== host syncs per sampled step (each would stall the host on CUDA; counted on CPU)")
     for variant, counts in sampled["host_syncs"].items():
-        print(f"  {variant}: {sum(counts.values())} = "
-              + ", ".join(f"{n} {kind}" for kind, n in counts.items()))
+        syncs = {kind: n for kind, n in counts.items() if kind != "ops"}
+        print(f"  {variant}: {sum(syncs.values())} = " + ", ".join(f"{n} {kind}" for kind, n in syncs.items())
+              + f"; {counts['ops']} ops dispatched in all (about one kernel launch each)")
     print("\n== scaling (sampled step; memory: peak extra allocation during the step)")
     print(f"  {'d':>4}{'patch':>6}{'n':>6}{'passes ms':>11}{'step ms':>10}{'ratio':>7}"
           f"{'peak MiB':>10}{'passes MiB':>11}{'1 layer MiB':>12}{'all MiB':>9}{'kept MiB':>9}"
