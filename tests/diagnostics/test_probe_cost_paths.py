@@ -124,3 +124,25 @@ def test_kappa_wkwq_many_marks_only_the_non_finite_heads() -> None:
     assert torch.equal(broken[[0, 2, 3]], clean[[0, 2, 3]])
     with pytest.raises(ValueError, match="kappa_wkwq_many: n_heads=5"):
         kappa_wkwq_many([(w_q, w_k, 5)])
+
+
+def test_kappa_wkwq_restores_the_thread_count_and_matches_one_thread() -> None:
+    """The QR runs on one intra-op thread (MKL's small batched QR is slow threaded) and the
+    process's thread count is back afterwards, also when the call raises."""
+    from lightning_stability.diagnostics.linear import kappa_wkwq
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        g = torch.Generator().manual_seed(0)
+        w_q, w_k = torch.randn(96, 192, generator=g), torch.randn(96, 192, generator=g)
+        threaded = kappa_wkwq(w_q, w_k, n_heads=4)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.equal(kappa_wkwq(w_q, w_k, n_heads=4), threaded)
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError):
+            kappa_wkwq(w_q, w_k[:, :5], n_heads=4)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
