@@ -206,3 +206,47 @@ def test_local_errors_of_blocks_that_write_their_input_equal_plain_reruns() -> N
         want.append(((low - out).norm() / out.norm()).item())
     report = measure(StabilityProbe(model, blocks=["blocks.*"]), x)
     assert [b.r_local for b in report.blocks] == pytest.approx(want, rel=1e-6)
+
+
+class _LargestFloat64(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of the largest float64 tensor any op creates under the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                self.largest = max(self.largest, t.numel() * 8)
+        return out
+
+
+def test_weight_spectra_copies_stay_within_the_batch_budget(monkeypatch: Any) -> None:
+    """A large model's weights are not stacked into one float64 copy: with a budget of two
+    weights, no float64 tensor of the weight work is larger, and every value is unchanged
+    (also when reusing kept spectra across measurements)."""
+    from lightning_stability.capture import probe as probe_module
+    from lightning_stability.diagnostics import linear
+
+    torch.manual_seed(0)
+    model = Net(depth=6, d=32)
+    x = _x()
+    heads = {b: 4 for b in range(6)}
+    expected = weights(measure(StabilityProbe(model), x))  # default budget: each shape in one call
+    weight_bytes = 32 * 32 * 8
+    with _LargestFloat64() as whole:
+        StabilityProbe(model)._weights(probe_module.RawMeasurement(), heads)
+    assert whole.largest >= 6 * weight_bytes  # the test can fail: one stack of six weights
+
+    budget = 2 * weight_bytes
+    monkeypatch.setattr(linear, "BATCH_BYTES", budget)
+    monkeypatch.setattr(probe_module, "BATCH_BYTES", budget)
+    with _LargestFloat64() as bounded:
+        StabilityProbe(model)._weights(probe_module.RawMeasurement(), heads)
+    assert 0 < bounded.largest <= budget
+    assert weights(measure(StabilityProbe(model), x)) == expected
+    reusing = StabilityProbe(model, reuse_weight_spectra=True)
+    assert weights(measure(reusing, x)) == weights(measure(reusing, x)) == expected
+    assert reusing.spectra.hits == reusing.spectra.misses > 0  # the second measurement reused all

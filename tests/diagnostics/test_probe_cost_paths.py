@@ -146,3 +146,22 @@ def test_kappa_wkwq_restores_the_thread_count_and_matches_one_thread() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_many_spectra_calls_split_by_the_byte_budget_give_the_same_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lightning_stability.diagnostics import linear
+
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(3, 12, 8, generator=g), torch.randn(12, 8, generator=g)]
+    mats.append(torch.randn(5, 7, generator=g))
+    pairs = [(torch.randn(16, 24, generator=g), torch.randn(16, 24, generator=g), 4) for _ in range(5)]
+    whole = linear.singular_value_extremes_many(mats), linear.kappa_wkwq_many(pairs)
+    monkeypatch.setattr(linear, "BATCH_BYTES", 12 * 8 * 8)  # one 12 x 8 float64 matrix per call
+    split = linear.singular_value_extremes_many(mats), linear.kappa_wkwq_many(pairs)
+    for (a_hi, a_lo), (b_hi, b_lo) in zip(whole[0], split[0], strict=True):
+        assert torch.equal(a_hi, b_hi) and torch.equal(a_lo, b_lo)
+    for a, b, (w_q, w_k, h) in zip(whole[1], split[1], pairs, strict=True):
+        assert torch.equal(a, b) and torch.equal(b, linear.kappa_wkwq(w_q, w_k, h))
+    assert list(linear.batches([5, 5, 20, 1], budget=10)) == [[0, 1], [2], [3]]

@@ -42,7 +42,7 @@ from lightning_stability.capture.hooks import HookContext
 from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
 from lightning_stability.capture.structure import MISSING_WO, Block, WeightFn, model_blocks, moe_kappa_eff
 from lightning_stability.diagnostics.collapse import collapse_statistics
-from lightning_stability.diagnostics.linear import kappa_wkwq_many
+from lightning_stability.diagnostics.linear import BATCH_BYTES, batches, float64_stack, kappa_wkwq_many
 from lightning_stability.metrics import BLOCK_METRICS, BY_NAME, HEAD_METRICS, RankOp, rank_op
 from lightning_stability.stability_report import BlockReport, StabilityReport
 
@@ -276,8 +276,15 @@ class StabilityProbe:
                 raw.put(f"block{i}/kappa_wkwq", torch.stack([k.amax() for k in wkwq[i]]).amax())
 
     def _wkwq(self, heads: dict[int, int]) -> dict[int, list[Tensor]]:
-        """Per attended block, ``κ(W_Q^hᵀ W_K^h)`` of each Q/K pair: every block's in one batched call."""
+        """Per attended block, ``κ(W_Q^hᵀ W_K^h)`` of each Q/K pair, blocks batched into few calls.
+
+        The pairs are taken block by block and solved whenever they reach ``BATCH_BYTES`` of
+        float64, so only that much of them (``pair()`` copies K for grouped-query heads) is
+        alive at once.
+        """
+        out: dict[int, list[Tensor]] = defaultdict(list)
         jobs: list[tuple[int, Tensor, Tensor, int]] = []
+        size = done = 0  # float64 bytes pending; pairs solved before them (the reuse keys)
         for block in self.blocks:
             if not block.qk or block.index not in heads:
                 continue
@@ -286,19 +293,31 @@ class StabilityProbe:
                 n_heads = proj.n_heads or heads[block.index]
                 w_q, w_k = (w.detach() for w in proj.pair(n_heads))
                 if w_q.shape == w_k.shape and w_q.shape[0] % n_heads == 0:
+                    if jobs and size + 2 * w_q.numel() * 8 > BATCH_BYTES:
+                        self._solve_wkwq(jobs, out, done)
+                        done += len(jobs)
+                        jobs, size = [], 0
                     jobs.append((block.index, w_q, w_k, n_heads))
-        keys = [("wkwq", j) for j in range(len(jobs))]
+                    size += 2 * w_q.numel() * 8
+        self._solve_wkwq(jobs, out, done)
+        return out
+
+    def _solve_wkwq(
+        self, jobs: list[tuple[int, Tensor, Tensor, int]], out: dict[int, list[Tensor]], first: int
+    ) -> None:
+        """Solve ``jobs`` (pairs number ``first``, ``first + 1``… of the measurement) into ``out``."""
+        if not jobs:
+            return
+        keys = [("wkwq", first + j) for j in range(len(jobs))]
         kept = self.spectra.lookup(keys, [(q, k) for _, q, k, _ in jobs])
         todo = [j for j, got in enumerate(kept) if got is None]
         fresh = kappa_wkwq_many([jobs[j][1:] for j in todo])
         for j, kappa in zip(todo, fresh, strict=True):
             kept[j] = kappa
             self.spectra.keep(keys[j], (jobs[j][1], jobs[j][2]), kappa)
-        out: dict[int, list[Tensor]] = defaultdict(list)
         for (index, *_), value in zip(jobs, kept, strict=True):
             assert value is not None
             out[index].append(value)
-        return out
 
 
 class WeightSpectra:
@@ -822,13 +841,16 @@ def _grouped_singular_values(fns: Sequence[WeightFn], spectra: WeightSpectra | N
         if out[j] is None:
             groups[(tuple(w.shape), w.device)].append(j)
     for idx in groups.values():
-        stack = torch.stack([weights[j] for j in idx])
-        smax, smin = D.extreme_singular_values(stack)
-        finite = _finite_matrices(stack)
-        sigma = torch.stack([smax.masked_fill(~finite, math.inf), smin.masked_fill(~finite, 0.0)], -1)
-        for row, j in zip(sigma, idx, strict=True):
-            out[j] = row
-            spectra.keep(keys[j], (weights[j],), row)
+        for run in batches([weights[j].numel() * 8 for j in idx]):  # ≤ BATCH_BYTES of float64 copies
+            part = [idx[k] for k in run]
+            stack = float64_stack([weights[j] for j in part])
+            finite = _finite_matrices(stack)
+            smax, smin = D.extreme_singular_values(stack)
+            sigma = torch.stack([smax.masked_fill(~finite, math.inf), smin.masked_fill(~finite, 0.0)], -1)
+            del stack
+            for row, j in zip(sigma, part, strict=True):
+                out[j] = row
+                spectra.keep(keys[j], (weights[j],), row)
     return [s for s in out if s is not None]
 
 

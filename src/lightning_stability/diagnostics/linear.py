@@ -23,6 +23,42 @@ __all__ = [
 ]
 
 
+#: Float64 bytes of matrices one batched spectra call may stack. Batching pays the per-call
+#: overhead once for a small model's many small weights; the bound keeps a large model's
+#: float64 copies to this size (a single matrix above it is solved alone): stacking every
+#: FFN weight of a 7B model would be an 11 GiB float64 copy.
+BATCH_BYTES = 32 << 20
+
+
+def batches(sizes: Sequence[int], budget: int | None = None) -> Iterator[list[int]]:
+    """Consecutive runs of indices of ``sizes`` summing to at most ``budget`` bytes (default
+    :data:`BATCH_BYTES`); an item larger than ``budget`` forms a run of its own.
+
+    Example:
+        >>> list(batches([4, 4, 4, 9, 1], budget=8))
+        [[0, 1], [2], [3], [4]]
+    """
+    budget = BATCH_BYTES if budget is None else budget
+    run: list[int] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if run and total + size > budget:
+            yield run
+            run, total = [], 0
+        run.append(i)
+        total += size
+    if run:
+        yield run
+
+
+def float64_stack(mats: Sequence[Tensor]) -> Tensor:
+    """``torch.stack`` of equally shaped matrices as ONE float64 copy (no per-matrix temporaries)."""
+    out = mats[0].new_empty((len(mats), *mats[0].shape), dtype=torch.float64)
+    for k, m in enumerate(mats):
+        out[k].copy_(m.detach())
+    return out
+
+
 def _svdvals(w: Tensor, fn: str) -> tuple[Tensor, Tensor]:
     """Descending singular values (float64 for float64 input, else float32) and a finiteness flag."""
     check_tensor("w", w, 2, fn)
@@ -78,7 +114,8 @@ def singular_value_extremes_many(
     For a caller holding every layer's small problems after the pass (weights of several
     shapes, V of every layer): matrices of equal trailing shape are stacked (in float64) and
     solved together, so the per-call overhead (~20 small ops and a LAPACK dispatch) is paid once
-    per distinct shape instead of once per matrix. Every value equals the one-by-one result
+    per distinct shape instead of once per matrix (once per :data:`BATCH_BYTES` of float64
+    copies, for large matrices). Every value equals the one-by-one result
     (same Gram-eigenvalue route, same SVD fallback, solved matrix by matrix inside LAPACK).
 
     Args:
@@ -98,15 +135,17 @@ def singular_value_extremes_many(
         check_tensor(f"mats[{i}]", m, 2, "singular_value_extremes_many")
         groups.setdefault((m.shape[-2], m.shape[-1]), []).append(i)
     out: list[tuple[Tensor, Tensor]] = [(torch.empty(0), torch.empty(0))] * len(mats)
-    for shape, idx in groups.items():
-        flat = [mats[i].detach().to(torch.float64).reshape(-1, *shape) for i in idx]
-        hi, lo = extreme_singular_values(torch.cat(flat), gram_max_cond)
-        start = 0
-        for i, f in zip(idx, flat, strict=True):
-            lead = mats[i].shape[:-2]
-            stop = start + f.shape[0]
-            out[i] = (hi[start:stop].reshape(lead), lo[start:stop].reshape(lead))
-            start = stop
+    for (rows, cols), idx in groups.items():
+        for run in batches([mats[i].numel() * 8 for i in idx]):
+            part = [idx[k] for k in run]
+            flat = [mats[i].detach().reshape(-1, rows, cols) for i in part]
+            hi, lo = extreme_singular_values(float64_stack([x for f in flat for x in f]), gram_max_cond)
+            start = 0
+            for i, f in zip(part, flat, strict=True):
+                lead = mats[i].shape[:-2]
+                stop = start + f.shape[0]
+                out[i] = (hi[start:stop].reshape(lead), lo[start:stop].reshape(lead))
+                start = stop
     return out
 
 
@@ -208,13 +247,17 @@ def _wkwq_sigma_stacked(w_q: Tensor, w_k: Tensor, n_heads: int) -> Tensor:
     (``d_head`` square): one QR call factors every query and key head of the stack, one
     ``svdvals`` call solves every head. Heads with a non-finite entry get ``inf``.
     """
-    g, d_out, d_in = w_q.shape
+    return _wkwq_sigma_both(float64_stack([*w_q, *w_k]), n_heads)
+
+
+def _wkwq_sigma_both(both: Tensor, n_heads: int) -> Tensor:
+    """:func:`_wkwq_sigma_stacked` of ``both = [W_Q stack, W_K stack]``, a float64 copy it may overwrite."""
+    g, d_out, d_in = both.shape[0] // 2, both.shape[1], both.shape[2]
     dh = d_out // n_heads
-    both = torch.cat([w_q, w_k]).detach().to(torch.float64)
     both = both.reshape(2 * g, n_heads, dh, d_in).transpose(-1, -2)  # (2G, H, d_in, d_head)
     fin = torch.isfinite(both).flatten(-2).all(-1)
     fin = fin[:g] & fin[g:]
-    both = both.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    both = both.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     if both.device.type == "cpu":
         with _one_thread():
             r = torch.linalg.qr(both, mode="r")[1]
@@ -262,10 +305,11 @@ def kappa_wkwq(w_q: Tensor, w_k: Tensor, n_heads: int) -> Tensor:
 def kappa_wkwq_many(pairs: Sequence[tuple[Tensor, Tensor, int]]) -> list[Tensor]:
     """:func:`kappa_wkwq` of many ``(w_q, w_k, n_heads)`` triples (every block's, after the pass).
 
-    Triples of equal weight shape, ``n_heads`` and device are stacked: one QR call factors all
-    their query and key heads and one ``svdvals`` call solves all their heads, instead of two
-    QR and one ``svdvals`` call per block. Each result equals ``kappa_wkwq(w_q, w_k, n_heads)``
-    (LAPACK still works head by head; the same float64 arithmetic).
+    Triples of equal weight shape, ``n_heads`` and device are stacked (up to :data:`BATCH_BYTES`
+    of float64 copies at a time): one QR call factors all their query and key heads and one
+    ``svdvals`` call solves all their heads, instead of two QR and one ``svdvals`` call per block.
+    Each result equals ``kappa_wkwq(w_q, w_k, n_heads)`` (LAPACK still works head by head; the
+    same float64 arithmetic).
 
     Args:
         pairs: ``(w_q, w_k, n_heads)`` as :func:`kappa_wkwq` takes them.
@@ -287,11 +331,12 @@ def kappa_wkwq_many(pairs: Sequence[tuple[Tensor, Tensor, int]]) -> list[Tensor]
         groups.setdefault((tuple(w_q.shape), n_heads, w_q.device), []).append(j)
     out: list[Tensor] = [torch.empty(0)] * len(pairs)
     for (_, n_heads, _), idx in groups.items():
-        w_q = torch.stack([pairs[j][0].detach().to(torch.float64) for j in idx])
-        w_k = torch.stack([pairs[j][1].detach().to(torch.float64) for j in idx])
-        kappa = _kappa_from_sigma(_wkwq_sigma_stacked(w_q, w_k, n_heads))
-        for row, j in zip(kappa, idx, strict=True):
-            out[j] = row
+        for run in batches([2 * pairs[j][0].numel() * 8 for j in idx]):  # ≤ BATCH_BYTES of float64
+            part = [idx[k] for k in run]
+            both = float64_stack([pairs[j][0] for j in part] + [pairs[j][1] for j in part])
+            kappa = _kappa_from_sigma(_wkwq_sigma_both(both, n_heads))
+            for row, j in zip(kappa, part, strict=True):
+                out[j] = row
     return out
 
 
