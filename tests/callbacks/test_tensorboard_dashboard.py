@@ -212,3 +212,22 @@ def test_a_logger_prefix_and_an_overridden_log_metrics_are_honoured(tmp_path: Pa
     assert not [t for t in tags if t.startswith("stability/")]
     assert counting.calls == 2  # the subclass's own log_metrics ran at both logged steps
     assert set(_scalars(_accumulator(Path(counting.log_dir)))["stability/r_block"]) == {1, 3}
+
+
+def test_write_scalars_without_tensorboard_falls_back_to_add_scalar(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only tensorboardX installed (torch's writer cannot import): one add_scalar per tag."""
+    import sys
+
+    from lightning_stability.callbacks._dashboard import write_scalars
+
+    class Writer:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, float, int]] = []
+
+        def add_scalar(self, tag: str, value: float, global_step: int) -> None:
+            self.calls.append((tag, value, global_step))
+
+    monkeypatch.setitem(sys.modules, "tensorboard.compat.proto.summary_pb2", None)
+    writer = Writer()
+    write_scalars(writer, {"a": 1.0, "b/c": 2.5}, step=7)
+    assert writer.calls == [("a", 1.0, 7), ("b/c", 2.5, 7)]

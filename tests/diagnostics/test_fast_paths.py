@@ -337,3 +337,48 @@ def test_inputs_are_left_untouched(dtype: torch.dtype) -> None:
     kappa_softmax(s, mask)
     for t, b in zip((q, k, v, s, bias), before, strict=True):
         assert torch.equal(t, b)
+
+
+def test_kappa_score_is_inf_when_qk_overflows_float32_with_finite_q_and_k() -> None:
+    """Finite q, k whose scores overflow float32: kappa_score stays inf (never a 0 that a max
+    over heads would hide)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 4, generator=g) for _ in range(3))
+    d = attention_diagnostics(q * 1e18, k * 1e18, v)
+    assert torch.isinf(d.kappa_score).all() and torch.isinf(d.kappa_softmax).all()
+    ok = attention_diagnostics(q, k, v)
+    assert (ok.kappa_score >= 1).all() and torch.isfinite(ok.kappa_score).all()
+
+
+def test_scratch_buffers_survive_inference_mode_and_another_default_device() -> None:
+    """A buffer first made under inference mode is not reused outside it (an inference tensor
+    cannot be written there), and buffers live on the scores' device, not the default one.
+    Run in a fresh thread: the scratch cache is per thread, so its first buffers are made here."""
+    import threading
+
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(8, 64, 512, generator=g)
+    q, k, v = (torch.randn(2, 2, 40, 8, generator=g) for _ in range(3))
+    expected = kappa_softmax(s), attention_diagnostics(q, k, v).kappa_softmax
+    got: list[object] = []
+
+    def work() -> None:
+        try:
+            with torch.inference_mode():
+                inside = kappa_softmax(s), attention_diagnostics(q, k, v).kappa_softmax
+            outside = kappa_softmax(s), attention_diagnostics(q, k, v).kappa_softmax
+            got.extend([inside, outside])
+        except Exception as err:  # "Inplace update to inference tensor outside InferenceMode"
+            got.append(err)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert len(got) == 2, got
+    for pair in got:
+        assert torch.equal(pair[0], expected[0]) and torch.equal(pair[1], expected[1])  # type: ignore[index]
+    torch.set_default_device("meta")
+    try:
+        assert torch.equal(kappa_softmax(s).cpu(), expected[0])
+    finally:
+        torch.set_default_device(None)

@@ -97,13 +97,17 @@ def write_scalars(writer: Any, values: dict[str, float], step: int) -> None:
     """
     if not values:
         return
-    from torch.utils.tensorboard import SummaryWriter
+    try:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from torch.utils.tensorboard import SummaryWriter
 
-    if not isinstance(writer, SummaryWriter):
+        one_event = isinstance(writer, SummaryWriter)
+    except ImportError:  # e.g. only tensorboardX installed
+        one_event = False
+    if not one_event:
         for tag, value in values.items():
             writer.add_scalar(tag, value, global_step=step)
         return
-    from tensorboard.compat.proto.summary_pb2 import Summary
 
     summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
     writer._get_file_writer().add_summary(summary, step)

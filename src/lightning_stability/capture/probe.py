@@ -308,7 +308,7 @@ class StabilityProbe:
         """Solve ``jobs`` (pairs number ``first``, ``first + 1``… of the measurement) into ``out``."""
         if not jobs:
             return
-        keys = [("wkwq", first + j) for j in range(len(jobs))]
+        keys = [("wkwq", first + j, n_heads) for j, (*_, n_heads) in enumerate(jobs)]
         kept = self.spectra.lookup(keys, [(q, k) for _, q, k, _ in jobs])
         todo = [j for j, got in enumerate(kept) if got is None]
         fresh = kappa_wkwq_many([jobs[j][1:] for j in todo])

@@ -276,12 +276,15 @@ def _workspace(numel: int, like: Tensor, slot: str, dtype: torch.dtype | None = 
     dtype = like.dtype if dtype is None else dtype
     if like.device.type != "cpu" or numel * dtype.itemsize > _WORKSPACE_MAX_BYTES:
         return like.new_empty(numel, dtype=dtype)
-    cache: dict[tuple[str, torch.dtype], Tensor] = getattr(_WORKSPACE, "bufs", None) or {}
+    cache: dict[tuple[str, torch.dtype, bool], Tensor] = getattr(_WORKSPACE, "bufs", None) or {}
     _WORKSPACE.bufs = cache
-    buf = cache.get((slot, dtype))
+    # A buffer made under inference mode is an inference tensor, which cannot be written outside
+    # it (and the reverse holds for views): one buffer per mode.
+    key = (slot, dtype, torch.is_inference_mode_enabled())
+    buf = cache.get(key)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype)
-        cache[(slot, dtype)] = buf
+        buf = like.new_empty(numel, dtype=dtype)  # like's device (CPU), not the default device
+        cache[key] = buf
     return buf[:numel]
 
 
@@ -1028,8 +1031,9 @@ def attention_diagnostics(
             rows2 = (qc.to(_F64).square().sum(-1), kc.to(_F64).square().sum(-1))  # shared
             qn, kn, sn = _masked_norms(qc, kc, s, mc, rows2)
             # Common case in one host sync: finite q, k (their squared norms sum finite) and
-            # ‖QKᵀ‖ > 0, where safe_ratio is a plain division.
-            if bool(torch.isfinite(rows2[0].sum() + rows2[1].sum()) & (sn > 0).all()):
+            # 0 < ‖QKᵀ‖ < inf, where safe_ratio is a plain division. (‖QKᵀ‖ can overflow float32
+            # with q, k finite: then safe_ratio gives inf, a division would give 0.)
+            if bool(torch.isfinite(rows2[0].sum() + rows2[1].sum()) & ((sn > 0) & (sn < _INF)).all()):
                 ks[g0:g1] = qn * kn / sn
             elif all_finite(qc, kc):
                 ks[g0:g1] = safe_ratio(qn * kn, sn)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -139,7 +138,11 @@ def singular_value_extremes_many(
         for run in batches([mats[i].numel() * 8 for i in idx]):
             part = [idx[k] for k in run]
             flat = [mats[i].detach().reshape(-1, rows, cols) for i in part]
-            hi, lo = extreme_singular_values(float64_stack([x for f in flat for x in f]), gram_max_cond)
+            every = [x for f in flat for x in f]
+            if every:
+                hi, lo = extreme_singular_values(float64_stack(every), gram_max_cond)
+            else:  # only empty leading shapes
+                hi = lo = torch.empty(0, dtype=torch.float64, device=mats[part[0]].device)
             start = 0
             for i, f in zip(part, flat, strict=True):
                 lead = mats[i].shape[:-2]
@@ -219,26 +222,6 @@ def _check_wkwq(w_q: Tensor, w_k: Tensor, n_heads: int, fn: str) -> None:
         raise ValueError(f"{fn}: n_heads={n_heads!r} must be a positive divisor of d_out={w_q.shape[0]}")
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the enclosed CPU calls on one intra-op thread, then restore the previous count.
-
-    MKL's batched QR of many small matrices (e.g. 48 heads of 96 × 24) opens a parallel region
-    per matrix: with 2 threads it took 1.15 ms on an idle 2-core machine and 3.6 ms with the
-    other core busy, against 0.44 ms on one thread (measured in one process). The count is
-    process-wide, so it is restored in ``finally`` before anything else runs on this thread.
-    """
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def _wkwq_sigma_stacked(w_q: Tensor, w_k: Tensor, n_heads: int) -> Tensor:
     """Per matrix and head, the leading singular values of ``W_Q^hᵀ W_K^h``: ``(G, H, r)`` float64.
 
@@ -258,11 +241,7 @@ def _wkwq_sigma_both(both: Tensor, n_heads: int) -> Tensor:
     fin = torch.isfinite(both).flatten(-2).all(-1)
     fin = fin[:g] & fin[g:]
     both = both.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    if both.device.type == "cpu":
-        with _one_thread():
-            r = torch.linalg.qr(both, mode="r")[1]
-    else:
-        r = torch.linalg.qr(both, mode="r")[1]
+    r = torch.linalg.qr(both, mode="r")[1]
     s = torch.linalg.svdvals(r[:g] @ r[g:].transpose(-1, -2))
     return torch.where(fin.unsqueeze(-1), s, float("inf"))
 
