@@ -88,7 +88,8 @@ def test_monitor_says_when_its_alarm_cannot_fire(tmp_path: Path, steps: int, war
     if warned:
         assert len(msgs) == 1, msgs
         assert "alarm_window=3" in msgs[0] and "every_n_steps=2" in msgs[0]
-        assert "first possible at step 8" in msgs[0] and f"has {steps} steps" in msgs[0]
+        assert "first possible after training step 8, logged as step 7" in msgs[0]  # Lightning's step
+        assert f"has {steps} training steps" in msgs[0]
     else:
         assert msgs == []
     assert monitor._alarm.seen == 3  # type: ignore[attr-defined]  # the window is full by step 6 either way

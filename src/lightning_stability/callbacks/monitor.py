@@ -323,8 +323,9 @@ class StabilityMonitor(Callback):
             rank_zero_warn(
                 f"StabilityMonitor: the early-warning alarm cannot fire in this run: alarm_rule='paper' "
                 f"needs alarm_window={window} sampled steps of history x every_n_steps="
-                f"{self.every_n_steps} before it can judge one (first possible at step {first}), "
-                f"but the run has {int(total)} steps. Lower every_n_steps or alarm_window."
+                f"{self.every_n_steps} before it can judge one (first possible after training step "
+                f"{first}, logged as step {first - 1}), but the run has {int(total)} training steps. "
+                "Lower every_n_steps or alarm_window."
             )
 
     # ------------------------------------------------------------ measurement
