@@ -329,7 +329,8 @@ class TensorBoardDashboard:
             experiment.add_custom_scalars(custom_scalars_layout(metrics))
             experiment.add_text(BLOCK_MAP_TAG, block_map_markdown(block_names), global_step=step)
             self._writers[log_dir] = []
-        self.log_metrics(logger, main, step)
+        if main:
+            self.log_metrics(logger, main, step)
         writers = self._writers[log_dir]
         while len(writers) < len(per_block):  # same writer class as the logger's (torch or tensorboardX)
             writers.append(type(experiment)(os.path.join(log_dir, SUB_RUN.format(len(writers)))))

@@ -827,12 +827,11 @@ def _residual_branch(
     return branch
 
 
-def _grouped_singular_values(fns: Sequence[WeightFn], spectra: WeightSpectra | None = None) -> list[Tensor]:
+def _grouped_singular_values(fns: Sequence[WeightFn], spectra: WeightSpectra) -> list[Tensor]:
     """``[σmax, σmin]`` of each weight, one batched call per weight shape (kept ones reused).
 
     A weight with a non-finite entry gets ``[inf, 0]`` (so ``‖W‖₂`` and ``κ(W)`` read ``inf``).
     """
-    spectra = spectra or WeightSpectra()
     weights = [fn().detach() for fn in fns]
     keys = [("sigma", j) for j in range(len(weights))]
     out = spectra.lookup(keys, [(w,) for w in weights])
@@ -844,7 +843,8 @@ def _grouped_singular_values(fns: Sequence[WeightFn], spectra: WeightSpectra | N
         for run in batches([weights[j].numel() * 8 for j in idx]):  # ≤ BATCH_BYTES of float64 copies
             part = [idx[k] for k in run]
             stack = float64_stack([weights[j] for j in part])
-            finite = _finite_matrices(stack)
+            wide = any(weights[j].dtype == torch.float64 for j in part)
+            finite = _finite_matrices(stack, torch.float64 if wide else torch.float32)
             smax, smin = D.extreme_singular_values(stack)
             sigma = torch.stack([smax.masked_fill(~finite, math.inf), smin.masked_fill(~finite, 0.0)], -1)
             del stack
@@ -854,12 +854,13 @@ def _grouped_singular_values(fns: Sequence[WeightFn], spectra: WeightSpectra | N
     return [s for s in out if s is not None]
 
 
-def _finite_matrices(stack: Tensor) -> Tensor:
-    """Per matrix of ``(G, m, n)``: all entries finite. For float32 and narrower, from a float64 sum
-    per matrix (it cannot overflow, so it is finite exactly when every entry is): no full-size mask."""
-    if stack.dtype == torch.float64:
+def _finite_matrices(stack: Tensor, source: torch.dtype) -> Tensor:
+    """Per matrix of the float64 copy ``stack`` (``(G, m, n)``) of weights of dtype ``source``: all
+    entries finite. For float32 and narrower sources, from a float64 sum per matrix (it cannot
+    overflow, so it is finite exactly when every entry is): no full-size mask."""
+    if source == torch.float64:
         return torch.isfinite(stack).flatten(-2).all(-1)
-    return torch.isfinite(stack.sum((-2, -1), dtype=torch.float64))
+    return torch.isfinite(stack.sum((-2, -1)))
 
 
 def _ratio(err_sq: float, ref_sq: float) -> float:

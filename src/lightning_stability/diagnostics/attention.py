@@ -208,7 +208,7 @@ def _block_top(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
 
 def _lambda_bounds(
     p1_lo: Tensor, p1_hi: Tensor, r_lo: Tensor, r_hi: Tensor,
-    p2_lo: Tensor, p2_hi: Tensor, s2_lo: Tensor, s2_hi: Tensor, tight: bool = True,
+    p2_lo: Tensor, p2_hi: Tensor, s2_lo: Tensor, s2_hi: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Rigorous bounds ``lo ≤ ‖J(p)‖₂ ≤ hi`` from intervals on ``p1 = max p``, the tail mass
     ``r = 1 − p1``, the second largest ``p2`` and ``s2 = Σ_{i≠argmax} p_i²`` (float64).
@@ -217,9 +217,6 @@ def _lambda_bounds(
     and the root of ``F`` with ``Σ p_i²/(λ−p_i) ≥ s2/λ``. Above: ``p1``, ½, Gershgorin
     ``max_i 2p_i(1−p_i)``, the root of ``F`` with ``Σ p_i²/(λ−p_i) ≤ s2/(λ−p2)``, and the 2×2
     compression ``[[λ_top2, ‖p_top2‖·‖p_tail‖], [·, p2]]`` of the block form of ``J``.
-    ``tight=False`` skips the last two upper bounds (still rigorous, just looser): with the
-    wide ``p2`` interval of the first pruning pass they never bound, and at small n the cost
-    is per op.
     """
     lo = _block_top(p1_lo * r_lo, p1_lo * p2_lo, p2_lo * (1.0 - p2_lo))
     bh = p1_lo * r_lo - s2_lo
@@ -227,15 +224,14 @@ def _lambda_bounds(
     bg = p1_hi * r_hi + p2_hi - s2_hi
     cg = p1_hi * (s2_hi - r_hi * p2_hi)
     hi = torch.maximum(0.5 * (bg + torch.sqrt((bg * bg + 4.0 * cg).clamp_min(0.0))), p2_hi)
-    if tight:
-        top2_hi = _block_top(p1_hi * r_hi, p1_hi * p2_hi, p2_hi * (1.0 - p2_hi))
-        # β² = (p1² + x)(s2 − x), x = p2² ∈ [p2_lo², p2_hi²]: maximise the concave quadratic.
-        x = ((s2_hi - p1_hi * p1_hi) * 0.5).clamp(min=p2_lo * p2_lo)
-        x = torch.minimum(x, torch.minimum(p2_hi * p2_hi, s2_hi))
-        beta = ((p1_hi * p1_hi + x) * (s2_hi - x).clamp_min(0.0)).sqrt()
-        hi = torch.minimum(hi, _block_top(top2_hi, beta, p2_hi))
-        gersh = 2.0 * torch.maximum(p1_hi * r_hi, p2_hi * (1.0 - p2_hi))
-        hi = torch.minimum(hi, gersh)
+    top2_hi = _block_top(p1_hi * r_hi, p1_hi * p2_hi, p2_hi * (1.0 - p2_hi))
+    # β² = (p1² + x)(s2 − x), x = p2² ∈ [p2_lo², p2_hi²]: maximise the concave quadratic.
+    x = ((s2_hi - p1_hi * p1_hi) * 0.5).clamp(min=p2_lo * p2_lo)
+    x = torch.minimum(x, torch.minimum(p2_hi * p2_hi, s2_hi))
+    beta = ((p1_hi * p1_hi + x) * (s2_hi - x).clamp_min(0.0)).sqrt()
+    hi = torch.minimum(hi, _block_top(top2_hi, beta, p2_hi))
+    gersh = 2.0 * torch.maximum(p1_hi * r_hi, p2_hi * (1.0 - p2_hi))
+    hi = torch.minimum(hi, gersh)
     hi = torch.minimum(hi, p1_hi).clamp_max(0.5)
     return lo, hi
 

@@ -222,19 +222,15 @@ def _check_wkwq(w_q: Tensor, w_k: Tensor, n_heads: int, fn: str) -> None:
         raise ValueError(f"{fn}: n_heads={n_heads!r} must be a positive divisor of d_out={w_q.shape[0]}")
 
 
-def _wkwq_sigma_stacked(w_q: Tensor, w_k: Tensor, n_heads: int) -> Tensor:
+def _wkwq_sigma_both(both: Tensor, n_heads: int) -> Tensor:
     """Per matrix and head, the leading singular values of ``W_Q^hᵀ W_K^h``: ``(G, H, r)`` float64.
 
-    ``w_q``/``w_k`` are ``(G, d_out, d_in)`` stacks of checked weights. With ``(W^h)ᵀ = Q R``
-    (reduced QR), ``W_Q^hᵀ W_K^h = Q_q R_q R_kᵀ Q_kᵀ`` has the singular values of ``R_q R_kᵀ``
-    (``d_head`` square): one QR call factors every query and key head of the stack, one
-    ``svdvals`` call solves every head. Heads with a non-finite entry get ``inf``.
+    ``both`` is ``[W_Q stack, W_K stack]`` (``2G`` checked ``(d_out, d_in)`` weights), a float64
+    copy this function may overwrite. With ``(W^h)ᵀ = Q R`` (reduced QR), ``W_Q^hᵀ W_K^h =
+    Q_q R_q R_kᵀ Q_kᵀ`` has the singular values of ``R_q R_kᵀ`` (``d_head`` square): one QR call
+    factors every query and key head of the stack, one ``svdvals`` call solves every head.
+    Heads with a non-finite entry get ``inf``.
     """
-    return _wkwq_sigma_both(float64_stack([*w_q, *w_k]), n_heads)
-
-
-def _wkwq_sigma_both(both: Tensor, n_heads: int) -> Tensor:
-    """:func:`_wkwq_sigma_stacked` of ``both = [W_Q stack, W_K stack]``, a float64 copy it may overwrite."""
     g, d_out, d_in = both.shape[0] // 2, both.shape[1], both.shape[2]
     dh = d_out // n_heads
     both = both.reshape(2 * g, n_heads, dh, d_in).transpose(-1, -2)  # (2G, H, d_in, d_head)
@@ -249,7 +245,7 @@ def _wkwq_sigma_both(both: Tensor, n_heads: int) -> Tensor:
 def _wkwq_sigma(w_q: Tensor, w_k: Tensor, n_heads: int, fn: str) -> Tensor:
     """Per head, the ``r = min(d_head, d_in)`` leading singular values of ``W_Q^hᵀ W_K^h`` (float64)."""
     _check_wkwq(w_q, w_k, n_heads, fn)
-    return _wkwq_sigma_stacked(w_q.unsqueeze(0), w_k.unsqueeze(0), n_heads)[0]
+    return _wkwq_sigma_both(float64_stack([w_q, w_k]), n_heads)[0]
 
 
 def _kappa_from_sigma(s: Tensor) -> Tensor:
