@@ -21,49 +21,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ → ``import tiny_vit``
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared timing helpers
 
 import lightning.pytorch as pl
+from bench_overhead import interleaved, machine_line
 
 from lightning_stability import LNEpsilonBump, StabilityGuard, StabilityMonitor
 from lightning_stability.capture.mitigations import FP32Override, clip_block_qk
 from lightning_stability.capture.structure import model_blocks
 from tiny_vit import TinyViT, make_synthetic_cifar
 
-
-def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, repetitions interleaved across functions."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def machine_line() -> str:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return (
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
-        f"torch {torch.__version__}, lightning {pl.__version__}; load average {load[0]:.2f}"
-    )
+CPU = torch.device("cpu")
 
 
 Setup = tuple[pl.Trainer, TinyViT, Any, StabilityMonitor, StabilityGuard]
@@ -125,6 +102,7 @@ def bench(cfg: argparse.Namespace) -> dict[str, Any]:
 
         decide = interleaved(
             {"train_step": plain_step, "monitor_sampled_step": monitor_step, "guard_decide": guard_step},
+            CPU,
             cfg.reps,
         )
         assert not guard.actions, "nothing may fire on the healthy model"
@@ -147,7 +125,7 @@ def bench(cfg: argparse.Namespace) -> dict[str, Any]:
             FP32Override(blocks[0].module).apply().remove()
 
         act = interleaved(
-            {"qk_clip_block": qk_clip, "eps_rule_block": eps_rule, "fp32_apply": fp32_apply}, cfg.reps
+            {"qk_clip_block": qk_clip, "eps_rule_block": eps_rule, "fp32_apply": fp32_apply}, CPU, cfg.reps
         )
         bump.restore()
 
@@ -168,11 +146,13 @@ def bench(cfg: argparse.Namespace) -> dict[str, Any]:
                     o.remove()
 
         live = interleaved(
-            {"bf16_step": plain_step, "one_block_fp32": with_one, "all_blocks_fp32": with_every}, cfg.reps
+            {"bf16_step": plain_step, "one_block_fp32": with_one, "all_blocks_fp32": with_every},
+            CPU,
+            cfg.reps,
         )
     base = decide["train_step"]
     return {
-        "machine": machine_line(),
+        "machine": machine_line(CPU),
         "config": vars(cfg),
         "deciding_s": decide,
         "acting_s": act,
