@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Set up .venv with lightning-stability and its dev tools, on a fresh machine or an existing one.
-# Where the venv has no torch yet, the CPU wheel torch==2.13.0 (on this machine's local wheel
-# folder) goes in first, so that the package's bare `torch` requirement never pulls the
-# multi-GB CUDA build. Users installing the package themselves get no torch pin. Idempotent.
+# Set up .venv with lightning-stability, its dev tools and the optional example dependencies, on a
+# fresh machine or an existing one. Idempotent.
+#
+# Every install is constrained by requirements/constraints.txt: the exact versions CI passed on, so a
+# registry that serves newer releases cannot change what the tests run against (refresh them with
+# scripts/refresh_pins.sh). Where the venv has no torch yet, the CPU wheel torch==2.13.0 (on this
+# machine's local wheel folder) goes in first, so that the package's bare `torch` requirement never
+# pulls the multi-GB CUDA build. Users installing the package themselves get ranges, no pins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+PINS=requirements/constraints.txt
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
 
@@ -18,5 +23,8 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   echo "setup: no torch in .venv; installing the CPU wheel torch==2.13.0"
   pip_quiet install -q "torch==2.13.0"
 fi
-pip_quiet install -q -e ".[dev]"
-"$VPY" -c "import torch, lightning, lightning_stability as ls; print(f'setup: torch {torch.__version__}, lightning {lightning.__version__}, lightning-stability {ls.__version__}')"
+pip_quiet install -q -c "$PINS" -e ".[dev,examples]"
+# litgpt declares upper bounds (jsonargparse, huggingface_hub) that conflict with transformers; its
+# model and config modules need none of them at import: install it alone, as litgpt's docs allow.
+pip_quiet install -q -c "$PINS" --no-deps litgpt
+"$VPY" -c "import torch, lightning, transformers, lightning_stability as ls; print(f'setup: torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}, lightning-stability {ls.__version__}')"

@@ -618,26 +618,50 @@ def test_transformers_models(family: str, impl: str, pad: str | None) -> None:
     no_leftovers(model)
 
 
+def _gqa_model(family: str, impl: str) -> tuple[nn.Module, str]:
+    """A 2-layer GQA decoder (4 query heads on 2 key/value heads) and its layer-0 output projection."""
+    import transformers as tr
+
+    if family == "llama":
+        model, _, proj_name, _ = _hf_model("llama", impl)
+        return model, proj_name(0)
+    common = {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 64}
+    if family == "falcon":
+        cfg: Any = tr.FalconConfig(**common, new_decoder_architecture=True, num_kv_heads=2, bias=True)
+        return tr.FalconModel._from_config(cfg, attn_implementation=impl), "h.0.self_attention.dense"
+    cfg = tr.Qwen2Config(**common, intermediate_size=64, num_key_value_heads=2)
+    return tr.Qwen2Model._from_config(cfg, attn_implementation=impl), "layers.0.self_attn.o_proj"
+
+
+@pytest.mark.parametrize("pad", ["left", None])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_llama_decode_step_gqa(impl: str) -> None:
-    """One decode step with a padding mask: sdpa packs q as (B, H_kv, n_rep, d)."""
+@pytest.mark.parametrize("family", ["llama", "falcon", "qwen2"])
+def test_gqa_decode_step(family: str, impl: str, pad: str | None) -> None:
+    """One decode step (a single query token) of a GQA model: each recorded query row is its head's.
+
+    transformers' sdpa path hands SDPA the query packed onto the key/value heads,
+    ``(B, H_kv, n_rep, d)``, when it cannot use ``enable_gqa`` (a padding mask); without a mask it
+    passes ``enable_gqa=True`` instead. Either way the call must hold one row per query head, each
+    paired with its group's key, so that it reproduces the model's own attention output.
+    """
     pytest.importorskip("transformers")
     torch.manual_seed(9)
-    model, _, proj_name, heads = _hf_model("llama", impl)
+    model, proj_name = _gqa_model(family, impl)
     model.eval()
-    ids, mask = torch.randint(1, 64, (2, 6)), _padding("left", 2, 6)
-    assert mask is not None
+    heads = 4
+    ids, mask = torch.randint(1, 64, (2, 6)), _padding(pad, 2, 6)
     with torch.no_grad():
         past = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
-        step_ids = torch.randint(1, 64, (2, 1))
-        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        step: dict[str, Any] = {"input_ids": torch.randint(1, 64, (2, 1)), "past_key_values": past}
+        if mask is not None:
+            step["attention_mask"] = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
         inputs: list[Tensor] = []
-        handle = record_inputs(dict(model.named_modules())[proj_name(0)], inputs)
-        _, calls, _ = run_captured(
-            model, lambda: model(input_ids=step_ids, attention_mask=step_mask, past_key_values=past)
-        )
+        handle = record_inputs(dict(model.named_modules())[proj_name], inputs)
+        _, calls, _ = run_captured(model, lambda: model(**step))
         handle.remove()
     call = calls[0]
     assert call.q.shape == (2, heads, 1, 8) and call.k.shape == (2, heads, 7, 8)
-    assert call.keep is not None and not call.keep.expand(2, heads, 1, 7)[1, :, :, :3].any()
+    if pad == "left":
+        assert call.keep is not None and not call.keep.expand(2, heads, 1, 7)[1, :, :, :3].any()
     assert_reproduces(call, heads_from(inputs[0], heads))
+    no_leftovers(model)

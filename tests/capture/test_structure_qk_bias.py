@@ -60,8 +60,11 @@ def _model_biases(model: nn.Module, attention: nn.Module) -> tuple[torch.Tensor,
             model(input_ids=zeros, position_ids=zeros)
     finally:
         handle.remove()
-    q, k = mode.calls[0]  # (1, H, 1, d_head), (1, H_kv, 1, d_head)
-    return q[0, :, 0].reshape(-1), k[0, :, 0].reshape(-1)
+    # q arrives as (1, H, 1, d_head), or, where transformers packs a single query token's heads
+    # onto the key/value heads (its `pack_gqa`), as (1, H_kv, H / H_kv, d_head); k as (1, H_kv, 1,
+    # d_head). Flattening the one example reads the heads in the model's order either way.
+    q, k = mode.calls[0]
+    return q[0].reshape(-1), k[0].reshape(-1)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "falcon_gqa", "llama_bias"])
