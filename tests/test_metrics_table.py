@@ -109,3 +109,37 @@ def test_tensorboard_layout_has_a_chart_for_every_metric() -> None:
         BLOCK_METRICS
     ):  # one chart each, one line per block sub-run (tests/callbacks/test_tensorboard_dashboard.py)
         assert f"/{name}$" in regexes or f"/log10_{name}$" in regexes, name
+
+
+def test_parse_tag_inverts_tag_for_every_row() -> None:
+    from lightning_stability.metrics import METRICS, parse_tag, tag
+
+    for m in METRICS:
+        forms = []
+        if m.level == "model" or m.blocks:
+            forms.append((tag(m), None, None))
+        if m.level != "model":
+            forms.append((tag(m, 7), 7, None))
+        if m.level == "head":
+            forms.append((tag(m, 2, 11, prefix="p"), 2, 11))
+        for text, block, head in forms:
+            prefix = text.split("/", 1)[0]
+            got = parse_tag(text, prefix=prefix)
+            assert got is not None and (got.metric, got.block, got.head) == (m, block, head), text
+            assert tag(got.metric, got.block, got.head, prefix=prefix) == text
+
+
+def test_parse_tag_refuses_what_tag_cannot_produce() -> None:
+    from lightning_stability.metrics import parse_tag
+
+    for text in (
+        "stability/guard/actions",  # not a metric
+        "stability/kappa_v",  # a block metric with no model roll-up
+        "stability/block1/eps_mach",  # a model metric under a block
+        "stability/block1/head0/r_local",  # a block metric per head
+        "stability/block01/kappa_v",  # not how tag() writes an index
+        "stability/blockx/kappa_v",
+        "other/block1/kappa_v",
+        "stability/block1/head2/x/kappa_v",
+    ):
+        assert parse_tag(text) is None, text

@@ -340,6 +340,55 @@ def tag(metric: Metric, block: int | None = None, head: int | None = None, prefi
     return f"{prefix}/block{block}/head{head}/{metric.name}"
 
 
+@dataclass(frozen=True)
+class Tag:
+    """A logged tag read back: which metric, at which block and head (``None``: model / block level).
+
+    Attributes:
+        metric: the table's row.
+        block: block index, ``None`` for a model-level tag.
+        head: head index, ``None`` unless a per-head tag.
+        prefix: the tag's prefix (``"stability"``).
+    """
+
+    metric: Metric
+    block: int | None = None
+    head: int | None = None
+    prefix: str = "stability"
+
+
+def parse_tag(text: str, prefix: str = "stability") -> Tag | None:
+    """The inverse of :func:`tag`: ``None`` for a tag that is not a metric of the table under ``prefix``.
+
+    Example:
+        >>> t = parse_tag("stability/block3/head1/kappa_v")
+        >>> (t.metric.name, t.block, t.head)
+        ('kappa_v', 3, 1)
+        >>> parse_tag("stability/fp16_headroom").block is None, parse_tag("stability/guard/actions")
+        (True, None)
+    """
+    head_part, sep, rest = text.partition("/")
+    if not sep or head_part != prefix:
+        return None
+    parts = rest.split("/")
+    metric = BY_NAME.get(parts[-1])
+    if metric is None:
+        return None
+    indices: list[int] = []
+    for part, word in zip(parts[:-1], ("block", "head"), strict=False):
+        number = part.removeprefix(word)
+        if number == part or not number.isdigit() or (len(number) > 1 and number[0] == "0"):
+            return None
+        indices.append(int(number))
+    if len(parts) > 3 or (not indices and metric.level != "model" and not metric.blocks):
+        return None
+    if (indices and metric.level == "model") or (len(indices) == 2 and metric.level != "head"):
+        return None
+    block = indices[0] if indices else None
+    head = indices[1] if len(indices) == 2 else None
+    return Tag(metric, block, head, prefix)
+
+
 def markdown_table() -> str:
     """The metric table of README.md and docs/DESIGN.md, generated from :data:`METRICS`."""
     rows = [
