@@ -40,7 +40,8 @@ from lightning_stability.capture.probe import (
     first_nonfinite_module,
     predictor_warnings,
 )
-from lightning_stability.capture.structure import structure_warnings, unattended_blocks, unmatched_patterns
+from lightning_stability.capture.stacks import unmatched_patterns
+from lightning_stability.capture.structure import structure_warnings, unattended_blocks
 from lightning_stability.diagnostics.alarm import (
     AlarmResult,
     AlarmRule,
