@@ -15,3 +15,18 @@ def _single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["eager", "compiled"])
+def path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test on the eager path and on the compiled kernels (skipped where they cannot be
+    compiled). The compiled graphs are kept by the kernels for the whole session, so every test
+    of one input layout shares them."""
+    from lightning_stability.diagnostics import _compiled
+
+    if request.param == "compiled":
+        reason = _compiled.unavailable(torch.device("cpu"))
+        if reason is not None:
+            pytest.skip(reason)
+    with _compiled.forced_mode("on" if request.param == "compiled" else "off"):
+        yield str(request.param)
