@@ -143,14 +143,14 @@ def test_compiled_diagnostics_inside_force_eager_never_recompile_the_users_model
     with torch.no_grad():
         expected = compiled_model(x)
     assert len(graphs) == 1
-    rows_before = compile_stats()["softmax_rows"]["calls"]
+    calls_before = compile_stats()["softmax_rows"]["calls"]
     probe = StabilityProbe(compiled_model)
     with forced_mode("on"):
         raw = probe.measure((x,), {}, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
         with torch.compiler.set_stance("force_eager"):  # the monitor's stance: kernels still compile
             d = attention_diagnostics(*(torch.randn(4, 2, 9, 8) for _ in range(3)))
     stats = compile_stats()["softmax_rows"]
-    assert stats["calls"] > rows_before and stats["compiles"] >= 1 and stats["eager_because"] is None
+    assert stats["calls"] > calls_before and stats["compiles"] >= 1 and stats["eager_because"] is None
     assert torch.isfinite(d.kappa_softmax).all()
     with forced_mode("off"):
         ref = StabilityProbe(compiled_model).measure(
@@ -192,5 +192,7 @@ def test_compiled_kernels_equal_the_eager_path_and_count_their_graphs() -> None:
     with forced_mode("on"):
         before = compile_stats()["softmax_rows"]["compiles"]
         kappa_softmax(torch.randn(5, 7, 17, 23, generator=g), torch.rand(5, 7, 17, 23, generator=g) > 0.2)
+        q2, k2, v2 = (torch.randn(5, 3, n, 7, generator=g) for n in (9, 13, 13))
+        attention_diagnostics(q2, k2, v2, torch.rand(5, 3, 9, 13, generator=g) > 0.2)
         assert compile_stats()["softmax_rows"]["compiles"] == before  # new sizes: no new graph
     assert solver._ROWS.stats.first_call_s is not None

@@ -54,6 +54,7 @@ __all__ = [
     "Kernel",
     "compile_mode",
     "compile_stats",
+    "constant",
     "set_compile_mode",
 ]
 
@@ -62,7 +63,7 @@ ENV = "LIGHTNING_STABILITY_COMPILE"
 #: In ``"auto"`` mode, a kernel compiles once its eager path has taken this many seconds.
 AUTO_EAGER_SECONDS = 5.0
 #: Graphs a kernel may compile (new layouts or specialised sizes); past it the eager path runs.
-MAX_COMPILES = 8
+MAX_COMPILES = 16
 
 _MODES = {"auto": "auto", "on": "on", "1": "on", "true": "on", "off": "off", "0": "off", "false": "off"}
 _LOCK = threading.Lock()
@@ -185,11 +186,14 @@ class Kernel:
 
         False (take the eager path, timed by :meth:`eager`) when the mode is ``"off"``, in
         ``"auto"`` before the eager path has taken :data:`AUTO_EAGER_SECONDS`, inside a
-        ``torch.compile`` trace, or where compiling is impossible (warned once, with the reason).
+        ``torch.compile`` trace or a ``TorchDispatchMode`` (fake tensors, op counters: dynamo
+        compiles no frame there), or where compiling is impossible (warned once, with the reason).
         """
         mode = compile_mode()
         self.stats.calls += 1
         if mode == "off" or self.stats.broken is not None or torch.compiler.is_compiling():
+            return False
+        if torch._C._len_torch_dispatch_stack() > 0:  # a dispatch mode (fake tensors, op counters)
             return False
         if mode == "auto" and self._compiled is None and self.stats.eager_s < AUTO_EAGER_SECONDS:
             return False
@@ -255,6 +259,19 @@ class Kernel:
         self.stats.compiles += 1
         self.stats.seconds += time.perf_counter() - t0
         return compiled  # type: ignore[return-value]
+
+
+_CONSTANTS: dict[tuple[float, torch.dtype, torch.device, bool], Tensor] = {}
+
+
+def constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``value`` as a cached 0-d tensor: a kernel's numeric parameter passed as a tensor is an
+    input of its graph (a Python float would be baked in, one graph per value)."""
+    key = (float(value), dtype, device, torch.is_inference_mode_enabled())
+    out = _CONSTANTS.get(key)
+    if out is None:
+        out = _CONSTANTS[key] = torch.tensor(value, dtype=dtype, device=device)
+    return out
 
 
 def compile_stats() -> dict[str, dict[str, Any]]:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._checks import check_tensor
 from ._chunks import chunk_len, prep_mask, take_lead, workspace
-from ._compiled import Kernel
+from ._compiled import Kernel, constant
 from .softmax_bounds import _block_lower_bound, _cheap_bounds, _lambda_bounds, _widen
 from .softmax_jacobian import _exact_rows, _exact_rows_continue, _exact_rows_fused
 
@@ -332,7 +332,6 @@ _EXACT = Kernel(_exact_rows_fused, "softmax_exact", {"cpp.enable_loop_tail_vec":
 # whose four reductions cost about one softmax (measured: 1.05× at n = 256 and 1024, against
 # 1.5× with the stage-1.5 statistics), and their few candidates the eager stage 1.5.
 _FULL_MAX_NK = 128
-_ACC: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
 
 def _softmax_chunk_compiled(
@@ -344,26 +343,35 @@ def _softmax_chunk_compiled(
     data-dependent steps (which rows survive, their gather, stage 1.5 for long rows) run eagerly
     between them. ``None`` when the row kernel could not be compiled (the caller then runs the
     eager path)."""
-    g, nq, nk = s.shape
-    key = (nk, s.dtype, s.device)
-    acc = _ACC.get(key)
-    if acc is None:
-        acc = _ACC[key] = torch.tensor(nk * torch.finfo(s.dtype).eps, dtype=_F64, device=s.device)
-    full = want_entropy or nk <= _FULL_MAX_NK
-    got = _ROWS(s.detach(), mask, acc, full)
+    full = want_entropy or s.shape[-1] <= _FULL_MAX_NK
+    got = _ROWS(s.detach(), mask, _row_margin(s), full)
     if got is None:
         return None
     cand, bad, entropy = got
+    return _finish_rows(s, mask, cand, bad, entropy if want_entropy else None, full)
+
+
+def _row_margin(s: Tensor) -> Tensor:
+    """The row kernel's ``acc`` for scores ``s``: ``n_k·ε`` of their dtype, a cached 0-d tensor."""
+    return constant(s.shape[-1] * torch.finfo(s.dtype).eps, _F64, s.device)
+
+
+def _finish_rows(
+    s: Tensor, mask: Tensor | None, cand: Tensor, bad: Tensor, entropy: Tensor | None, full: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The data-dependent rest of the compiled path after the row kernel (:func:`_fused_rows`):
+    stage 1.5 for long rows, then the exact solve of the surviving rows."""
+    g, nq, nk = s.shape
     rows = cand.view(-1).nonzero().squeeze(-1)
     if not full and rows.numel() > _PHASE15_MIN_ROWS * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
-        rows = _stage15(s, mask, rows, float(acc))
+        rows = _stage15(s, mask, rows, nk * torch.finfo(s.dtype).eps)
     out = torch.zeros(g, dtype=_F64, device=s.device)
     batch = max(2, _EXACT_ELEMS // nk)  # rows per gather: temporaries stay O(_EXACT_ELEMS)
     for a in range(0, rows.numel(), batch):
         rb = rows[a : a + batch]
         vals = _exact_solve(_gather_rows(s, mask, rb))
         out.scatter_reduce_(0, rb // nq, vals, reduce="amax")
-    return torch.where(bad, _INF, out), entropy if want_entropy else None
+    return torch.where(bad, _INF, out), entropy
 
 
 def _stage15(s: Tensor, mask: Tensor | None, rows: Tensor, acc: float) -> Tensor:
