@@ -6,6 +6,11 @@ bounds (:mod:`.softmax_bounds`) then prune every row that cannot reach its matri
 in stages of growing cost, and only the surviving rows are solved exactly in float64
 (:mod:`.softmax_jacobian`). The result is the exact maximum at a fraction of an eigen-solver's
 cost.
+
+Where :mod:`._compiled` allows it, the same stages run as two compiled kernels: the row pass with
+every bound on every row (:func:`_fused_rows`), and the exact solve of the survivors with a
+fixed number of Newton steps; only the data-dependent steps (which rows survive, their gather)
+run eagerly between them. Both paths give the exact maximum (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
