@@ -30,3 +30,6 @@ def path(request: pytest.FixtureRequest) -> Iterator[str]:
             pytest.skip(reason)
     with _compiled.forced_mode("on" if request.param == "compiled" else "off"):
         yield str(request.param)
+    if request.param == "compiled":  # the compiled path really ran (not a silent eager fallback)
+        stats = _compiled.compile_stats()
+        assert all(s["eager_because"] is None for s in stats.values() if s["compiles"]), stats

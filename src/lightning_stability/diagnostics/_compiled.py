@@ -219,6 +219,8 @@ class Kernel:
     def __call__(self, *args: Any) -> Any:
         """Run the compiled kernel; ``None`` when it could not be compiled (warned once: the
         caller then takes its eager path)."""
+        import torch._dynamo
+
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True, backend=self._backend)
         t0 = time.perf_counter()
@@ -227,7 +229,13 @@ class Kernel:
             # The monitor's forwards force eager for the user's model; this frame compiles.
             # No duck sizing: equal sizes in the first call (e.g. 64 heads of 64 tokens) must not
             # become one symbol, or the next shape recompiles.
-            with torch.compiler.set_stance("default"), fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+            # Dynamo's own recompile limit (8 by default, per function) is raised to ours for
+            # this frame only.
+            with (
+                torch.compiler.set_stance("default"),
+                fx_config.patch(use_duck_shape=False),  # type: ignore[attr-defined]
+                torch._dynamo.config.patch(recompile_limit=MAX_COMPILES + 1),
+            ):
                 out = self._compiled(*args)
         except Exception as err:  # an inductor/dynamo failure: this kernel runs eagerly from now on
             self.stats.broken = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
