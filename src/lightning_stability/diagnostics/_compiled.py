@@ -18,9 +18,9 @@ the compiled kernel runs or the caller takes its eager path:
   ``TORCH_COMPILE_DISABLE``/``torch._dynamo.config.disable``, a Python that dynamo does not
   support, no C++ compiler (CPU), no Triton (GPU), an inductor error on a kernel (that kernel
   only), a kernel past :data:`MAX_COMPILES` shapes.
-* **Shapes** compile with dynamic sizes (``dynamic=True``): one graph serves every size, so a
-  run compiles each kernel once per (device, dtype, input layout), plus once per size that
-  PyTorch specialises (a dimension of size 1, e.g. a single query). :func:`compile_stats`
+* **Shapes** compile with dynamic sizes (``dynamic=True``, no duck sizing): one graph serves
+  every size, so a run compiles each kernel once per (device, dtype, input layout, inference
+  mode or not); kernels run without grad (grad mode would be one more guard). :func:`compile_stats`
   counts the graphs compiled per kernel and the seconds spent compiling them.
 * **The user's model is never touched.** The monitor's own forwards run under
   ``torch.compiler.set_stance("force_eager")`` (its hooks must not recompile a user's
@@ -230,8 +230,9 @@ class Kernel:
             # No duck sizing: equal sizes in the first call (e.g. 64 heads of 64 tokens) must not
             # become one symbol, or the next shape recompiles.
             # Dynamo's own recompile limit (8 by default, per function) is raised to ours for
-            # this frame only.
+            # this frame only; grad mode is a guard, so the kernels always run without grad.
             with (
+                torch.no_grad(),
                 torch.compiler.set_stance("default"),
                 fx_config.patch(use_duck_shape=False),  # type: ignore[attr-defined]
                 torch._dynamo.config.patch(recompile_limit=MAX_COMPILES + 1),
