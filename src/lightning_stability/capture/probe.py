@@ -40,6 +40,7 @@ from lightning_stability.capture.guards import (
 )
 from lightning_stability.capture.hooks import HookContext
 from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
+from lightning_stability.capture.sharding import full_weights, unsharded
 from lightning_stability.capture.structure import MISSING_WO, Block, WeightFn, model_blocks, moe_kappa_eff
 from lightning_stability.diagnostics.collapse import collapse_statistics
 from lightning_stability.diagnostics.linear import BATCH_BYTES, batches, float64_stack, kappa_wkwq_many
@@ -241,20 +242,30 @@ class StabilityProbe:
 
         ``κ_eff`` of a block with MoE experts follows
         :func:`~lightning_stability.capture.structure.moe_kappa_eff` (dense FFN weights + the
-        worst expert's sum); a block with neither gets none.
+        worst expert's sum); a block with neither gets none. Sharded parameters (FSDP2, tensor
+        parallel) are read one block at a time in full FP32
+        (:func:`~lightning_stability.capture.sharding.full_weights`).
         """
+        seen = [0, 0]  # weights and Q/K pairs of the groups before (their reuse keys)
+        for blocks in full_weights(self.blocks):
+            self._group_weights(raw, heads, blocks, seen)
+
+    def _group_weights(
+        self, raw: RawMeasurement, heads: dict[int, int], blocks: list[Block], seen: list[int]
+    ) -> None:
         jobs: list[tuple[str, int, WeightFn]] = []
-        for block in self.blocks:
+        for block in blocks:
             jobs += [("ffn", block.index, fn) for fn in block.ffn.values()]
             jobs += [("wo", block.index, fn) for fn in block.wo.values()]
             for e, weights in enumerate(block.experts):
                 jobs += [(f"expert{e}", block.index, fn) for fn in weights.values()]
-        sigma = _grouped_singular_values([fn for _, _, fn in jobs], self.spectra)
+        sigma = _grouped_singular_values([fn for _, _, fn in jobs], self.spectra, seen[0])
+        seen[0] += len(jobs)
         found: dict[tuple[str, int], list[Tensor]] = defaultdict(list)
         for (kind, index, _), s in zip(jobs, sigma, strict=True):
             found[(kind, index)].append(s)
-        wkwq = self._wkwq(heads)
-        for block in self.blocks:
+        wkwq, seen[1] = self._wkwq(heads, blocks, seen[1])
+        for block in blocks:
             i = block.index
             ffn = [D.condition_from_singular_values(s) for s in found[("ffn", i)]]
             experts = [
@@ -275,17 +286,20 @@ class StabilityProbe:
             if wkwq.get(i):
                 raw.put(f"block{i}/kappa_wkwq", torch.stack([k.amax() for k in wkwq[i]]).amax())
 
-    def _wkwq(self, heads: dict[int, int]) -> dict[int, list[Tensor]]:
+    def _wkwq(
+        self, heads: dict[int, int], blocks: list[Block], done: int = 0
+    ) -> tuple[dict[int, list[Tensor]], int]:
         """Per attended block, ``κ(W_Q^hᵀ W_K^h)`` of each Q/K pair, blocks batched into few calls.
 
         The pairs are taken block by block and solved whenever they reach ``BATCH_BYTES`` of
         float64, so only that much of them (``pair()`` copies K for grouped-query heads) is
-        alive at once.
+        alive at once. ``done``: pairs solved before (the reuse keys); returned with this
+        call's added.
         """
         out: dict[int, list[Tensor]] = defaultdict(list)
         jobs: list[tuple[int, Tensor, Tensor, int]] = []
-        size = done = 0  # float64 bytes pending; pairs solved before them (the reuse keys)
-        for block in self.blocks:
+        size = 0  # float64 bytes pending
+        for block in blocks:
             if not block.qk or block.index not in heads:
                 continue
             for proj in block.qk:
@@ -300,7 +314,7 @@ class StabilityProbe:
                     jobs.append((block.index, w_q, w_k, n_heads))
                     size += 2 * w_q.numel() * 8
         self._solve_wkwq(jobs, out, done)
-        return out
+        return out, done + len(jobs)
 
     def _solve_wkwq(
         self, jobs: list[tuple[int, Tensor, Tensor, int]], out: dict[int, list[Tensor]], first: int
@@ -637,6 +651,7 @@ class _Collector:
                 if attention:
                     tap = self.local_modules[("r_attention_local", i)]
                     stack.enter_context(tap.register_forward_hook(_collect_first(seen)))
+                stack.enter_context(unsharded(module, self.probe.model))  # a sub-layer inside an FSDP2 block
                 for call in calls:
                     out = self._rerun(module, call, low_precision)
                     if out is not None and call.output is not None:
@@ -827,13 +842,14 @@ def _residual_branch(
     return branch
 
 
-def _grouped_singular_values(fns: Sequence[WeightFn], spectra: WeightSpectra) -> list[Tensor]:
+def _grouped_singular_values(fns: Sequence[WeightFn], spectra: WeightSpectra, first: int = 0) -> list[Tensor]:
     """``[σmax, σmin]`` of each weight, one batched call per weight shape (kept ones reused).
 
     A weight with a non-finite entry gets ``[inf, 0]`` (so ``‖W‖₂`` and ``κ(W)`` read ``inf``).
+    ``first``: weights of the measurement before these (their reuse keys).
     """
     weights = [fn().detach() for fn in fns]
-    keys = [("sigma", j) for j in range(len(weights))]
+    keys = [("sigma", first + j) for j in range(len(weights))]
     out = spectra.lookup(keys, [(w,) for w in weights])
     groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for j, w in enumerate(weights):

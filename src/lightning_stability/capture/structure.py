@@ -149,8 +149,30 @@ class Block:
     missing: list[str] = field(default_factory=list)
 
     def contains(self, module_name: str) -> bool:
-        """Whether the module named ``module_name`` lies inside this block."""
+        """Whether the module named ``module_name`` (wrapper segments or not) lies inside this block."""
+        module_name = plain_name(module_name)
         return module_name == self.name or module_name.startswith(self.name + ".")
+
+
+# --------------------------------------------------------------------------- names
+#: Name segments a wrapper inserts between a module and its parent: ``torch.compile``'s
+#: ``OptimizedModule`` and ``checkpoint_wrapper`` (activation checkpointing).
+WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module"})
+
+
+def plain_name(name: str) -> str:
+    """A qualified module name without the segments wrappers insert (:data:`WRAPPER_SEGMENTS`).
+
+    Blocks, normalization layers and modules are named this way in every report, key and
+    pattern match, so a compiled or checkpoint-wrapped model reads like the plain one.
+
+    Example:
+        >>> plain_name("model._orig_mod.layers.0._checkpoint_wrapped_module.mlp")
+        'model.layers.0.mlp'
+    """
+    if "_" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
 
 
 # --------------------------------------------------------------------------- patterns
@@ -198,12 +220,13 @@ def pattern_regex(pattern: str) -> re.Pattern[str]:
 def match_blocks(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Module]]:
     """Modules whose qualified name matches one of ``patterns`` (:func:`pattern_regex`), in model order.
 
-    A match inside an earlier match is dropped (a block cannot contain a block).
+    A match inside an earlier match is dropped (a block cannot contain a block). Names are
+    matched without wrapper segments (:func:`plain_name`).
     """
     regexes = [pattern_regex(p) for p in patterns]
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if name and any(r.match(name) for r in regexes):
+        if name and any(r.match(plain_name(name)) for r in regexes):
             if found and (name == found[-1][0] or name.startswith(found[-1][0] + ".")):
                 continue
             found.append((name, module))
@@ -212,7 +235,7 @@ def match_blocks(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, n
 
 def unmatched_patterns(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """The patterns that match no module of ``model`` (for the caller to reject or warn)."""
-    names = [name for name, _ in model.named_modules() if name]
+    names = [plain_name(name) for name, _ in model.named_modules() if name]
     return [p for p in patterns if not any(pattern_regex(p).match(n) for n in names)]
 
 
@@ -529,7 +552,7 @@ def describe_block(index: int, name: str, module: nn.Module, stack: str = "") ->
             continue
         parts = rel.split(".") if rel else []
         leaf = parts[-1].lower() if parts else ""
-        full = f"{name}.{rel}" if rel else name
+        full = plain_name(f"{name}.{rel}" if rel else name)
         if isinstance(sub, nn.MultiheadAttention):
             block.wo[f"{full}.out_proj"] = _weight_of(sub.out_proj, "weight")
             block.qk.append(_mha_qk(full, sub))
@@ -625,7 +648,10 @@ def model_blocks(model: nn.Module, patterns: Sequence[str] | None = None) -> lis
         found = [(name, module, name.rpartition(".")[0]) for name, module in match_blocks(model, patterns)]
     else:
         found = [(name, module, stack.name) for stack in find_stacks(model) for name, module in stack.members]
-    return [describe_block(i, name, module, stack) for i, (name, module, stack) in enumerate(found)]
+    return [
+        describe_block(i, plain_name(name), module, plain_name(stack))
+        for i, (name, module, stack) in enumerate(found)
+    ]
 
 
 # --------------------------------------------------------------------------- for the monitor

@@ -1,0 +1,282 @@
+"""Sharded parameters, in one place: what the probe does differently when training shards the model.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) and tensor parallelism
+(``torch.distributed.tensor.parallel``) a parameter at rest is a ``DTensor``: each rank holds a
+shard. The forward still works (FSDP2's hooks all-gather a module's parameters before its
+forward, tensor parallelism's hooks convert activations), but three things the probe does
+outside a whole-model forward need full tensors, and one needs FSDP2's mixed precision
+switched off:
+
+- **weight spectra** read weights at rest: :func:`full_weights` gathers one block's parameters
+  at a time (``DTensor.full_tensor()``, FP32 master values) and puts them back afterwards;
+- **sub-layer re-runs** (a block's FFN on its exact input) call a module that is not an FSDP2
+  module itself: :func:`unsharded` all-gathers its nearest FSDP2 ancestor as training does;
+- the **exact FP32 pass** must compute with the FP32 master parameters, not the low-precision
+  copies ``MixedPrecisionPolicy(param_dtype=...)`` makes FSDP2 all-gather (nor cast every
+  module's inputs to that dtype): :func:`fp32_all_gather`;
+- after the passes every FSDP2 module is left sharded or unsharded as training left it
+  (:func:`restore_sharding`).
+
+Without DTensor parameters and FSDP2 modules every function here is a no-op. FSDP1
+(``FullyShardedDataParallel``) and DeepSpeed ZeRO are not handled (see
+``docs/DISTRIBUTED.md``); :func:`unsupported_sharding` names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+try:  # torch.distributed is optional in some builds
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - builds without distributed support
+    FSDPModule = None  # type: ignore[assignment,misc]
+    DTensor = None  # type: ignore[assignment,misc]
+
+from lightning_stability.capture.structure import Block
+
+#: What :func:`unsupported_sharding` says for FSDP1 (also used by the monitor for ``FSDPStrategy``).
+FSDP1_MESSAGE = (
+    "FSDP1 (FullyShardedDataParallel, Lightning's FSDPStrategy) keeps each module's parameters in "
+    "flat shards outside its forward, so the weight spectra and the sub-layer re-runs cannot read them; "
+    "it is not supported. Train with Lightning's ModelParallelStrategy and torch's fully_shard (FSDP2), "
+    "which is measured (docs/DISTRIBUTED.md), or measure the model on a single device."
+)
+#: What :func:`unsupported_sharding` says for DeepSpeed (also used by the monitor for ``DeepSpeedStrategy``).
+DEEPSPEED_MESSAGE = (
+    "DeepSpeed is not supported: ZeRO-3 partitions every parameter outside DeepSpeed's own forward "
+    "hooks (the weight spectra and the exact FP32 pass need each block's full FP32 weights), and no "
+    "ZeRO stage has been tested. Train with Lightning's ModelParallelStrategy and torch's fully_shard "
+    "(FSDP2), which is measured (docs/DISTRIBUTED.md), or measure the model on a single device."
+)
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 modules (``fully_shard`` applied) inside ``model``, itself included, in model order."""
+    if FSDPModule is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether a forward or a weight read of ``model`` involves collectives (DTensor parameters or FSDP2)."""
+    return bool(fsdp_modules(model)) or any(is_dtensor(p) for p in model.parameters())
+
+
+def is_tensor_parallel(model: nn.Module) -> bool:
+    """Whether some parameter is sharded by tensor parallelism (not only by FSDP2).
+
+    FSDP2 alone shards on a one-dimensional mesh and only modules it manages; a DTensor
+    parameter with no FSDP2 module around, or on a mesh of more than one dimension (FSDP2 on
+    top of tensor parallelism), is tensor-parallel.
+    """
+    dtensors = [p for p in model.parameters() if is_dtensor(p)]
+    if not dtensors:
+        return False
+    return not fsdp_modules(model) or any(p.device_mesh.ndim > 1 for p in dtensors)  # type: ignore[attr-defined]
+
+
+def unsupported_sharding(model: nn.Module) -> str | None:
+    """Why the probe cannot measure ``model`` (FSDP1 modules, DeepSpeed ZeRO-3 parameters), else ``None``."""
+    for module in model.modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            return FSDP1_MESSAGE
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return DEEPSPEED_MESSAGE
+    return None
+
+
+def mixed_precision_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype FSDP2's ``MixedPrecisionPolicy(param_dtype=...)`` all-gathers ``model``'s parameters in.
+
+    ``None`` when no FSDP2 module casts (no policy, or ``param_dtype`` equal to the parameters').
+    """
+    for param in _fsdp_params(model):
+        if param.param_dtype is not None:
+            return param.param_dtype
+    return None
+
+
+# --------------------------------------------------------------------------- weights at rest
+def full_weights(blocks: Sequence[Block]) -> Iterator[list[Block]]:
+    """The blocks in groups whose parameters read as full FP32 tensors while the group is current.
+
+    Unsharded models: one group, all blocks, nothing copied. Sharded (DTensor) parameters: one
+    block at a time, each DTensor parameter of the block replaced by its gathered value
+    (``full_tensor()``: the FP32 master, not FSDP2's low-precision all-gather) and put back
+    when the next group starts, so at most **one block's parameters** are held in full. Every
+    rank must iterate to the end (each gather is a collective).
+
+    Example:
+        >>> b = Block(0, "0", nn.Linear(2, 2))
+        >>> [[x.name for x in group] for group in full_weights([b])]
+        [['0']]
+    """
+    if not any(is_dtensor(p) for b in blocks for p in b.module.parameters()):
+        yield list(blocks)
+        return
+    for block in blocks:
+        with full_parameters(block.module):
+            yield [block]
+
+
+#: Peak bytes of parameters held in full by :func:`full_parameters` at once, since import.
+GATHERED_PEAK: dict[str, int] = {"bytes": 0, "live": 0}
+
+
+@contextmanager
+def full_parameters(module: nn.Module) -> Iterator[None]:
+    """Inside: every DTensor parameter of ``module`` is a plain tensor holding its full value.
+
+    The registered parameters are swapped (``module._parameters``) and put back on exit, so
+    nothing runs FSDP2's or tensor parallelism's hooks here: only reads of weights belong
+    inside, no forward. A parameter tied to several modules is gathered once.
+    """
+    swapped: list[tuple[nn.Module, str, Any]] = []
+    gathered: dict[int, Tensor] = {}
+    try:
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if not is_dtensor(param):
+                    continue
+                assert param is not None
+                if id(param) not in gathered:
+                    with torch.no_grad():
+                        gathered[id(param)] = param.detach().full_tensor()  # type: ignore[attr-defined]
+                swapped.append((sub, name, param))
+                sub._parameters[name] = nn.Parameter(gathered[id(param)], requires_grad=False)
+        live = sum(t.numel() * t.element_size() for t in gathered.values())
+        GATHERED_PEAK["live"] += live
+        GATHERED_PEAK["bytes"] = max(GATHERED_PEAK["bytes"], GATHERED_PEAK["live"])
+        yield
+    finally:
+        for sub, name, param in reversed(swapped):
+            sub._parameters[name] = param
+        if gathered:
+            GATHERED_PEAK["live"] -= sum(t.numel() * t.element_size() for t in gathered.values())
+
+
+# --------------------------------------------------------------------------- FSDP2 around forwards
+def _fsdp_states(model: nn.Module) -> list[Any]:
+    return [m._get_fsdp_state() for m in fsdp_modules(model)]  # type: ignore[operator]
+
+
+def _fsdp_groups(model: nn.Module) -> list[Any]:
+    return [group for state in _fsdp_states(model) for group in state._fsdp_param_groups]
+
+
+def _fsdp_params(model: nn.Module) -> list[Any]:
+    return [param for group in _fsdp_groups(model) for param in group.fsdp_params]
+
+
+@contextmanager
+def restore_sharding(model: nn.Module) -> Iterator[None]:
+    """Leave every FSDP2 parameter group sharded or unsharded as it was on entry.
+
+    The extra forwards unshard each module for its forward; the root (``reshard_after_forward``
+    off by default) would stay unsharded afterwards. Groups sharded on entry are resharded on
+    exit (no collective); a group unsharded on entry is all-gathered again.
+    """
+    groups = _fsdp_groups(model)
+    was_unsharded = [g.is_unsharded for g in groups]
+    try:
+        yield
+    finally:
+        for group, unsharded in zip(groups, was_unsharded, strict=True):
+            if unsharded and not group.is_unsharded:
+                group.unshard()
+                group.wait_for_unshard()
+            elif not unsharded and group.is_unsharded:
+                group.reshard()
+
+
+@contextmanager
+def fp32_all_gather(model: nn.Module) -> Iterator[None]:
+    """FSDP2 all-gathers the FP32 master parameters and casts no module input (the exact pass).
+
+    With ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` FSDP2 computes every forward with
+    BF16 copies of the parameters and BF16 inputs, even without autocast: an "exact" reference
+    run that way is a BF16 forward, and the mismatch against it a plausible, wrong, small number.
+    Inside, each FSDP2 parameter all-gathers in its own dtype into fresh buffers and no state
+    casts forward inputs; on exit the groups are resharded and FSDP2's own buffers and policies
+    are put back as they were (the training forward all-gathers into them again).
+    """
+    params = [p for p in _fsdp_params(model) if p.param_dtype is not None]
+    if not params:
+        yield
+        return
+    states = [s for s in _fsdp_states(model) if s._mp_policy.param_dtype is not None]
+    groups = _fsdp_groups(model)
+    for group in groups:  # every group sharded first: its buffers are then free to swap
+        if group.is_unsharded:
+            group.reshard()
+    kept = [(p, p.param_dtype, p.all_gather_outputs, p.__dict__.get("_unsharded_param")) for p in params]
+    policies = [(s, s._mp_policy) for s in states]
+    try:
+        for p in params:
+            p.param_dtype = None
+            p.all_gather_outputs = []
+            p.__dict__.pop("_unsharded_param", None)
+        for state, policy in policies:
+            state._mp_policy = dataclasses.replace(policy, param_dtype=None)
+        yield
+    finally:
+        for group in groups:
+            if group.is_unsharded:
+                group.reshard()
+        for p, dtype, outputs, unsharded in kept:
+            p.param_dtype, p.all_gather_outputs = dtype, outputs
+            p.__dict__.pop("_unsharded_param", None)
+            if unsharded is not None:
+                p._unsharded_param = unsharded
+        for state, policy in policies:
+            state._mp_policy = policy
+
+
+@contextmanager
+def unsharded(module: nn.Module, model: nn.Module) -> Iterator[None]:
+    """``module``'s parameters unsharded as in training, for calling it on its own.
+
+    An FSDP2 module all-gathers its own parameters when called, but a sub-layer inside one (a
+    block's FFN when the block is what ``fully_shard`` wrapped) is not: its nearest FSDP2
+    ancestor in ``model`` is unsharded (FSDP2's ``unshard()``, in the training's parameter
+    dtype) for the duration and resharded afterwards.
+    """
+    owner = _fsdp_owner(module, model)
+    if owner is None:
+        yield
+        return
+    with ExitStack() as stack:
+        stack.enter_context(restore_sharding(owner))
+        owner.unshard()  # type: ignore[operator]
+        yield
+
+
+def _fsdp_owner(module: nn.Module, model: nn.Module) -> nn.Module | None:
+    """The innermost FSDP2 module of ``model`` strictly containing ``module`` (``None``: none, or
+    ``module`` is one itself)."""
+    if FSDPModule is None or isinstance(module, FSDPModule) or not fsdp_modules(model):
+        return None
+    owner: nn.Module | None = None
+
+    def visit(node: nn.Module, inner: nn.Module | None) -> bool:
+        nonlocal owner
+        if node is module:
+            owner = inner
+            return True
+        here = node if isinstance(node, FSDPModule) else inner
+        return any(visit(child, here) for child in node.children())
+
+    visit(model, None)
+    return owner
