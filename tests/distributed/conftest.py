@@ -94,12 +94,17 @@ def one_process(
     assert not unexpected and set(missing) <= {n for n, _ in model.named_buffers()}, (missing, unexpected)
     probe = StabilityProbe(model, **probe_kw)
     per_rank, raws = [], []
-    for rank in (0, 1):
-        args, kwargs = torch.load(runs.path(scenario, f"inputs_{scenario}_rank{rank}_step{step}.pt"))
-        raw = probe.measure(prepare(args), prepare(kwargs), low_precision, seed=step)
-        keys, vec = raw.flat()
-        per_rank.append(dict(zip(keys, vec.tolist(), strict=True)))
-        raws.append(raw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (torch.distributed.run sets OMP_NUM_THREADS=1)
+    try:
+        for rank in (0, 1):
+            args, kwargs = torch.load(runs.path(scenario, f"inputs_{scenario}_rank{rank}_step{step}.pt"))
+            raw = probe.measure(prepare(args), prepare(kwargs), low_precision, seed=step)
+            keys, vec = raw.flat()
+            per_rank.append(dict(zip(keys, vec.tolist(), strict=True)))
+            raws.append(raw)
+    finally:
+        torch.set_num_threads(threads)
     reduced = {}
     for key, op in raws[0].ops.items():
         values = [r[key] for r in per_rank]

@@ -65,17 +65,63 @@ class Layer(nn.Module):
         self.attention_norm = nn.RMSNorm(d, eps=1e-5)
         self.attention = Attention(d, heads)
         self.ffn_norm = nn.RMSNorm(d, eps=1e-5)
-        self.w1, self.w2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x))
-        return x + self.w2(F.gelu(self.w1(self.ffn_norm(x))))
+        return x + self.mlp(self.ffn_norm(x))
 
 
 def lightning_base() -> type:
     from lightning.pytorch import LightningModule
 
     return LightningModule
+
+
+def tp_hand_written(parallel: bool = True) -> Any:
+    """A pre-RMSNorm Transformer whose attention and MLP a tensor-parallel plan shards."""
+    from tests.conftest import make_loader
+
+    class TPModel(lightning_base()):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Linear(8, 32)
+            self.layers = nn.ModuleList(Layer(32, 4) for _ in range(2))
+            self.norm = nn.RMSNorm(32)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.embed(x)
+            for layer in self.layers:
+                x = layer(x)
+            return self.head(self.norm(x).mean(1))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+        def configure_model(self) -> None:
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            if not parallel:
+                return
+            plan = {f"attention.{p}_proj": ColwiseParallel() for p in "qkv"}
+            plan |= {
+                "attention.o_proj": RowwiseParallel(),
+                "mlp.0": ColwiseParallel(),
+                "mlp.2": RowwiseParallel(),
+            }
+            for layer in self.layers:
+                parallelize_module(layer, self.device_mesh["tensor_parallel"], plan)
+
+        def loader(self, rank: int) -> Any:
+            return make_loader(n=4 * BATCH, batch_size=BATCH)  # tensor parallel: every rank the same data
+
+    return TPModel()
 
 
 # --------------------------------------------------------------------------- recording
@@ -155,7 +201,9 @@ def fit(
     metrics = [
         {"step": s, "metrics": m} for s, m in logger.records if any(k.startswith("stability/") for k in m)
     ]
-    names = [b.name for b in monitor.last_report.blocks] if monitor is not None and monitor.last_report else []
+    names = (
+        [b.name for b in monitor.last_report.blocks] if monitor is not None and monitor.last_report else []
+    )
     return {
         "rows": rows,
         "metrics": metrics,
@@ -304,6 +352,8 @@ def _llama(plan: str) -> Any:
 
         def configure_model(self) -> None:
             layers = self.lm.model.layers
+            if plan == "none":
+                return
             if plan == "fsdp2":
                 mesh = self.device_mesh["data_parallel"]
                 for layer in layers:
@@ -349,12 +399,22 @@ def scenario_tp_llama(out: Path) -> dict[str, Any]:
     return fit(_llama("tp"), "tp_llama", out, monitor, model_parallel(1, 2), precision="bf16-mixed")
 
 
+def scenario_tp_hand_written(out: Path) -> dict[str, Any]:
+    """Hand-written model, attention and MLP column/row-wise parallel over 2 ranks, per-head values."""
+    kw = dict(every_n_steps=1, sample_size=SAMPLE, log_per_head=True, batch_reduction="mean")
+    monitor = recorder("tp_hand_written", out, **kw)
+    return fit(
+        tp_hand_written(), "tp_hand_written", out, monitor, model_parallel(1, 2), precision="bf16-mixed"
+    )
+
+
 SCENARIOS = {
     "fsdp2": scenario_fsdp2,
     "fsdp2_mp": scenario_fsdp2_mp,
     "fsdp2_checkpoint": scenario_fsdp2_checkpoint,
     "fsdp2_llama": scenario_fsdp2_llama,
     "tp_llama": scenario_tp_llama,
+    "tp_hand_written": scenario_tp_hand_written,
 }
 
 

@@ -40,7 +40,13 @@ from lightning_stability.capture.guards import (
 )
 from lightning_stability.capture.hooks import HookContext
 from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
-from lightning_stability.capture.sharding import full_weights, unsharded
+from lightning_stability.capture.sharding import (
+    check_supported,
+    full_weights,
+    gather_heads,
+    head_groups,
+    unsharded,
+)
 from lightning_stability.capture.structure import MISSING_WO, Block, WeightFn, model_blocks, moe_kappa_eff
 from lightning_stability.diagnostics.collapse import collapse_statistics
 from lightning_stability.diagnostics.linear import BATCH_BYTES, batches, float64_stack, kappa_wkwq_many
@@ -160,6 +166,7 @@ class StabilityProbe:
         balanced_mass: bool = False,
         reuse_weight_spectra: bool = False,
     ) -> None:
+        check_supported(model)  # FSDP1, DeepSpeed ZeRO-3: UnsupportedSharding
         self.model = model
         self.blocks: list[Block] = model_blocks(model, blocks)
         self.norms: list[NormLayer] = find_norms(model)
@@ -179,6 +186,8 @@ class StabilityProbe:
         self.local_errors = local_errors
         self.balanced_mass = balanced_mass
         self.spectra = WeightSpectra(reuse_weight_spectra)
+        #: blocks whose attention heads tensor parallelism splits across ranks: their process group
+        self.head_groups = head_groups(model, self.blocks)
 
     def block_of(self, module_name: str) -> int | None:
         """Index of the block containing the module ``module_name`` (``None``: outside every block)."""
@@ -568,6 +577,8 @@ class _Collector:
         probe = self.probe
         self.raw.attention_calls += 1
         block = probe.block_of(call.name)
+        if block in probe.head_groups:  # tensor parallel: every rank's heads, as in the unsharded model
+            call = gather_heads(call, probe.head_groups[block])
         diag = call_diagnostics(call)  # kappa_score is NaN (unknown) for scores-only calls
         self.ksm_max.append(diag.kappa_softmax.amax())
         if block is None:

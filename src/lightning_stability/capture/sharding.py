@@ -15,7 +15,10 @@ switched off:
   copies ``MixedPrecisionPolicy(param_dtype=...)`` makes FSDP2 all-gather (nor cast every
   module's inputs to that dtype): :func:`fp32_all_gather`;
 - after the passes every FSDP2 module is left sharded or unsharded as training left it
-  (:func:`restore_sharding`).
+  (:func:`restore_sharding`);
+- under tensor parallelism each rank's attention sees only its own heads (``ColwiseParallel``
+  query/key/value projections): :func:`gather_heads` hands the diagnostics every head, in the
+  unsharded model's order, so per-head values, means and sums over heads are the model's.
 
 Without DTensor parameters and FSDP2 modules every function here is a no-op. FSDP1
 (``FullyShardedDataParallel``) and DeepSpeed ZeRO are not handled (see
@@ -39,6 +42,7 @@ except ImportError:  # pragma: no cover - builds without distributed support
     FSDPModule = None  # type: ignore[assignment,misc]
     DTensor = None  # type: ignore[assignment,misc]
 
+from lightning_stability.capture.attention import AttentionCall
 from lightning_stability.capture.structure import Block
 
 #: What :func:`unsupported_sharding` says for FSDP1 (also used by the monitor for ``FSDPStrategy``).
@@ -55,6 +59,10 @@ DEEPSPEED_MESSAGE = (
     "ZeRO stage has been tested. Train with Lightning's ModelParallelStrategy and torch's fully_shard "
     "(FSDP2), which is measured (docs/DISTRIBUTED.md), or measure the model on a single device."
 )
+
+
+class UnsupportedSharding(RuntimeError):
+    """The model's parameters are sharded in a way the probe cannot read (FSDP1, DeepSpeed ZeRO-3)."""
 
 
 def is_dtensor(t: Any) -> bool:
@@ -95,6 +103,42 @@ def unsupported_sharding(model: nn.Module) -> str | None:
     if any(hasattr(p, "ds_id") for p in model.parameters()):
         return DEEPSPEED_MESSAGE
     return None
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedSharding` with :func:`unsupported_sharding`'s reason, if any."""
+    reason = unsupported_sharding(model)
+    if reason is not None:
+        raise UnsupportedSharding(reason)
+
+
+def sharding_warnings(model: nn.Module, blocks: Sequence[Block], heads: dict[int, Any]) -> list[str]:
+    """What is not exact under this model's tensor parallelism (for a one-time warning).
+
+    Args:
+        model: the model.
+        blocks: its blocks.
+        heads: :func:`head_groups` of the blocks.
+    """
+    if not is_tensor_parallel(model):
+        return []
+    out = []
+    if any(is_dtensor(p) and p.device_mesh.ndim > 1 for p in model.parameters()):  # type: ignore[attr-defined]
+        out.append(
+            "FSDP2 combined with tensor parallelism (a 2-D device mesh) is not tested: weights are gathered "
+            "and reduced as for either alone, but attention heads are not gathered across the "
+            "tensor-parallel ranks (see the next point)"
+        )
+    local = [b.name for b in blocks if b.qk and b.index not in heads]
+    if local:
+        shown = ", ".join(local[:4]) + (f" and {len(local) - 4} more" if len(local) > 4 else "")
+        out.append(
+            f"{shown}: tensor parallel, but the query projection is not a row-sharded (ColwiseParallel) "
+            "weight of its own, so each rank's attention diagnostics see only that rank's heads: per-head "
+            "values, attention_entropy, theta, head_reduction='sum' and batch_reduction='mean' mix ranks; "
+            "the maxima over heads (kappa_score, kappa_softmax, kappa_v, attn_logit_max) stay exact"
+        )
+    return out
 
 
 def mixed_precision_dtype(model: nn.Module) -> torch.dtype | None:
@@ -280,3 +324,61 @@ def _fsdp_owner(module: nn.Module, model: nn.Module) -> nn.Module | None:
 
     visit(model, None)
     return owner
+
+
+# --------------------------------------------------------------------------- tensor parallel heads
+def head_groups(model: nn.Module, blocks: Sequence[Block]) -> dict[int, Any]:
+    """Per block whose attention heads tensor parallelism splits across ranks, the process group.
+
+    A block qualifies when its query projection is a separate weight sharded by rows on a
+    one-dimensional mesh (``ColwiseParallel``): rank ``r`` then computes the ``r``-th slice of
+    the heads. FSDP2 shards rows too, but all-gathers them for the forward: models with FSDP2
+    modules only (no tensor parallelism) give none.
+    """
+    if not is_tensor_parallel(model):
+        return {}
+    out: dict[int, Any] = {}
+    for block in blocks:
+        for proj in block.qk:
+            w = proj.w_q() if proj.layout == "separate" else None
+            if is_dtensor(w) and w.device_mesh.ndim == 1 and _row_sharded(w):  # type: ignore[union-attr]
+                out[block.index] = w.device_mesh.get_group()  # type: ignore[union-attr]
+    return out
+
+
+def _row_sharded(w: Any) -> bool:
+    placement = w.placements[0]
+    return bool(placement.is_shard() and placement.dim == 0)
+
+
+def gather_heads(call: AttentionCall, group: Any) -> AttentionCall:
+    """``call`` with the heads of every rank of ``group`` concatenated in rank order (a collective).
+
+    Every ``(B, H_local, …)`` tensor of the call (queries, keys, values, per-head masks and
+    biases, explicit scores) is all-gathered along the head axis; masks broadcast over heads
+    stay as they are.
+    """
+    import torch.distributed as dist
+
+    local = call.v.shape[1]
+    world = dist.get_world_size(group)
+
+    def gather(t: Tensor | None) -> Tensor | None:
+        if t is None or t.dim() != 4 or t.shape[1] != local:
+            return t
+        flag = t.dtype == torch.bool  # gloo gathers no booleans
+        src = (t.to(torch.uint8) if flag else t).contiguous()
+        parts = [torch.empty_like(src) for _ in range(world)]
+        dist.all_gather(parts, src, group=group)
+        out = torch.cat(parts, 1)
+        return out.bool() if flag else out
+
+    return dataclasses.replace(
+        call,
+        q=gather(call.q),
+        k=gather(call.k),
+        v=gather(call.v),  # type: ignore[arg-type]
+        keep=gather(call.keep),
+        bias=gather(call.bias),
+        scores=gather(call.scores),
+    )
