@@ -419,16 +419,16 @@ SCENARIOS = {
 
 
 def main(names: str, out_dir: str) -> None:
-    from lightning_stability.capture.sharding import GATHERED_PEAK
+    from lightning_stability.capture.sharding import GATHERED
 
     out = Path(out_dir)
     rank = int(os.environ["RANK"])
     for name in names.split(","):
-        GATHERED_PEAK.update(bytes=0, live=0)
+        GATHERED.reset()
         try:
             result = SCENARIOS[name](out)
             result.pop("final", None)
-            result["gathered_peak_bytes"] = GATHERED_PEAK["bytes"]
+            result["gathered_peak_bytes"] = GATHERED.peak
         except Exception:
             result = {"error": traceback.format_exc()}
         (out / f"{name}_rank{rank}.json").write_text(json.dumps(result, default=str))

@@ -28,6 +28,7 @@ Without DTensor parameters and FSDP2 modules every function here is a no-op. FSD
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -175,8 +176,23 @@ def full_weights(blocks: Sequence[Block]) -> Iterator[list[Block]]:
             yield [block]
 
 
-#: Peak bytes of parameters held in full by :func:`full_parameters` at once, since import.
-GATHERED_PEAK: dict[str, int] = {"bytes": 0, "live": 0}
+class GatherStats:
+    """Bytes of parameters :func:`full_parameters` holds in full: now and at most, since :meth:`reset`."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+
+    def reset(self) -> None:
+        self.live = self.peak = 0
+
+    def add(self, nbytes: int) -> None:
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+
+#: What :func:`full_parameters` held in full (the tests and ``bench_distributed.py`` read it).
+GATHERED = GatherStats()
 
 
 @contextmanager
@@ -185,30 +201,74 @@ def full_parameters(module: nn.Module) -> Iterator[None]:
 
     The registered parameters are swapped (``module._parameters``) and put back on exit, so
     nothing runs FSDP2's or tensor parallelism's hooks here: only reads of weights belong
-    inside, no forward. A parameter tied to several modules is gathered once.
+    inside, no forward. A parameter tied to several modules is gathered once; the gather
+    itself is :func:`gather_full` (a collective).
     """
-    swapped: list[tuple[nn.Module, str, Any]] = []
-    gathered: dict[int, Tensor] = {}
+    owners = [
+        (sub, name, p) for sub in module.modules() for name, p in sub._parameters.items() if is_dtensor(p)
+    ]
+    unique = list({id(p): p for _, _, p in owners}.values())
+    with torch.no_grad():
+        full = {id(p): t for p, t in zip(unique, gather_full(unique), strict=True)}
+    nbytes = sum(t.numel() * t.element_size() for t in full.values())
+    GATHERED.add(nbytes)
     try:
-        for sub in module.modules():
-            for name, param in list(sub._parameters.items()):
-                if not is_dtensor(param):
-                    continue
-                assert param is not None
-                if id(param) not in gathered:
-                    with torch.no_grad():
-                        gathered[id(param)] = param.detach().full_tensor()  # type: ignore[attr-defined]
-                swapped.append((sub, name, param))
-                sub._parameters[name] = nn.Parameter(gathered[id(param)], requires_grad=False)
-        live = sum(t.numel() * t.element_size() for t in gathered.values())
-        GATHERED_PEAK["live"] += live
-        GATHERED_PEAK["bytes"] = max(GATHERED_PEAK["bytes"], GATHERED_PEAK["live"])
+        for sub, name, p in owners:
+            sub._parameters[name] = nn.Parameter(full[id(p)], requires_grad=False)
         yield
     finally:
-        for sub, name, param in reversed(swapped):
-            sub._parameters[name] = param
-        if gathered:
-            GATHERED_PEAK["live"] -= sum(t.numel() * t.element_size() for t in gathered.values())
+        for sub, name, p in reversed(owners):
+            sub._parameters[name] = p
+        GATHERED.live -= nbytes
+
+
+def gather_full(params: Sequence[Any]) -> list[Tensor]:
+    """The full values of DTensor parameters (every rank of their mesh must call this alike).
+
+    Parameters sharded by rows on the same one-dimensional mesh (FSDP2, ``ColwiseParallel``)
+    and of one dtype are gathered in **one** all-gather (a block's parameters: one collective
+    instead of one each); any other layout through ``DTensor.full_tensor()``. The flat buffers
+    briefly hold the gathered values a second time while they are unpacked.
+    """
+    out: list[Tensor | None] = [None] * len(params)
+    groups: dict[tuple[int, torch.dtype], list[int]] = {}
+    for j, p in enumerate(params):
+        if p.device_mesh.ndim == 1 and _row_sharded(p) and p.dim() > 0:
+            groups.setdefault((id(p.device_mesh), p.dtype), []).append(j)
+        else:
+            out[j] = p.full_tensor()
+    for idx in groups.values():
+        for j, t in zip(idx, _gather_rows([params[j] for j in idx]), strict=True):
+            out[j] = t
+    return [t for t in out if t is not None]
+
+
+def _gather_rows(params: Sequence[Any]) -> list[Tensor]:
+    """Row-sharded DTensors of one mesh and dtype in one ``all_gather``: each rank's rows (``torch.chunk``
+    of the global rows, as DTensor and FSDP2 split them), padded to equal size and flattened."""
+    import torch.distributed as dist
+
+    mesh = params[0].device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunks = [-(-p.shape[0] // world) for p in params]  # rows per rank, the last ranks fewer or none
+    pieces = []
+    for p, c in zip(params, chunks, strict=True):
+        local = p.to_local()
+        expected = max(0, min(c, p.shape[0] - rank * c))
+        if local.shape[0] != expected:
+            raise RuntimeError(f"unexpected shard of {tuple(p.shape)}: {local.shape[0]} rows, not {expected}")
+        pad = local.new_zeros((c - local.shape[0], *local.shape[1:]))
+        pieces.append(torch.cat([local, pad]).reshape(-1))
+    flat = torch.cat(pieces)
+    parts = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(parts, flat, group=mesh.get_group())
+    out, offset = [], 0
+    for p, c in zip(params, chunks, strict=True):
+        n = c * math.prod(p.shape[1:])
+        rows = torch.stack([part[offset : offset + n] for part in parts]).reshape(world * c, *p.shape[1:])
+        out.append(rows[: p.shape[0]])
+        offset += n
+    return out
 
 
 # --------------------------------------------------------------------------- FSDP2 around forwards
