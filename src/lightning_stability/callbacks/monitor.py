@@ -43,7 +43,8 @@ from lightning_stability.capture.probe import (
     predictor_warnings,
 )
 from lightning_stability.capture.sharding import UnsupportedSharding, is_sharded, sharding_warnings
-from lightning_stability.capture.structure import structure_warnings, unattended_blocks, unmatched_patterns
+from lightning_stability.capture.stacks import unmatched_patterns
+from lightning_stability.capture.structure import structure_warnings, unattended_blocks
 from lightning_stability.diagnostics.alarm import (
     AlarmResult,
     AlarmRule,

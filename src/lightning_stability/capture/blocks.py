@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_stability.capture.hooks import HookContext
-from lightning_stability.capture.structure import plain_name
+from lightning_stability.capture.stacks import plain_name
 
 #: ``(block index, call number within the forward, output)``
 OutputFn = Callable[[int, int, Tensor], None]

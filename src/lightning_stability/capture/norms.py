@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_stability.capture.hooks import HookContext
-from lightning_stability.capture.structure import plain_name
+from lightning_stability.capture.stacks import plain_name
 from lightning_stability.diagnostics.norm import token_variance
 
 #: Attribute names under which third-party RMSNorm/LayerNorm modules keep ε.
@@ -113,7 +113,7 @@ def find_norms(
     is probed once to learn whether it centres and whether its ``eps``/``variance_epsilon``
     attribute is really used. ``include``/``exclude`` are ``fnmatch`` patterns on names.
     Names leave out wrapper segments (``_orig_mod``…:
-    :func:`~lightning_stability.capture.structure.plain_name`).
+    :func:`~lightning_stability.capture.stacks.plain_name`).
     """
     layers: list[NormLayer] = []
     for qualified, module in model.named_modules():
