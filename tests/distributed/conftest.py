@@ -37,22 +37,22 @@ class Runs:
     def launch(self, group: str) -> None:
         out = self.root / group
         out.mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        }
+        paths = [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        proc = subprocess.run(
-            [*cmd, str(WORKERS), ",".join(GROUPS[group]), str(out)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if proc.returncode:
-            raise RuntimeError(
-                f"workers failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        for _ in range(3):  # another job on the machine may take the rendezvous port first
+            proc = subprocess.run(
+                [*cmd, str(WORKERS), ",".join(GROUPS[group]), str(out)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
             )
+            if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
+                break
+        if proc.returncode:
+            tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+            raise RuntimeError(f"workers failed ({proc.returncode}):\n{tail}")
         self.done.add(group)
 
     def result(self, scenario: str, rank: int = 0) -> dict[str, Any]:

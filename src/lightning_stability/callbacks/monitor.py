@@ -76,7 +76,9 @@ class StabilityMonitor(Callback):
     (The Args below are plain text: ``LightningCLI --help`` prints them as written.)
 
     Args:
-        every_n_steps: measure when trainer.global_step is a multiple of this (an integer >= 1).
+        every_n_steps: measure when trainer.global_step (optimizer steps) is a multiple of this (an
+            integer >= 1), never at step 0; with gradient accumulation on the micro-batch after which
+            the optimizer stepped (docs/DISTRIBUTED.md).
         sample_size: examples of the batch to measure (fewer if the batch is smaller).
         precision: low precision of the measured pass. None (default): the trainer's own;
             bf16 or fp16: that autocast, so an FP32 run can ask "what would BF16 do?";
