@@ -222,3 +222,17 @@ def test_deepspeed_refused_once_naming_the_alternative(tmp_path: Path) -> None:
         f"StabilityMonitor will not measure in this fit: {DEEPSPEED_MESSAGE}"
     ]
     assert monitor.last_report is None
+
+
+def test_fsdp1_modules_in_the_model_refused_once(tmp_path: Path) -> None:
+    """Found by the probe (Fabric, a hand-wrapped model): one warning, no step skipped noisily."""
+    from tests.capture.test_sharding import FullyShardedDataParallel
+
+    model = plain()
+    model.blocks[0].wrapped = FullyShardedDataParallel()
+    monitor = StabilityMonitor(every_n_steps=1, sample_size=2)
+    with pytest.warns(UserWarning) as record:
+        Trainer(**trainer_kwargs(tmp_path, max_steps=3), callbacks=[monitor]).fit(model, make_loader())
+    said = [str(w.message) for w in record if "StabilityMonitor" in str(w.message)]
+    assert said == [f"StabilityMonitor will not measure in this fit: {FSDP1_MESSAGE}"]
+    assert monitor.last_report is None

@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover - builds without distributed support
     DTensor = None  # type: ignore[assignment,misc]
 
 from lightning_stability.capture.attention import AttentionCall
+from lightning_stability.capture.stacks import is_attention_name
 from lightning_stability.capture.structure import Block
 
 #: What :func:`unsupported_sharding` says for FSDP1 (also used by the monitor for ``FSDPStrategy``).
@@ -130,7 +131,7 @@ def sharding_warnings(model: nn.Module, blocks: Sequence[Block], heads: dict[int
             "and reduced as for either alone, but attention heads are not gathered across the "
             "tensor-parallel ranks (see the next point)"
         )
-    local = [b.name for b in blocks if b.qk and b.index not in heads]
+    local = [b.name for b in blocks if b.index not in heads and _attention_sharded(b)]
     if local:
         shown = ", ".join(local[:4]) + (f" and {len(local) - 4} more" if len(local) > 4 else "")
         out.append(
@@ -140,6 +141,14 @@ def sharding_warnings(model: nn.Module, blocks: Sequence[Block], heads: dict[int
             "the maxima over heads (kappa_score, kappa_softmax, kappa_v, attn_logit_max) stay exact"
         )
     return out
+
+
+def _attention_sharded(block: Block) -> bool:
+    """Whether a parameter under the block's attention (a name segment saying so) is a DTensor."""
+    return any(
+        is_dtensor(p) and any(is_attention_name(part) for part in name.split(".")[:-1])
+        for name, p in block.module.named_parameters()
+    )
 
 
 def mixed_precision_dtype(model: nn.Module) -> torch.dtype | None:
