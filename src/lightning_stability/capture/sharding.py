@@ -3,12 +3,11 @@
 Under FSDP2 (``torch.distributed.fsdp.fully_shard``) and tensor parallelism
 (``torch.distributed.tensor.parallel``) a parameter at rest is a ``DTensor``: each rank holds a
 shard. The forward still works (FSDP2's hooks all-gather a module's parameters before its
-forward, tensor parallelism's hooks convert activations), but three things the probe does
-outside a whole-model forward need full tensors, and one needs FSDP2's mixed precision
-switched off:
+forward, tensor parallelism's hooks convert activations); what the probe does besides needs:
 
 - **weight spectra** read weights at rest: :func:`full_weights` gathers one block's parameters
-  at a time (``DTensor.full_tensor()``, FP32 master values) and puts them back afterwards;
+  at a time (:func:`gather_full`: one all-gather per block, FP32 master values) and puts them
+  back afterwards;
 - **sub-layer re-runs** (a block's FFN on its exact input) call a module that is not an FSDP2
   module itself: :func:`unsharded` all-gathers its nearest FSDP2 ancestor as training does;
 - the **exact FP32 pass** must compute with the FP32 master parameters, not the low-precision
