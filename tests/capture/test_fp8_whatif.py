@@ -83,7 +83,7 @@ def check_layer(
         for key in ("underflow", "saturated", "nonzero"):
             assert int(getattr(got, key)) == ref[key], (name, role, key)
         deq = torch.tensor(ref["deq"], dtype=F64).reshape(t.shape)
-        assert float(got.err_sq) == pytest.approx(float((deq - t.to(F64)).square().sum()), rel=1e-9)
+        assert float(got.err_sq) == pytest.approx(float((deq - t.to(F64)).square().sum()), rel=1e-5)
         if role == "input":
             deq_x = deq
         else:

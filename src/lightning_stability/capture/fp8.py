@@ -137,22 +137,22 @@ class _Errors:
     token_err_autocast: Tensor | None = None
 
 
-def _row_errors(y: Tensor, ref64: Tensor) -> tuple[Tensor, Tensor]:
-    """(Σ‖y − ref‖², Σ over rows of ‖Δ_row‖/‖ref_row‖), float64; a zero row with zero error counts 0."""
-    diff = y.to(_F64) - ref64
-    err_rows = diff.square().sum(-1)
-    ref_rows = ref64.square().sum(-1)
+def _row_errors(y: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ‖y − ref‖², Σ over rows of ‖Δ_row‖/‖ref_row‖): FP32 differences, float64 sums; 0/0 rows count 0."""
+    err_rows = torch.linalg.vector_norm(y.float() - ref, dim=-1, dtype=_F64)
+    ref_rows = torch.linalg.vector_norm(ref, dim=-1, dtype=_F64)
     ratio = torch.where(ref_rows > 0, err_rows / torch.where(ref_rows > 0, ref_rows, 1.0), 0.0)
     ratio = torch.where((ref_rows == 0) & (err_rows > 0), torch.inf, ratio)
-    return err_rows.sum(), ratio.sqrt().sum()
+    return err_rows.square().sum(), ratio.sum()
 
 
 def _errors(y: Tensor, ref: Tensor, baseline: Tensor | None) -> _Errors:
-    ref64 = ref.to(_F64)
-    err_sq, token_err = _row_errors(y, ref64)
-    out = _Errors(err_sq, ref64.square().sum(), token_err, ref64[..., 0].numel())
+    """Errors of ``y`` (and of ``baseline``) against the FP32 reference ``ref``."""
+    err_sq, token_err = _row_errors(y, ref)
+    ref_sq = torch.linalg.vector_norm(ref, dtype=_F64).square()
+    out = _Errors(err_sq, ref_sq, token_err, ref[..., 0].numel())
     if baseline is not None:
-        out.err_sq_autocast, out.token_err_autocast = _row_errors(baseline, ref64)
+        out.err_sq_autocast, out.token_err_autocast = _row_errors(baseline, ref)
     return out
 
 

@@ -200,14 +200,23 @@ def _amax(x32: Tensor) -> Tensor:
     return a.amax() if a.numel() else a.new_zeros(())
 
 
+def _sum_sq(t: Tensor) -> Tensor:
+    """Σ t² accumulated in float64 (no float64 copy of ``t``)."""
+    return torch.linalg.vector_norm(t, dtype=_F64).square()
+
+
 def _stats(
-    x32: Tensor, y: Tensor, q: Tensor, deq: Tensor, scale_inv: Tensor, fmt: FP8Format
+    x32: Tensor, y: Tensor, q: Tensor, deq: Tensor, scale_inv: Tensor, fmt: FP8Format, amax: Tensor
 ) -> FP8TensorStats:
-    """Statistics from the input, its scaled values, their grid values and the dequantized values."""
+    """Statistics from the input, its scaled values, their grid values and the dequantized values.
+
+    The squared errors are float64 sums of FP32 differences: exact for block scaling, and for
+    per-tensor scaling within one FP32 rounding of ``q · scale_inv`` (2⁻²⁴ of the value, against
+    an error of about 2⁻⁵ of it).
+    """
     finite = torch.isfinite(x32)
-    nonzero = finite & (x32 != 0)
-    x64 = torch.where(finite, x32.to(_F64), 0.0)
-    err = torch.where(finite, deq.to(_F64) - x64, 0.0)
+    xf = torch.where(finite, x32, 0.0)
+    nonzero = xf != 0
     s = scale_inv.to(_F32)
     s_ok = ~torch.isnan(s)
     return FP8TensorStats(
@@ -215,12 +224,12 @@ def _stats(
         nonzero=nonzero.sum(),
         underflow=(nonzero & (q == 0)).sum(),
         saturated=(y.abs() > fmt.max).sum(),
-        nonfinite=(~finite).sum(),
-        amax=_amax(x32).to(_F64),
+        nonfinite=x32.numel() - finite.sum(),
+        amax=amax.to(_F64),
         scale_inv_min=torch.where(s_ok, s, math.inf).amin().to(_F64),
         scale_inv_max=torch.where(s_ok, s, -math.inf).amax().to(_F64),
-        err_sq=err.square().sum(),
-        ref_sq=x64.square().sum(),
+        err_sq=_sum_sq(torch.where(finite, deq - xf, 0.0)),
+        ref_sq=_sum_sq(xf),
     )
 
 
@@ -237,6 +246,7 @@ class FP8Quantized:
         block_size: elements per block, ``None`` for per-tensor scaling.
         fmt: the element format.
         stats: :class:`FP8TensorStats` of this quantization.
+        exact: the dequantized values in float32 when that is exact (block scaling), else ``None``.
     """
 
     data: Tensor
@@ -245,6 +255,7 @@ class FP8Quantized:
     block_size: int | None
     fmt: FP8Format
     stats: FP8TensorStats
+    exact: Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = _F32) -> Tensor:
         """``data · scale_inv`` broadcast to the input's shape.
@@ -254,6 +265,8 @@ class FP8Quantized:
         """
         if self.block_size is None:
             return self.data.to(dtype) * self.scale_inv.to(dtype)
+        if self.exact is not None:
+            return self.exact.to(dtype)
         x = self.data.movedim(self.dim, -1)
         k = x.shape[-1]
         factors = self.scale_inv.to(dtype).repeat_interleave(self.block_size, dim=-1)[..., :k]
@@ -308,12 +321,16 @@ def quantize_with_scale(x: Tensor, scale: Tensor, fmt: FP8Format = E4M3) -> FP8Q
     """
     check_tensor("x", x, 0, "quantize_with_scale")
     x32 = x.detach().to(_F32)
+    return _per_tensor(x32, scale, fmt, _amax(x32))
+
+
+def _per_tensor(x32: Tensor, scale: Tensor, fmt: FP8Format, amax: Tensor) -> FP8Quantized:
     s = scale.detach().to(device=x32.device, dtype=_F32)
     y = x32 * s
     q = fp8_round(y, fmt)
     scale_inv = torch.reciprocal(s)
-    deq = q.to(_F64) * scale_inv.to(_F64)
-    return FP8Quantized(q, scale_inv, -1, None, fmt, _stats(x32, y, q, deq, scale_inv, fmt))
+    stats = _stats(x32, y, q, q * scale_inv, scale_inv, fmt, amax)
+    return FP8Quantized(q, scale_inv, -1, None, fmt, stats)
 
 
 def quantize_current(
@@ -327,10 +344,10 @@ def quantize_current(
         ([0.5, -3.5, 0.0], 0.3333333333333333)
     """
     check_tensor("x", x, 0, "quantize_current")
-    scale = current_scale(
-        _amax(x.detach().to(_F32)), fmt, amax_epsilon=amax_epsilon, power_2_scale=power_2_scale
-    )
-    return quantize_with_scale(x, scale, fmt)
+    x32 = x.detach().to(_F32)
+    amax = _amax(x32)
+    scale = current_scale(amax, fmt, amax_epsilon=amax_epsilon, power_2_scale=power_2_scale)
+    return _per_tensor(x32, scale, fmt, amax)
 
 
 def mx_scale_exponent(block_amax: Tensor, fmt: FP8Format = E4M3, rounding: MXRounding = "floor") -> Tensor:
@@ -400,7 +417,8 @@ def quantize_mx(
     x32 = x.detach().to(_F32).movedim(dim, -1)
     k = x32.shape[-1]
     n_blocks = -(-k // block_size)
-    blocks = F.pad(x32, (0, n_blocks * block_size - k)).reshape(*x32.shape[:-1], n_blocks, block_size)
+    padded = F.pad(x32, (0, n_blocks * block_size - k)) if k % block_size else x32
+    blocks = padded.reshape(*x32.shape[:-1], n_blocks, block_size)
     amax = blocks.abs().amax(-1)  # NaN and inf propagate: such a block gets the NaN scale
     e = mx_scale_exponent(amax, fmt, rounding)
     e_int = torch.nan_to_num(e, nan=0.0).to(torch.int32).unsqueeze(-1)
@@ -414,5 +432,5 @@ def quantize_mx(
         return t.reshape(*x32.shape[:-1], n_blocks * block_size)[..., :k]
 
     y, q, deq = unblock(y), unblock(q), unblock(deq)
-    stats = _stats(x32, y, q, deq, scale_inv, fmt)
-    return FP8Quantized(q.movedim(-1, dim), scale_inv, dim, block_size, fmt, stats)
+    stats = _stats(x32, y, q, deq, scale_inv, fmt, _amax(x32))
+    return FP8Quantized(q.movedim(-1, dim), scale_inv, dim, block_size, fmt, stats, deq.movedim(-1, dim))
