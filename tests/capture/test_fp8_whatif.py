@@ -280,6 +280,39 @@ def test_unsupported_and_not_called_are_reported() -> None:
     assert fp8.records == {}
 
 
+def test_excluded_layers_stay_in_autocast() -> None:
+    torch.manual_seed(0)
+    model = NanoGPT().eval()
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(5))
+    taps = Taps({"lm_head": model.lm_head})
+    with FP8WhatIf(model, "current", exclude={"lm_head"}) as fp8:
+        model(ids)
+    taps.remove()
+    assert "lm_head" not in fp8.records and "lm_head" not in fp8.not_called and len(fp8.records) == 8
+    x = taps.inputs["lm_head"]
+    assert torch.equal(taps.outputs["lm_head"], F.linear(x.bfloat16(), model.lm_head.weight.bfloat16()))
+
+
+def test_delayed_history_made_when_none_given() -> None:
+    model = two_layers()
+    with FP8WhatIf(model, "delayed") as fp8:
+        model(torch.randn(3, 64))
+    assert fp8.history is not None and set(fp8.history.scales) == {
+        "0/input",
+        "0/weight",
+        "2/input",
+        "2/weight",
+    }
+    with FP8WhatIf(model, "delayed", history=fp8.history, update_history=False) as again:
+        model(torch.randn(3, 64))
+    assert again.history is fp8.history and fp8.history._pending == {
+        "0/input",
+        "0/weight",
+        "2/input",
+        "2/weight",
+    }
+
+
 # ----------------------------------------------------------------------------- attention
 def test_attention_options_match_their_equivalents() -> None:
     g = torch.Generator().manual_seed(3)
