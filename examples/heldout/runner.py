@@ -7,8 +7,10 @@ the monitor's sampling. :func:`train` fits it with Lightning (FP32 training, CSV
 
 * ``steps`` — every optimizer step's ``train/*`` values (loss, what-if loss, grad norm, |logit| max);
 * ``checks`` — one ``{tag: value}`` per sampled step, the monitor's ``stability/*`` tags that the
-  scoring needs (the alarm's own inputs and the paper rule's ``kappa_softmax_max``), rounded to 5
-  significant digits.
+  scoring needs (the alarm's own inputs and the paper rule's ``kappa_softmax_max``), exactly as
+  logged (the alarm compares ``eps_mach`` for equality and its levels to the logged values).
+
+The step series are rounded to 5 significant digits (the events' thresholds are 0.1 nats and more).
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ def extract(csv_path: Path) -> tuple[dict[str, list[float | None]], list[dict[st
         kept = {k: v for k, v in rows[s].items() if _kept(k)}
         if kept:
             kept["step"] = float(s)
-            checks.append({k: _round(v) for k, v in kept.items()})
+            checks.append({k: (None if math.isnan(v) else v) for k, v in kept.items()})
     return steps, checks  # type: ignore[return-value]
 
 
@@ -162,12 +164,17 @@ def run_and_save(spec: RunSpec, results: Path, log_dir: Path, callbacks: Sequenc
     """Train ``spec``, write ``<results>/<scenario>/<arm>/seed<k>.json``; returns its path."""
     t0 = time.perf_counter()
     csv_path = train(spec, log_dir, callbacks)
+    return save(spec, csv_path, results, time.perf_counter() - t0)
+
+
+def save(spec: RunSpec, csv_path: Path, results: Path, wall_s: float) -> Path:
+    """Write the record of ``spec`` read from its CSV log; returns its path."""
     steps, checks = extract(csv_path)
     out = results / f"{spec.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "spec": asdict(spec),
-        "wall_s": round(time.perf_counter() - t0, 1),
+        "wall_s": round(wall_s, 1),
         "steps": steps,
         "checks": checks,
     }
