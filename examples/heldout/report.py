@@ -46,20 +46,24 @@ def with_events(records: Mapping[tuple[str, str, int], dict[str, Any]]) -> list[
     return runs
 
 
-def _healthy(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in runs if r["spec"]["arm"] in ("control", "healthy") and r["event"] is None]
+def _healthy(
+    runs: Sequence[dict[str, Any]], arms: tuple[str, ...] = ("control", "healthy")
+) -> list[dict[str, Any]]:
+    return [r for r in runs if r["spec"]["arm"] in arms and r["event"] is None]
 
 
 def _with_event(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in runs if r["event"] is not None]
 
 
-def false_alarms(runs: Sequence[dict[str, Any]], rule: Rule) -> dict[str, Any]:
-    """Firing checks per 1,000 checks on the healthy runs, with a 95 % Clopper–Pearson interval.
+def false_alarms(
+    runs: Sequence[dict[str, Any]], rule: Rule, arms: tuple[str, ...] = ("control", "healthy")
+) -> dict[str, Any]:
+    """Firing checks per 1,000 checks on the healthy runs of ``arms``, with a 95 % Clopper–Pearson interval.
 
     Checks of one run are not independent; ``runs_firing`` (runs with any firing) is the coarser count.
     """
-    healthy = _healthy(runs)
+    healthy = _healthy(runs, arms)
     n = sum(len(r["checks"]) for r in healthy)
     fired = [len(rule(r)) for r in healthy]
     k = sum(fired)
@@ -150,6 +154,7 @@ def sweeps(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         "logit_only": [],
         "precision_aware": [],
         "default_headroom": [],
+        "headroom_only": [],
     }
     for tau in LOGIT_SWEEP:
         rules: dict[str, Rule] = {
@@ -159,14 +164,24 @@ def sweeps(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         }
         for key, rule in rules.items():
             out[key].append({"threshold": tau, **_point(runs, rule)})
+    fp16 = [r for r in runs if r["spec"]["whatif"] == "fp16"]
     for bits in HEADROOM_SWEEP:
-        rule: Rule = lambda r, b=bits: [s for s, _ in alarm_steps(r["checks"], fp16_headroom_bits=b)]  # noqa: E731
-        out["default_headroom"].append({"threshold": bits, **_point(runs, rule)})
+        hrules: dict[str, Rule] = {
+            "default_headroom": lambda r, b=bits: [
+                s for s, _ in alarm_steps(r["checks"], fp16_headroom_bits=b)
+            ],
+            "headroom_only": lambda r, b=bits: level_steps(
+                r["checks"], "fp16_headroom", b, above=False, only_eps_mach=2.0**-10
+            ),
+        }
+        for key, rule in hrules.items():  # over the FP16-measured runs: the only ones headroom applies to
+            out[key].append({"threshold": bits, **_point(fp16, rule)})
     return out
 
 
 def _point(runs: Sequence[dict[str, Any]], rule: Rule) -> dict[str, Any]:
     ld, fa = leads(runs, rule), false_alarms(runs, rule)
+    long = false_alarms(runs, rule, ("healthy",))
     return {
         "warned_first": ld["warned_first"],
         "event_runs": ld["runs"],
@@ -174,6 +189,8 @@ def _point(runs: Sequence[dict[str, Any]], rule: Rule) -> dict[str, Any]:
         "fa_per_1000": fa["per_1000"],
         "fa_ci": fa["ci_per_1000"],
         "healthy_runs_firing": fa["runs_firing"],
+        "fa_long_per_1000": long["per_1000"],
+        "fa_long_ci": long["ci_per_1000"],
     }
 
 
@@ -186,6 +203,10 @@ def write_report(results: Path, figures: bool = False) -> str:
         "runs": len(runs),
         "scenarios": scenario_table(runs, rules),
         "false_alarms": {name: false_alarms(runs, rule) for name, rule in rules.items()},
+        "false_alarms_long": {name: false_alarms(runs, rule, ("healthy",)) for name, rule in rules.items()},
+        "false_alarms_controls": {
+            name: false_alarms(runs, rule, ("control",)) for name, rule in rules.items()
+        },
         "sweeps": sweeps(runs),
     }
     (results / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))

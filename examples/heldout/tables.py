@@ -76,18 +76,25 @@ def _median(xs: list[float]) -> float:
 
 
 def false_alarm_markdown(summary: dict[str, Any]) -> str:
-    """False alarms per 1,000 checks on the healthy runs (95 % Clopper–Pearson), per rule."""
+    """False alarms per 1,000 checks on the healthy runs (95 % Clopper–Pearson), per rule and pool."""
     lines = [
-        "| rule | healthy runs | checks | firing checks | per 1,000 checks [95 % CI] "
+        "| rule | pool | healthy runs | checks | firing checks | per 1,000 checks [95 % CI] "
         "| runs with any firing |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, d in summary["false_alarms"].items():
-        lo, hi = d["ci_per_1000"]
-        lines.append(
-            f"| {name} | {d['runs']} | {d['checks']} | {d['firing']} | {d['per_1000']:.2f} "
-            f"[{lo:.2f}, {hi:.2f}] | {d['runs_firing']} |"
-        )
+    pools = (
+        ("false_alarms_long", "long healthy runs"),
+        ("false_alarms_controls", "controls without event"),
+        ("false_alarms", "both"),
+    )
+    for name in summary["false_alarms"]:
+        for key, pool in pools:
+            d = summary[key][name]
+            lo, hi = d["ci_per_1000"]
+            lines.append(
+                f"| {name} | {pool} | {d['runs']} | {d['checks']} | {d['firing']} | {d['per_1000']:.2f} "
+                f"[{lo:.2f}, {hi:.2f}] | {d['runs_firing']} |"
+            )
     return "\n".join(lines)
 
 
@@ -99,15 +106,16 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
         "logit_only": "logit part alone, `attn_logit_max > τ`",
         "precision_aware": "precision-aware logit part alone, `attn_logit_max × ε_mach > τ·2⁻⁷` "
         "(= τ at BF16, 8τ at FP16)",
-        "default_headroom": "default rule, FP16 headroom bits moved (τ = 100, ρ_LN 1 frozen)",
+        "default_headroom": "default rule, FP16 headroom bits moved (τ = 100, ρ_LN 1 frozen); FP16 runs only",
+        "headroom_only": "headroom part alone, `fp16_headroom < bits`; FP16-measured runs only",
     }
     for key, title in titles.items():
         out.append(f"**{title}**\n")
         out.append(
             "| threshold | warned first / runs with event | median lead (steps) | false alarms per 1,000 "
-            "checks [95 % CI] | healthy runs firing |"
+            "checks [95 % CI] | healthy runs firing | long healthy runs only: per 1,000 [95 % CI] |"
         )
-        out.append("|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|")
         for p in summary["sweeps"][key]:
             lo, hi = p["fa_ci"]
             star = (
@@ -122,7 +130,8 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
             ml = "—" if p["median_lead"] is None else f"{p['median_lead']:g}"
             out.append(
                 f"| {p['threshold']:g}{star} | {p['warned_first']}/{p['event_runs']} | {ml} | "
-                f"{p['fa_per_1000']:.2f} [{lo:.2f}, {hi:.2f}] | {p['healthy_runs_firing']} |"
+                f"{p['fa_per_1000']:.2f} [{lo:.2f}, {hi:.2f}] | {p['healthy_runs_firing']} | "
+                f"{p['fa_long_per_1000']:.2f} [{p['fa_long_ci'][0]:.2f}, {p['fa_long_ci'][1]:.2f}] |"
             )
         out.append("")
     return "\n".join(out)
