@@ -26,17 +26,20 @@ def _scenarios(runs: Sequence[dict[str, Any]], path: Path) -> None:
     names = [n for n in SCENARIOS if any(r["spec"]["scenario"] == n for r in runs)]
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
+        firsts: list[tuple[int, str]] = []
         for r in runs:
             if r["spec"]["scenario"] != name:
                 continue
-            fail = r["spec"]["arm"] == "fail"
-            color = "C3" if fail else "C0"
+            color = "C3" if r["spec"]["arm"] == "fail" else "C0"
             ax.plot(r["steps"]["step"], r["steps"]["train/loss"], color=color, lw=0.7, alpha=0.7)
-            if fail and r["event"] is not None:
+            if r["spec"]["arm"] == "fail" and r["event"] is not None:
                 ax.axvline(r["event"].step, color="k", ls="--", lw=0.6)
             fired = alarm_steps(r["checks"])
             if fired:
-                ax.plot([fired[0][0]], [ax.get_ylim()[0]], marker="^", color=color, ms=7, clip_on=False)
+                firsts.append((fired[0][0], color))
+        bottom = ax.get_ylim()[0]
+        for step, color in firsts:
+            ax.plot([step], [bottom], marker="^", color=color, ms=7, alpha=0.7, clip_on=False)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("training loss (red: failing, blue: control)")
@@ -49,40 +52,45 @@ def _scenarios(runs: Sequence[dict[str, Any]], path: Path) -> None:
 def _sweep(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, label, marker in (
-        ("default_logit", "default, logit τ moved", "o"),
-        ("logit_only", "logit > τ alone", "s"),
-        ("precision_aware", "logit·ε_mach > τ·2⁻⁷ alone", "^"),
-    ):
-        pts = summary["sweeps"][key]
-        xs = [max(p["fa_per_1000"], 0.01) for p in pts]
-        ys = [p["warned_first"] / max(p["event_runs"], 1) for p in pts]
-        axes[0].plot(xs, ys, marker=marker, label=label, lw=1)
-        for p, x, y in zip(pts, xs, ys, strict=True):
-            if key == "default_logit":
-                axes[0].annotate(f"{p['threshold']:g}", (x, y), fontsize=6)
-    pts = summary["sweeps"]["default_headroom"]
-    axes[1].plot(
-        [max(p["fa_per_1000"], 0.01) for p in pts],
-        [p["warned_first"] / max(p["event_runs"], 1) for p in pts],
-        marker="o",
-        lw=1,
+    sw = summary["sweeps"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    logit = (
+        ("default_logit", "default, τ moved"),
+        ("logit_only", "logit > τ alone"),
+        ("precision_aware", "logit·ε_mach > τ·2⁻⁷ alone"),
     )
-    for p in pts:
-        axes[1].annotate(
-            f"{p['threshold']:g}",
-            (max(p["fa_per_1000"], 0.01), p["warned_first"] / max(p["event_runs"], 1)),
-            fontsize=6,
+    for key, label in logit:
+        xs = [p["threshold"] for p in sw[key]]
+        axes[0].plot(xs, [p["fa_per_1000"] for p in sw[key]], marker="o", lw=1, label=label)
+        axes[1].plot(xs, [_nan(p["median_lead"]) for p in sw[key]], marker="o", lw=1, label=label)
+    for key, label in (("default_headroom", "default, bits moved"), ("headroom_only", "headroom alone")):
+        xs = [p["threshold"] for p in sw[key]]
+        axes[2].plot(
+            xs, [p["fa_per_1000"] for p in sw[key]], marker="o", lw=1, label=f"{label}: false alarms"
         )
-    for ax, title in zip(
-        axes, ("attention-logit threshold τ (default 100)", "FP16 headroom bits (default 2)"), strict=True
-    ):
+        axes[2].plot(
+            xs,
+            [_nan(p["median_lead"]) for p in sw[key]],
+            marker="s",
+            ls=":",
+            lw=1,
+            label=f"{label}: median lead",
+        )
+    for ax in axes[:2]:
         ax.set_xscale("log")
-        ax.set_xlabel("false alarms per 1,000 healthy checks (0 drawn at 0.01)")
-        ax.set_ylabel("runs with an event warned first (fraction)")
-        ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=7)
+        ax.axvline(100, color="k", ls="--", lw=0.7)
+        ax.set_xlabel("attention-logit threshold τ (dashed: default 100)")
+    axes[2].axvline(2, color="k", ls="--", lw=0.7)
+    axes[2].set_xlabel("FP16 headroom bits (dashed: default 2); FP16 runs")
+    axes[0].set_ylabel("false alarms per 1,000 healthy checks")
+    axes[1].set_ylabel("median lead over warned runs (steps)")
+    axes[2].set_ylabel("per 1,000 checks / steps")
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else float(x)

@@ -6,9 +6,11 @@ the monitor's sampling. :func:`train` fits it with Lightning (FP32 training, CSV
 :func:`extract` reads the CSV log back into the run's record:
 
 * ``steps`` — every optimizer step's ``train/*`` values (loss, what-if loss, grad norm, |logit| max);
-* ``checks`` — one ``{tag: value}`` per sampled step, the monitor's ``stability/*`` tags that the
-  scoring needs (the alarm's own inputs and the paper rule's ``kappa_softmax_max``), exactly as
-  logged (the alarm compares ``eps_mach`` for equality and its levels to the logged values).
+* ``checks`` — a table (``tags``, one row per sampled step; :func:`load_record` turns it back into
+  one ``{tag: value}`` per step): the monitor's ``stability/*`` tags that the
+  scoring needs (the alarm's own inputs and the paper rule's ``kappa_softmax_max``), to 9
+  significant digits: the logged float32 values exactly (the alarm compares ``eps_mach`` for
+  equality and its levels to the logged values).
 
 The step series are rounded to 5 significant digits (the events' thresholds are 0.1 nats and more).
 """
@@ -36,7 +38,7 @@ from lightning_stability import StabilityMonitor
 
 #: Monitor tags kept per check (per-block ``stability/block{i}/<name>`` for the block names).
 KEPT_MODEL_TAGS = ("eps_mach", "fp16_headroom", "kappa_softmax_max", "alarm", "attn_logit_max")
-KEPT_BLOCK_TAGS = ("attn_logit_max", "rho_ln", "amax", "kappa_softmax", "attention_entropy")
+KEPT_BLOCK_TAGS = ("attn_logit_max", "rho_ln", "amax")
 _BLOCK_TAG = re.compile(r"stability/block\d+/(?P<name>[^/]+)")
 
 
@@ -125,10 +127,10 @@ def train(spec: RunSpec, log_dir: Path, callbacks: Sequence[Callback] = (), moni
     return Path(logger.log_dir) / "metrics.csv"
 
 
-def _round(v: float) -> float | None:
+def _round(v: float, digits: int = 5) -> float | None:
     if math.isnan(v):
         return None
-    return v if math.isinf(v) else float(f"{v:.5g}")
+    return v if math.isinf(v) else float(f"{v:.{digits}g}")
 
 
 def extract(csv_path: Path) -> tuple[dict[str, list[float | None]], list[dict[str, float]]]:
@@ -149,7 +151,7 @@ def extract(csv_path: Path) -> tuple[dict[str, list[float | None]], list[dict[st
         kept = {k: v for k, v in rows[s].items() if _kept(k)}
         if kept:
             kept["step"] = float(s)
-            checks.append({k: (None if math.isnan(v) else v) for k, v in kept.items()})
+            checks.append({k: _round(v, 9) for k, v in kept.items()})
     return steps, checks  # type: ignore[return-value]
 
 
@@ -172,21 +174,21 @@ def save(spec: RunSpec, csv_path: Path, results: Path, wall_s: float) -> Path:
     steps, checks = extract(csv_path)
     out = results / f"{spec.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "spec": asdict(spec),
-        "wall_s": round(wall_s, 1),
-        "steps": steps,
-        "checks": checks,
-    }
+    tags = sorted({k for c in checks for k in c})
+    table = {"tags": tags, "rows": [[c.get(t) for t in tags] for c in checks]}
+    record = {"spec": asdict(spec), "wall_s": round(wall_s, 1), "steps": steps, "checks": table}
     out.write_text(json.dumps(record, separators=(",", ":")))
     return out
 
 
 def load_record(path: Path) -> dict[str, Any]:
-    """A saved run record, ``None`` values turned back into NaN."""
+    """A saved run record: ``checks`` back to one ``{tag: value}`` per check, ``None`` back to NaN."""
     record = json.loads(path.read_text())
     record["steps"] = {k: [math.nan if v is None else v for v in vs] for k, vs in record["steps"].items()}
-    record["checks"] = [{k: (math.nan if v is None else v) for k, v in c.items()} for c in record["checks"]]
+    tags, rows = record["checks"]["tags"], record["checks"]["rows"]
+    record["checks"] = [
+        {t: (math.nan if v is None else v) for t, v in zip(tags, row, strict=True)} for row in rows
+    ]
     return record
 
 

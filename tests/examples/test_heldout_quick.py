@@ -17,6 +17,7 @@ if str(EXAMPLES) not in sys.path:
 
 from heldout import events  # noqa: E402
 from heldout.data import digits, stdlib_bytes, stdlib_files  # noqa: E402
+from heldout.runner import load_record  # noqa: E402
 from heldout.scenarios import SCENARIOS  # noqa: E402
 from heldout.score import alarm_steps, loss_detectors, paper_steps, precision_aware_steps  # noqa: E402
 
@@ -151,8 +152,10 @@ def test_quick_run_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     ]
     checks_total = 0
     for path in records:
-        rec = json.loads(path.read_text())
-        assert set(rec) == {"spec", "wall_s", "steps", "checks"}
+        raw = json.loads(path.read_text())
+        assert set(raw) == {"spec", "wall_s", "steps", "checks"}
+        assert set(raw["checks"]) == {"tags", "rows"}
+        rec = load_record(path)
         st = rec["steps"]
         assert st["step"] == [float(i) for i in range(rec["spec"]["steps"])]
         for tag in ("train/loss", "train/whatif_loss", "train/grad_norm", "train/logit_absmax"):
