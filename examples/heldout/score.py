@@ -92,5 +92,5 @@ def rules_table() -> dict[str, Callable[[Mapping[str, Any]], list[int]]]:
         "default": lambda r: [s for s, _ in alarm_steps(r["checks"])],
         "paper z(kappa_softmax)>1.5": lambda r: paper_steps(r["checks"]),
         "Lightning SpikeDetection": lambda r: loss_detectors(r["steps"])["lightning_spike"],
-        "OLMo 6 sigma (loss|grad)": lambda r: loss_detectors(r["steps"])["olmo_6sigma"],
+        "OLMo 6 sigma (loss or grad)": lambda r: loss_detectors(r["steps"])["olmo_6sigma"],
     }
