@@ -23,9 +23,9 @@ run on the same run's ``train/loss`` and ``train/grad_norm``.
 * ``none``: scenario (c) is ε-dominated from initialisation; nothing diverges, the
   question is only whether the rule names it and stays silent on the control.
 
-Every signal is read from the monitor's own ``stability/*`` tags. Only logs of a monitor
-version that did not log ``attn_logit_max``/``amax``/``fp16_headroom`` (before issue 11) fall
-back to the model's own ``scenario/*`` values at the same steps (flagged ``*`` in the table).
+Every signal is read from the monitor's own ``stability/*`` tags. Only logs without
+``attn_logit_max``/``amax``/``fp16_headroom`` tags fall back to the model's own
+``scenario/*`` values at the same steps (flagged ``*`` in the table).
 
 **One implementation.** When the run's monitor used the default alarm, its logged
 ``stability/alarm`` must equal the offline replay of :func:`default_alarm` on the same tags;

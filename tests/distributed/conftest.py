@@ -106,11 +106,17 @@ def one_process(
     finally:
         torch.set_num_threads(threads)
     reduced = {}
-    for key, op in raws[0].ops.items():
+    for key in raws[0].values:
         values = [r[key] for r in per_rank]
+        op = key.ranks
         reduced[key] = max(values) if op == "max" else min(values) if op == "min" else sum(values)
     report = compose_report(probe, raws[0], reduced, step - 1)
-    return probe, per_rank, reduced, report
+    return probe, [_named(r) for r in per_rank], _named(reduced), report
+
+
+def _named(values: dict[Any, float]) -> dict[str, float]:
+    """Raw values keyed as the workers record them (``repr`` of each ``RawKey``)."""
+    return {repr(k): v for k, v in values.items()}
 
 
 def assert_close(

@@ -152,14 +152,14 @@ def recorder(scenario: str, out: Path, **kw: Any) -> Any:
             return super()._measure_locally(trainer, pl_module, args, kwargs)
 
         @staticmethod
-        def _reduce(trainer: Any, raw: Any) -> dict[str, float]:
+        def _reduce(trainer: Any, raw: Any) -> Any:
             keys, vec = raw.flat()
             reduced = StabilityMonitor._reduce(trainer, raw)
             Recorder.rows.append(
                 {
                     "step": trainer.global_step,
-                    "local": dict(zip(keys, vec.tolist(), strict=True)),
-                    "reduced": reduced,
+                    "local": {repr(k): v for k, v in zip(keys, vec.tolist(), strict=True)},
+                    "reduced": {repr(k): v for k, v in reduced.items()},
                 }
             )
             return reduced
@@ -268,6 +268,7 @@ def scenario_fsdp2_mp(out: Path) -> dict[str, Any]:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     import lightning_stability.capture.guards as guards
+    from lightning_stability.metrics import RawKey
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
     monitor = recorder("fsdp2_mp", out, every_n_steps=1, sample_size=SAMPLE)
@@ -281,7 +282,8 @@ def scenario_fsdp2_mp(out: Path) -> dict[str, Any]:
             bad = self._probe.measure(args, kwargs, lambda: self._low_precision(trainer, pl_module))
         finally:
             guards.fp32_all_gather = kept
-        wrong.append(float(bad.values["block1/r_block/err_sq"]) / float(bad.values["block1/r_block/ref_sq"]))
+        err, ref = (bad.values[RawKey(name, 1, metric="r_block")] for name in ("err_sq", "ref_sq"))
+        wrong.append(float(err) / float(ref))
         return raw
 
     type(monitor)._measure_locally = both

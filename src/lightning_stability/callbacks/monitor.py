@@ -52,6 +52,7 @@ from lightning_stability.diagnostics.alarm import (
     RollingZ,
     default_alarm,
 )
+from lightning_stability.metrics import RawKey
 from lightning_stability.stability_report import StabilityReport
 from lightning_stability.verdict import FitVerdict
 
@@ -474,12 +475,13 @@ class StabilityMonitor(Callback):
         return low_precision_context(trainer, pl_module, self.precision)
 
     @staticmethod
-    def _reduce(trainer: Trainer, raw: RawMeasurement) -> dict[str, float]:
-        """Combine ranks (max for κ's and r, min for variances, sum for counts), then one transfer.
+    def _reduce(trainer: Trainer, raw: RawMeasurement) -> dict[RawKey, float]:
+        """Combine ranks as each key's row says (max for κ's, min for variances, sum for error and
+        count parts), then one transfer.
 
         Under tensor parallelism the ranks of one group measured the same examples (each with
         every head, the per-module maxima of their own shards): their values are combined by
-        max first, then the data-parallel replicas by the table's operations.
+        max first, then the data-parallel replicas by the keys' operations.
         """
         keys, vec = raw.flat()
         if is_distributed(trainer):
@@ -490,7 +492,7 @@ class StabilityMonitor(Callback):
             cols = []
             for j, key in enumerate(keys):
                 column = gathered[:, j]
-                op = raw.ops[key]
+                op = key.ranks
                 cols.append(column.amax() if op == "max" else column.amin() if op == "min" else column.sum())
             vec = torch.stack(cols) if cols else vec
         return dict(zip(keys, vec.cpu().tolist(), strict=True))
