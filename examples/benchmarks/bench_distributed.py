@@ -192,6 +192,8 @@ def main() -> None:
         result = run(args.worker, args.steps)
         if int(os.environ.get("RANK", 0)) == 0:
             args.result.write_text(json.dumps(result))
+        if torch.distributed.is_initialized():  # an open gloo group can abort the interpreter's exit
+            torch.distributed.destroy_process_group()
         return
     before = machine_line()
     results = [launch(setup, args.steps) for setup in ("one", "ddp", "fsdp2")]

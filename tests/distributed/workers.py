@@ -434,6 +434,9 @@ def main(names: str, out_dir: str) -> None:
         except Exception:
             result = {"error": traceback.format_exc()}
         (out / f"{name}_rank{rank}.json").write_text(json.dumps(result, default=str))
+    if torch.distributed.is_initialized():  # an open gloo group can abort the interpreter's exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
