@@ -78,8 +78,8 @@ class StabilityMonitor(Callback):
 
     Args:
         every_n_steps: measure when trainer.global_step (optimizer steps) is a multiple of this (an
-            integer >= 1), never at step 0; with gradient accumulation on the micro-batch after which
-            the optimizer stepped (docs/DISTRIBUTED.md).
+            integer >= 1); with gradient accumulation on the micro-batch after which the optimizer
+            stepped, never on one inside an accumulation window (docs/DISTRIBUTED.md).
         sample_size: examples of the batch to measure (fewer if the batch is smaller).
         precision: low precision of the measured pass. None (default): the trainer's own;
             bf16 or fp16: that autocast, so an FP32 run can ask "what would BF16 do?";
@@ -250,9 +250,9 @@ class StabilityMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        # step 0 (a micro-batch before the first optimizer step) is never measured; with gradient
-        # accumulation global_step first reaches N on the micro-batch after which the optimizer stepped
-        if self._refusal or step == 0 or step % self.every_n_steps or step == self._last_step:
+        if self._refusal or step % self.every_n_steps or step == self._last_step:
+            return
+        if _inside_accumulation_window(trainer, batch_idx):  # the optimizer has not stepped on it
             return
         self._last_step = step
         args, kwargs = self.inputs_from_batch(batch)
@@ -533,6 +533,13 @@ class StabilityMonitor(Callback):
                 named = f"{where} ({report.blocks[result.block].name!r})"
                 report.alarm_reason = result.reason.replace(where, named, 1)
         return result
+
+
+def _inside_accumulation_window(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether the batch just trained is a micro-batch after which the optimizer did not step
+    (``accumulate_grad_batches > 1``: not the last of its window, nor the epoch's last batch)."""
+    k = trainer.accumulate_grad_batches
+    return k > 1 and (batch_idx + 1) % k != 0 and not trainer.is_last_batch
 
 
 def _all_ranks_agree(trainer: Trainer, pl_module: LightningModule, ok: bool) -> bool:
