@@ -13,8 +13,8 @@ from tests.capture.test_probe_correctness import Net, _x
 from torch import nn
 
 from lightning_stability.capture import StabilityProbe, compose_report
-from lightning_stability.capture.guards import side_forward
 from lightning_stability.capture.probe import _Collector
+from lightning_stability.capture.side_forward import side_forward
 from lightning_stability.stability_report import StabilityReport
 
 WEIGHT_METRICS = ("wo_norm", "kappa_eff", "kappa_wkwq")

@@ -31,25 +31,24 @@ from lightning_stability.capture.attention import (
 )
 from lightning_stability.capture.batch import cast_floating
 from lightning_stability.capture.blocks import BlockTap, ModuleAmax, find_sublayers, first_tensor
-from lightning_stability.capture.guards import (
+from lightning_stability.capture.hooks import HookContext
+from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
+from lightning_stability.capture.side_forward import (
     compute_dtype,
     exact_fp32,
     rng_restore,
     rng_snapshot,
     side_forward,
 )
-from lightning_stability.capture.hooks import HookContext
-from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
 from lightning_stability.capture.structure import MISSING_WO, Block, WeightFn, model_blocks, moe_kappa_eff
 from lightning_stability.diagnostics.collapse import collapse_statistics
 from lightning_stability.diagnostics.linear import BATCH_BYTES, batches, float64_stack, kappa_wkwq_many
 from lightning_stability.metrics import BLOCK_METRICS, BY_NAME, HEAD_METRICS, RankOp, rank_op
+from lightning_stability.rules.thresholds import FP16_MAX
 from lightning_stability.stability_report import BlockReport, StabilityReport
 
 #: How each raw statistic is combined across ranks (declared in :mod:`lightning_stability.metrics`).
 ReduceOp = RankOp
-#: The largest finite float16.
-FP16_MAX = 65504.0
 
 NO_ATTENTION_WARNING = (
     "StabilityMonitor found no attention in this model, so the attention diagnostics "
