@@ -48,7 +48,7 @@ from .leadlag import lead_lag, lead_lag_permutation_test
 from .logs import Run, Series, align, load_runs, step_stride
 from .regression import predictor_regression
 from .spikes import spike_precision_at_k
-from .verdict import RunVerdict, run_verdict, verdict_markdown
+from .verdict import KappaLead, RunVerdict, run_verdict, verdict_markdown
 
 __all__ = [
     "MATPLOTLIB_MISSING",
@@ -335,15 +335,12 @@ def lead_reading(row: LeadLagRow, alpha: float = 0.05) -> str:
     return f"κ_softmax leads {row.target} by {row.lag} steps (p {p})"
 
 
-def _verdict_lead(row: LeadLagRow | None) -> str | None:
-    """How the verdict reads a run's κ_softmax → r_block test."""
+def _verdict_lead(row: LeadLagRow | None) -> KappaLead | None:
+    """A run's κ_softmax → r_block test, for the verdict's sentence on κ_softmax (None: it did not run)."""
     if row is None or row.lag is None:
         return None
     reading = lead_reading(row)
-    if reading.startswith("κ_softmax leads"):
-        p = _fmt_p(row.p_value)
-        return f"κ_softmax leads the mismatch by {row.lag} steps in this run (p {p}): act on the warnings"
-    return f"the lead–lag test finds no early warning in this run ({reading}): treat the warnings as noise"
+    return KappaLead(row.lag, row.p_value, reading.startswith("κ_softmax leads"), reading)
 
 
 def _bound_gap(runs: Sequence[Run]) -> tuple[int, float, float] | None:
