@@ -62,10 +62,10 @@ def _imports(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
 def test_layer_imports_only_downwards(layer: str) -> None:
-    for path in sorted((PKG / layer).glob("*.py")):
+    for path in sorted((PKG / layer).rglob("*.py")):  # subpackages too
         for name in _imports(path):
             bad = [f for f in FORBIDDEN[layer] if name == f or name.startswith(f + ".")]
-            assert not bad, f"{path.name} imports {name}"
+            assert not bad, f"{path.relative_to(PKG)} imports {name}"
 
 
 def test_analysis_package_import_is_light() -> None:

@@ -53,6 +53,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_stability import LNEpsilonBump, ProbeOptions, StabilityMonitor
 from lightning_stability.capture.attention import AttentionCall, AttentionCapture
 from lightning_stability.capture.probe import RawMeasurement, StabilityProbe, compose_report
+from lightning_stability.capture.probe.spectra import weight_statistics
 from lightning_stability.capture.side_forward import eval_mode, exact_fp32, fastpath_disabled
 from lightning_stability.diagnostics import attention_diagnostics
 from tiny_vit import CIFAR10DataModule, TinyViT
@@ -424,7 +425,7 @@ class SampledStep:
                 call.q.float(), call.k.float(), call.v.float(), mask=call.keep, scale=call.scale,
                 bias=None if call.bias is None else call.bias.float(),
             )
-        self.probe._weights(RawMeasurement(), self.heads)
+        weight_statistics(self.probe.blocks, self.heads, self.probe.spectra, RawMeasurement())
 
     def logging(self) -> None:
         values = self.monitor._reduce(self.trainer, self.raw)
@@ -473,7 +474,7 @@ def kept_bytes(s: SampledStep) -> int:
     """Bytes the probe keeps after its exact pass: the FP32 block outputs (the references of the
     low-precision pass) and, for the local errors, each block's and sub-layer's input and output.
     Measured on the collector itself (storages counted once)."""
-    from lightning_stability.capture import probe as probe_module
+    from lightning_stability.capture.probe import passes as probe_module
 
     seen: dict[int, int] = {}
     original = probe_module._Collector.exact_pass

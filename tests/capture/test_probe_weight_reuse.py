@@ -13,7 +13,9 @@ from tests.capture.test_probe_correctness import Net, _x
 from torch import nn
 
 from lightning_stability.capture import StabilityProbe, compose_report
-from lightning_stability.capture.probe import _Collector
+from lightning_stability.capture.probe.passes import _Collector
+from lightning_stability.capture.probe.raw import RawMeasurement
+from lightning_stability.capture.probe.spectra import weight_statistics
 from lightning_stability.capture.side_forward import side_forward
 from lightning_stability.stability_report import StabilityReport
 
@@ -227,7 +229,7 @@ def test_weight_spectra_copies_stay_within_the_batch_budget(monkeypatch: Any) ->
     """A large model's weights are not stacked into one float64 copy: with a budget of two
     weights, no float64 tensor of the weight work is larger, and every value is unchanged
     (also when reusing kept spectra across measurements)."""
-    from lightning_stability.capture import probe as probe_module
+    from lightning_stability.capture.probe import spectra as spectra_module
     from lightning_stability.diagnostics import linear
 
     torch.manual_seed(0)
@@ -237,14 +239,16 @@ def test_weight_spectra_copies_stay_within_the_batch_budget(monkeypatch: Any) ->
     expected = weights(measure(StabilityProbe(model), x))  # default budget: each shape in one call
     weight_bytes = 32 * 32 * 8
     with _LargestFloat64() as whole:
-        StabilityProbe(model)._weights(probe_module.RawMeasurement(), heads)
+        probe = StabilityProbe(model)
+        weight_statistics(probe.blocks, heads, probe.spectra, RawMeasurement())
     assert whole.largest >= 6 * weight_bytes  # the test can fail: one stack of six weights
 
     budget = 2 * weight_bytes
     monkeypatch.setattr(linear, "BATCH_BYTES", budget)
-    monkeypatch.setattr(probe_module, "BATCH_BYTES", budget)
+    monkeypatch.setattr(spectra_module, "BATCH_BYTES", budget)
     with _LargestFloat64() as bounded:
-        StabilityProbe(model)._weights(probe_module.RawMeasurement(), heads)
+        probe = StabilityProbe(model)
+        weight_statistics(probe.blocks, heads, probe.spectra, RawMeasurement())
     assert 0 < bounded.largest <= budget
     assert weights(measure(StabilityProbe(model), x)) == expected
     reusing = StabilityProbe(model, reuse_weight_spectra=True)

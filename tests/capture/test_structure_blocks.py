@@ -11,14 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_stability.capture import StabilityProbe, compose_report
-from lightning_stability.capture.structure import (
-    find_blocks,
-    find_stacks,
-    model_blocks,
-    pattern_regex,
-    unattended_blocks,
-    unmatched_patterns,
-)
+from lightning_stability.capture.stacks import find_blocks, find_stacks, pattern_regex, unmatched_patterns
+from lightning_stability.capture.structure import model_blocks, unattended_blocks
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:.*enable_nested_tensor")

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-import lightning_stability.diagnostics.attention as attention_mod
+import lightning_stability.diagnostics.softmax_solver as attention_mod
 from lightning_stability.diagnostics import (
     attention_diagnostics,
     extreme_singular_values,

@@ -35,7 +35,8 @@ from lightning_stability.capture.probe import (
     first_nonfinite_module,
     predictor_warnings,
 )
-from lightning_stability.capture.structure import structure_warnings, unattended_blocks, unmatched_patterns
+from lightning_stability.capture.stacks import unmatched_patterns
+from lightning_stability.capture.structure import structure_warnings, unattended_blocks
 from lightning_stability.diagnostics.rolling import RollingZScore
 from lightning_stability.rules import AlarmResult, EpisodeLatch, Evidence, Judge, Judgement, render, rule_book
 from lightning_stability.stability_report import StabilityReport

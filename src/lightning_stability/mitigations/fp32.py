@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_stability.capture.structure import is_attention_name
+from lightning_stability.capture.stacks import is_attention_name
 
 __all__ = ["FP32Override", "attention_module"]
 
