@@ -37,7 +37,7 @@ def fit(model, tmp_path, monitor=None, steps=4, loader=None, **kw):  # type: ign
         ("sample_size", -1),
         ("precision", "fp8"),
         ("blocks", "blocks.*"),
-        ("log_per_head", 1),
+        ("log_per_head", "yes"),
         ("seed", -1),
     ],
 )
@@ -57,7 +57,7 @@ def test_bad_arguments_name_argument_and_value(arg: str, value: Any) -> None:
         ("eps_mach", 0.0),
         ("eps_mach", "bf16"),
         ("local_errors", "yes"),
-        ("balanced_mass", 1),
+        ("balanced_mass", None),
         ("reuse_weight_spectra", "yes"),
     ],
 )

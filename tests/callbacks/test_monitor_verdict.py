@@ -47,7 +47,7 @@ def test_end_of_fit_verdict_names_the_fragile_block(tmp_path, capsys) -> None:  
     summary, j = monitor.summary, monitor.judgement
     assert summary is not None and j is not None
     assert summary in capsys.readouterr().out  # printed on rank zero
-    assert summary.startswith("StabilityMonitor verdict: watch (3 sampled steps, low precision BF16")
+    assert summary.startswith("StabilityMonitor verdict: watch (3 sampled step(s), low precision BF16")
 
     # the finding is the measured extreme, in the block the default alarm names at every check
     logit, logit_step = max((r.attn_logit_max, r.step) for r in monitor.reports if r.attn_logit_max)

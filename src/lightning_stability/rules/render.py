@@ -125,7 +125,7 @@ def _measured(rule: Rule, ext: Extreme) -> str:
             f"(max |output| = {_g(amax, 4)} in {_headroom_module(ext)})"
         )
     if name == "rho_ln":
-        return f"smallest ρ_LN (ε-dominated below 1): {_g(ext.value)} in {at} at step {ext.step}"
+        return f"smallest ρ_LN (below 1: ε-dominated): {_g(ext.value)} in {at} at step {ext.step}"
     if name == "r_local":
         return _error_fact(ext, at)
     if rule.window:
