@@ -100,8 +100,13 @@ def alarm_reason(result: AlarmResult, block_name: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------- findings, facts
-def _headroom_module(ext: Extreme) -> str:
-    return ext.module or where(ext.block, ext.block_name)
+def _headroom_where(ext: Extreme) -> str:
+    """Where the largest output is: its module online; from the logs, only the block with the largest."""
+    if ext.module:
+        return f" in {ext.module}"
+    if ext.block is not None:
+        return f"; the largest inside a block: {where(ext.block, ext.block_name)}"
+    return ""
 
 
 def _fact(rule: Rule, ext: Extreme) -> str:
@@ -122,7 +127,7 @@ def _measured(rule: Rule, ext: Extreme) -> str:
         amax = FP16_MAX / 2.0**ext.value
         return (
             f"FP16 headroom: {ext.value:.2f} bits at step {ext.step} "
-            f"(max |output| = {_g(amax, 4)} in {_headroom_module(ext)})"
+            f"(max |output| = {_g(amax, 4)}{_headroom_where(ext)})"
         )
     if name == "rho_ln":
         return f"smallest ρ_LN (below 1: ε-dominated): {_g(ext.value)} in {at} at step {ext.step}"
