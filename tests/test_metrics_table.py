@@ -15,8 +15,8 @@ from lightning_stability.metrics import (
     HEAD_METRICS,
     METRICS,
     MODEL_METRICS,
+    RawKey,
     markdown_table,
-    rank_op,
 )
 from lightning_stability.stability_report import BlockReport, StabilityReport
 
@@ -68,14 +68,25 @@ def test_metrics_logs_tags_from_the_table() -> None:
 
 
 def test_every_raw_key_has_a_declared_reduction() -> None:
-    assert rank_op("block0/r_block/err_sq") == "sum"
-    assert rank_op("norm/blocks.0.norm1/variance") == "min"
-    assert rank_op("module/blocks.0.mlp.0/amax") == "max"
-    assert rank_op("block1/head0/attention_entropy") == "min"
+    assert RawKey("err_sq", 0, metric="r_block").ranks == "sum"
+    assert RawKey("variance", module="blocks.0.norm1").ranks == "min"
+    assert RawKey("amax", module="blocks.0.mlp.0").ranks == "max"
+    assert RawKey("attention_entropy", 1, head=0).ranks == "min"
     with pytest.raises(KeyError, match="no declared cross-rank reduction"):
-        rank_op("block0/something_new")
+        RawKey("something_new", 0)
     with pytest.raises(KeyError):
-        rank_op("block0/r_local")  # derived (from err_sq / ref_sq), never a raw key
+        RawKey("r_local", 0)  # derived (from err_sq / ref_sq), never a raw key
+
+
+def test_derived_rows_name_their_parts_and_measured_rows_a_reduction() -> None:
+    for m in METRICS:
+        assert (m.ranks is None) == (m.derived is not None or m.name in ("eps_mach", "alarm")), m.name
+        if m.derived is not None and m.derived.kind != "formula":
+            assert len(m.derived.parts) == 2, m.name
+            for part in m.derived.parts:
+                assert RawKey(part, 0, metric=m.name).ranks == "sum", (m.name, part)
+        if m.level == "head":  # per-call attention values: every reduction is declared
+            assert m.heads and m.examples and m.calls, m.name
 
 
 def test_analysis_and_cli_do_not_import_lightning() -> None:

@@ -24,9 +24,9 @@ loss-based detectors of :mod:`lightning_stability.analysis.detectors` run on the
 * ``none``: scenario (c) is ε-dominated from initialisation; nothing diverges, the
   question is only whether the rule names it and stays silent on the control.
 
-Every signal is read from the monitor's own ``stability/*`` tags. Only logs of a monitor
-version that did not log ``attn_logit_max``/``amax``/``fp16_headroom`` fall back to the
-model's own ``scenario/*`` values at the same steps (flagged ``*`` in the table).
+Every signal is read from the monitor's own ``stability/*`` tags. Only logs without
+``attn_logit_max``/``amax``/``fp16_headroom`` tags fall back to the model's own
+``scenario/*`` values at the same steps (flagged ``*`` in the table).
 
 **One implementation.** When the run's monitor used the default alarm, its logged
 ``stability/alarm`` must equal the offline replay of the default alarm on the same tags;

@@ -17,6 +17,7 @@ from lightning_stability.capture.probe.passes import _Collector
 from lightning_stability.capture.probe.raw import RawMeasurement
 from lightning_stability.capture.probe.spectra import weight_statistics
 from lightning_stability.capture.side_forward import side_forward
+from lightning_stability.metrics import RawKey
 from lightning_stability.stability_report import StabilityReport
 
 WEIGHT_METRICS = ("wo_norm", "kappa_eff", "kappa_wkwq")
@@ -133,12 +134,12 @@ def test_non_finite_count_is_exact_on_the_cheap_path() -> None:
     assert want[0] == 4 and want[1] > 4  # block 1 also spreads block 0's through its Linear
     probe = StabilityProbe(model, blocks=["blocks.*"])
     raw = probe.measure((x,), {}, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    assert [raw.values[f"block{i}/r_block/nonfinite"].item() for i in range(2)] == want
+    assert [raw.values[RawKey("nonfinite", i, metric="r_block")].item() for i in range(2)] == want
     report = measure(probe, x)
     assert report.nonfinite == sum(want) and report.blocks[0].r_block == math.inf
     clean = StabilityProbe(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), blocks=["*"])
     raw = clean.measure((x,), {}, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    assert raw.values["block0/r_block/nonfinite"].item() == 0
+    assert raw.values[RawKey("nonfinite", 0, metric="r_block")].item() == 0
 
 
 # ---------------------------------------------------------------- the residual stream kept once

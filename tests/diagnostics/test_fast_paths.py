@@ -187,9 +187,9 @@ def test_staged_pruning_and_batched_exact_solve_are_exact(
 ) -> None:
     # Force every stage on a small input: the top-2 block lower bound on the candidates (1b), the
     # bounds from the candidates' own softmax (1.5), and exact solves gathered 3 rows at a time.
-    monkeypatch.setattr(attention_mod, "_PHASE15_MIN_ELEMS", 0)
-    monkeypatch.setattr(attention_mod, "_PHASE1B_MIN_ROWS", 0)
-    monkeypatch.setattr(attention_mod, "_PHASE15_MIN_ROWS", 0)
+    monkeypatch.setattr(attention_mod, "_STAGED_MIN_ELEMS", 0)
+    monkeypatch.setattr(attention_mod, "_BLOCK_BOUND_MIN_ROWS", 0)
+    monkeypatch.setattr(attention_mod, "_REFINE_MIN_ROWS", 0)
     monkeypatch.setattr(attention_mod, "_EXACT_ELEMS", 3 * 23)
     stage_1b = _counting(monkeypatch, "_block_lower_bound")
     stage_15 = _counting(monkeypatch, "_refine_rows")

@@ -29,7 +29,7 @@ prints is in steps or says "logged points".
 Step alignment: series are joined on their logged step. ``StabilityMonitor`` logs a
 measurement made after optimizer step N under step N − 1, Lightning's own step for
 that batch's ``training_step`` values, so ``stability/*`` and ``train_loss`` share
-steps (logs written before this rule, at step N, join a loss one batch later).
+steps.
 """
 
 from __future__ import annotations

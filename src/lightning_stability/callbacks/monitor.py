@@ -38,6 +38,7 @@ from lightning_stability.capture.probe import (
 from lightning_stability.capture.stacks import unmatched_patterns
 from lightning_stability.capture.structure import structure_warnings, unattended_blocks
 from lightning_stability.diagnostics.rolling import RollingZScore
+from lightning_stability.metrics import RawKey
 from lightning_stability.rules import AlarmResult, EpisodeLatch, Evidence, Judge, Judgement, render, rule_book
 from lightning_stability.stability_report import StabilityReport
 
@@ -338,15 +339,16 @@ class StabilityMonitor(Callback):
         return low_precision_context(trainer, pl_module, self.precision)
 
     @staticmethod
-    def _reduce(trainer: Trainer, raw: RawMeasurement) -> dict[str, float]:
-        """Combine ranks (max for κ's and r, min for variances, sum for counts), then one transfer."""
+    def _reduce(trainer: Trainer, raw: RawMeasurement) -> dict[RawKey, float]:
+        """Combine ranks as each key's row says (max for κ's, min for variances, sum for error and
+        count parts), then one transfer."""
         keys, vec = raw.flat()
         if is_distributed(trainer):
             gathered = trainer.strategy.all_gather(vec)  # (world, k)
             cols = []
             for j, key in enumerate(keys):
                 column = gathered[:, j]
-                op = raw.ops[key]
+                op = key.ranks
                 cols.append(column.amax() if op == "max" else column.amin() if op == "min" else column.sum())
             vec = torch.stack(cols) if cols else vec
         return dict(zip(keys, vec.cpu().tolist(), strict=True))

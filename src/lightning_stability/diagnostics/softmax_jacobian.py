@@ -32,7 +32,7 @@ def _secular_lambda(rest: Tensor, p1: Tensor, p2: Tensor, r: Tensor) -> Tensor:
     """
     a = p1 * r
     # Start at the top-2 block's eigenvalue (interlacing: a lower bound). The s2 root, the
-    # other lower bound of _lambda_bounds, saved no iteration on attention rows: 8 ops dropped.
+    # other lower bound of _lambda_bounds, saves no iteration on attention rows: not computed.
     lam0 = _block_top(a, p1 * p2, p2 * (1.0 - p2))
     lam0 = torch.minimum(torch.maximum(lam0, torch.nextafter(p2, p1)), p1)
     tie = (p1 - p2) <= 4.0 * torch.finfo(_F64).eps * p1

@@ -26,12 +26,12 @@ _F64 = torch.float64
 _INF = float("inf")
 # Extra relative safety margin on the (already widened) float32 row bounds used for pruning.
 _BOUND_MARGIN = 1e-4
-_PHASE15_MIN_ELEMS = 1 << 15
+_STAGED_MIN_ELEMS = 1 << 15
 # Candidates per matrix above which the p2-interval bounds (1b) / the candidates' own softmax
 # (1.5) run: below, the exact solve of the few candidates is cheaper than ~60 more small ops.
-_PHASE1B_MIN_ROWS = 2
-_PHASE15_MIN_ROWS = 4
-# Elements per gather of candidate rows (phases 1.5 and 2): bounds their float64 temporaries.
+_BLOCK_BOUND_MIN_ROWS = 2
+_REFINE_MIN_ROWS = 4
+# Elements per gather of candidate rows (refining and exact stages): bounds their float64 temporaries.
 _EXACT_ELEMS = 1 << 18
 # Sub-chunk of the row statistics pass (elements): two float32 buffers of 1 MiB stay in cache.
 _BUF_ELEMS = 1 << 18
@@ -47,9 +47,8 @@ def _row_stats_pass(
     :func:`_row_entropy_terms`). Nothing of the size of ``s`` is allocated: the softmax is
     written into two (three with the entropy) reused buffers of at most ``_BUF_ELEMS`` elements
     (whole matrices, or row blocks of a matrix larger than that), so every reduction reads
-    cache-resident data. (The former version wrote a fresh full-size probability tensor and
-    took an arg-max over it: ~10× a softmax at n ≥ 256, mostly page faults and the
-    index-returning ``max``.)
+    cache-resident data. (A full-size probability tensor with an arg-max over it costs ~10× a
+    softmax at n ≥ 256, mostly page faults and the index-returning ``max``.)
     """
     s = s.detach()  # the buffers are written with out=, which autograd refuses
     g, nq, nk = s.shape
@@ -158,11 +157,11 @@ def _softmax_chunk(
 ) -> tuple[Tensor, Tensor | None]:
     """kappa_softmax (and mean row entropy) for ``s: (G, n_q, n_k)``; ``mask: (G|1, n_q|1, n_k)``.
 
-    Phase 1a (all rows, from one cache-blocked pass in working precision): rigorous cheap bounds
-    on each row's ``λ·‖S_i‖/‖P_i‖``; 1b (candidates, when many): the top-2 block lower bound;
-    1.5 (candidates, when still many and long): bounds from their own softmax (p2 and the tail);
-    2 (float64, exact, in bounded batches): only rows whose upper bound reaches the largest
-    lower bound of their matrix.
+    In stages of growing cost per row: cheap bounds (all rows, from one cache-blocked pass in
+    working precision): rigorous bounds on each row's ``λ·‖S_i‖/‖P_i‖``; block bound
+    (candidates, when many): the top-2 block lower bound; refining (candidates, when still many
+    and long): bounds from their own softmax (p2 and the tail); exact (float64, in bounded
+    batches): only rows whose upper bound reaches the largest lower bound of their matrix.
     """
     g, nq, nk = s.shape
     ns, p1, pn, h_rows = _row_stats_pass(s, mask, want_entropy)
@@ -175,7 +174,7 @@ def _softmax_chunk(
         entropy = h_row.sum(-1) / (nq if valid is None else valid.sum(-1).clamp_min(1))
     every = valid is None and bool(fin.all())  # every row attended and finite (one sync)
     rows = _surviving_rows(s, mask, ns, p1, pn, None if every else ok)
-    # Phase 2: exact float64 solve on the surviving rows.
+    # Exact stage: float64 solve on the surviving rows.
     out = torch.zeros(g, dtype=_F64, device=s.device)
     batch = max(1, _EXACT_ELEMS // nk)  # rows per gather: temporaries stay O(_EXACT_ELEMS)
     for a in range(0, rows.numel(), batch):
@@ -203,7 +202,7 @@ def _surviving_rows(
     # n·u of exact whatever the summation order: widen every relative bound by twice that.
     acc = 2.0 * nk * torch.finfo(s.dtype).eps / 2
     margin = _BOUND_MARGIN + 2.0 * acc
-    # Phase 1a (all rows, ~40 ops): bounds from p1 and ‖P‖ (see _cheap_bounds).
+    # Cheap bounds (all rows, ~40 ops): from p1 and ‖P‖ (see _cheap_bounds).
     p1d, pnd = p1.to(_F64), pn.to(_F64)
     qd, ratio = pnd.square(), ns.to(_F64).div_(pnd)
     s2_abs = (4e-6 + 2.0 * acc) * qd  # cancellation in q − p1²
@@ -214,17 +213,17 @@ def _surviving_rows(
         lb, ub = torch.where(ok, lb, 0.0), torch.where(ok, ub, -1.0)
     lb, ub = lb.reshape(-1), ub.reshape(-1)
     rows = _candidates(lb, ub, g, nq, None)
-    # Phase 1b (candidates only): the top-2 block lower bound raises each matrix's best.
-    if rows.numel() > _PHASE1B_MIN_ROWS * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
+    # Block bound (candidates only): the top-2 block lower bound raises each matrix's best.
+    if rows.numel() > _BLOCK_BOUND_MIN_ROWS * g and rows.numel() * nk > _STAGED_MIN_ELEMS:
         p1c, qc, s2c = p1d.reshape(-1)[rows], qd.reshape(-1)[rows], s2l.reshape(-1)[rows]
         lo_c = _block_lower_bound(p1c, qc, s2c, rel, eta, acc)
         lb_c = torch.maximum(lb[rows], lo_c.mul_(ratio.reshape(-1)[rows]).mul_(1.0 - margin))
         lb[rows] = lb_c
         rows = rows[_candidates(lb_c, ub[rows], g, nq, rows)]
     batch = max(1, _EXACT_ELEMS // nk)  # rows per gather: temporaries stay O(_EXACT_ELEMS)
-    # Phase 1.5: on those rows, p2 and the tail mass from P itself (float32, one gather).
+    # Refining: on those rows, p2 and the tail mass from P itself (float32, one gather).
     # Worth its ~50 small ops only once the exact solve's element work would dominate.
-    if rows.numel() > _PHASE15_MIN_ROWS * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
+    if rows.numel() > _REFINE_MIN_ROWS * g and rows.numel() * nk > _STAGED_MIN_ELEMS:
         ratio_f = ratio.reshape(-1)
         parts = [
             _refine_rows(s, mask, rows[a : a + batch], lb, ub, ratio_f, acc, margin)
