@@ -218,9 +218,11 @@ def test_lead_reading_says_leads_only_for_significant_inner_positive_lags(
     assert lead_reading(_lead_row(lag, p)) == reading
 
 
-def _write_blocks(path: Path, eps: float, r_local: list[float], **per_block: list[float]) -> None:
+def _write_blocks(
+    path: Path, eps: float, r_local: list[float], alarms: tuple[int, ...] = (35, 40), **per_block: list[float]
+) -> None:
     """A run with per-block tags, every 5 steps: each value peaks (given value) at step 30 and is
-    half of it elsewhere (r_local: a quarter); alarms at steps 35 and 40."""
+    half of it elsewhere (r_local: a quarter); ``stability/alarm`` 1 at ``alarms``."""
     w = SummaryWriter(str(path))
     for step in range(0, 60, 5):
         w.add_scalar("stability/eps_mach", eps, step)
@@ -229,7 +231,7 @@ def _write_blocks(path: Path, eps: float, r_local: list[float], **per_block: lis
         for tag, values in per_block.items():
             for b, peak in enumerate(values):
                 w.add_scalar(f"stability/block{b}/{tag}", peak if step == 30 else peak / 2, step)
-        w.add_scalar("stability/alarm", 1.0 if step in (35, 40) else 0.0, step)
+        w.add_scalar("stability/alarm", 1.0 if step in alarms else 0.0, step)
         w.add_scalar("stability/worst_block", float(np.argmax(r_local)) if step else 0.0, step)
     w.close()
 
@@ -239,28 +241,43 @@ def test_verdict_names_the_fragile_block_and_what_to_try(tmp_path: Path) -> None
     _write_blocks(
         tmp_path / "risky", BF16, [1e-3, 2e-3, 0.2], attn_logit_max=[8.0, 9.0, 150.0], rho_ln=[50.0, 3.0, 0.4]
     )
-    _write_blocks(tmp_path / "calm", BF16, [1e-3, 3e-3, 2e-3], attn_logit_max=[8.0, 9.0, 7.0])
+    _write_blocks(tmp_path / "calm", BF16, [1e-3, 3e-3, 2e-3], (), attn_logit_max=[8.0, 9.0, 7.0])
     rep = build_report(tmp_path, tmp_path / "out", n_permutations=50, plots=False, progress=False)
-    by_run = {v.run: v for v in rep.verdicts}
+    by_run = {v.run: v.judgement for v in rep.verdicts}
     risky, calm = by_run["risky"], by_run["calm"]
-    assert (risky.status, risky.worst.block, risky.worst.step) == ("at risk", 2, 30)  # type: ignore[union-attr]
-    assert risky.ratio == pytest.approx(0.2 / BF16)
-    assert risky.worst_block_share == pytest.approx(11 / 12)
-    assert risky.logit is not None and (risky.logit.block, risky.logit.value) == (2, 150.0)
-    assert risky.rho_ln is not None and risky.rho_ln.block == 2
-    assert risky.rho_ln.value == pytest.approx(0.2)  # half the peak: the smallest ρ_LN, float32 in the log
-    assert risky.alarm_steps == [35, 40]
-    assert (calm.status, calm.worst.block) == ("healthy", 1)  # type: ignore[union-attr]
-    assert calm.ratio == pytest.approx(3e-3 / BF16)
+    assert risky.status == "at risk"
+    assert [(f.rule, f.level, f.block, f.step) for f in risky.findings] == [
+        ("attn_logit_max", "watch", 2, 30),
+        ("rho_ln", "watch", 2, 0),  # half the peak elsewhere: the smallest ρ_LN, first at step 0
+        ("r_local", "at risk", 2, 30),
+    ]
+    assert risky.findings[2].value == pytest.approx(0.2 / BF16)
+    assert risky.findings[1].value == pytest.approx(0.2)  # float32 in the log
+    assert [(a.kind, a.block, a.part) for a in risky.advice] == [
+        ("qk_norm_or_clip", 2, "attention"),
+        ("eps_bump", 2, "norms"),
+        ("fp32_region", 2, "block"),  # 25.6 ε_mach, 100× the others; no sub-layer errors logged
+    ]
+    assert risky.worst_block_steps == {0: 1, 2: 11}
+    # the logged alarm (steps 35, 40) is no replay of the rule book's alarms: kept, said so
+    assert (risky.alarm.steps, risky.alarm.identified) == ([35, 40], False)
+    assert (calm.status, calm.extremes["r_local"].block, calm.findings) == ("healthy", 1, [])
+    assert calm.extremes["r_local"].value == pytest.approx(3e-3 / BF16)
     md = rep.markdown.read_text()
     assert md.index("## Verdict") < md.index("## Predictor vs observed")
     assert "**At risk: 1 of 2 run(s)** — risky (block 2)." in md
-    assert "block 2's r_local is 25.6 × ε_mach" in md
-    assert "an attention logit reached 150 (> 100)" in md
-    assert "keep block 2's attention in FP32" in md and "QK-clip at τ = 100, for block 2's attention" in md
-    assert "add LNEpsilonBump" in md
-    assert "0.38 × ε_mach (BF16, ε_mach = 0.0078), at the rounding floor" in md  # calm: 3e-3 / 2^-7
-    assert "fired 2 time(s) (steps 35, 40)" in md
+    assert "r_local = 0.2 = 26 × ε_mach at step 30" in md
+    assert "at risk: r_local 25.6 × ε_mach > 10 × ε_mach" in md
+    assert "watch: attn_logit_max 150 > 100" in md
+    assert "keep all of block 2 in FP32" in md and "QK-clip at τ = 100, for the attention of block 2" in md
+    assert "raise the ε of the normalization layers of block 2" in md
+    assert "**calm — healthy** (12 logged steps, BF16, ε_mach = 0.0078). No rule reached its watch" in md
+    assert "fired at steps 35, 40; no alarm of this version's rule book replays it" in md
+    assert "κ_softmax" not in md.split("## Predictor")[0]  # no κ_softmax series: nothing said about it
+    # a logged alarm is never healthy, even when no rule of the book replays it
+    _write_blocks(tmp_path / "more" / "calm_alarm", BF16, [1e-3, 3e-3, 2e-3], attn_logit_max=[8.0, 9.0, 7.0])
+    (alarmed,) = build_report(tmp_path / "more", plots=False, progress=False, n_permutations=50).verdicts
+    assert (alarmed.status, alarmed.judgement.findings) == ("watch", [])
 
 
 def test_verdict_falls_back_to_r_block_and_says_so(tmp_path: Path) -> None:
@@ -272,8 +289,11 @@ def test_verdict_falls_back_to_r_block_and_says_so(tmp_path: Path) -> None:
         w.add_scalar("stability/nonfinite", 0.0, step)
     w.close()
     v = build_report(tmp_path, tmp_path / "out", n_permutations=50, plots=False, progress=False).verdicts[0]
-    assert (v.error_name, v.worst.block, v.status) == ("r_block", 1, "at risk")  # type: ignore[union-attr]
-    assert v.ratio == pytest.approx(3e-2 / FP16)
+    j = v.judgement
+    (f,) = j.findings
+    assert (j.status, f.rule, f.block, f.step) == ("at risk", "r_local", 1, 20)
+    assert j.extremes["r_local"].signal == "r_block" and f.value == pytest.approx(3e-2 / FP16, rel=1e-6)
+    assert j.advice == []  # the propagated error cannot say which block to move to FP32
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "The largest per-block mismatch is r_block = 0.03 in block 1 (step 20): 31 × ε_mach (FP16" in md
-    assert "only the propagated `r_block`" in md and "not necessarily where it is made" in md
+    assert "largest per-block mismatch: r_block = 0.03 in block 1 at step 20, 31 × ε_mach" in md
+    assert "not necessarily where it is made" in md

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tests.conftest import TinyTransformer, make_loader, trainer_kwargs
 
-from lightning_stability import StabilityMonitor
+from lightning_stability import ProbeOptions, StabilityMonitor
 from lightning_stability.analysis.logs import find_runs
 from lightning_stability.callbacks._dashboard import custom_scalars_layout, split_metrics
 from lightning_stability.metrics import BLOCK_METRICS, METRICS
@@ -57,7 +57,8 @@ def _layout(acc: EventAccumulator) -> layout_pb2.Layout:
 def test_dashboard_sub_runs_log10_copies_and_no_empty_chart(
     tmp_path: Path, residual_gain_iters: int, local_errors: bool
 ) -> None:
-    log_dir = _fit(tmp_path, residual_gain_iters=residual_gain_iters, local_errors=local_errors)
+    probe = ProbeOptions(residual_gain_iters=residual_gain_iters, local_errors=local_errors)
+    log_dir = _fit(tmp_path, probe=probe)
     main_acc = _accumulator(log_dir)
     main = _scalars(main_acc)
     blocks = [_scalars(_accumulator(log_dir / f"block{i}")) for i in range(DEPTH)]

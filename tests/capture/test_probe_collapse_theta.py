@@ -75,11 +75,17 @@ def test_theta_is_off_by_default_and_equals_a_float64_recomputation() -> None:
             assert math.isclose(value, theta[:, h].mean().item(), rel_tol=1e-5)
 
 
-def test_rank_collapse_as_an_alarm_level_names_the_first_collapsed_block() -> None:
-    from lightning_stability.diagnostics.alarm import Level
+def test_rank_collapse_as_an_alarm_level_names_the_most_collapsed_block() -> None:
+    from lightning_stability.rules import Alarm, Rule
 
+    collapse = Alarm([Rule("rank_collapse", "rank_collapse", "below", watch=1e-3)])
     x = torch.randn(4, 24, 32, generator=torch.Generator().manual_seed(1))
     collapsing, control = run_probe(_stack(0.05), x), run_probe(_stack(1.0), x)
-    fired = Level("rank_collapse", 1e-3, above=False).update(collapsing.metrics())
-    assert fired.fired and "block" in fired.reason
-    assert not Level("rank_collapse", 1e-3, above=False).update(control.metrics()).fired
+    fired = collapse.update(collapsing.metrics())
+    values = {i: b.rank_collapse for i, b in enumerate(collapsing.blocks) if b.rank_collapse is not None}
+    assert (
+        fired.fired
+        and fired.block == min(values, key=lambda i: values[i])
+        and fired.value == min(values.values())
+    )
+    assert not collapse.update(control.metrics()).fired

@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_stability import diagnostics as D
 from lightning_stability.capture import StabilityProbe, compose_report
-from lightning_stability.capture.guards import fastpath_disabled
+from lightning_stability.capture.side_forward import fastpath_disabled
 from lightning_stability.metrics import RawKey
 from lightning_stability.stability_report import StabilityReport
 

@@ -13,10 +13,10 @@ from tests.capture.test_probe_correctness import Net, _x
 from torch import nn
 
 from lightning_stability.capture import StabilityProbe, compose_report
-from lightning_stability.capture.guards import side_forward
 from lightning_stability.capture.probe.passes import _Collector
 from lightning_stability.capture.probe.raw import RawMeasurement
 from lightning_stability.capture.probe.spectra import weight_statistics
+from lightning_stability.capture.side_forward import side_forward
 from lightning_stability.metrics import RawKey
 from lightning_stability.stability_report import StabilityReport
 

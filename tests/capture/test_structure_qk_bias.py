@@ -10,9 +10,9 @@ import torch
 from tests.capture.test_structure_weights import _SDPAQK
 from torch import nn
 
-from lightning_stability.capture.mitigations import attention_module, qk_params
 from lightning_stability.capture.stacks import is_attention_name
 from lightning_stability.capture.structure import model_blocks
+from lightning_stability.mitigations import attention_module, qk_params
 
 transformers = pytest.importorskip("transformers")
 D, H = 32, 4

@@ -1,4 +1,4 @@
-"""Mitigations against float64 recomputations: QK-clip and the FP32 override."""
+"""QK-clip against float64 recomputations: offending heads to τ, the rest bitwise untouched."""
 
 from __future__ import annotations
 
@@ -11,15 +11,8 @@ import torch.nn.functional as F
 from tests.conftest import Block as PreLNBlock
 from torch import Tensor, nn
 
-from lightning_stability.capture.mitigations import (
-    FP32Override,
-    attention_module,
-    clip_block_qk,
-    qk_clip_,
-    qk_clip_factors,
-    qk_params,
-)
 from lightning_stability.capture.structure import describe_block
+from lightning_stability.mitigations import QKClip, clip_block_qk, qk_clip_, qk_clip_factors, qk_params
 
 D, H, N = 32, 4, 7
 
@@ -151,9 +144,16 @@ def test_qk_clip_brings_offending_heads_to_tau_others_bitwise(setup: str, dtype:
             rows = slice(h * D // H, (h + 1) * D // H)
             assert torch.equal(new_t[rows], old_t[rows])
     changed = {n for n, p in module.named_parameters() if not torch.equal(p, snapshot[n])}
-    assert changed <= {"self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
-                       "self_attn.k_proj.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-                       "self_attn.in_proj_weight", "self_attn.in_proj_bias"}
+    assert changed <= {
+        "self_attn.q_proj.weight",
+        "self_attn.q_proj.bias",
+        "self_attn.k_proj.weight",
+        "self_attn.k_proj.bias",
+        "attn.c_attn.weight",
+        "attn.c_attn.bias",
+        "self_attn.in_proj_weight",
+        "self_attn.in_proj_bias",
+    }
     assert changed
 
 
@@ -218,69 +218,18 @@ def test_qk_clip_factors_and_bad_factors() -> None:
         qk_clip_(params, [0.5, 1.0, 1.0])
 
 
-# ------------------------------------------------------------------------------ FP32 override
-def _fp64_reference(module: nn.Module, x: Tensor) -> Tensor:
-    import copy
-
-    with torch.no_grad():
-        return copy.deepcopy(module).double()(x.double())
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fp32_override_block_output_equals_fp32_output(dtype: torch.dtype) -> None:
+def test_qk_clip_object_records_what_it_did_and_restore_undoes_nothing() -> None:
     torch.manual_seed(0)
-    block = PreLNBlock(D, H)
-    x = torch.randn(3, N, D)
-    ref64 = _fp64_reference(block, x)
-    with torch.no_grad():
-        fp32 = block(x)
-        with torch.autocast("cpu", dtype=dtype):
-            low = block(x)
-            with FP32Override(block):
-                guarded = block(x)
-            after = block(x)
-    assert guarded.dtype == torch.float32
-    assert torch.equal(guarded, fp32)  # the same FP32 arithmetic, bit for bit
-    err = lambda y: float((y.double() - ref64).norm() / ref64.norm())  # noqa: E731
-    assert err(guarded) < 1e-6 < 1e-4 < err(low)  # FP32 rounding vs half-precision rounding
-    assert torch.equal(after, low)  # removed: the autocast arithmetic again
-    assert "forward" not in block.__dict__
-
-
-def test_fp32_override_attention_only_and_hooks_still_fire() -> None:
-    torch.manual_seed(0)
-    block = PreLNBlock(D, H)
-    name, attn = attention_module(block)  # type: ignore[misc]
-    assert name == "attn"
-    seen: list[torch.dtype] = []
-    handle = attn.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
-    x = torch.randn(2, N, D)
-    override = FP32Override(attn).apply()
-    try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = block(x)
-            mlp_dtype = block.mlp[0](x).dtype
-    finally:
-        override.remove()
-        handle.remove()
-    assert seen == [torch.float32]
-    assert mlp_dtype == torch.bfloat16  # the rest of the block still autocasts
-    assert out.dtype == torch.float32  # residual add promotes
-
-
-def test_fp32_override_keeps_an_existing_instance_forward_and_refuses_half_params() -> None:
-    lin = nn.Linear(4, 4)
-    custom = lin.forward
-    lin.forward = custom  # type: ignore[method-assign]
-    with FP32Override(lin):
-        assert lin.forward is not custom
-    assert lin.__dict__["forward"] is custom
-    with pytest.raises(ValueError, match="bfloat16"):
-        FP32Override(nn.Linear(4, 4).to(torch.bfloat16)).apply()
-
-
-def test_attention_module_names() -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_embd=D, n_head=H, n_layer=1, n_positions=16, vocab_size=11)
-    assert attention_module(transformers.GPT2Model(config).h[0])[0] == "attn"  # type: ignore[index]
-    assert attention_module(nn.Sequential(nn.Linear(2, 2))) is None
+    block = describe_block(0, "b", PreLNBlock(D, H))
+    clip = QKClip(block, tau=100.0)
+    before = {n: p.detach().clone() for n, p in block.module.named_parameters()}
+    assert clip.apply([150.0, 20.0, 120.0, 3.0]) == {"b.attn.qkv": [0, 2]}
+    assert clip.apply([50.0] * H) == {"b.attn.qkv": []}  # nothing past τ: nothing recorded
+    assert clip.factors == [pytest.approx(100.0 / 150.0)]
+    after = {n: p.detach().clone() for n, p in block.module.named_parameters()}
+    clip.restore()  # QK-clip changes weights for good
+    assert all(torch.equal(p, after[n]) for n, p in block.module.named_parameters())
+    assert not torch.equal(after["attn.qkv.weight"], before["attn.qkv.weight"])
+    twin = QKClip(block)
+    twin.load_state_dict(clip.state_dict())
+    assert twin.factors == clip.factors
