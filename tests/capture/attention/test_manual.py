@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightning_stability.capture import (
     AttentionCall,
     call_diagnostics,
+    call_probabilities,
     fold_mask,
 )
 from lightning_stability.diagnostics import kappa_softmax
@@ -243,11 +244,11 @@ def test_swin_like_window_attention() -> None:
 
 
 def test_untraced_scores_and_in_place_ops() -> None:
-    """tanh between matmul and softmax breaks the trace: scores only, kappa_score unknown."""
+    """atan between matmul and softmax breaks the trace: scores only, kappa_score unknown."""
 
     class Odd(nn.Module):
         def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            s = torch.tanh(q @ k.transpose(-2, -1)) * 4.0
+            s = torch.atan(q @ k.transpose(-2, -1)) * 4.0
             s[..., 0] = -1e9  # an in-place mask on an untraced tensor
             return torch.matmul(s.softmax(-1), v)
 
@@ -265,7 +266,7 @@ def test_untraced_scores_and_in_place_ops() -> None:
     assert not calls[0].keep[..., 0].any() and calls[0].keep[..., 1:].all()
     d = call_diagnostics(calls[0])
     assert d.kappa_score.isnan().all()
-    s = torch.tanh(q.double() @ k.double().mT) * 4.0
+    s = torch.atan(q.double() @ k.double().mT) * 4.0
     keep = torch.ones(6, dtype=torch.bool)
     keep[0] = False
     ref = ref_diagnostics(q.double(), k.double(), v.double(), s, keep.expand(1, 2, 6, 6))
@@ -275,6 +276,52 @@ def test_untraced_scores_and_in_place_ops() -> None:
     # not the 4-D pattern, so nothing is recorded (documented limitation)
     _, calls, n = run_captured_no_grad(InPlace(), lambda: InPlace()(q, k, v))
     assert n == 0
+
+
+class SoftCapped(nn.Module):
+    """``c·tanh(q kᵀ·scale/c)`` written out by hand (litgpt's order, or the cap multiplied first
+    and the scale folded in), then a mask and optionally a bias added."""
+
+    def __init__(
+        self, scale: float, cap: float, bias: Tensor | None = None, litgpt_order: bool = True
+    ) -> None:
+        super().__init__()
+        self.scale, self.cap, self.bias, self.litgpt_order = scale, cap, bias, litgpt_order
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.litgpt_order:
+            s = torch.tanh(q @ k.transpose(-2, -1) * self.scale / self.cap) * self.cap
+        else:
+            s = self.cap * (q @ k.transpose(-2, -1)).mul(self.scale / self.cap).tanh()
+        s[..., 0] = -1e9  # an in-place mask after the cap
+        if self.bias is not None:
+            s = s + self.bias
+        return torch.matmul(s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("litgpt_order", [True, False])
+def test_soft_capping_written_out_is_traced(litgpt_order: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=g) * 3 for _ in range(3))
+    keep = torch.ones(1, 2, 6, 6, dtype=torch.bool)
+    keep[..., 0] = False
+    logits = q.double() @ k.double().mT * 0.5
+    module = SoftCapped(0.5, 2.0, litgpt_order=litgpt_order)
+    out, calls, n = run_captured_no_grad(module, lambda: module(q, k, v))
+    call = calls[0]
+    assert n == 1 and call.scores is None and call.bias is None and call.keep is not None
+    assert call.softcap == pytest.approx(2.0) and call.scale == pytest.approx(0.5)
+    assert torch.equal(call.keep.expand_as(keep), keep)
+    assert float(logits.abs().amax()) > 4.0  # the cap bites
+    capped = 2.0 * torch.tanh(logits / 2.0)
+    assert torch.allclose(call_probabilities(call) @ v.double(), out.double(), rtol=1e-5, atol=1e-6)
+    ref = ref_diagnostics(q.double(), k.double(), v.double(), capped, keep)
+    ref["logit_max"] = logits.abs().masked_fill(~keep, 0.0).amax((-2, -1))  # before the cap
+    assert_matches(call_diagnostics(call), ref)
+    # a bias added after the cap is not a bias of the logits: the record keeps the scores alone
+    biased = SoftCapped(0.5, 2.0, torch.randn(6, 6, generator=g), litgpt_order)
+    _, calls, _ = run_captured_no_grad(biased, lambda: biased(q, k, v))
+    assert calls[0].q is None and calls[0].softcap is None and calls[0].scores is not None
 
 
 def test_manual_record_sdpa_fields_reproduce_scores() -> None:
