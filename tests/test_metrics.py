@@ -118,7 +118,7 @@ def test_tensorboard_layout_has_a_chart_for_every_metric() -> None:
     regexes = " ".join(rx for section in layout.values() for _, tags in section.values() for rx in tags)
     for name in (
         BLOCK_METRICS
-    ):  # one chart each, one line per block sub-run (tests/callbacks/test_tensorboard_dashboard.py)
+    ):  # one chart each, one line per block sub-run (tests/callbacks/test_dashboard.py)
         assert f"/{name}$" in regexes or f"/log10_{name}$" in regexes, name
 
 

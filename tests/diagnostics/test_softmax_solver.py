@@ -1,7 +1,4 @@
-"""Issue 15's faster paths keep the documented tolerances: the cache-blocked float32 pruning
-pass of kappa_softmax / attention_diagnostics (several sub-chunks, masks sliced per chunk or
-broadcast, near-ties float32 cannot separate), the all-finite shortcut, and the batched
-spectra API — each against an independent float64 reference."""
+"""kappa_softmax: the exact maximum through every pruning stage, against float64 references."""
 
 from __future__ import annotations
 
@@ -9,51 +6,98 @@ import math
 
 import pytest
 import torch
+from tests.diagnostics.conftest import F64, entropy_ref, gen, ksm_ref
 
-import lightning_stability.diagnostics.softmax_solver as attention_mod
+import lightning_stability.diagnostics.softmax_solver as solver
 from lightning_stability.diagnostics import (
     attention_diagnostics,
     extreme_singular_values,
     kappa_softmax,
     kappa_v,
-    kappa_v_many,
-    singular_value_extremes_many,
 )
 
-F64 = torch.float64
+
+def _counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Count the calls of the private helper ``name`` (so a test proves its path ran)."""
+    calls: list[int] = []
+    inner = getattr(solver, name)
+
+    def wrapped(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(solver, name, wrapped)
+    return calls
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+@pytest.mark.parametrize("scale", [1.0, 10.0, 100.0])
+def test_kappa_softmax_exact_vs_brute_force(scale: float) -> None:
+    s = torch.randn(3, 4, 12, 12, generator=gen(int(scale)), dtype=F64) * scale
+    ref = ksm_ref(s)
+    assert (kappa_softmax(s) - ref).abs().max().item() <= 1e-12 * max(1.0, ref.abs().max().item())
 
 
-def ksm_ref(s: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """max_i λmax(Diag(p) − ppᵀ)·‖S_i‖/‖P_i‖ by float64 eigvalsh, attended keys only."""
-    s = s.to(F64)
-    flat = s.reshape(-1, *s.shape[-2:])
-    m = None if mask is None else mask.expand(s.shape).reshape(flat.shape)
-    out = torch.zeros(flat.shape[0], dtype=F64)
-    for g in range(flat.shape[0]):
-        for i in range(flat.shape[1]):
-            row = flat[g, i] if m is None else flat[g, i][m[g, i]]
-            if row.numel():
-                p = torch.softmax(row, -1)
-                lam = torch.linalg.eigvalsh(torch.diag(p) - torch.outer(p, p))[-1].item()
-                out[g] = max(out[g].item(), lam * row.norm().item() / p.norm().item())
-    return out.reshape(s.shape[:-2])
+@pytest.mark.parametrize("kind", ["causal", "padding", "random"])
+def test_kappa_softmax_masks(kind: str) -> None:
+    g = gen(3)
+    s = torch.randn(2, 3, 10, 10, generator=g) * 5
+    if kind == "causal":
+        mask = torch.ones(10, 10, dtype=torch.bool).tril()
+    elif kind == "padding":
+        mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+        mask[0, ..., 6:] = False
+    else:
+        mask = torch.rand(2, 3, 10, 10, generator=g) > 0.6
+        mask[0, 0] = False  # a fully masked head
+    s_masked_garbage = s.masked_fill(~mask, float("nan"))  # masked entries must not matter
+    ref = ksm_ref(s, mask)
+    got = kappa_softmax(s_masked_garbage, mask)
+    assert (got - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
+    if kind == "random":
+        assert got[0, 0].item() == 0.0
 
 
-def entropy_ref(s: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    s = s.to(F64)
-    flat = s.reshape(-1, *s.shape[-2:])
-    m = None if mask is None else mask.expand(s.shape).reshape(flat.shape)
-    out = torch.zeros(flat.shape[0], dtype=F64)
-    for g in range(flat.shape[0]):
-        rows = [flat[g, i] if m is None else flat[g, i][m[g, i]] for i in range(s.shape[-2])]
-        probs = [torch.softmax(r, -1) for r in rows if r.numel()]
-        hs = [-torch.special.xlogy(p, p).sum().item() for p in probs]
-        out[g] = sum(hs) / len(hs) if hs else 0.0
-    return out.reshape(s.shape[:-2])
+def test_kappa_softmax_pruning_many_rows_and_ties() -> None:
+    g = gen(4)
+    s = (torch.randn(6, 48, 40, generator=g) * 10).to(F64)
+    s[0, :, :2] = 7.0  # every row of matrix 0 has a top-2 tie
+    s[1] = s[1, :1]  # identical rows
+    s[2, 5, :] = s[2, 5, :] + torch.linspace(0, 1e-9, 40, dtype=F64)  # near tie
+    ref = ksm_ref(s)
+    assert (kappa_softmax(s) - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
+    assert (kappa_softmax(s, chunk_size=1) - kappa_softmax(s)).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kappa_softmax_low_precision_inputs(dtype: torch.dtype) -> None:
+    s = (torch.randn(2, 2, 16, 16, generator=gen(5)) * 4).to(dtype)
+    got = kappa_softmax(s)
+    assert got.dtype == F64 and got.shape == (2, 2)
+    ref = ksm_ref(s.to(F64))  # exact on the given (rounded) scores
+    assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+
+
+def test_kappa_softmax_degenerate() -> None:
+    s = torch.randn(4, 5, 6, generator=gen(6))
+    s[1, 2, 3] = float("nan")
+    s[2, 0, 0] = float("inf")
+    s[3, 4, 5] = -float("inf")
+    got = kappa_softmax(s)
+    assert got[0].isfinite() and (got[1:] == math.inf).all()
+    assert kappa_softmax(torch.zeros(2, 1, 1)).tolist() == [0.0, 0.0]  # n = 1
+    assert kappa_softmax(torch.randn(3, 1, generator=gen(7))).item() == 0.0  # n_k = 1 → one-hot
+    assert kappa_softmax(s, torch.zeros(6, dtype=torch.bool)).abs().sum().item() == 0.0  # fully masked
+    assert kappa_softmax(torch.randn(3, 4)).shape == ()
+
+
+def test_kappa_softmax_errors() -> None:
+    s = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"mask.*dtype torch.float32"):
+        kappa_softmax(s, torch.ones(3, 4))
+    with pytest.raises(ValueError, match=r"mask of shape \(5,\) is not broadcastable to \(2, 3, 4\)"):
+        kappa_softmax(s, torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="scores"):
+        kappa_softmax(torch.randn(4))
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "per_head", "broadcast"])
@@ -61,7 +105,7 @@ def entropy_ref(s: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 def test_blocked_pass_over_many_subchunks_is_exact(
     monkeypatch: pytest.MonkeyPatch, mask_kind: str, scale: float
 ) -> None:
-    monkeypatch.setattr(attention_mod, "_BUF_ELEMS", 150)  # 1 head per sub-chunk: 6 sub-chunks
+    monkeypatch.setattr(solver, "_BUF_ELEMS", 150)  # 1 head per sub-chunk: 6 sub-chunks
     g = gen(int(scale) + len(mask_kind))
     s = torch.randn(2, 3, 9, 11, generator=g) * scale
     mask = None
@@ -121,65 +165,6 @@ def test_non_finite_entries_still_take_the_exact_path() -> None:
     assert torch.allclose(torch.stack([hi, lo]), sv[[0, -1]], rtol=1e-12)
 
 
-def test_batched_spectra_of_mixed_shapes_equal_one_by_one() -> None:
-    g = gen(3)
-    mats = [
-        torch.randn(96, 96, generator=g),
-        torch.randn(384, 96, generator=g),
-        torch.randn(96, 384, generator=g),
-        torch.randn(96, 96, generator=g),
-        torch.randn(7, 5, generator=g) @ torch.diag(torch.tensor([1.0, 1e-1, 1e-3, 1e-5, 1e-6])),
-    ]
-    got = singular_value_extremes_many(mats)
-    assert len(got) == len(mats)
-    for m, (hi, lo) in zip(mats, got, strict=True):
-        sv = torch.linalg.svdvals(m.to(F64))
-        assert hi.dtype == F64 and hi.shape == () and lo.shape == ()
-        assert torch.allclose(hi, sv[0], rtol=1e-12)
-        assert torch.allclose(lo, sv[-1], rtol=1e-9)
-    assert singular_value_extremes_many([]) == []
-
-
-def test_batched_kappa_v_of_mixed_shapes_equals_one_by_one() -> None:
-    g = gen(4)
-    vs = [torch.randn(16, 4, 65, 24, generator=g), torch.randn(16, 4, 50, 24, generator=g)]
-    vs.append(torch.randn(2, 3, 17, 8, generator=g).to(torch.bfloat16))
-    vs.append(vs[0].clone())
-    vs[3][0, 0, 5] = float("nan")
-    keys = [None, torch.rand(16, 4, 50, generator=g) > 0.3, None, None]
-    got = kappa_v_many(vs, key_masks=keys)
-    for v, km, kv in zip(vs, keys, got, strict=True):
-        assert torch.equal(kv, kappa_v(v, key_mask=km))
-    with pytest.raises(ValueError, match="key_masks"):
-        kappa_v_many(vs, key_masks=keys[:2])
-
-
-def test_inputs_that_require_grad_give_the_detached_values() -> None:
-    g = gen(5)
-    q, k, v = (torch.randn(2, 2, 7, 4, generator=g, requires_grad=True) for _ in range(3))
-    mask = torch.rand(2, 2, 7, 7, generator=g) > 0.3
-    d = attention_diagnostics(q, k, v, mask)
-    ref = attention_diagnostics(q.detach(), k.detach(), v.detach(), mask)
-    for name in ("kappa_score", "kappa_softmax", "kappa_v", "entropy", "logit_max"):
-        assert torch.equal(getattr(d, name), getattr(ref, name))
-    s = (q @ k.transpose(-1, -2)).requires_grad_(True)
-    assert torch.equal(kappa_softmax(s, mask), kappa_softmax(s.detach(), mask))
-
-
-# ---------------------------------------------------------------- issue 15, kappa_softmax part 2
-def _counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
-    """Count the calls of the private helper ``name`` (so a test proves its path ran)."""
-    calls: list[int] = []
-    inner = getattr(attention_mod, name)
-
-    def wrapped(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        return inner(*args, **kwargs)
-
-    monkeypatch.setattr(attention_mod, name, wrapped)
-    return calls
-
-
 @pytest.mark.parametrize("mask_kind", ["none", "per_head", "broadcast"])
 @pytest.mark.parametrize("scale", [1.0, 8.0, 40.0])
 def test_staged_pruning_and_batched_exact_solve_are_exact(
@@ -187,10 +172,10 @@ def test_staged_pruning_and_batched_exact_solve_are_exact(
 ) -> None:
     # Force every stage on a small input: the top-2 block lower bound on the candidates (1b), the
     # bounds from the candidates' own softmax (1.5), and exact solves gathered 3 rows at a time.
-    monkeypatch.setattr(attention_mod, "_STAGED_MIN_ELEMS", 0)
-    monkeypatch.setattr(attention_mod, "_BLOCK_BOUND_MIN_ROWS", 0)
-    monkeypatch.setattr(attention_mod, "_REFINE_MIN_ROWS", 0)
-    monkeypatch.setattr(attention_mod, "_EXACT_ELEMS", 3 * 23)
+    monkeypatch.setattr(solver, "_STAGED_MIN_ELEMS", 0)
+    monkeypatch.setattr(solver, "_BLOCK_BOUND_MIN_ROWS", 0)
+    monkeypatch.setattr(solver, "_REFINE_MIN_ROWS", 0)
+    monkeypatch.setattr(solver, "_EXACT_ELEMS", 3 * 23)
     stage_1b = _counting(monkeypatch, "_block_lower_bound")
     stage_15 = _counting(monkeypatch, "_refine_rows")
     exact = _counting(monkeypatch, "_exact_rows")
@@ -294,18 +279,9 @@ def test_results_never_alias_the_reused_buffers() -> None:
     assert torch.isfinite(second.kappa_softmax).all()
 
 
-def test_logit_max_unmasked_two_reductions_match_float64() -> None:
-    g = gen(12)
-    q, k = torch.randn(2, 2, 9, 5, generator=g), torch.randn(2, 2, 11, 5, generator=g)
-    k[1, 0] *= -40.0  # the largest |logit| is negative
-    d = attention_diagnostics(q, k, torch.randn(2, 2, 11, 3, generator=g), scale=0.7)
-    ref = ((q.to(F64) @ k.to(F64).transpose(-1, -2)) * 0.7).abs().flatten(-2).amax(-1)
-    assert torch.allclose(d.logit_max, ref, rtol=1e-12, atol=0)
-
-
 @pytest.mark.parametrize("mask_kind", ["none", "per_head", "broadcast", "key_only"])
 def test_row_blocks_of_a_large_matrix_are_exact(monkeypatch: pytest.MonkeyPatch, mask_kind: str) -> None:
-    monkeypatch.setattr(attention_mod, "_BUF_ELEMS", 25)  # 11 keys: blocks of 2 rows of one matrix
+    monkeypatch.setattr(solver, "_BUF_ELEMS", 25)  # 11 keys: blocks of 2 rows of one matrix
     g = gen(13 + len(mask_kind))
     s = torch.randn(2, 3, 9, 11, generator=g) * 6
     mask = None
@@ -322,63 +298,3 @@ def test_row_blocks_of_a_large_matrix_are_exact(monkeypatch: pytest.MonkeyPatch,
     assert torch.allclose(d.kappa_softmax, ref, rtol=1e-12, atol=0)
     assert torch.allclose(d.entropy, entropy_ref(s, mask), rtol=1e-6, atol=1e-12)
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_inputs_are_left_untouched(dtype: torch.dtype) -> None:
-    # float64 (and float32) inputs reach the helpers as views: nothing may write into them.
-    g = gen(14)
-    q, k, v = (torch.randn(2, 2, 10, 4, generator=g, dtype=dtype) for _ in range(3))
-    s = torch.randn(2, 2, 10, 10, generator=g, dtype=dtype) * 5
-    mask = torch.rand(2, 2, 10, 10, generator=g) > 0.3
-    bias = torch.randn(1, 2, 10, 10, generator=g, dtype=dtype)
-    before = [t.clone() for t in (q, k, v, s, bias)]
-    attention_diagnostics(q, k, v, mask, bias=bias, softcap=3.0)
-    attention_diagnostics(q, k, v, None, scores=s)
-    kappa_softmax(s, mask)
-    for t, b in zip((q, k, v, s, bias), before, strict=True):
-        assert torch.equal(t, b)
-
-
-def test_kappa_score_is_inf_when_qk_overflows_float32_with_finite_q_and_k() -> None:
-    """Finite q, k whose scores overflow float32: kappa_score stays inf (never a 0 that a max
-    over heads would hide)."""
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 16, 4, generator=g) for _ in range(3))
-    d = attention_diagnostics(q * 1e18, k * 1e18, v)
-    assert torch.isinf(d.kappa_score).all() and torch.isinf(d.kappa_softmax).all()
-    ok = attention_diagnostics(q, k, v)
-    assert (ok.kappa_score >= 1).all() and torch.isfinite(ok.kappa_score).all()
-
-
-def test_scratch_buffers_survive_inference_mode_and_another_default_device() -> None:
-    """A buffer first made under inference mode is not reused outside it (an inference tensor
-    cannot be written there), and buffers live on the scores' device, not the default one.
-    Run in a fresh thread: the scratch cache is per thread, so its first buffers are made here."""
-    import threading
-
-    g = torch.Generator().manual_seed(1)
-    s = torch.randn(8, 64, 512, generator=g)
-    q, k, v = (torch.randn(2, 2, 40, 8, generator=g) for _ in range(3))
-    expected = kappa_softmax(s), attention_diagnostics(q, k, v).kappa_softmax
-    got: list[object] = []
-
-    def work() -> None:
-        try:
-            with torch.inference_mode():
-                inside = kappa_softmax(s), attention_diagnostics(q, k, v).kappa_softmax
-            outside = kappa_softmax(s), attention_diagnostics(q, k, v).kappa_softmax
-            got.extend([inside, outside])
-        except Exception as err:  # "Inplace update to inference tensor outside InferenceMode"
-            got.append(err)
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join()
-    assert len(got) == 2, got
-    for pair in got:
-        assert torch.equal(pair[0], expected[0]) and torch.equal(pair[1], expected[1])  # type: ignore[index]
-    torch.set_default_device("meta")
-    try:
-        assert torch.equal(kappa_softmax(s).cpu(), expected[0])
-    finally:
-        torch.set_default_device(None)

@@ -8,28 +8,18 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.capture.conftest import NanoGPT, bart_stacks, names, probe_blocks
 from torch import nn
 
-from lightning_stability.capture import StabilityProbe, compose_report
 from lightning_stability.capture.stacks import find_blocks, find_stacks, pattern_regex, unmatched_patterns
-from lightning_stability.capture.structure import model_blocks, unattended_blocks
+from lightning_stability.capture.structure import model_blocks
 
 transformers = pytest.importorskip("transformers")
+
+
 pytestmark = pytest.mark.filterwarnings("ignore:.*enable_nested_tensor")
 
 
-def names(model: nn.Module) -> list[str]:
-    return [name for name, _ in find_blocks(model)]
-
-
-def measure(model: nn.Module, *args: torch.Tensor, **kwargs: object):  # type: ignore[no-untyped-def]
-    probe = StabilityProbe(model)
-    raw = probe.measure(args, dict(kwargs), lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    keys, vec = raw.flat()
-    return probe, raw, compose_report(probe, raw, dict(zip(keys, vec.tolist(), strict=True)), step=0)
-
-
-# ----------------------------------------------------------------- torchvision-style ViT
 class _TVEncoderBlock(nn.Module):
     """torchvision.models.vision_transformer.EncoderBlock: ln_1, self_attention (MHA), ln_2, mlp."""
 
@@ -81,19 +71,6 @@ class TorchvisionLikeViT(nn.Module):
         return self.heads(self.encoder(x)[:, 0])
 
 
-def test_torchvision_vit_blocks_carry_their_real_names_and_get_attention_and_norms() -> None:
-    torch.manual_seed(0)
-    model = TorchvisionLikeViT().eval()
-    expected = [f"encoder.layers.encoder_layer_{i}" for i in range(3)]
-    assert names(model) == expected
-    probe, raw, report = measure(model, torch.randn(2, 3, 8, 8))
-    assert [b.name for b in report.blocks] == expected
-    assert raw.attention_calls == 3
-    assert all(b.kappa_softmax is not None and b.kappa_wkwq is not None for b in report.blocks)
-    assert probe.norm_block == {f"{n}.ln_{k}": i for i, n in enumerate(expected) for k in (1, 2)}
-
-
-# ----------------------------------------------------------------- Swin-like hierarchy
 class _WindowBlock(nn.Module):
     """Swin block (no shift): attention written out by hand inside non-overlapping windows."""
 
@@ -139,49 +116,11 @@ class SwinLike(nn.Module):
         return self.norm(self.layers(x))
 
 
-def test_swin_like_stages_resolve_to_their_blocks() -> None:
-    torch.manual_seed(0)
-    model = SwinLike((2, 2)).eval()
-    expected = ["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0", "layers.1.blocks.1"]
-    assert names(model) == expected  # 4 layers, not 2 stages
-    assert [s.name for s in find_stacks(model)] == ["layers.0.blocks", "layers.1.blocks"]
-    _, raw, report = measure(model, torch.randn(2, 8, 16))
-    assert raw.attention_calls == 4
-    assert all(b.kappa_softmax is not None for b in report.blocks)
-    assert [b.index for b in model_blocks(model)] == [0, 1, 2, 3]
-
-
-def test_transformers_swin_gives_every_layer_of_every_stage() -> None:
-    cfg = transformers.SwinConfig(
-        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4
-    )
-    model = transformers.SwinModel(cfg)
-    got = names(model)
-    assert len(got) == 4
-    assert all(".blocks." in n for n in got)
-
-
-# ----------------------------------------------------------------- encoder-decoders
 def _t5() -> nn.Module:
     cfg = transformers.T5Config(
         d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4, vocab_size=60
     )
     return transformers.T5Model(cfg)
-
-
-def _bart() -> nn.Module:
-    cfg = transformers.BartConfig(
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=3,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        vocab_size=60,
-        max_position_embeddings=32,
-    )
-    return transformers.BartModel(cfg)
 
 
 def _whisper() -> nn.Module:
@@ -205,43 +144,6 @@ def _whisper() -> nn.Module:
     return transformers.WhisperModel(cfg)
 
 
-@pytest.mark.parametrize(
-    ("build", "enc", "dec"),
-    [
-        (_t5, "encoder.block", "decoder.block"),
-        (_bart, "encoder.layers", "decoder.layers"),
-        (_whisper, "encoder.layers", "decoder.layers"),
-    ],
-)
-def test_encoder_decoders_measure_both_stacks_named_by_stack(build, enc, dec) -> None:  # type: ignore[no-untyped-def]
-    blocks = model_blocks(build())
-    assert [b.name for b in blocks] == [f"{enc}.{i}" for i in range(2)] + [f"{dec}.{i}" for i in range(3)]
-    assert [b.stack for b in blocks] == [enc] * 2 + [dec] * 3
-    assert [b.index for b in blocks] == list(range(5))
-    for b in blocks[2:]:  # decoder layers: self- and cross-attention, both found
-        assert len(b.qk) == 2 and len(b.wo) == 2, (b.name, b.qk, b.wo)
-
-
-def test_bart_decoder_blocks_see_attention_in_a_real_forward() -> None:
-    torch.manual_seed(0)
-    model = _bart().eval()
-    ids = torch.randint(3, 60, (2, 6), generator=torch.Generator().manual_seed(0))
-    _, raw, report = measure(model, input_ids=ids, decoder_input_ids=ids[:, :5])
-    assert [b.name for b in report.blocks][2:] == ["decoder.layers.0", "decoder.layers.1", "decoder.layers.2"]
-    assert raw.attention_calls == 2 + 2 * 3  # encoder self; decoder self + cross
-    assert all(b.kappa_softmax is not None and b.r_block is not None for b in report.blocks)
-
-
-def test_torch_transformer_encoder_and_decoder() -> None:
-    model = nn.Transformer(
-        d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=32
-    )
-    assert names(model) == ["encoder.layers.0", "encoder.layers.1", "decoder.layers.0"]
-    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2), num_layers=3)
-    assert names(enc) == ["layers.0", "layers.1", "layers.2"]
-
-
-# ----------------------------------------------------------------- decoder / encoder families
 def _cfg_models() -> dict[str, nn.Module]:
     small = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "num_hidden_layers": 3}
     return {
@@ -254,44 +156,6 @@ def _cfg_models() -> dict[str, nn.Module]:
         "bert": transformers.BertModel(transformers.BertConfig(**small, vocab_size=60)),
         "vit": transformers.ViTModel(transformers.ViTConfig(**small, image_size=16, patch_size=8)),
     }
-
-
-def test_decoder_and_encoder_families() -> None:
-    models = _cfg_models()
-    assert names(models["gpt2"]) == ["h.0", "h.1", "h.2"]
-    assert names(models["llama"]) == ["layers.0", "layers.1", "layers.2"]
-    assert names(models["bert"]) == ["encoder.layer.0", "encoder.layer.1", "encoder.layer.2"]
-    vit = names(models["vit"])
-    assert len(vit) == 3 and all(type(m).__name__ == "ViTLayer" for _, m in find_blocks(models["vit"]))
-
-
-class _NanoGPTBlock(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(d)
-        self.attn = nn.Module()
-        self.attn.c_attn = nn.Linear(d, 3 * d)
-        self.attn.c_proj = nn.Linear(d, d)
-        self.ln_2 = nn.LayerNorm(d)
-        self.mlp = nn.Module()
-        self.mlp.c_fc = nn.Linear(d, 4 * d)
-        self.mlp.c_proj = nn.Linear(4 * d, d)
-
-
-class NanoGPT(nn.Module):
-    def __init__(self, d: int = 16, layers: int = 3) -> None:
-        super().__init__()
-        self.transformer = nn.ModuleDict(
-            {
-                "wte": nn.Embedding(10, d),
-                "h": nn.ModuleList(_NanoGPTBlock(d) for _ in range(layers)),
-                "ln_f": nn.LayerNorm(d),
-            }
-        )
-
-
-def test_nanogpt_transformer_h() -> None:
-    assert names(NanoGPT()) == ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
 
 
 class _ResMLPLayer(nn.Module):
@@ -312,6 +176,89 @@ class _BlockWithSequentialMLP(nn.Module):
         self.mlp2 = nn.Sequential(nn.Linear(d, d), nn.Linear(d, d))  # uniform plain layers
 
 
+def test_torchvision_vit_blocks_carry_their_real_names_and_get_attention_and_norms() -> None:
+    torch.manual_seed(0)
+    model = TorchvisionLikeViT().eval()
+    expected = [f"encoder.layers.encoder_layer_{i}" for i in range(3)]
+    assert names(model) == expected
+    probe, raw, report = probe_blocks(model, torch.randn(2, 3, 8, 8))
+    assert [b.name for b in report.blocks] == expected
+    assert raw.attention_calls == 3
+    assert all(b.kappa_softmax is not None and b.kappa_wkwq is not None for b in report.blocks)
+    assert probe.norm_block == {f"{n}.ln_{k}": i for i, n in enumerate(expected) for k in (1, 2)}
+
+
+def test_swin_like_stages_resolve_to_their_blocks() -> None:
+    torch.manual_seed(0)
+    model = SwinLike((2, 2)).eval()
+    expected = ["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0", "layers.1.blocks.1"]
+    assert names(model) == expected  # 4 layers, not 2 stages
+    assert [s.name for s in find_stacks(model)] == ["layers.0.blocks", "layers.1.blocks"]
+    _, raw, report = probe_blocks(model, torch.randn(2, 8, 16))
+    assert raw.attention_calls == 4
+    assert all(b.kappa_softmax is not None for b in report.blocks)
+    assert [b.index for b in model_blocks(model)] == [0, 1, 2, 3]
+
+
+def test_transformers_swin_gives_every_layer_of_every_stage() -> None:
+    cfg = transformers.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4
+    )
+    model = transformers.SwinModel(cfg)
+    got = names(model)
+    assert len(got) == 4
+    assert all(".blocks." in n for n in got)
+
+
+@pytest.mark.parametrize(
+    ("build", "enc", "dec"),
+    [
+        (_t5, "encoder.block", "decoder.block"),
+        (bart_stacks, "encoder.layers", "decoder.layers"),
+        (_whisper, "encoder.layers", "decoder.layers"),
+    ],
+)
+def test_encoder_decoders_measure_both_stacks_named_by_stack(build, enc, dec) -> None:  # type: ignore[no-untyped-def]
+    blocks = model_blocks(build())
+    assert [b.name for b in blocks] == [f"{enc}.{i}" for i in range(2)] + [f"{dec}.{i}" for i in range(3)]
+    assert [b.stack for b in blocks] == [enc] * 2 + [dec] * 3
+    assert [b.index for b in blocks] == list(range(5))
+    for b in blocks[2:]:  # decoder layers: self- and cross-attention, both found
+        assert len(b.qk) == 2 and len(b.wo) == 2, (b.name, b.qk, b.wo)
+
+
+def test_bart_decoder_blocks_see_attention_in_a_real_forward() -> None:
+    torch.manual_seed(0)
+    model = bart_stacks().eval()
+    ids = torch.randint(3, 60, (2, 6), generator=torch.Generator().manual_seed(0))
+    _, raw, report = probe_blocks(model, input_ids=ids, decoder_input_ids=ids[:, :5])
+    assert [b.name for b in report.blocks][2:] == ["decoder.layers.0", "decoder.layers.1", "decoder.layers.2"]
+    assert raw.attention_calls == 2 + 2 * 3  # encoder self; decoder self + cross
+    assert all(b.kappa_softmax is not None and b.r_block is not None for b in report.blocks)
+
+
+def test_torch_transformer_encoder_and_decoder() -> None:
+    model = nn.Transformer(
+        d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=32
+    )
+    assert names(model) == ["encoder.layers.0", "encoder.layers.1", "decoder.layers.0"]
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2), num_layers=3)
+    assert names(enc) == ["layers.0", "layers.1", "layers.2"]
+
+
+def test_decoder_and_encoder_families() -> None:
+    models = _cfg_models()
+    assert names(models["gpt2"]) == ["h.0", "h.1", "h.2"]
+    assert names(models["llama"]) == ["layers.0", "layers.1", "layers.2"]
+    assert names(models["bert"]) == ["encoder.layer.0", "encoder.layer.1", "encoder.layer.2"]
+    vit = names(models["vit"])
+    assert len(vit) == 3 and all(type(m).__name__ == "ViTLayer" for _, m in find_blocks(models["vit"]))
+
+
+def test_nanogpt_transformer_h() -> None:
+    assert names(NanoGPT()) == ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
+
+
 def test_a_uniform_sequential_mlp_inside_a_block_is_not_taken_for_blocks() -> None:
     model = nn.Module()
     model.blocks = nn.ModuleList(_BlockWithSequentialMLP(8) for _ in range(2))
@@ -324,7 +271,6 @@ def test_without_attention_the_innermost_normed_stack_is_used() -> None:
     assert names(model) == ["mixer.0", "mixer.1", "mixer.2"]
 
 
-# ----------------------------------------------------------------- patterns
 def test_star_stays_within_one_name_segment() -> None:
     model = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=60)
@@ -342,62 +288,9 @@ def test_star_stays_within_one_name_segment() -> None:
     assert unmatched_patterns(model, ["transformer.h.*", "h.*", "nothing"]) == ["h.*", "nothing"]
     enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2), num_layers=2)
     assert [n for n, _ in find_blocks(enc, ["**.layers.*"])] == ["layers.0", "layers.1"]  # **. may be empty
-    assert [n for n, _ in find_blocks(_bart(), ["**.layers.*"])] == [
+    assert [n for n, _ in find_blocks(bart_stacks(), ["**.layers.*"])] == [
         f"{stack}.layers.{i}" for stack, n in (("encoder", 2), ("decoder", 3)) for i in range(n)
     ]
     assert pattern_regex("a?c").match("abc") and not pattern_regex("a?c").match("a.c")
     assert pattern_regex("h.[!0]").match("h.1") and not pattern_regex("h.[!0]").match("h.0")
 
-
-def test_pattern_blocks_are_described_with_their_parent_as_stack() -> None:
-    model = NanoGPT()
-    blocks = model_blocks(model, ["transformer.h.*"])
-    assert [(b.index, b.name, b.stack) for b in blocks] == [
-        (i, f"transformer.h.{i}", "transformer.h") for i in range(3)
-    ]
-
-
-# ----------------------------------------------------------------- attention seen by some blocks only
-class _MaybeAttention(nn.Module):
-    def __init__(self, d: int, use_attention: bool) -> None:
-        super().__init__()
-        self.use_attention = use_attention
-        self.norm = nn.LayerNorm(d)
-        self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(d, 3 * d)
-        self.attn.proj = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.attn.qkv(self.norm(x)).unsqueeze(1).chunk(3, -1)
-        if self.use_attention:
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:  # attention the capture cannot see: 3-D scores through einsum
-            p = torch.einsum("bqd,bkd->bqk", q.squeeze(1), k.squeeze(1)).div(4).softmax(-1)
-            y = torch.einsum("bqk,bkd->bqd", p, v.squeeze(1)).unsqueeze(1)
-        return x + self.attn.proj(y.squeeze(1))
-
-
-def test_warning_for_a_block_that_never_sees_attention_while_its_siblings_do() -> None:
-    torch.manual_seed(0)
-    model = nn.Module()
-    model.layers = nn.Sequential(*[_MaybeAttention(16, use_attention=i != 1) for i in range(3)])
-    model.forward = model.layers.forward  # type: ignore[method-assign]
-    probe, _, report = measure(model, torch.randn(2, 5, 16))
-    attended = {i for i, b in enumerate(report.blocks) if b.kappa_softmax is not None}
-    assert attended == {0, 2}
-    assert unattended_blocks(probe.blocks, attended) == [
-        "block 1 (layers.1) never sees attention while 2 of 3 blocks of stack layers do"
-    ]
-    assert unattended_blocks(probe.blocks, {0, 1, 2}) == []
-    assert (
-        unattended_blocks(probe.blocks, set()) == []
-    )  # none at all: the monitor's "no attention found" warning
-
-
-def test_unattended_is_judged_per_stack() -> None:
-    blocks = model_blocks(_bart())
-    # encoder saw attention, decoder saw none: each stack is uniform, so no sibling warning
-    assert unattended_blocks(blocks, {0, 1}) == []
-    assert unattended_blocks(blocks, {0, 1, 2, 4}) == [
-        "block 3 (decoder.layers.1) never sees attention while 2 of 3 blocks of stack decoder.layers do"
-    ]
