@@ -170,9 +170,7 @@ def sweeps(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
             "default_headroom": lambda r, b=bits: [
                 s for s, _ in alarm_steps(r["checks"], fp16_headroom_bits=b)
             ],
-            "headroom_only": lambda r, b=bits: level_steps(
-                r["checks"], "fp16_headroom", b, above=False, only_eps_mach=2.0**-10
-            ),
+            "headroom_only": lambda r, b=bits: level_steps(r["checks"], "fp16_headroom", b),
         }
         for key, rule in hrules.items():  # over the FP16-measured runs: the only ones headroom applies to
             out[key].append({"threshold": bits, **_point(fp16, rule)})

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from heldout.data import byte_batches, digit_batches, masked_byte_batches
 from heldout.models import HeldoutModule
-from lightning_stability import StabilityMonitor
+from lightning_stability import ProbeOptions, StabilityMonitor
 
 #: Monitor tags kept per check (per-block ``stability/block{i}/<name>`` for the block names).
 KEPT_MODEL_TAGS = ("eps_mach", "fp16_headroom", "kappa_softmax_max", "alarm", "attn_logit_max")
@@ -103,7 +103,7 @@ def train(spec: RunSpec, log_dir: Path, callbacks: Sequence[Callback] = (), moni
                 every_n_steps=spec.every_n_steps,
                 sample_size=spec.sample_size,
                 precision=spec.whatif,
-                local_errors=False,
+                probe=ProbeOptions(local_errors=False),
             )
         ]
         if monitor

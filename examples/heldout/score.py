@@ -6,6 +6,7 @@ checks in step order, the loss-based detectors every step's loss and gradient no
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -14,38 +15,47 @@ import numpy as np
 
 from heldout.events import Event, run_event
 from lightning_stability.analysis.detectors import lightning_spike_steps, olmo_spike_steps
-from lightning_stability.diagnostics.alarm import Level, RollingZ, default_alarm
+from lightning_stability.diagnostics.rolling import RollingZScore
+from lightning_stability.rules import RULE_BY_NAME, Alarm, rule_book
 
 #: Rule name → thresholds of the frozen default (the values recorded in docs/HELDOUT.md).
 FROZEN = {"attn_logit_max": 100.0, "fp16_headroom_bits": 2.0, "rho_ln": 1.0}
 
 
+#: The frozen thresholds' names (``FROZEN``) → the rule book's rule each one moves.
+_RULE_OF = {"attn_logit_max": "attn_logit_max", "fp16_headroom_bits": "fp16_headroom", "rho_ln": "rho_ln"}
+
+
 def alarm_steps(checks: Sequence[Mapping[str, float]], **thresholds: float) -> list[tuple[int, str]]:
     """THE ADAPTER: ``(step, reason)`` of every check at which the default alarm fires.
 
-    The one place that calls the alarm's implementation: ``default_alarm`` of
-    ``lightning_stability.diagnostics.alarm`` (the object ``StabilityMonitor(alarm_rule="default")``
-    calls online), fed the logged ``stability/*`` tags of each check in step order. ``thresholds``
-    override its arguments (``attn_logit_max``, ``fp16_headroom_bits``, ``rho_ln``) for the sweeps;
-    without them it is the frozen rule. When the rule moves, only this function changes.
+    The one place that calls the alarm's implementation: the rule book's default alarm
+    (``lightning_stability.rules``: ``Alarm(rule_book("default").alarm_rules)``, the object
+    ``StabilityMonitor(alarm=AlarmOptions(rule="default"))`` calls online), fed the logged
+    ``stability/*`` tags of each check in step order. ``thresholds`` override its watch levels
+    (``attn_logit_max``, ``fp16_headroom_bits``, ``rho_ln``) for the sweeps; without them it is
+    the frozen rule. When the rule moves, only this function changes.
     """
-    rule = default_alarm(**thresholds)
+    book = rule_book("default", {_RULE_OF[k]: v for k, v in thresholds.items()})
+    alarm = Alarm(book.alarm_rules, RollingZScore, name="default")
     out = []
     for values in checks:
-        r = rule.update(values)
+        r = alarm.update(values, int(values["step"]))
         if r.fired:
-            out.append((int(values["step"]), r.reason))
+            where = f" in block {r.block}" if r.block is not None else ""
+            val = f" (value {r.value:.4g})" if r.value is not None else ""
+            out.append((int(values["step"]), f"{r.label}{where}{val}"))
     return out
 
 
-def rule_steps(rule: Any, checks: Sequence[Mapping[str, float]]) -> list[int]:
-    """Steps at which an ``AlarmRule`` object fires over the checks (in order)."""
-    return [int(v["step"]) for v in checks if rule.update(v).fired]
+def rule_steps(alarm: Alarm, checks: Sequence[Mapping[str, float]]) -> list[int]:
+    """Steps at which an alarm of the rule book fires over the checks (in order)."""
+    return [int(v["step"]) for v in checks if alarm.update(v, int(v["step"])).fired]
 
 
 def paper_steps(checks: Sequence[Mapping[str, float]]) -> list[int]:
     """The paper's rule (SPEC §7): rolling z-score of ``kappa_softmax_max``, window 20, z > 1.5."""
-    return rule_steps(RollingZ("kappa_softmax_max", 20, 1.5, block_metric="kappa_softmax"), checks)
+    return rule_steps(Alarm([RULE_BY_NAME["kappa_softmax_z"]], RollingZScore), checks)
 
 
 def precision_aware_steps(checks: Sequence[Mapping[str, float]], c: float) -> list[int]:
@@ -64,9 +74,10 @@ def precision_aware_steps(checks: Sequence[Mapping[str, float]], c: float) -> li
     return out
 
 
-def level_steps(checks: Sequence[Mapping[str, float]], metric: str, threshold: float, **kw: Any) -> list[int]:
-    """One absolute level of the alarm's family (``Level``), e.g. the logit part alone at another τ."""
-    return rule_steps(Level(metric, threshold, **kw), checks)
+def level_steps(checks: Sequence[Mapping[str, float]], rule: str, threshold: float) -> list[int]:
+    """One rule of the default alarm alone, at another watch level (e.g. the logit part at another τ)."""
+    moved = dataclasses.replace(RULE_BY_NAME[rule], watch=float(threshold))
+    return rule_steps(Alarm([moved], RollingZScore), checks)
 
 
 def loss_detectors(steps: Mapping[str, Sequence[float]]) -> dict[str, list[int]]:

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from tests.conftest import TinyTransformer, make_loader, trainer_kwargs
 from torch.utils.data import DataLoader
 
-from lightning_stability import StabilityMonitor
+from lightning_stability import ProbeOptions, StabilityMonitor
 from lightning_stability.metrics import RawKey
 
 transformers = pytest.importorskip("transformers")
@@ -81,7 +81,7 @@ class RecordingMonitor(StabilityMonitor):
 
 @pytest.mark.distributed
 def test_ddp_two_processes_reduce_across_ranks(tmp_path: Path) -> None:
-    monitor = RecordingMonitor(every_n_steps=2, sample_size=4, batch_reduction="mean")
+    monitor = RecordingMonitor(every_n_steps=2, sample_size=4, probe=ProbeOptions(batch_reduction="mean"))
     monitor.out_dir = str(tmp_path)  # an instance attribute travels to the spawned ranks
     trainer = Trainer(
         **{

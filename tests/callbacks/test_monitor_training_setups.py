@@ -17,6 +17,7 @@ from torch._dynamo.testing import CompileCounter
 from torch.utils.checkpoint import checkpoint
 
 from lightning_stability import StabilityMonitor
+from lightning_stability.callbacks.options import ProbeOptions
 from lightning_stability.capture.sharding import DEEPSPEED_MESSAGE, FSDP1_MESSAGE
 from lightning_stability.stability_report import StabilityReport
 
@@ -33,7 +34,7 @@ def fit_reports(
             super()._log(trainer, pl_module, report)
 
     logger = MemoryLogger()
-    monitor = Keep(every_n_steps=1, sample_size=4, residual_gain_iters=1)
+    monitor = Keep(every_n_steps=1, sample_size=4, probe=ProbeOptions(residual_gain_iters=1))
     kw = {**trainer_kwargs(tmp_path, max_steps=steps, precision="bf16-mixed", logger=logger), **trainer_kw}
     Trainer(**kw, callbacks=[monitor]).fit(model, make_loader(n=48, batch_size=4))
     return reports, logger
@@ -226,7 +227,9 @@ def test_deepspeed_refused_once_naming_the_alternative(tmp_path: Path) -> None:
 
 def test_fsdp1_modules_in_the_model_refused_once(tmp_path: Path) -> None:
     """Found by the probe (Fabric, a hand-wrapped model): one warning, no step skipped noisily."""
-    from tests.capture.test_sharding import FullyShardedDataParallel
+
+    class FullyShardedDataParallel(torch.nn.Module):
+        """Stands in for FSDP1's wrapper (recognised by its class name; FSDP1 cannot run on CPU)."""
 
     model = plain()
     model.blocks[0].wrapped = FullyShardedDataParallel()

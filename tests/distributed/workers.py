@@ -249,7 +249,9 @@ def _hand_written(mp_policy: Any = None, checkpoint: bool = False) -> Any:
 
 def scenario_fsdp2(out: Path) -> dict[str, Any]:
     """Hand-written model, FSDP2 on both ranks, bf16-mixed, residual gains; and the same fit unmonitored."""
-    kw = dict(every_n_steps=1, sample_size=SAMPLE, residual_gain_iters=2)
+    from lightning_stability.callbacks.options import ProbeOptions
+
+    kw = dict(every_n_steps=1, sample_size=SAMPLE, probe=ProbeOptions(residual_gain_iters=2))
     with_monitor = fit(
         _hand_written(),
         "fsdp2",
@@ -267,7 +269,7 @@ def scenario_fsdp2_mp(out: Path) -> dict[str, Any]:
     """FSDP2 with MixedPrecisionPolicy(param_dtype=bf16), 32-true; r_block also with the BF16 reference."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    import lightning_stability.capture.guards as guards
+    import lightning_stability.capture.side_forward as side
     from lightning_stability.metrics import RawKey
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
@@ -277,11 +279,11 @@ def scenario_fsdp2_mp(out: Path) -> dict[str, Any]:
 
     def both(self: Any, trainer: Any, pl_module: Any, args: Any, kwargs: Any) -> Any:
         raw = measure_locally(self, trainer, pl_module, args, kwargs)
-        kept, guards.fp32_all_gather = guards.fp32_all_gather, lambda model: nullcontext()
+        kept, side.fp32_all_gather = side.fp32_all_gather, lambda model: nullcontext()
         try:  # the same measurement with FSDP2 all-gathering BF16 in the "exact" pass
             bad = self._probe.measure(args, kwargs, lambda: self._low_precision(trainer, pl_module))
         finally:
-            guards.fp32_all_gather = kept
+            side.fp32_all_gather = kept
         err, ref = (bad.values[RawKey(name, 1, metric="r_block")] for name in ("err_sq", "ref_sq"))
         wrong.append(float(err) / float(ref))
         return raw
@@ -403,7 +405,11 @@ def scenario_tp_llama(out: Path) -> dict[str, Any]:
 
 def scenario_tp_hand_written(out: Path) -> dict[str, Any]:
     """Hand-written model, attention and MLP column/row-wise parallel over 2 ranks, per-head values."""
-    kw = dict(every_n_steps=1, sample_size=SAMPLE, log_per_head=True, batch_reduction="mean")
+    from lightning_stability.callbacks.options import ProbeOptions
+
+    kw = dict(
+        every_n_steps=1, sample_size=SAMPLE, log_per_head=True, probe=ProbeOptions(batch_reduction="mean")
+    )
     monitor = recorder("tp_hand_written", out, **kw)
     return fit(
         tp_hand_written(), "tp_hand_written", out, monitor, model_parallel(1, 2), precision="bf16-mixed"

@@ -11,8 +11,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_stability.capture.batch import split_batch
-from lightning_stability.capture.guards import compute_dtype
 from lightning_stability.capture.sharding import DEEPSPEED_MESSAGE, FSDP1_MESSAGE
+from lightning_stability.capture.side_forward import compute_dtype
 
 PrecisionName = Literal["bf16", "fp16", "fp32"]
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -131,3 +131,16 @@ def lightning_log_step(trainer: Trainer) -> int:
     """
     counter = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
     return int(counter) if isinstance(counter, int) else max(0, trainer.global_step - 1)
+
+
+def check_eps_rule(target_rho: Any, eps_min: Any, eps_max: Any, sample_size: Any, seed: Any) -> None:
+    """The arguments of Algorithm 1 (``LNEpsilonBump``, ``StabilityGuard``), each named when bad."""
+    check_number("target_rho", target_rho, 0.0, 1.0, open_low=True, open_high=True)
+    check_number("eps_min", eps_min, 0.0, math.inf, open_low=True, open_high=True)
+    check_number("eps_max", eps_max, 0.0, math.inf, open_low=True, open_high=True)
+    if eps_max <= eps_min:
+        raise MisconfigurationException(
+            f"`eps_max` must exceed `eps_min`, got eps_max={eps_max!r} <= eps_min={eps_min!r}"
+        )
+    check_int("sample_size", sample_size)
+    check_int("seed", seed, minimum=0)

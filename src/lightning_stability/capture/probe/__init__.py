@@ -11,7 +11,7 @@ functions of :mod:`lightning_stability.diagnostics`. Raw statistics are kept und
 and ranks.
 """
 
-from lightning_stability.capture.probe.compose import FP16_MAX, compose_report, predictor_warnings
+from lightning_stability.capture.probe.compose import compose_report, predictor_warnings
 from lightning_stability.capture.probe.raw import RawMeasurement, ReduceOp
 from lightning_stability.capture.probe.spectra import WeightSpectra
 from lightning_stability.capture.probe.stability_probe import (
@@ -21,7 +21,6 @@ from lightning_stability.capture.probe.stability_probe import (
 )
 
 __all__ = [
-    "FP16_MAX",
     "NO_ATTENTION_WARNING",
     "RawMeasurement",
     "ReduceOp",

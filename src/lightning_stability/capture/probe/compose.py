@@ -20,13 +20,12 @@ from lightning_stability import diagnostics as D
 from lightning_stability.capture.probe.raw import RawMeasurement
 from lightning_stability.capture.structure import MISSING_WO, Block
 from lightning_stability.metrics import BLOCK_METRICS, BY_NAME, HEAD_METRICS, RawKey
+from lightning_stability.rules.thresholds import FP16_MAX
 from lightning_stability.stability_report import BlockReport, StabilityReport
 
 if TYPE_CHECKING:
     from lightning_stability.capture.probe.stability_probe import StabilityProbe
 
-#: The largest finite float16.
-FP16_MAX = 65504.0
 
 
 def predictor_warnings(blocks: Sequence[Block]) -> list[str]:

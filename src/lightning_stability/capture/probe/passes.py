@@ -27,13 +27,13 @@ from lightning_stability.capture.attention import (
 )
 from lightning_stability.capture.batch import cast_floating
 from lightning_stability.capture.blocks import BlockTap, ModuleAmax, first_tensor
-from lightning_stability.capture.guards import compute_dtype, exact_fp32, rng_restore, rng_snapshot
 from lightning_stability.capture.hooks import HookContext
 from lightning_stability.capture.norms import NormCapture
 from lightning_stability.capture.probe.attention_stats import CallValues, block_statistics, call_values
 from lightning_stability.capture.probe.raw import RawMeasurement
 from lightning_stability.capture.probe.spectra import weight_statistics
 from lightning_stability.capture.sharding import full_weights, gather_heads, unsharded
+from lightning_stability.capture.side_forward import compute_dtype, exact_fp32, rng_restore, rng_snapshot
 from lightning_stability.diagnostics.collapse import collapse_statistics
 from lightning_stability.metrics import RawKey
 

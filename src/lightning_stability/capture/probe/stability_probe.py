@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from lightning_stability.capture.blocks import find_sublayers, first_tensor
-from lightning_stability.capture.guards import side_forward
 from lightning_stability.capture.norms import NormLayer, find_norms
 from lightning_stability.capture.probe.passes import _Collector
 from lightning_stability.capture.probe.raw import RawMeasurement
 from lightning_stability.capture.probe.spectra import WeightSpectra
 from lightning_stability.capture.sharding import check_supported, head_groups
+from lightning_stability.capture.side_forward import side_forward
 from lightning_stability.capture.structure import Block, model_blocks
 
 NO_ATTENTION_WARNING = (
