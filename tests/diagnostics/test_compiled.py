@@ -1,7 +1,7 @@
 """The compiled diagnostics kernels: one place decides compile or eager, falls back once with a
 reason, compiles inside the monitor's force-eager stance without recompiling a user's compiled
 model, and keeps the values of the eager path (the float64-reference tests of
-``test_fast_paths.py`` run on both paths through the ``path`` fixture)."""
+``test_softmax_solver.py`` run on both paths through the ``path`` fixture)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ._format import _fmt, _fmt_p
 from .logs import Run, align
-from .report_tables import EPS_TAG, MISMATCH_TAG, SIGNAL_TAG, LeadLagRow, lead_reading
+from .report_tables import EPS_TAG, MISMATCH_TAG, PREDICTOR_SCALED_TAG, SIGNAL_TAG, LeadLagRow, lead_reading
 
 _PRECISIONS = {"bf16": 2.0**-7, "fp16": 2.0**-10, "fp32": 2.0**-23}
 
@@ -99,7 +99,7 @@ def _plot_leadlag(Figure: Any, run: Run, row: LeadLagRow, path: Path) -> bool:
 def _plot_scatter(Figure: Any, runs: Sequence[Run], path: Path) -> bool:
     groups: dict[str, tuple[list[float], list[float]]] = {}
     for run in runs:
-        p, m = run.get("stability/predictor_scaled"), run.get(MISMATCH_TAG)
+        p, m = run.get(PREDICTOR_SCALED_TAG), run.get(MISMATCH_TAG)
         if p is None or m is None:
             continue
         steps, (pv, mv) = align(p, m)
@@ -136,25 +136,25 @@ def _plot_scatter(Figure: Any, runs: Sequence[Run], path: Path) -> bool:
 def _plot_curves(Figure: Any, run: Run, path: Path) -> bool:
     """Per-block curves over steps, as TensorBoard's custom-scalars charts show them."""
     panels = [
-        (r"stability/block\d+/r_local", "block-local error r_local", True),
-        (r"stability/block\d+/r_block", "forward mismatch r_block", True),
-        (r"stability/block\d+/kappa_softmax", "κ_softmax", True),
-        (r"stability/block\d+/predictor", "combined predictor", True),
-        (r"stability/block\d+/attn_logit_max", "max attention logit", True),
-        (r"stability/block\d+/rank_collapse", "rank collapse ‖X−1x̄ᵀ‖/‖X‖", True),
-        (r"stability/block\d+/theta", "balanced mass θ(p)", False),
+        ("r_local", "block-local error r_local", True),
+        ("r_block", "forward mismatch r_block", True),
+        ("kappa_softmax", "κ_softmax", True),
+        ("predictor", "combined predictor", True),
+        ("attn_logit_max", "max attention logit", True),
+        ("rank_collapse", "rank collapse ‖X−1x̄ᵀ‖/‖X‖", True),
+        ("theta", "balanced mass θ(p)", False),
     ]
-    panels = [(pat, label, log) for pat, label, log in panels if run.tags_matching(pat)]
+    panels = [(name, label, log) for name, label, log in panels if run.block_tags(name)]
     if not panels:
         return False
     fig = Figure(figsize=(8, 2.3 * len(panels)), layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (pattern, label, log) in zip(axes, panels, strict=True):
-        tags = sorted(run.tags_matching(pattern), key=lambda t: int(t.split("/")[1].removeprefix("block")))
-        for tag in tags:
+    for ax, (name, label, log) in zip(axes, panels, strict=True):
+        tags = run.block_tags(name)
+        for block, tag in tags:
             series = run.get(tag)
             if series is not None:
-                ax.plot(series.steps, series.values, label=tag.split("/")[1], lw=1.2)
+                ax.plot(series.steps, series.values, label=f"block{block}", lw=1.2)
         if log:
             ax.set_yscale("log")
         ax.set_ylabel(label)

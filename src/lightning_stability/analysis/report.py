@@ -29,7 +29,7 @@ prints is in steps or says "logged points".
 Step alignment: series are joined on their logged step. ``StabilityMonitor`` logs a
 measurement made after optimizer step N under step N − 1, Lightning's own step for
 that batch's ``training_step`` values, so ``stability/*`` and ``train_loss`` share
-steps (logs written before this rule, at step N, join a loss one batch later).
+steps.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from .report_tables import (
     _regression_rows,
     lead_reading,
 )
-from .verdict import RunVerdict, run_verdict, verdict_markdown
+from .verdict import KappaLead, RunVerdict, run_verdict, verdict_markdown
 
 __all__ = [
     "MATPLOTLIB_MISSING",
@@ -92,15 +92,12 @@ class Report:
     verdicts: list[RunVerdict] = field(default_factory=list)
 
 
-def _verdict_lead(row: LeadLagRow | None) -> str | None:
-    """How the verdict reads a run's κ_softmax → r_block test."""
+def _verdict_lead(row: LeadLagRow | None) -> KappaLead | None:
+    """A run's κ_softmax → r_block test, for the verdict's sentence on κ_softmax (None: it did not run)."""
     if row is None or row.lag is None:
         return None
     reading = lead_reading(row)
-    if reading.startswith("κ_softmax leads"):
-        p = _fmt_p(row.p_value)
-        return f"κ_softmax leads the mismatch by {row.lag} steps in this run (p {p}): act on the warnings"
-    return f"the lead–lag test finds no early warning in this run ({reading}): treat the warnings as noise"
+    return KappaLead(row.lag, row.p_value, reading.startswith("κ_softmax leads"), reading)
 
 
 # --------------------------------------------------------------------------- markdown

@@ -8,12 +8,13 @@ words. Step units and alignment are those of :mod:`lightning_stability.analysis.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from lightning_stability.metrics import BY_NAME, tag
 
 from ._format import _fmt, _fmt_p
 from .leadlag import lead_lag, lead_lag_permutation_test
@@ -21,9 +22,10 @@ from .logs import Run, Series, align, step_stride
 from .regression import predictor_regression
 from .spikes import spike_precision_at_k
 
-SIGNAL_TAG = "stability/kappa_softmax_max"
-MISMATCH_TAG = "stability/r_block"
-EPS_TAG = "stability/eps_mach"
+SIGNAL_TAG = tag(BY_NAME["kappa_softmax_max"])
+MISMATCH_TAG = tag(BY_NAME["r_block"])
+EPS_TAG = tag(BY_NAME["eps_mach"])
+PREDICTOR_SCALED_TAG = tag(BY_NAME["predictor_scaled"])
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class LeadLagRow:
 
 def _block_max(run: Run, name: str) -> Series | None:
     """Per-step max over ``stability/block{i}/<name>`` (steps: union; NaN-ignoring)."""
-    tags = run.tags_matching(rf"stability/block\d+/{re.escape(name)}")
+    tags = [t for _, t in run.block_tags(name)]
     series = [s for s in (run.get(t) for t in tags) if s is not None]
     if not series:
         return None
@@ -218,7 +220,7 @@ def _bound_gap(runs: Sequence[Run]) -> tuple[int, float, float] | None:
     """(points, median log10(mismatch / predictor·ε_mach), fraction above y = x), pooled."""
     ratios = []
     for run in runs:
-        p, m = run.get("stability/predictor_scaled"), run.get(MISMATCH_TAG)
+        p, m = run.get(PREDICTOR_SCALED_TAG), run.get(MISMATCH_TAG)
         if p is None or m is None:
             continue
         _, (pv, mv) = align(p, m)

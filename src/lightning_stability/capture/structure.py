@@ -22,6 +22,7 @@ from lightning_stability.capture.stacks import (
     find_stacks,
     is_attention_name,
     match_blocks,
+    plain_name,
 )
 
 _OUT_NAMES = {
@@ -44,7 +45,8 @@ _K_NAMES = {"k_proj", "key", "k", "wk", "to_k", "k_lin"}
 
 _ROUTER_NAMES = {"gate", "router"}
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
-_KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head")
+#: ``n_query_groups``: litgpt's number of key/value heads (its ``Config``)
+_KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "n_query_groups")
 _HEAD_DIM_ATTRS = ("head_dim", "head_size", "attention_head_size")
 
 #: A function returning a weight as ``(out_features, in_features)`` at call time
@@ -132,7 +134,8 @@ class Block:
     missing: list[str] = field(default_factory=list)
 
     def contains(self, module_name: str) -> bool:
-        """Whether the module named ``module_name`` lies inside this block."""
+        """Whether the module named ``module_name`` (wrapper segments or not) lies inside this block."""
+        module_name = plain_name(module_name)
         return module_name == self.name or module_name.startswith(self.name + ".")
 
 
@@ -212,10 +215,16 @@ def fused_qk(
 
     - ``query_key_value`` with ``3·H·d`` rows (GPT-NeoX/Pythia, BLOOM, classic Falcon):
       per head ``[q_h | k_h | v_h]``;
-    - Falcon ``new_decoder_architecture``: per K/V group ``[q … q | k | v]`` (H/H_kv query heads);
+    - Falcon ``new_decoder_architecture`` and litgpt before its ``qkv`` (a Linear named
+      ``attn`` whose config has ``n_query_groups``): per K/V group ``[q … q | k | v]``
+      (H/H_kv query heads);
     - otherwise contiguous ``[Q (H·d) | K (H_kv·d) | V (H_kv·d)]`` (GPT-2 ``c_attn``, timm
-      ``qkv``, ``nn.MultiheadAttention``, Phi-3 ``qkv_proj``, Falcon multi-query), thirds when
-      the module declares no head counts.
+      ``qkv``, ``nn.MultiheadAttention``, Phi-3 ``qkv_proj``, Falcon multi-query, litgpt's
+      ``qkv`` with ``n_query_groups`` K/V heads), thirds when the module declares no head
+      counts.
+
+    A module that declares its head counts and head size but whose rows do not fit them
+    (``(H + 2·H_kv)·d``) gets ``None``, not thirds: a guessed split would pair the wrong rows.
 
     ``bias`` (the fused bias, if any) is split the same way into ``b_q`` / ``b_k``.
     """
@@ -224,7 +233,7 @@ def fused_qk(
     if heads and kv and not d_head and out_features % (heads + 2 * kv) == 0:
         d_head = out_features // (heads + 2 * kv)
     if not (heads and kv and d_head) or out_features != (heads + 2 * kv) * d_head:
-        if out_features % 3:
+        if out_features % 3 or (heads and d_head):
             return None
         third = out_features // 3
         return QKProjection(
@@ -235,7 +244,7 @@ def fused_qk(
             b_q=_bias_rows(b, 0, third),
             b_k=_bias_rows(b, third, 2 * third),
         )
-    if getattr(attention, "new_decoder_architecture", False):
+    if getattr(attention, "new_decoder_architecture", False) or _legacy_litgpt(leaf, attention):
         layout = "per K/V group [q..q|k|v]"
         return _grouped_qk(name, weight, b, kv, heads // kv + 2, d_head, heads, kv, layout)
     if leaf == "query_key_value" and kv == heads and not getattr(attention, "multi_query", False):
@@ -251,6 +260,13 @@ def fused_qk(
         b_q=_bias_rows(b, 0, q_rows),
         b_k=_bias_rows(b, q_rows, q_rows + k_rows),
     )
+
+
+def _legacy_litgpt(leaf: str, attention: nn.Module) -> bool:
+    """Whether ``leaf`` is litgpt's fused QKV from before its ``qkv`` name: a Linear ``attn``
+    whose forward views its rows as ``(n_query_groups, q_per_kv + 2, head_size)``."""
+    config = getattr(attention, "config", None)
+    return leaf == "attn" and isinstance(getattr(config, "n_query_groups", None), int)
 
 
 def _grouped_qk(
@@ -349,7 +365,7 @@ def describe_block(index: int, name: str, module: nn.Module, stack: str = "") ->
             continue
         parts = rel.split(".") if rel else []
         leaf = parts[-1].lower() if parts else ""
-        full = f"{name}.{rel}" if rel else name
+        full = plain_name(f"{name}.{rel}" if rel else name)
         if isinstance(sub, nn.MultiheadAttention):
             block.wo[f"{full}.out_proj"] = _weight_of(sub.out_proj, "weight")
             block.qk.append(_mha_qk(full, sub))
@@ -420,7 +436,7 @@ def _attention_weight(
             lambda: weight().chunk(2, dim=0)[0],
             lambda: None if (b := bias()) is None else b.chunk(2)[0],
         )
-    elif leaf in _QKV_NAMES:
+    elif leaf in _QKV_NAMES or _legacy_litgpt(leaf, attention):
         out_features = weight().shape[0]
         proj = fused_qk(full, leaf, weight, out_features, attention, bias)
         if proj is None:
@@ -445,7 +461,10 @@ def model_blocks(model: nn.Module, patterns: Sequence[str] | None = None) -> lis
         found = [(name, module, name.rpartition(".")[0]) for name, module in match_blocks(model, patterns)]
     else:
         found = [(name, module, stack.name) for stack in find_stacks(model) for name, module in stack.members]
-    return [describe_block(i, name, module, stack) for i, (name, module, stack) in enumerate(found)]
+    return [
+        describe_block(i, plain_name(name), module, plain_name(stack))
+        for i, (name, module, stack) in enumerate(found)
+    ]
 
 
 # --------------------------------------------------------------------------- for the monitor

@@ -63,9 +63,9 @@ def workspace(numel: int, like: Tensor, slot: str, dtype: torch.dtype | None = N
     A fresh buffer of a megabyte is served by fresh pages (glibc maps blocks of this size
     afresh and returns them when freed): measured at n = 64, the two page-faulting buffers of
     the row statistics pass cost 0.4 ms of its 0.65 ms, more than the softmax inside it. The
-    buffer is per thread and never escapes this module (every caller writes it before reading
-    and returns fresh tensors), so reusing it changes no result. Other devices allocate as
-    before (their caching allocators already reuse memory), and so do buffers above
+    buffer is per thread and never escapes the diagnostics (every caller writes it before reading
+    and returns fresh tensors), so reusing it changes no result. Other devices allocate a fresh
+    buffer (their caching allocators already reuse memory), and so do buffers above
     ``_WORKSPACE_MAX_BYTES`` (kept per thread for the process's life, the cache stays small).
     """
     dtype = like.dtype if dtype is None else dtype

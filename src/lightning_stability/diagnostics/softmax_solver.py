@@ -32,12 +32,12 @@ _F64 = torch.float64
 _INF = float("inf")
 # Extra relative safety margin on the (already widened) float32 row bounds used for pruning.
 _BOUND_MARGIN = 1e-4
-_PHASE15_MIN_ELEMS = 1 << 15
+_STAGED_MIN_ELEMS = 1 << 15
 # Candidates per matrix above which the p2-interval bounds (1b) / the candidates' own softmax
 # (1.5) run: below, the exact solve of the few candidates is cheaper than ~60 more small ops.
-_PHASE1B_MIN_ROWS = 2
-_PHASE15_MIN_ROWS = 4
-# Elements per gather of candidate rows (phases 1.5 and 2): bounds their float64 temporaries.
+_BLOCK_BOUND_MIN_ROWS = 2
+_REFINE_MIN_ROWS = 4
+# Elements per gather of candidate rows (refining and exact stages): bounds their float64 temporaries.
 _EXACT_ELEMS = 1 << 18
 # Sub-chunk of the row statistics pass (elements): two float32 buffers of 1 MiB stay in cache.
 _BUF_ELEMS = 1 << 18
@@ -53,9 +53,8 @@ def _row_stats_pass(
     :func:`_row_entropy_terms`). Nothing of the size of ``s`` is allocated: the softmax is
     written into two (three with the entropy) reused buffers of at most ``_BUF_ELEMS`` elements
     (whole matrices, or row blocks of a matrix larger than that), so every reduction reads
-    cache-resident data. (The former version wrote a fresh full-size probability tensor and
-    took an arg-max over it: ~10× a softmax at n ≥ 256, mostly page faults and the
-    index-returning ``max``.)
+    cache-resident data. (A full-size probability tensor with an arg-max over it costs ~10× a
+    softmax at n ≥ 256, mostly page faults and the index-returning ``max``.)
     """
     s = s.detach()  # the buffers are written with out=, which autograd refuses
     g, nq, nk = s.shape
@@ -191,11 +190,11 @@ def _softmax_chunk_eager(
 ) -> tuple[Tensor, Tensor | None]:
     """kappa_softmax (and mean row entropy) for ``s: (G, n_q, n_k)``; ``mask: (G|1, n_q|1, n_k)``.
 
-    Phase 1a (all rows, from one cache-blocked pass in working precision): rigorous cheap bounds
-    on each row's ``λ·‖S_i‖/‖P_i‖``; 1b (candidates, when many): the top-2 block lower bound;
-    1.5 (candidates, when still many and long): bounds from their own softmax (p2 and the tail);
-    2 (float64, exact, in bounded batches): only rows whose upper bound reaches the largest
-    lower bound of their matrix.
+    In stages of growing cost per row: cheap bounds (all rows, from one cache-blocked pass in
+    working precision): rigorous bounds on each row's ``λ·‖S_i‖/‖P_i‖``; block bound
+    (candidates, when many): the top-2 block lower bound; refining (candidates, when still many
+    and long): bounds from their own softmax (p2 and the tail); exact (float64, in bounded
+    batches): only rows whose upper bound reaches the largest lower bound of their matrix.
     """
     g, nq, nk = s.shape
     ns, p1, pn, h_rows = _row_stats_pass(s, mask, want_entropy)
@@ -208,7 +207,7 @@ def _softmax_chunk_eager(
         entropy = h_row.sum(-1) / (nq if valid is None else valid.sum(-1).clamp_min(1))
     every = valid is None and bool(fin.all())  # every row attended and finite (one sync)
     rows = _surviving_rows(s, mask, ns, p1, pn, None if every else ok)
-    # Phase 2: exact float64 solve on the surviving rows.
+    # Exact stage: float64 solve on the surviving rows.
     out = torch.zeros(g, dtype=_F64, device=s.device)
     batch = max(1, _EXACT_ELEMS // nk)  # rows per gather: temporaries stay O(_EXACT_ELEMS)
     for a in range(0, rows.numel(), batch):
@@ -236,7 +235,7 @@ def _surviving_rows(
     # n·u of exact whatever the summation order: widen every relative bound by twice that.
     acc = 2.0 * nk * torch.finfo(s.dtype).eps / 2
     margin = _BOUND_MARGIN + 2.0 * acc
-    # Phase 1a (all rows, ~40 ops): bounds from p1 and ‖P‖ (see _cheap_bounds).
+    # Cheap bounds (all rows, ~40 ops): from p1 and ‖P‖ (see _cheap_bounds).
     p1d, pnd = p1.to(_F64), pn.to(_F64)
     qd, ratio = pnd.square(), ns.to(_F64).div_(pnd)
     s2_abs = (4e-6 + 2.0 * acc) * qd  # cancellation in q − p1²
@@ -247,17 +246,17 @@ def _surviving_rows(
         lb, ub = torch.where(ok, lb, 0.0), torch.where(ok, ub, -1.0)
     lb, ub = lb.reshape(-1), ub.reshape(-1)
     rows = _candidates(lb, ub, g, nq, None)
-    # Phase 1b (candidates only): the top-2 block lower bound raises each matrix's best.
-    if rows.numel() > _PHASE1B_MIN_ROWS * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
+    # Block bound (candidates only): the top-2 block lower bound raises each matrix's best.
+    if rows.numel() > _BLOCK_BOUND_MIN_ROWS * g and rows.numel() * nk > _STAGED_MIN_ELEMS:
         p1c, qc, s2c = p1d.reshape(-1)[rows], qd.reshape(-1)[rows], s2l.reshape(-1)[rows]
         lo_c = _block_lower_bound(p1c, qc, s2c, rel, eta, acc)
         lb_c = torch.maximum(lb[rows], lo_c.mul_(ratio.reshape(-1)[rows]).mul_(1.0 - margin))
         lb[rows] = lb_c
         rows = rows[_candidates(lb_c, ub[rows], g, nq, rows)]
     batch = max(1, _EXACT_ELEMS // nk)  # rows per gather: temporaries stay O(_EXACT_ELEMS)
-    # Phase 1.5: on those rows, p2 and the tail mass from P itself (float32, one gather).
+    # Refining: on those rows, p2 and the tail mass from P itself (float32, one gather).
     # Worth its ~50 small ops only once the exact solve's element work would dominate.
-    if rows.numel() > _PHASE15_MIN_ROWS * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
+    if rows.numel() > _REFINE_MIN_ROWS * g and rows.numel() * nk > _STAGED_MIN_ELEMS:
         ratio_f = ratio.reshape(-1)
         parts = []
         for a in range(0, rows.numel(), batch):
@@ -271,18 +270,18 @@ def _surviving_rows(
 def _fused_rows(
     s: Tensor, mask: Tensor | None, acc: Tensor, full: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Phase 1 of :func:`_softmax_chunk_eager` for every row at once, as one fixed-shape chain.
+    """The bound stages of :func:`_softmax_chunk_eager` for every row at once, as one fixed-shape chain.
 
     One pass over each row of ``s: (G, n_q, n_k)`` (working precision; compiled, it reads the
     scores once and allocates nothing of their size) gives, with ``g = max − s ≥ 0`` and
     ``e = exp(−g)``: ``‖S_i‖``, ``Z = Σe`` and ``Σe²``, so ``p₁ = 1/Z`` and ``‖P‖² = Σe²/Z²``;
-    from these, on every row, the cheap bounds (1a) and the top-2 block bound (1b) of the eager
+    from these, on every row, the cheap bounds and the top-2 block bound of the eager
     stages, with their error margins (``acc``: the working precision's ``n_k·ε`` as a 0-d
     float64 tensor, so no size is baked into the graph). With ``full`` (the entropy is wanted,
     or short rows, where the exact solve of extra candidates costs more than the pass) also the
     tail ``T = Σ_{g>0} e``, ``Σ_{g>0} e²``, ``max_{g>0} e``, the number of maximal entries and
-    ``Σ e·g``: the tail mass ``r``, ``p₂`` and ``s₂`` (exact ties counted), the interval bounds of
-    stage 1.5 on every row, and the entropy.
+    ``Σ e·g``: the tail mass ``r``, ``p₂`` and ``s₂`` (exact ties counted), the interval bounds of the
+    refining stage on every row, and the entropy.
 
     Returns ``(candidates, bad, entropy)``: the rows whose upper bound reaches their matrix's
     best lower bound ``(G, n_q)``, the matrices with a non-finite attended row ``(G,)``, and
@@ -335,7 +334,7 @@ _ROWS = Kernel(_fused_rows, "softmax_rows", {"cpp.enable_loop_tail_vec": False})
 _EXACT = Kernel(_exact_rows_fused, "softmax_exact", {"cpp.enable_loop_tail_vec": False})
 # Rows up to this length get every bound in the pass (``full``); longer rows the lean pass,
 # whose four reductions cost about one softmax (measured: 1.05× at n = 256 and 1024, against
-# 1.5× with the stage-1.5 statistics), and their few candidates the eager stage 1.5.
+# 1.5× with the refining statistics), and their few candidates the eager refining stage.
 _FULL_MAX_NK = 128
 
 
@@ -345,7 +344,7 @@ def _softmax_chunk_compiled(
     """:func:`_softmax_chunk_eager` with its fixed-shape chains compiled: the row pass and the
     bounds in one kernel, the exact float64 solve of the surviving rows in another (a fixed
     number of Newton steps, continued eagerly in the rare case they do not converge). The
-    data-dependent steps (which rows survive, their gather, stage 1.5 for long rows) run eagerly
+    data-dependent steps (which rows survive, their gather, the refining stage for long rows) run eagerly
     between them. ``None`` when the row kernel could not be compiled (the caller then runs the
     eager path)."""
     full = want_entropy or s.shape[-1] <= _FULL_MAX_NK
@@ -365,11 +364,11 @@ def _finish_rows(
     s: Tensor, mask: Tensor | None, cand: Tensor, bad: Tensor, entropy: Tensor | None, full: bool
 ) -> tuple[Tensor, Tensor | None]:
     """The data-dependent rest of the compiled path after the row kernel (:func:`_fused_rows`):
-    stage 1.5 for long rows, then the exact solve of the surviving rows."""
+    the refining stage for long rows, then the exact solve of the surviving rows."""
     g, nq, nk = s.shape
     rows = cand.view(-1).nonzero().squeeze(-1)
-    if not full and rows.numel() > _PHASE15_MIN_ROWS * g and rows.numel() * nk > _PHASE15_MIN_ELEMS:
-        rows = _stage15(s, mask, rows, nk * torch.finfo(s.dtype).eps)
+    if not full and rows.numel() > _REFINE_MIN_ROWS * g and rows.numel() * nk > _STAGED_MIN_ELEMS:
+        rows = _refine_candidates(s, mask, rows, nk * torch.finfo(s.dtype).eps)
     out = torch.zeros(g, dtype=_F64, device=s.device)
     batch = max(2, _EXACT_ELEMS // nk)  # rows per gather: temporaries stay O(_EXACT_ELEMS)
     for a in range(0, rows.numel(), batch):
@@ -379,8 +378,8 @@ def _finish_rows(
     return torch.where(bad, _INF, out), entropy
 
 
-def _stage15(s: Tensor, mask: Tensor | None, rows: Tensor, acc: float) -> Tensor:
-    """Stage 1.5 of the eager path on candidate ``rows`` of ``s`` (their own softmax: p₂ and the
+def _refine_candidates(s: Tensor, mask: Tensor | None, rows: Tensor, acc: float) -> Tensor:
+    """The refining stage of the eager path on candidate ``rows`` of ``s`` (their own softmax: p₂ and the
     tail mass), after the lean pass; the rows that survive it."""
     g, nq, nk = s.shape
     margin = _BOUND_MARGIN + 2.0 * acc

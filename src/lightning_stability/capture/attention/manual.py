@@ -5,6 +5,9 @@ trace (its operands are Q and Kᵀ), scaling, masking, views and casts carry it 
 is tracked), a softmax over the last axis of a traced (or any 4-D) tensor is remembered, and the
 matmul consuming that softmax's output (also through dropout, views and casts) completes a
 record whose ``scores`` are the softmax input and whose ``v`` is the matmul's other operand.
+Soft-capping ``c·tanh(x/c)`` (litgpt's Gemma-2) carries the trace on too: ``tanh`` of a traced
+tensor caps it at 1, a positive number multiplying a capped trace scales the cap and the
+factor alike, so ``c·tanh(scale·q kᵀ/c)`` becomes ``scale`` and ``softcap = c`` in the record.
 The bookkeeping keeps references, never copies, keyed by tensor identity; an entry vanishes
 with its tensor (weak reference).
 """
@@ -54,6 +57,7 @@ _SAME = _methods("view", "reshape", "contiguous", "float", "to", "type_as", "clo
     F.dropout,
     torch.dropout,
 }
+_TANH = _methods("tanh") | {torch.tanh, F.tanh}
 _ADDS = _methods("add", "__add__", "__radd__") | {torch.add}
 _DIVIDES = _methods("div", "__truediv__", "true_divide", "div_", "__itruediv__", "true_divide_") | {
     torch.div,
@@ -63,12 +67,18 @@ _DIVIDES = _methods("div", "__truediv__", "true_divide", "div_", "__itruediv__",
 
 @dataclass
 class _Trace:
-    """A tensor computed as ``factor · (q @ kT)`` plus additive/overwritten entries."""
+    """A tensor computed as ``factor · (q @ kT)`` plus additive/overwritten entries; with a
+    ``softcap`` ``c``, as ``c·tanh(factor · (q @ kT) / c)`` plus entries added after the cap."""
 
     ref: weakref.ref[Tensor]
     q: Tensor
     k_t: Tensor
     factor: float | Tensor
+    softcap: float | None = None
+
+    def carried(self, ref: weakref.ref[Tensor]) -> _Trace:
+        """The same trace for another tensor (a view, a copy, the trace plus a mask)."""
+        return _Trace(ref, self.q, self.k_t, self.factor, self.softcap)
 
 
 @dataclass
@@ -146,30 +156,51 @@ def _track(
             return None
         trace = _lookup(st.traces, args[0])
         if trace is not None and out is not args[0]:
-            _remember(st.traces, out, lambda r: _Trace(r, trace.q, trace.k_t, trace.factor))
+            _remember(st.traces, out, trace.carried)
         return None
     if func in _SCALE or func in _SCALE_INPLACE:
-        x, y = (*args, kwargs.get("other"))[:2]
-        trace = _lookup(st.traces, x)
-        if trace is None and func not in _DIVIDES:
-            x, y = y, x
-            trace = _lookup(st.traces, x)
-        f = _factor(y)
-        if trace is None or f is None:
-            return None
-        new = trace.factor * (1.0 / f if func in _DIVIDES else f)
-        if out is x:
-            trace.factor = new
-        else:
-            _remember(st.traces, out, lambda r: _Trace(r, trace.q, trace.k_t, new))
+        _track_scale(func, args, kwargs, out)
+        return None
+    if func in _TANH:
+        trace = _lookup(st.traces, args[0])
+        if trace is not None and trace.softcap is None and isinstance(trace.factor, float):
+            # tanh(factor·q kᵀ) = 1·tanh(factor·q kᵀ / 1): capped at 1
+            _remember(st.traces, out, lambda r: _Trace(r, trace.q, trace.k_t, trace.factor, 1.0))
         return None
     if func in _SHIFT or func in _SHIFT_INPLACE:
         trace = _lookup(st.traces, args[0])
         if trace is None and func in _ADDS and len(args) > 1:
             trace = _lookup(st.traces, args[1])
         if trace is not None and out is not trace.ref():
-            _remember(st.traces, out, lambda r: _Trace(r, trace.q, trace.k_t, trace.factor))
+            _remember(st.traces, out, trace.carried)
     return None
+
+
+def _track_scale(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> None:
+    """Carry a trace through a multiplication or division by a factor (:func:`_factor`).
+
+    ``m · c·tanh(L/c) = (m·c)·tanh(m·L/(m·c))``: a capped trace scales its cap and its factor
+    by a positive number ``m``; any other factor ends a capped trace.
+    """
+    x, y = (*args, kwargs.get("other"))[:2]
+    trace = _lookup(_STATE.traces, x)
+    if trace is None and func not in _DIVIDES:
+        x, y = y, x
+        trace = _lookup(_STATE.traces, x)
+    f = _factor(y)
+    if trace is None or f is None or (func in _DIVIDES and isinstance(f, float) and f == 0.0):
+        return
+    m = 1.0 / f if func in _DIVIDES else f
+    cap = trace.softcap
+    if cap is not None:
+        if not (isinstance(m, float) and m > 0):
+            return
+        cap *= m
+    new = trace.factor * m
+    if out is x:
+        trace.factor, trace.softcap = new, cap
+    else:
+        _remember(_STATE.traces, out, lambda r: _Trace(r, trace.q, trace.k_t, new, cap))
 
 
 def _observed(*tensors: Tensor) -> bool:
@@ -191,35 +222,50 @@ def _manual_call(name: str, scores: Tensor, trace: _Trace | None, v: Tensor) -> 
     ``A = scores - factor·(q @ kT)`` (masks and biases added, ``masked_fill``-ed entries), when
     Q and K are traced; otherwise to the scores themselves shifted by their row maximum
     (``s <= max_row s - MASK_GAP``). ``-inf`` entries are always masked.
+
+    A soft-capped trace gives the record transformers' eager Gemma-2 attention gives: Q, K,
+    ``scale``, ``softcap`` and the keep-mask, no ``scores`` (so ``attn_logit_max`` is the logit
+    before the cap, as for every other record), when they reproduce the scores to rounding on
+    the attended entries; otherwise (something added between the cap and the softmax other
+    than a mask) the record keeps the scores alone.
     """
     s = scores.detach()
-    b, h, n_q, n_k = s.shape
+    b, h, _, n_k = s.shape
     v4 = torch.broadcast_to(v.detach(), (b, h, n_k, v.shape[-1]))
-    q4 = k4 = None
-    factor = 1.0
-    if trace is not None:
-        qk = trace.q.detach().double() @ trace.k_t.detach().double()
-        f = trace.factor
-        if tuple(torch.broadcast_shapes(qk.shape, s.shape)) == tuple(s.shape) and trace.k_t.shape[-1] == n_k:
-            additive = s.double() - (f.double() if isinstance(f, Tensor) else f) * qk
-            additive = torch.where(torch.isneginf(s), float("-inf"), additive)
-            keep = ~(additive <= additive_floor(additive))
-            d = trace.q.shape[-1]
-            q4 = torch.broadcast_to(trace.q.detach(), (b, h, n_q, d))
-            k4 = torch.broadcast_to(trace.k_t.detach().mT, (b, h, n_k, d))
-            factor = f if isinstance(f, float) else 1.0
-            bias = _reproducing_bias(s, factor * qk, keep)
-        else:
-            trace = None
-    if trace is None:
-        top = s.amax(-1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        keep = ~(s <= top - MASK_GAP)
-        bias = None
+    traced = _traced_call(name, s, trace, v4) if trace is not None else None
+    if traced is not None:
+        return traced
+    top = s.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    keep = ~(s <= top - MASK_GAP)
     keep_or_none = None if bool(keep.all()) else keep
-    return AttentionCall(
-        name=name, q=q4, k=k4, v=v4, keep=keep_or_none, bias=bias, scale=factor, scores=s
-    )
+    return AttentionCall(name=name, q=None, k=None, v=v4, keep=keep_or_none, bias=None, scale=1.0, scores=s)
+
+
+def _traced_call(name: str, s: Tensor, trace: _Trace, v4: Tensor) -> AttentionCall | None:
+    """The record of scores ``s`` whose Q/K were traced (:func:`_manual_call`); ``None`` when the
+    trace does not fit them."""
+    b, h, n_q, n_k = s.shape
+    qk = trace.q.detach().double() @ trace.k_t.detach().double()
+    if tuple(torch.broadcast_shapes(qk.shape, s.shape)) != tuple(s.shape) or trace.k_t.shape[-1] != n_k:
+        return None
+    f, cap = trace.factor, trace.softcap
+    ref = (f.double() if isinstance(f, Tensor) else f) * qk
+    if cap is not None:
+        ref = cap * torch.tanh(ref / cap)
+    additive = torch.where(torch.isneginf(s), float("-inf"), s.double() - ref)
+    keep = ~(additive <= additive_floor(additive))
+    keep_or_none = None if bool(keep.all()) else keep
+    d = trace.q.shape[-1]
+    q4 = torch.broadcast_to(trace.q.detach(), (b, h, n_q, d))
+    k4 = torch.broadcast_to(trace.k_t.detach().mT, (b, h, n_k, d))
+    factor = f if isinstance(f, float) else 1.0
+    if cap is None:
+        bias = _reproducing_bias(s, factor * qk, keep)
+        return AttentionCall(name, q4, k4, v4, keep_or_none, bias, factor, scores=s)
+    if _reproducing_bias(s, ref, keep) is not None:
+        return None
+    return AttentionCall(name, q4, k4, v4, keep_or_none, None, factor, softcap=cap)
 
 
 def _reproducing_bias(s: Tensor, scaled_qk: Tensor, keep: Tensor) -> Tensor | None:

@@ -5,11 +5,13 @@ layers and attention; :meth:`StabilityProbe.measure` runs the two passes and ret
 raw statistics as 0-d tensors still on the device (so a caller can reduce them across
 ranks and move them to the host in one transfer); :func:`compose_report` turns those
 numbers into a :class:`~lightning_stability.stability_report.StabilityReport` with the pure
-functions of :mod:`lightning_stability.diagnostics`. Raw keys end with a name of the metric
-table (:mod:`lightning_stability.metrics`), which declares how each is reduced across ranks.
+functions of :mod:`lightning_stability.diagnostics`. Raw statistics are kept under
+:class:`~lightning_stability.metrics.RawKey` records; the metric table
+(:mod:`lightning_stability.metrics`) declares how each is reduced over heads, examples, calls
+and ranks.
 """
 
-from lightning_stability.capture.probe.compose import FP16_MAX, compose_report, predictor_warnings
+from lightning_stability.capture.probe.compose import compose_report, predictor_warnings
 from lightning_stability.capture.probe.raw import RawMeasurement, ReduceOp
 from lightning_stability.capture.probe.spectra import WeightSpectra
 from lightning_stability.capture.probe.stability_probe import (
@@ -19,7 +21,6 @@ from lightning_stability.capture.probe.stability_probe import (
 )
 
 __all__ = [
-    "FP16_MAX",
     "NO_ATTENTION_WARNING",
     "RawMeasurement",
     "ReduceOp",

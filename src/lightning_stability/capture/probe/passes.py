@@ -9,7 +9,6 @@ context factory ``low_precision`` of :meth:`~.stability_probe.StabilityProbe.mea
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
@@ -25,28 +24,21 @@ from lightning_stability.capture.attention import (
     AttentionCall,
     AttentionCapture,
     call_diagnostics,
-    call_probabilities,
 )
 from lightning_stability.capture.batch import cast_floating
 from lightning_stability.capture.blocks import BlockTap, ModuleAmax, first_tensor
-from lightning_stability.capture.guards import compute_dtype, exact_fp32, rng_restore, rng_snapshot
 from lightning_stability.capture.hooks import HookContext
 from lightning_stability.capture.norms import NormCapture
+from lightning_stability.capture.probe.attention_stats import CallValues, block_statistics, call_values
 from lightning_stability.capture.probe.raw import RawMeasurement
 from lightning_stability.capture.probe.spectra import weight_statistics
+from lightning_stability.capture.sharding import full_weights, gather_heads, unsharded
+from lightning_stability.capture.side_forward import compute_dtype, exact_fp32, rng_restore, rng_snapshot
 from lightning_stability.diagnostics.collapse import collapse_statistics
-from lightning_stability.metrics import HEAD_METRICS
+from lightning_stability.metrics import RawKey
 
 if TYPE_CHECKING:
     from lightning_stability.capture.probe.stability_probe import StabilityProbe
-
-
-def _reduce(x: Tensor, how: str, dim: int) -> Tensor:
-    if how == "max":
-        return x.amax(dim)
-    if how == "sum":
-        return x.sum(dim)
-    return x.mean(dim)
 
 
 @dataclass
@@ -119,10 +111,10 @@ class _Collector:
         self.probe = probe
         self.raw = RawMeasurement()
         self.ref: dict[tuple[int, int], Tensor] = {}
-        self.attn: dict[int, list[dict[str, Tensor]]] = defaultdict(list)
+        self.attn: dict[int, list[CallValues]] = defaultdict(list)
         self.heads: dict[int, int] = {}
         self.ksm_max: list[Tensor] = []
-        self.mismatch: dict[str, list[tuple[Tensor, ...]]] = defaultdict(list)
+        self.mismatch: dict[tuple[str, int], list[tuple[Tensor, ...]]] = defaultdict(list)
         self.amax: dict[str, Tensor] = {}
         # teacher forcing: (metric, block index, module) → exact-pass calls
         self.local: dict[tuple[str, int], list[_Call]] = defaultdict(list)
@@ -209,8 +201,8 @@ class _Collector:
             elif x.dim() == 3 and getattr(block.module, "batch_first", True) is False:
                 x = x.transpose(0, 1)
             rank, similarity = collapse_statistics(x.reshape(x.shape[0], -1, x.shape[-1]))
-            self.raw.put(f"block{block.index}/rank_collapse", rank.mean())
-            self.raw.put(f"block{block.index}/token_similarity", similarity.mean())
+            self.raw.put(RawKey("rank_collapse", block.index), rank.mean())
+            self.raw.put(RawKey("token_similarity", block.index), similarity.mean())
 
     def _local_targets(self) -> list[tuple[tuple[str, int], nn.Module]]:
         """Blocks first (in order, so index j < n_blocks is block j), then their sub-layers."""
@@ -231,37 +223,15 @@ class _Collector:
         probe = self.probe
         self.raw.attention_calls += 1
         block = probe.block_of(call.name)
+        if block in probe.head_groups:  # tensor parallel: every rank's heads, as in the unsharded model
+            call = gather_heads(call, probe.head_groups[block])
         diag = call_diagnostics(call)  # kappa_score is NaN (unknown) for scores-only calls
         self.ksm_max.append(diag.kappa_softmax.amax())
         if block is None:
             return
-        logit = diag.logit_max
         self.heads.setdefault(block, call.v.shape[1])
         self.raw.attended.add(block)
-        per_head = {
-            "kappa_score": diag.kappa_score,
-            "kappa_softmax": diag.kappa_softmax,
-            "kappa_v": diag.kappa_v,
-            "attn_logit_max": logit,
-        }
-        reduced: dict[str, Tensor] = {}
-        for name, value in per_head.items():  # (B, H)
-            over_heads = probe.head_reduction if name == "kappa_softmax" else "max"
-            over_examples = "max" if name == "attn_logit_max" else probe.batch_reduction
-            reduced[name] = _reduce(_reduce(value, over_heads, 1), over_examples, 0)
-            reduced[name + "@heads"] = _reduce(value, over_examples, 0)
-            if over_examples == "mean":  # sums, so the mean over every rank's examples is exact
-                reduced[name + "#sum"] = _reduce(value, over_heads, 1).sum()
-                reduced[name + "@heads#sum"] = value.sum(0)
-        reduced["#count"] = torch.tensor(float(call.v.shape[0]), device=call.v.device)
-        # entropy collapse is a low-entropy event: the mean over heads and examples,
-        # and the per-head means.
-        reduced["attention_entropy"] = diag.entropy.mean()
-        reduced["attention_entropy@heads"] = diag.entropy.mean(0)
-        if probe.balanced_mass:  # θ(p): mean over rows, heads and examples; per head over examples
-            theta = D.balanced_mass_per_head(call_probabilities(call), call.keep, "mean")  # (B, H)
-            reduced["theta"], reduced["theta@heads"] = theta.mean(), theta.mean(0)
-        self.attn[block].append(reduced)
+        self.attn[block].append(call_values(call, diag, probe))
 
     # ----------------------------------------------------------- step 2: residual gains
     def residual_gains(self, seed: int) -> None:
@@ -300,7 +270,7 @@ class _Collector:
         def on_output(i: int, c: int, out: Tensor) -> None:
             x = self.ref.pop((i, c), None)
             if x is not None:
-                self.mismatch[f"block{i}/r_block"].append(_mismatch(out, x))
+                self.mismatch[("r_block", i)].append(_mismatch(out, x))
 
         with ExitStack() as stack:
             stack.enter_context(low_precision())
@@ -329,13 +299,14 @@ class _Collector:
                 if attention:
                     tap = self.local_modules[("r_attention_local", i)]
                     stack.enter_context(tap.register_forward_hook(_collect_first(seen)))
+                stack.enter_context(unsharded(module, self.probe.model))  # a sub-layer inside an FSDP2 block
                 for call in calls:
                     out = self._rerun(module, call, low_precision)
                     if out is not None and call.output is not None:
-                        self.mismatch[f"block{i}/{metric}"].append(_squares(out, call.output))
+                        self.mismatch[(metric, i)].append(_squares(out, call.output))
             for got, exact in zip(seen, attention or [], strict=False):
                 if exact.output is not None:
-                    self.mismatch[f"block{i}/r_attention_local"].append(_squares(got, exact.output))
+                    self.mismatch[("r_attention_local", i)].append(_squares(got, exact.output))
 
     @staticmethod
     def _rerun(
@@ -366,80 +337,40 @@ class _Collector:
             name: str(s.compute_dtype).replace("torch.", "") for name, s in lp_norms.stats.items()
         }
         if self.ksm_max:
-            raw.put("kappa_softmax_max", torch.stack(self.ksm_max).amax())
-        self._attention_stats()
+            raw.put(RawKey("kappa_softmax_max"), torch.stack(self.ksm_max).amax())
+        for index, calls in self.attn.items():
+            block_statistics(raw, index, calls, probe.log_per_head)
         for name, stats in norms.stats.items():
-            raw.put(f"norm/{name}/variance", stats.median_variance())
+            raw.put(RawKey("variance", module=name), stats.median_variance())
         for index, gain in raw.residual_gains.items():
-            raw.put(f"block{index}/residual_gain", torch.tensor(gain))
+            raw.put(RawKey("residual_gain", index), torch.tensor(gain))
         self._mismatch_stats()
         self._amax_stats()
-        weight_statistics(probe.blocks, self.heads, probe.spectra, raw)
+        for blocks in full_weights(probe.blocks):  # sharded: one block at a time, gathered in FP32
+            weight_statistics(blocks, self.heads, probe.spectra_of(blocks), raw)
         return raw
-
-    def _attention_stats(self) -> None:
-        raw = self.raw
-        for index, calls in self.attn.items():
-            if self.probe.batch_reduction == "mean":
-                self._mean_stats(index, calls)
-            for name in ("kappa_score", "kappa_softmax", "kappa_v", "attn_logit_max"):
-                if name + "#sum" not in calls[0]:
-                    raw.put(f"block{index}/{name}", _nanmax(torch.stack([c[name] for c in calls])))
-            for name in ("attention_entropy", "theta"):  # low is the event: min over calls
-                if name in calls[0]:
-                    raw.put(f"block{index}/{name}", torch.stack([c[name] for c in calls]).amin())
-            if not self.probe.log_per_head:
-                continue
-            for name in HEAD_METRICS:
-                if name + "#sum" in calls[0] or name + "@heads" not in calls[0]:
-                    continue
-                per_call = [c[name + "@heads"] for c in calls]
-                if len({t.shape for t in per_call}) != 1:
-                    per_call = per_call[:1]  # calls with different head counts: the first one's heads
-                stacked = torch.stack(per_call)
-                per_head = stacked.amin(0) if name in ("attention_entropy", "theta") else stacked.amax(0)
-                for h in range(per_head.shape[0]):
-                    raw.put(f"block{index}/head{h}/{name}", per_head[h])
-
-    def _mean_stats(self, index: int, calls: list[dict[str, Tensor]]) -> None:
-        """``batch_reduction="mean"``: per call, sums over the examples and their count (summed
-        across ranks, so :func:`compose_report` forms the exact mean over all ranks' examples)."""
-        raw = self.raw
-        for c, call in enumerate(calls):
-            raw.put(f"block{index}/call{c}/example_count", call["#count"])
-            for name in ("kappa_score", "kappa_softmax", "kappa_v"):
-                raw.put(f"block{index}/call{c}/{name}/example_sum", call[name + "#sum"])
-                if self.probe.log_per_head:
-                    for h, value in enumerate(call[name + "@heads#sum"]):
-                        raw.put(f"block{index}/head{h}/call{c}/{name}/example_sum", value)
 
     def _mismatch_stats(self) -> None:
         raw = self.raw
-        for key, items in self.mismatch.items():
-            raw.put(f"{key}/err_sq", torch.stack([m[0] for m in items]).sum())
-            raw.put(f"{key}/ref_sq", torch.stack([m[1] for m in items]).sum())
-            if key.endswith("/r_block"):
-                block = key.rsplit("/", 1)[0]
+        for (metric, i), items in self.mismatch.items():
+            raw.put(RawKey("err_sq", i, metric=metric), torch.stack([m[0] for m in items]).sum())
+            raw.put(RawKey("ref_sq", i, metric=metric), torch.stack([m[1] for m in items]).sum())
+            if metric == "r_block":
                 tokens = torch.cat([m[2] for m in items])
-                raw.put(f"{block}/r_block_median", tokens.median())
-                raw.put(f"{key}/token_sum", tokens.double().sum())
-                raw.put(f"{key}/token_count", torch.tensor(float(tokens.numel()), device=tokens.device))
-                raw.put(f"{key}/nonfinite", torch.stack([m[3] for m in items]).sum())
+                count = torch.tensor(float(tokens.numel()), device=tokens.device)
+                raw.put(RawKey("r_block_median", i), tokens.median())
+                raw.put(RawKey("token_sum", i, metric="r_block_mean_token"), tokens.double().sum())
+                raw.put(RawKey("token_count", i, metric="r_block_mean_token"), count)
+                raw.put(RawKey("nonfinite", i, metric="r_block"), torch.stack([m[3] for m in items]).sum())
 
     def _amax_stats(self) -> None:
         raw, probe = self.raw, self.probe
         for name, value in self.amax.items():
-            raw.put(f"module/{name}/amax", value)
+            raw.put(RawKey("amax", module=name), value)
         for block in probe.blocks:
             inside = [v for name, v in self.amax.items() if block.contains(name)]
             if inside:
-                raw.put(f"block{block.index}/amax", torch.stack(inside).amax())
-
-
-def _nanmax(t: Tensor) -> Tensor:
-    """Max over the known values (NaN = unknown, e.g. κ_score of a scores-only call); NaN if none is."""
-    top = t.nan_to_num(nan=-math.inf).amax()
-    return torch.where(top == -math.inf, torch.full_like(top, math.nan), top)
+                raw.put(RawKey("amax", block.index), torch.stack(inside).amax())
 
 
 def _collect_first(into: list[Tensor]) -> Callable[[nn.Module, Any, Any], None]:

@@ -1,4 +1,7 @@
-"""The raw statistics of one measurement, still on the device, with their cross-rank reductions."""
+"""The raw statistics of one measurement, still on the device, keyed by :class:`RawKey` records.
+
+Each key's cross-rank reduction is its metric row's (or raw statistic's): :attr:`RawKey.ranks`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_stability.metrics import RankOp, rank_op
+from lightning_stability.metrics import RankOp, RawKey
 
 #: How each raw statistic is combined across ranks (declared in :mod:`lightning_stability.metrics`).
 ReduceOp = RankOp
@@ -18,9 +21,9 @@ class RawMeasurement:
     """Raw statistics of one sampled step, still on the device.
 
     Attributes:
-        values: 0-d tensors by key (``block{i}/<metric>``, ``block{i}/r_local/err_sq``,
-            ``norm/<name>/variance``, ``module/<name>/amax``, ``kappa_softmax_max``…).
-        ops: how each value is reduced across ranks (from the metric table).
+        values: float64 0-d tensors by :class:`RawKey` (``RawKey("kappa_v", 3)``,
+            ``RawKey("err_sq", 0, metric="r_local")``, ``RawKey("variance", module="h.0.ln_1")``…);
+            each key's cross-rank reduction is ``key.ranks``.
         dtype: the low-precision dtype the low-precision pass really used.
         attention_calls: attention evaluations seen in the FP32 pass.
         norm_dtypes: per normalization layer, the dtype it computed in during the low-precision pass.
@@ -29,8 +32,7 @@ class RawMeasurement:
         attended: indices of the blocks that saw at least one attention call (exact pass).
     """
 
-    values: dict[str, Tensor] = field(default_factory=dict)
-    ops: dict[str, ReduceOp] = field(default_factory=dict)
+    values: dict[RawKey, Tensor] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
     attention_calls: int = 0
     norm_dtypes: dict[str, str] = field(default_factory=dict)
@@ -38,12 +40,11 @@ class RawMeasurement:
     norm_meta: dict[str, tuple[int, float]] = field(default_factory=dict)
     attended: set[int] = field(default_factory=set)
 
-    def put(self, key: str, value: Tensor) -> None:
-        """Keep ``value`` under ``key``; its cross-rank reduction is the table's (:func:`rank_op`)."""
-        self.ops[key] = rank_op(key)
+    def put(self, key: RawKey, value: Tensor) -> None:
+        """Keep ``value`` (any 0-d or one-element tensor) under ``key``, as float64."""
         self.values[key] = value.detach().reshape(()).to(torch.float64)
 
-    def flat(self) -> tuple[list[str], Tensor]:
+    def flat(self) -> tuple[list[RawKey], Tensor]:
         """Keys and one float64 vector of all values (one transfer moves it to the host)."""
         keys = list(self.values)
         if not keys:

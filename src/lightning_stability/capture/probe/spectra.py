@@ -20,6 +20,7 @@ from lightning_stability import diagnostics as D
 from lightning_stability.capture.probe.raw import RawMeasurement
 from lightning_stability.capture.structure import Block, WeightFn, moe_kappa_eff
 from lightning_stability.diagnostics.linear import BATCH_BYTES, batches, float64_stack, kappa_wkwq_many
+from lightning_stability.metrics import RawKey
 
 
 def weight_statistics(
@@ -52,18 +53,16 @@ def weight_statistics(
             for e in range(len(block.experts))
         ]
         if any(experts):
-            raw.put(f"block{i}/kappa_eff", moe_kappa_eff(ffn, experts))
+            raw.put(RawKey("kappa_eff", i), moe_kappa_eff(ffn, experts))
         elif ffn:
-            raw.put(f"block{i}/kappa_eff", torch.stack(ffn).sum())
+            raw.put(RawKey("kappa_eff", i), torch.stack(ffn).sum())
         wo = found[("wo", i)]
         if wo:
-            raw.put(f"block{i}/wo_norm", torch.stack([s[0] for s in wo]).amax())
-            raw.put(
-                f"block{i}/kappa_wo",
-                torch.stack([D.condition_from_singular_values(s) for s in wo]).amax(),
-            )
+            raw.put(RawKey("wo_norm", i), torch.stack([s[0] for s in wo]).amax())
+            kappa_wo = torch.stack([D.condition_from_singular_values(s) for s in wo]).amax()
+            raw.put(RawKey("kappa_wo", i), kappa_wo)
         if wkwq.get(i):
-            raw.put(f"block{i}/kappa_wkwq", torch.stack([k.amax() for k in wkwq[i]]).amax())
+            raw.put(RawKey("kappa_wkwq", i), torch.stack([k.amax() for k in wkwq[i]]).amax())
 
 
 def wkwq_conditions(
