@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ → ``
 
 import bench_overhead as bo
 
-from lightning_stability import StabilityMonitor
+from lightning_stability import ProbeOptions, StabilityMonitor
 from lightning_stability.diagnostics import attention_diagnostics, kappa_softmax
 from lightning_stability.diagnostics._compiled import compile_stats, forced_mode, unavailable
 from tiny_vit import CIFAR10DataModule
@@ -196,7 +196,7 @@ def bench_fits(cfg: argparse.Namespace, dm: CIFAR10DataModule, log_dir: str) -> 
         variants[f"every_1/{mode}"] = (mode, lambda: StabilityMonitor(every_n_steps=1))
         variants[f"every_1_no_local/{mode}"] = (
             mode,
-            lambda: StabilityMonitor(every_n_steps=1, local_errors=False),
+            lambda: StabilityMonitor(every_n_steps=1, probe=ProbeOptions(local_errors=False)),
         )
     per: dict[str, list[float]] = {k: [] for k in variants}
     with forced_mode("on"):  # compile before timing (not part of a step's cost)

@@ -196,3 +196,51 @@ def test_compiled_kernels_equal_the_eager_path_and_count_their_graphs() -> None:
         attention_diagnostics(q2, k2, v2, torch.rand(5, 3, 9, 13, generator=g) > 0.2)
         assert compile_stats()["softmax_rows"]["compiles"] == before  # new sizes: no new graph
     assert solver._ROWS.stats.first_call_s is not None
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_no_cxx_compiler_runs_the_same_values_eagerly_and_says_so_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(3, 2, 9, 11, generator=g) * 4
+    q, k, v = (torch.randn(3, 2, n, 5, generator=g) for n in (9, 11, 11))
+    with forced_mode("off"):
+        ref, dref = kappa_softmax(s), attention_diagnostics(q, k, v)
+    monkeypatch.setitem(_compiled._state, "cxx", False)  # as if no g++/clang++ were on the PATH
+    calls = solver._ROWS.stats.calls
+    with forced_mode("on"), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert torch.equal(kappa_softmax(s), ref)
+            d = attention_diagnostics(q, k, v)
+            assert torch.equal(d.kappa_softmax, dref.kappa_softmax) and torch.equal(d.entropy, dref.entropy)
+    assert solver._ROWS.stats.calls == calls + 6  # asked every time, refused every time
+    msgs = [str(w.message) for w in seen if "run eagerly" in str(w.message)]
+    assert len(msgs) == 1 and "no C++ compiler" in msgs[0] and _compiled.ENV in msgs[0]
+
+
+class _CountingKernel(Kernel):
+    """A kernel whose graphs are counted and run as traced (no inductor: the count is the test)."""
+
+    def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+        self.stats.compiles += 1
+        return gm.forward
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_recompiles_are_bounded_then_new_shapes_run_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_compiled, "MAX_COMPILES", 3)
+    kernel = _CountingKernel(lambda x: (x * 2).sum(-1), "test_bounded")
+    del _compiled._REGISTRY["test_bounded"]  # not a diagnostics kernel: out of compile_stats()
+    with forced_mode("on"), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for n in (5, 9, 17, 33):  # dynamic sizes: one graph for every length
+            assert kernel.wanted(torch.device("cpu"))
+            assert torch.equal(kernel(torch.ones(4, n)), torch.full((4,), 2.0 * n))
+        assert kernel.stats.compiles == 1
+        for dtype in (torch.float64, torch.bfloat16):  # each dtype is a graph of its own
+            assert kernel(torch.ones(3, 7, dtype=dtype)) is not None
+        assert kernel.stats.compiles == 3  # the limit: no further shape compiles
+        assert not kernel.wanted(torch.device("cpu"))
+    msgs = [str(w.message) for w in seen if "test_bounded" in str(w.message)]
+    assert len(msgs) == 1 and "3 graphs" in msgs[0]
+    assert kernel.stats.broken is not None and "3 graphs" in kernel.stats.broken
