@@ -13,6 +13,8 @@ slows all alike) and reported as medians, with the machine and its load. Section
    eager / compiled, with and without local errors, over its two passes (target ≤ 1.5×), and
    the host syncs and dispatched ops of each (≈ kernel launches on a GPU; a compiled kernel is
    one dispatched call here and one or a few launches there);
+   The step's parts are timed alone in the same run: the probe's measurement, the attention
+   diagnostics, κ(V), the weight spectra, reduction and logging (the profile of its floor);
 4. **fits** — per-step medians of short fits with ``every_n_steps=1`` (eager / compiled,
    ``local_errors`` on / off) against a plain fit (target ≤ 1.25× with ``local_errors=False``;
    with local errors within 10 % of the floor: the plain step plus the probe's forward passes,
@@ -20,6 +22,7 @@ slows all alike) and reported as medians, with the machine and its load. Section
 
     python examples/benchmarks/bench_compiled.py [--device cpu|cuda] [--quick] [--threads N]
                                                  [--sizes 64 256] [--out FILE.json]
+    python examples/benchmarks/bench_compiled.py --render FILE.json   # its tables as Markdown
 
 ``--quick`` (CI) runs every section at toy sizes with one repetition and no timing claims.
 On CUDA the same table is printed (times synchronized; the compiled kernels are Triton).
@@ -46,7 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ → ``
 import bench_overhead as bo
 
 from lightning_stability import ProbeOptions, StabilityMonitor
-from lightning_stability.diagnostics import attention_diagnostics, kappa_softmax
+from lightning_stability.capture.probe import RawMeasurement
+from lightning_stability.capture.probe.spectra import weight_statistics
+from lightning_stability.diagnostics import attention_diagnostics, kappa_softmax, kappa_v
 from lightning_stability.diagnostics._compiled import compile_stats, forced_mode, unavailable
 from tiny_vit import CIFAR10DataModule
 
@@ -162,6 +167,37 @@ def train_step(s: bo.SampledStep, precision: str) -> Callable[[], None]:
     return run
 
 
+def breakdown(s: bo.SampledStep) -> dict[str, Callable[[], Any]]:
+    """The sampled step's parts, each timed on its own in the same interleaved run (the profile
+    of its floor): the probe's measurement (passes, local errors, diagnostics), every captured
+    attention call's diagnostics, their κ(V) alone (float64 LAPACK, never compiled), the weight
+    spectra, and the reduction + logging of one report."""
+    calls = s.calls
+
+    def kappa_v_all() -> None:
+        for call in calls:
+            kappa_v(call.v.float())
+
+    def diagnostics_all() -> None:
+        for call in calls:
+            attention_diagnostics(
+                call.q.float(), call.k.float(), call.v.float(), mask=call.keep, scale=call.scale,
+                bias=None if call.bias is None else call.bias.float(),
+            )
+
+    def spectra() -> None:
+        weight_statistics(s.probe.blocks, s.heads, s.probe.spectra, RawMeasurement())
+
+    fns: dict[str, Callable[[], Any]] = {}
+    for mode in MODES:
+        fns[f"part/probe_measure/{mode}"] = in_mode(mode, s.measure)
+        fns[f"part/attention_diagnostics/{mode}"] = in_mode(mode, diagnostics_all)
+    fns["part/kappa_v"] = kappa_v_all
+    fns["part/weight_spectra"] = spectra
+    fns["part/report_and_logging"] = s.logging
+    return fns
+
+
 def bench_sampled(cfg: argparse.Namespace, dm: CIFAR10DataModule, log_dir: str) -> dict[str, Any]:
     s = bo.SampledStep(cfg, dm, log_dir)
     fns: dict[str, Callable[[], Any]] = {"lp_pass": s.lp_pass, "fp32_pass": s.fp32_pass}
@@ -169,6 +205,7 @@ def bench_sampled(cfg: argparse.Namespace, dm: CIFAR10DataModule, log_dir: str) 
     for mode in MODES:
         fns[f"step/{mode}"] = in_mode(mode, s.whole)
         fns[f"step_no_local/{mode}"] = in_mode(mode, s.whole_no_local)
+    fns.update(breakdown(s))
     med = medians(fns, s.device, cfg.reps)
     key = "/cpu" if s.device.type == "cpu" else ""  # CPU: this process's CPU time (1 thread: its work)
     passes = med["lp_pass" + key] + med["fp32_pass" + key]
@@ -282,6 +319,11 @@ def _print(result: dict[str, Any]) -> None:
             f"            ops from Python {n['ops']}, compiled-kernel calls {n['compiled_calls']}, "
             f"host syncs {n['host_syncs']}{cuda}"
         )
+    print("\n== the sampled step's parts (median ms, same clock; each timed on its own)")
+    for name in PARTS:
+        names = [f"part/{name}/{m}" for m in MODES] if f"part/{name}/on" + k in p else [f"part/{name}"]
+        cells = [f"{p[n + k] * 1e3:8.2f}" for n in names]
+        print(f"  {name:<24}" + "  ".join(cells))
     if "fits" in result:
         f = result["fits"]
         print("\n== fits, every_n_steps=1 (per-step wall medians over a plain fit; noisy when shared)")
@@ -293,7 +335,91 @@ def _print(result: dict[str, Any]) -> None:
         )
 
 
+PARTS = ("probe_measure", "attention_diagnostics", "kappa_v", "weight_spectra", "report_and_logging")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def render(result: dict[str, Any]) -> str:
+    """The targets table and the sampled step's parts of a result, as Markdown (docs/PERFORMANCE.md)."""
+    key = result["sampled"]["key"]
+    s, p = result["sampled"], result["sampled"]["parts_s"]
+    lines = [
+        f"{result['machine']}; load average after {result['load_after'][0]:.1f}",
+        "",
+        "| target | eager | compiled | goal |",
+        "|---|---|---|---|",
+    ]
+    for r in result["kernels"]:
+        goal = "≤ 3×" if r["n"] <= 64 else "≤ 1.2×"
+        met = "met" if r["kappa_over_softmax/on"] <= (3.0 if r["n"] <= 64 else 1.2) else "not met"
+        soft = r["medians_s"]["softmax" + key]
+        lines.append(
+            f"| `kappa_softmax` / softmax, n = {r['n']} (softmax {_ms(soft)}) "
+            f"| {r['kappa_over_softmax/off']:.2f}× | **{r['kappa_over_softmax/on']:.2f}×** | {goal}: {met} |"
+        )
+    for r in result["kernels"]:
+        lines.append(
+            f"| `attention_diagnostics` / attention, n = {r['n']} "
+            f"| {r['diag_over_attention/off']:.2f}× | {r['diag_over_attention/on']:.2f}× | (none) |"
+        )
+    passes = s["passes_s"]
+    for name, label in (("step", "sampled step"), ("step_no_local", "sampled step, `local_errors=False`")):
+        met = "met" if s[f"{name}_over_passes/on"] <= 1.5 else "not met"
+        lines.append(
+            f"| {label} / its two passes ({_ms(passes)}) | {_ms(p[f'{name}/off' + key])} = "
+            f"{s[f'{name}_over_passes/off']:.2f}× | {_ms(p[f'{name}/on' + key])} = "
+            f"**{s[f'{name}_over_passes/on']:.2f}×** | ≤ 1.5×: {met} |"
+        )
+    train = _ms(p["train_step" + key])
+    on, off = s["every_1_no_local/on"], s["every_1_no_local/off"]
+    lines.append(
+        f"| `every_n_steps=1`, `local_errors=False`: (training step {train} + sampled step) / training "
+        f"step | {off:.3f}× | **{on:.3f}×** | ≤ 1.25×: {'met' if on <= 1.25 else 'not met'} |"
+    )
+    floor = s["floor_every_1"]
+    on, off = s["every_1/on"], s["every_1/off"]
+    lines.append(
+        f"| `every_n_steps=1`, all signals, over its floor {floor:.3f}× (training step + both passes + "
+        f"one more LP pass) | {off:.3f}× (+{(off / floor - 1) * 100:.0f} %) | **{on:.3f}×** "
+        f"(+{(on / floor - 1) * 100:.0f} %) | within 10 %: {'met' if on <= 1.1 * floor else 'not met'} |"
+    )
+    n_off, n_on = s["launches/off"], s["launches/on"]
+    lines.append(
+        f"| ops dispatched from Python per sampled step (≈ GPU kernel launches) | {n_off['ops']} "
+        f"| {n_on['ops']} + {n_on['compiled_calls']} compiled-kernel calls | |"
+    )
+    lines.append(f"| host syncs per sampled step | {n_off['host_syncs']} | {n_on['host_syncs']} | |")
+    lines += ["", "| part of the sampled step (timed alone) | eager | compiled |", "|---|---|---|"]
+    two = f"{_ms(p['lp_pass' + key])} + {_ms(p['fp32_pass' + key])}"
+    lines.append(f"| the two passes (LP, FP32) | {two} | same |")
+    for name in PARTS:
+        if f"part/{name}/on" + key in p:
+            cells = f"{_ms(p[f'part/{name}/off' + key])} | {_ms(p[f'part/{name}/on' + key])}"
+        else:
+            cells = f"{_ms(p[f'part/{name}' + key])} | same (not compiled)"
+        lines.append(f"| {name.replace('_', ' ')} | {cells} |")
+    c = result["compile"]
+    lines += ["", "| compile | wall s |", "|---|---|"]
+    for name, sec in c.items():
+        if name != "kernels":
+            lines.append(f"| {name} | {sec:.2f} |")
+    for name, k in c["kernels"].items():
+        if not name.startswith("test_"):
+            calls = ", ".join(f"{x:.1f}" for x in k["compiling_calls_s"])
+            lines.append(f"| kernel `{name}`: {k['compiles']} graph(s), compiling calls (s) | {calls} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--render"]:  # Markdown of a committed result: --render FILE.json
+        rendered = json.loads(Path(argv[1]).read_text())
+        print(render(rendered))
+        return rendered
     cfg = parse(argv)
     if cfg.cold:  # read by inductor at its first compile: nothing compiled before is found
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_cold_")

@@ -199,7 +199,9 @@ def test_compiled_kernels_equal_the_eager_path_and_count_their_graphs() -> None:
 
 
 @pytest.mark.usefixtures("fresh_warnings")
-def test_no_cxx_compiler_runs_the_same_values_eagerly_and_says_so_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_cxx_compiler_runs_the_same_values_eagerly_and_says_so_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     g = torch.Generator().manual_seed(8)
     s = torch.randn(3, 2, 9, 11, generator=g) * 4
     q, k, v = (torch.randn(3, 2, n, 5, generator=g) for n in (9, 11, 11))
