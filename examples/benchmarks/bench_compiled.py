@@ -56,6 +56,7 @@ from lightning_stability.diagnostics._compiled import compile_stats, forced_mode
 from tiny_vit import CIFAR10DataModule
 
 MODES = ("off", "on")  # eager, compiled
+PARTS = ("probe_measure", "attention_diagnostics", "kappa_v", "weight_spectra", "report_and_logging")
 
 
 def medians(fns: dict[str, Callable[[], Any]], device: torch.device, reps: int) -> dict[str, float]:
@@ -273,6 +274,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return cfg
 
 
+def _print_parts(p: dict[str, float], k: str) -> None:
+    print("\n== the sampled step's parts (median ms, same clock; each timed on its own)")
+    for name in PARTS:
+        names = [f"part/{name}/{m}" for m in MODES] if f"part/{name}/on" + k in p else [f"part/{name}"]
+        cells = [f"{p[n + k] * 1e3:8.2f}" for n in names]
+        print(f"  {name:<24}" + "  ".join(cells))
+
+
 def _print(result: dict[str, Any]) -> None:
     print("\n== compile time (wall s; kernels on)")
     for name, sec in result["compile"].items():
@@ -319,11 +328,7 @@ def _print(result: dict[str, Any]) -> None:
             f"            ops from Python {n['ops']}, compiled-kernel calls {n['compiled_calls']}, "
             f"host syncs {n['host_syncs']}{cuda}"
         )
-    print("\n== the sampled step's parts (median ms, same clock; each timed on its own)")
-    for name in PARTS:
-        names = [f"part/{name}/{m}" for m in MODES] if f"part/{name}/on" + k in p else [f"part/{name}"]
-        cells = [f"{p[n + k] * 1e3:8.2f}" for n in names]
-        print(f"  {name:<24}" + "  ".join(cells))
+    _print_parts(p, k)
     if "fits" in result:
         f = result["fits"]
         print("\n== fits, every_n_steps=1 (per-step wall medians over a plain fit; noisy when shared)")
@@ -333,9 +338,6 @@ def _print(result: dict[str, Any]) -> None:
             f"  floor with local errors {f['floor_ratio']:.3f}x; without {f['floor_no_local_ratio']:.3f}x "
             "(plain step + the probe's forward passes)"
         )
-
-
-PARTS = ("probe_measure", "attention_diagnostics", "kappa_v", "weight_spectra", "report_and_logging")
 
 
 def _ms(seconds: float) -> str:
@@ -392,6 +394,13 @@ def render(result: dict[str, Any]) -> str:
         f"| {n_on['ops']} + {n_on['compiled_calls']} compiled-kernel calls | |"
     )
     lines.append(f"| host syncs per sampled step | {n_off['host_syncs']} | {n_on['host_syncs']} | |")
+    return "\n".join(lines + _render_parts(result))
+
+
+def _render_parts(result: dict[str, Any]) -> list[str]:
+    """The Markdown rows of the sampled step's parts and of the compile times."""
+    key, p = result["sampled"]["key"], result["sampled"]["parts_s"]
+    lines: list[str] = []
     lines += ["", "| part of the sampled step (timed alone) | eager | compiled |", "|---|---|---|"]
     two = f"{_ms(p['lp_pass' + key])} + {_ms(p['fp32_pass' + key])}"
     lines.append(f"| the two passes (LP, FP32) | {two} | same |")
@@ -410,7 +419,7 @@ def render(result: dict[str, Any]) -> str:
         if not name.startswith("test_"):
             calls = ", ".join(f"{x:.1f}" for x in k["compiling_calls_s"])
             lines.append(f"| kernel `{name}`: {k['compiles']} graph(s), compiling calls (s) | {calls} |")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
