@@ -128,7 +128,7 @@ def describe(label: str, series: dict[str, list[float | None]]) -> str:
 
 
 def end_rise(loss: list[float], window: int) -> float:
-    """How far the last ``window``-step mean of the loss sits above the lowest one (up to a non-finite one)."""
+    """How far the last ``window``-step mean loss sits above the lowest one (up to a non-finite one)."""
     m = trailing_mean(loss, window)[window - 1 :]
     finite = m[: next((i for i, v in enumerate(m) if not math.isfinite(v)), len(m))]
     return round(float(finite[-1] - finite.min()), 3) if len(finite) else math.nan
