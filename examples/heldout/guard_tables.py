@@ -34,7 +34,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "events: unguarded → guarded",
         "monitor's max attn logit after τ first passed: median / p90 / max, unguarded → guarded",
         "QK-clips per run (median)",
-        "controls: actions, identical loss, Δ final loss, wall ratio",
+        "controls: actions, identical loss, Δ final loss, wall ratio (separate runs: noisy)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, per in summary["variants"].items():
