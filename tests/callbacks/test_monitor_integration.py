@@ -74,9 +74,9 @@ class RecordingMonitor(StabilityMonitor):
     def measure(self, trainer: Trainer, pl_module: LightningModule, args: Any, kwargs: Any) -> Any:
         reduce = measurer.reduce_across_ranks
 
-        def recording(raw: Any, group: Any = None) -> dict[RawKey, float]:
+        def recording(raw: Any, group: Any = None, tensor_parallel: int = 1) -> dict[RawKey, float]:
             keys, vec = raw.flat()
-            reduced = reduce(raw, group)
+            reduced = reduce(raw, group, tensor_parallel)
             path = Path(self.out_dir) / f"rank{trainer.global_rank}_step{trainer.global_step}.pkl"
             local = dict(zip(keys, vec.tolist(), strict=True))
             path.write_bytes(pickle.dumps({"local": local, "reduced": reduced}))
@@ -89,6 +89,7 @@ class RecordingMonitor(StabilityMonitor):
             measurer.reduce_across_ranks = reduce
 
 
+@pytest.mark.distributed
 def test_ddp_two_processes_reduce_across_ranks(tmp_path: Path) -> None:
     monitor = RecordingMonitor(every_n_steps=2, sample_size=4, probe=ProbeOptions(batch_reduction="mean"))
     monitor.out_dir = str(tmp_path)  # an instance attribute travels to the spawned ranks
@@ -147,6 +148,7 @@ class FailsOnRankOne(TinyTransformer):
         return super().forward(x)
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(240)
 def test_ddp_one_rank_failing_skips_the_step_on_all_ranks_without_hanging(tmp_path: Path) -> None:
     monitor = StabilityMonitor(every_n_steps=1, sample_size=2)

@@ -8,11 +8,18 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_stability.callbacks._common import inputs_or_raise, lightning_log_step, low_precision_context
+from lightning_stability.callbacks._common import (
+    inputs_or_raise,
+    lightning_log_step,
+    low_precision_context,
+    tensor_parallel_size,
+    unsupported_strategy,
+)
 from lightning_stability.callbacks._dashboard import TensorBoardDashboard, custom_scalars_layout
+from lightning_stability.capture.sharding import UnsupportedSharding
 from lightning_stability.meter._cli_types import NonNegativeInt, PositiveInt
 from lightning_stability.meter.checks import check_choice, check_int, check_patterns
 from lightning_stability.meter.measurer import Measurer
@@ -48,7 +55,9 @@ class StabilityMonitor(Callback):
     (The Args below are plain text: ``LightningCLI --help`` prints them as written.)
 
     Args:
-        every_n_steps: measure when trainer.global_step is a multiple of this (an integer >= 1).
+        every_n_steps: measure when trainer.global_step (optimizer steps) is a multiple of this (an
+            integer >= 1); with gradient accumulation on the micro-batch after which the optimizer
+            stepped, never on one inside an accumulation window (docs/DISTRIBUTED.md).
         sample_size: examples of the batch to measure (fewer if the batch is smaller).
         precision: low precision of the measured pass. None (default): the trainer's own;
             bf16 or fp16: that autocast, so an FP32 run can ask "what would BF16 do?";
@@ -102,7 +111,9 @@ class StabilityMonitor(Callback):
         self._verdict = ReportJudge(alarm)
         self._measurer: Measurer | None = None
         self._last_step = -1
-        self._warned_skip = False
+        self._warned: set[str] = set()
+        #: why nothing is measured in this fit (an unsupported strategy), else None
+        self._refusal: str | None = None
         self._dashboard = TensorBoardDashboard()
 
     @property
@@ -135,16 +146,22 @@ class StabilityMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps or step == self._last_step:
+        if self._refusal or step % self.every_n_steps or step == self._last_step:
+            return
+        if _inside_accumulation_window(trainer, batch_idx):  # the optimizer has not stepped on it
             return
         self._last_step = step
         args, kwargs = self.inputs_from_batch(batch)
         try:
             report = self.measure(trainer, pl_module, args, kwargs)
+            report.batch_idx = batch_idx
+            self._name_micro_batch(trainer, batch_idx)
+        except UnsupportedSharding as err:  # FSDP1/DeepSpeed modules found in the model: say it once
+            self._refuse(str(err))
+            return
         except Exception as err:  # the monitor never stops training
             hint = ""
-            if not self._warned_skip:
-                self._warned_skip = True
+            if self._once("skip"):
                 hint = (
                     " (if the model is not called as pl_module(*args, **kwargs) with the batch's inputs, "
                     "override `StabilityMonitor.inputs_from_batch(batch)`)"
@@ -158,6 +175,32 @@ class StabilityMonitor(Callback):
         if stage == "fit":  # a new fit is judged afresh; a checkpoint's state is restored after this
             self._verdict.reset()
             self.judgement = self.summary = None
+            self._refusal = None
+            refusal = unsupported_strategy(trainer.strategy)
+            if refusal is not None:
+                self._refuse(refusal)
+
+    def _name_micro_batch(self, trainer: Trainer, batch_idx: int) -> None:
+        """Once, under gradient accumulation: which micro-batch a measurement samples."""
+        n = trainer.accumulate_grad_batches
+        if n > 1 and self._once("accumulation"):
+            rank_zero_info(
+                f"StabilityMonitor: with accumulate_grad_batches={n}, every_n_steps counts optimizer steps "
+                "and each measurement samples the last micro-batch of the accumulation window, the one after "
+                f"which the optimizer stepped (this time batch_idx {batch_idx}; report.batch_idx names it)."
+            )
+
+    def _refuse(self, reason: str) -> None:
+        """Stop measuring in this fit, saying why once (rank zero)."""
+        if self._refusal is None:
+            rank_zero_warn(f"StabilityMonitor will not measure in this fit: {reason}")
+        self._refusal = reason
+
+    def _once(self, key: str) -> bool:
+        """``True`` the first time ``key`` is asked (one message of each kind per monitor)."""
+        first = key not in self._warned
+        self._warned.add(key)
+        return first
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -227,8 +270,24 @@ class StabilityMonitor(Callback):
         and the report's step is Lightning's logging step of the batch. Under DDP every rank
         measures; the ranks first agree that every one of them measured (one small collective),
         so a rank that failed makes all of them skip the step instead of leaving the others
-        waiting in the reduction.
+        waiting in the reduction. Under sharding (FSDP2, tensor parallel) the passes themselves
+        are collectives: the ranks also agree that all of them sampled their examples before any
+        pass starts; under ``ModelParallelStrategy`` the ranks of one tensor-parallel group are
+        combined by max before the data-parallel replicas (:class:`Measurer`).
         """
+        # report.step is the logged step (joins Lightning's training_step rows); global_step seeds the sample
+        report = self.measurer(trainer, pl_module).measure(
+            args,
+            kwargs,
+            step=lightning_log_step(trainer),
+            seed=self.seed + trainer.global_step,
+            low_precision=lambda: self._low_precision(trainer, pl_module),
+        )
+        self.last_report = report
+        return report
+
+    def measurer(self, trainer: Trainer, pl_module: LightningModule) -> Measurer:
+        """The :class:`Measurer` of ``pl_module`` (made at its first measurement, kept for the fit)."""
         if self._measurer is None or self._measurer.model is not pl_module:
             self._measurer = Measurer(
                 pl_module,
@@ -238,16 +297,8 @@ class StabilityMonitor(Callback):
                 probe=self.probe,
                 owner="StabilityMonitor",
             )
-        # report.step is the logged step (joins Lightning's training_step rows); global_step seeds the sample
-        report = self._measurer.measure(
-            args,
-            kwargs,
-            step=lightning_log_step(trainer),
-            seed=self.seed + trainer.global_step,
-            low_precision=lambda: self._low_precision(trainer, pl_module),
-        )
-        self.last_report = report
-        return report
+        self._measurer.tensor_parallel = tensor_parallel_size(trainer)
+        return self._measurer
 
     def _low_precision(self, trainer: Trainer, pl_module: LightningModule) -> AbstractContextManager[Any]:
         return low_precision_context(trainer, pl_module, self.precision)
@@ -270,3 +321,10 @@ class StabilityMonitor(Callback):
                 f"(alarm.rule={self.alarm.rule!r}; it stays quiet until the alarm stops firing)."
             )
             self.on_alarm(trainer, pl_module, report)
+
+
+def _inside_accumulation_window(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether the batch just trained is a micro-batch after which the optimizer did not step
+    (``accumulate_grad_batches > 1``: not the last of its window, nor the epoch's last batch)."""
+    k = trainer.accumulate_grad_batches
+    return k > 1 and (batch_idx + 1) % k != 0 and not trainer.is_last_batch

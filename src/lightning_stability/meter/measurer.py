@@ -27,11 +27,20 @@ from lightning_stability.capture.probe import (
     first_nonfinite_module,
     predictor_warnings,
 )
-from lightning_stability.capture.probe.reduce import Group, all_ranks_measured, rank, reduce_across_ranks
+from lightning_stability.capture.probe.reduce import (
+    Group,
+    all_ranks_agree,
+    all_ranks_measured,
+    rank,
+    reduce_across_ranks,
+    tensor_parallel_size,
+)
+from lightning_stability.capture.sharding import is_sharded, sharding_warnings
 from lightning_stability.capture.stacks import unmatched_patterns
 from lightning_stability.capture.structure import structure_warnings, unattended_blocks
 from lightning_stability.meter.options import ProbeOptions
 from lightning_stability.meter.precision import LowPrecision
+from lightning_stability.metrics import RawKey
 from lightning_stability.stability_report import StabilityReport
 
 __all__ = ["Measurer", "MeasurerMemory"]
@@ -62,6 +71,9 @@ class Measurer:
         log_per_head: also keep per-head values.
         probe: what the probe measures.
         group: the process group to reduce over (``None``: the default one, when initialised).
+        tensor_parallel: ranks of one tensor-parallel group (consecutive ranks of ``group`` holding
+            one model replica, Lightning's ``ModelParallelStrategy`` layout); ``None``: read from the
+            model's DTensor parameters (1 without tensor parallelism).
         owner: the name the warnings start with.
         memory: warnings given and spectra kept by an earlier measurer of the same model.
     """
@@ -75,6 +87,7 @@ class Measurer:
         log_per_head: bool = False,
         probe: ProbeOptions = ProbeOptions(),  # noqa: B008 (frozen)
         group: Group = None,
+        tensor_parallel: int | None = None,
         owner: str = "StabilityMeter",
         memory: MeasurerMemory | None = None,
     ) -> None:
@@ -84,6 +97,7 @@ class Measurer:
         self.log_per_head = log_per_head
         self.options = probe
         self.group = group
+        self.tensor_parallel = tensor_parallel
         self.owner = owner
         self.memory = memory if memory is not None else MeasurerMemory()
         self._probe: StabilityProbe | None = None
@@ -123,7 +137,9 @@ class Measurer:
 
         When distributed, every rank calls this; the ranks first agree that every one of them
         measured the same statistics (one small collective), so a rank that failed makes all of
-        them raise instead of leaving the others waiting in the reduction.
+        them raise instead of leaving the others waiting in the reduction. Under sharding (FSDP2,
+        tensor parallel) the passes themselves are collectives: the ranks also agree that all of
+        them sampled their examples before any pass starts.
 
         Args:
             args: positional inputs of the model's forward.
@@ -141,13 +157,19 @@ class Measurer:
         try:
             if self.sample_size is not None:
                 args, kwargs = sample_inputs(args, kwargs, self.sample_size, seed)
-            raw = self._measure_locally(args, kwargs, low_precision, seed)
         except Exception as err:
             error = err
+        if is_sharded(self.model) and not all_ranks_agree(error is None, self._device(), self.group):
+            raise error or RuntimeError("another rank could not sample this step")
+        if error is None:
+            try:
+                raw = self._measure_locally(args, kwargs, low_precision, seed)
+            except Exception as err:
+                error = err
         if not all_ranks_measured(raw, self._device(), self.group):
             raise error or RuntimeError("another rank could not measure this step")
         assert raw is not None
-        values = reduce_across_ranks(raw, self.group)
+        values = self._reduce(raw)
         opts = self.options
         constants = (float(opts.ln_c1), float(opts.ln_c2), float(opts.ln_c3))
         report = compose_report(self.probe, raw, values, step, constants, float(opts.bound_c), opts.eps_mach)
@@ -163,7 +185,9 @@ class Measurer:
     def _measure_locally(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], low_precision: LowPrecision, seed: int
     ) -> RawMeasurement:
-        """Both passes on this rank's sample (no collective), with the one-time warnings."""
+        """Both passes on this rank's sample, with the one-time warnings (no collective of its own;
+        the passes of a sharded model all-gather parameters, heads under tensor parallelism, on
+        every rank alike)."""
         probe = self.probe
         if self.once("structure"):
             self._warn_structure(probe)
@@ -186,9 +210,17 @@ class Measurer:
                 )
         return raw
 
+    def _reduce(self, raw: RawMeasurement) -> dict[RawKey, float]:
+        """Every rank's values combined (:func:`reduce_across_ranks`); under tensor parallelism the
+        ranks of one group measured the same examples and are combined by max first."""
+        tp = self.tensor_parallel if self.tensor_parallel is not None else tensor_parallel_size(self.model)
+        return reduce_across_ranks(raw, self.group, tensor_parallel=tp)
+
     def _warn_structure(self, probe: StabilityProbe) -> None:
-        """Weights not found, fused layouts not understood, patterns matching nothing."""
+        """Weights not found, fused layouts not understood, patterns matching nothing, what tensor
+        parallelism leaves inexact."""
         lines = structure_warnings(probe.blocks) + predictor_warnings(probe.blocks)
+        lines += sharding_warnings(probe.model, probe.blocks, probe.head_groups)
         unmatched = unmatched_patterns(probe.model, self.blocks or [])
         if unmatched:
             lines.append(f"blocks patterns {unmatched} match no module of the model")

@@ -14,12 +14,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_stability.capture.probe.raw import RawMeasurement
+from lightning_stability.capture.sharding import is_dtensor, is_tensor_parallel
 from lightning_stability.metrics import RawKey
 
-__all__ = ["all_ranks_agree", "all_ranks_measured", "is_distributed", "rank", "reduce_across_ranks"]
+__all__ = [
+    "all_ranks_agree",
+    "all_ranks_measured",
+    "is_distributed",
+    "rank",
+    "reduce_across_ranks",
+    "tensor_parallel_size",
+]
 
 #: ``None``: the default (world) process group.
 Group = Any
@@ -73,12 +81,32 @@ def all_ranks_measured(raw: RawMeasurement | None, device: torch.device, group: 
     return bool((flags[:, 0] == 1).all() and (flags[:, 1:] == flags[0, 1:]).all())
 
 
-def reduce_across_ranks(raw: RawMeasurement, group: Group = None) -> dict[RawKey, float]:
+def tensor_parallel_size(model: nn.Module) -> int:
+    """Ranks of one tensor-parallel group of ``model`` (1 without tensor parallelism).
+
+    Read from its DTensor parameters' device mesh: the ``"tensor_parallel"`` dimension when the
+    mesh names one (Lightning's ``ModelParallelStrategy``), else the mesh's last dimension.
+    """
+    if not is_tensor_parallel(model):
+        return 1
+    mesh = next(p.device_mesh for p in model.parameters() if is_dtensor(p))  # type: ignore[attr-defined]
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names:
+        return int(mesh["tensor_parallel"].size())
+    return int(mesh.size(mesh.ndim - 1))
+
+
+def reduce_across_ranks(
+    raw: RawMeasurement, group: Group = None, tensor_parallel: int = 1
+) -> dict[RawKey, float]:
     """Host floats of ``raw``, combined across ranks as each key's row says (``max`` for κ's, ``min``
     for variances, ``sum`` for error and count parts): one all-gather, then one transfer.
 
     Call it on every rank, after :func:`all_ranks_measured` said yes; without a process group (or
-    with one rank) it is this rank's values.
+    with one rank) it is this rank's values. Under tensor parallelism (``tensor_parallel`` > 1
+    consecutive ranks hold one model replica and measured the same examples, each with every
+    head and the per-module maxima of its own shards) the ranks of a group are combined by max
+    first, then the data-parallel replicas by the keys' operations.
 
     Example:
         >>> raw = RawMeasurement()
@@ -89,6 +117,8 @@ def reduce_across_ranks(raw: RawMeasurement, group: Group = None) -> dict[RawKey
     keys, vec = raw.flat()
     if keys and is_distributed(group):
         gathered = _gather(vec, group)  # (world, k)
+        if tensor_parallel > 1:
+            gathered = gathered.reshape(-1, tensor_parallel, len(keys)).amax(1)  # (replicas, k)
         is_max = torch.tensor([key.ranks == "max" for key in keys], device=vec.device)
         is_min = torch.tensor([key.ranks == "min" for key in keys], device=vec.device)
         vec = torch.where(is_max, gathered.amax(0), torch.where(is_min, gathered.amin(0), gathered.sum(0)))
