@@ -22,6 +22,7 @@ from lightning_stability.meter.options import AlarmOptions, ProbeOptions
 from lightning_stability.meter.precision import Precision, low_precision
 from lightning_stability.meter.stability_meter import check_measure_arguments
 from lightning_stability.meter.verdict import ReportJudge
+from lightning_stability.meter.wrapped import measured_module
 from lightning_stability.stability_report import StabilityReport
 
 __all__ = ["measure"]
@@ -60,7 +61,8 @@ def measure(
     sequence of reports of this function.
 
     Args:
-        model: the model, called as ``model(*args, **kwargs)``.
+        model: the model, called as ``model(*args, **kwargs)`` (a Fabric-wrapped model is measured
+            as its original module; pass ``precision=fabric.autocast`` for Fabric's precision).
         inputs: what its forward takes: a tensor, a tuple of positional arguments, or a dict of
             keyword arguments.
         precision: ``"bf16"``, ``"fp16"`` (that autocast on the model's device), ``"fp32"``, or a
@@ -89,6 +91,7 @@ def measure(
     """
     check_measure_arguments(model, sample_size, blocks, log_per_head, seed, probe)
     check_int("step", step, minimum=0)
+    model = measured_module(model)
     context = low_precision(model, precision)
     judge = ReportJudge(alarm)
     args, kwargs = call_arguments(inputs)

@@ -20,6 +20,7 @@ from lightning_stability.meter.measurer import Measurer
 from lightning_stability.meter.options import AlarmOptions, ProbeOptions, check_probe
 from lightning_stability.meter.precision import Precision, low_precision
 from lightning_stability.meter.verdict import ReportJudge
+from lightning_stability.meter.wrapped import measured_module
 from lightning_stability.rules import Judgement
 from lightning_stability.stability_report import StabilityReport
 
@@ -53,7 +54,8 @@ class StabilityMeter:
     that cannot measure makes all of them raise.
 
     Args:
-        model: the model, called as ``model(*args, **kwargs)``.
+        model: the model, called as ``model(*args, **kwargs)`` (a Fabric-wrapped model is measured
+            as its original module).
         precision: the low precision: ``"bf16"``, ``"fp16"`` (that autocast on the model's device),
             ``"fp32"``, or a callable returning a fresh context manager (``fabric.autocast``, the
             ``Trainer``'s precision context, ``lambda: torch.autocast("cuda", dtype=torch.bfloat16)``).
@@ -94,6 +96,7 @@ class StabilityMeter:
         group: Group = None,
     ) -> None:
         check_measure_arguments(model, sample_size, blocks, log_per_head, seed, probe)
+        model = measured_module(model)
         self.model = model
         self.low_precision = low_precision(model, precision)
         self.seed = int(seed)
