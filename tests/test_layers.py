@@ -1,4 +1,4 @@
-"""Data flows one way: diagnostics → capture → (rules, mitigations) → callbacks → analysis.
+"""Data flows one way: diagnostics → capture → (rules, mitigations) → meter → callbacks → analysis.
 
 Checked on the source (every import statement, not only top-level ones), so a lazy
 import cannot sneak a dependency in the wrong direction.
@@ -14,6 +14,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "src" / "lightning_stability"
 
 _ABOVE_CAPTURE = {
+    "lightning_stability.meter",
     "lightning_stability.mitigations",
     "lightning_stability.callbacks",
     "lightning_stability.analysis",
@@ -45,6 +46,14 @@ FORBIDDEN = {
         "pytorch_lightning",
         "lightning_stability.callbacks",
         "lightning_stability.analysis",
+    },
+    # a measurement from any loop: Fabric's utilities at most, never the Trainer
+    "meter": {
+        "lightning.pytorch",
+        "pytorch_lightning",
+        "lightning_stability.callbacks",
+        "lightning_stability.analysis",
+        "matplotlib",
     },
     "callbacks": {"lightning_stability.analysis", "matplotlib"},
 }

@@ -428,7 +428,7 @@ class SampledStep:
         weight_statistics(self.probe.blocks, self.heads, self.probe.spectra, RawMeasurement())
 
     def logging(self) -> None:
-        values = self.monitor._reduce(self.trainer, self.raw)
+        values = self.monitor.measurer(self.trainer, self.model)._reduce(self.raw)
         p = self.monitor.probe
         report = compose_report(self.probe, self.raw, values, 1, (p.ln_c1, p.ln_c2, p.ln_c3), p.bound_c)
         self.monitor._log(self.trainer, self.model, report)

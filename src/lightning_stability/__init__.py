@@ -1,6 +1,7 @@
 """lightning-stability: where and when a Transformer's low-precision forward pass is fragile.
 
-Add :class:`StabilityMonitor` (and :class:`LNEpsilonBump`) to a ``Trainer``; the math
+Add :class:`StabilityMonitor` (and :class:`LNEpsilonBump`) to a ``Trainer``; from a Fabric or
+plain PyTorch loop call :func:`measure` (or keep a :class:`StabilityMeter` for a run); the math
 lives in :mod:`lightning_stability.diagnostics`, the log analysis in
 :mod:`lightning_stability.analysis`, the metric table in :mod:`lightning_stability.metrics`.
 
@@ -15,21 +16,31 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightning_stability.callbacks import (
-        AlarmOptions,
         GuardAction,
         LNEpsilonBump,
-        ProbeOptions,
         StabilityGuard,
         StabilityMonitor,
     )
     from lightning_stability.capture.attention import observe_attention
+    from lightning_stability.meter import (
+        AlarmOptions,
+        ProbeOptions,
+        ReportJudge,
+        StabilityMeter,
+        judge_reports,
+        measure,
+    )
     from lightning_stability.stability_report import BlockReport, StabilityReport
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "AlarmOptions": "lightning_stability.callbacks",
-    "ProbeOptions": "lightning_stability.callbacks",
+    "AlarmOptions": "lightning_stability.meter",
+    "ProbeOptions": "lightning_stability.meter",
+    "ReportJudge": "lightning_stability.meter",
+    "StabilityMeter": "lightning_stability.meter",
+    "judge_reports": "lightning_stability.meter",
+    "measure": "lightning_stability.meter",
     "BlockReport": "lightning_stability.stability_report",
     "StabilityReport": "lightning_stability.stability_report",
     "GuardAction": "lightning_stability.callbacks",
@@ -45,10 +56,14 @@ __all__ = [
     "GuardAction",
     "LNEpsilonBump",
     "ProbeOptions",
+    "ReportJudge",
     "StabilityGuard",
+    "StabilityMeter",
     "StabilityMonitor",
     "StabilityReport",
     "__version__",
+    "judge_reports",
+    "measure",
     "observe_attention",
 ]
 

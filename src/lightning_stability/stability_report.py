@@ -21,7 +21,8 @@ class BlockReport:
         kappa_softmax: ``max_i ‖J(P_i)‖₂‖S_i‖/‖P_i‖`` reduced over heads (``head_reduction``) and examples.
         kappa_v: ``σmax(V)/(σmin(V)+λ)``, max over heads, reduced over examples.
         attention_entropy: mean attention-row entropy (nats).
-        attn_logit_max: max ``|scale·q·kᵀ + bias|`` over heads, examples, query rows and attended keys.
+        attn_logit_max: max ``|S|`` over heads, examples, query rows and attended keys, ``S`` the
+            logits the softmax sees (``scale·q·kᵀ + bias``, soft-capped where the model caps).
         wo_norm: ``‖W_O‖₂`` of the attention output projection.
         kappa_eff: ``Σ κ(W)`` over the block's FFN linear maps.
         kappa_wkwq: max over heads of ``κ(W_Kᵀ W_Q)`` (SPEC §8).

@@ -430,7 +430,7 @@ def test_reuse_weight_spectra_on_a_fit_with_frozen_blocks_logs_the_same_numbers(
         )
         _, logger = fit(model, tmp_path / str(reuse), monitor, steps=3)
         logged[reuse] = [m for _, m in logger.records if "stability/r_block" in m]
-        spectra = monitor._probe.spectra  # type: ignore[union-attr]
+        spectra = monitor._measurer.probe.spectra  # type: ignore[union-attr]
         if reuse:  # per block W_O, fc1, fc2, the Q/K pair: block 0's 4 reused at steps 2 and 3
             assert (spectra.hits, spectra.misses) == (8, 3 * 4 + 4)
         else:

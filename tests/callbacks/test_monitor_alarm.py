@@ -218,7 +218,7 @@ def test_cli_parses_the_alarm_options(tmp_path: Path, monkeypatch: pytest.Monkey
     assert monitor.alarm == AlarmOptions("paper", 50.0, 3.5, 0.5, 10, 1.5)
     assert monitor.state_dict()["judge"]["alarm"] == "paper"
     default = StabilityMonitor(alarm=AlarmOptions(attn_logit_max=50, fp16_headroom_bits=3.5, rho_ln=0.5))
-    rules = [r.label for r in default._judge.book.alarm_rules]
+    rules = [r.label for r in default._verdict.judge.book.alarm_rules]
     assert rules == ["attn_logit_max>50", "fp16_headroom<3.5", "rho_ln<0.5"]
     with pytest.raises(SystemExit):
         LightningCLI(

@@ -16,6 +16,7 @@ from tests.conftest import TinyTransformer, make_loader, trainer_kwargs
 from torch.utils.data import DataLoader
 
 from lightning_stability import ProbeOptions, StabilityMonitor
+from lightning_stability.meter import measurer
 from lightning_stability.metrics import RawKey
 
 transformers = pytest.importorskip("transformers")
@@ -70,13 +71,22 @@ class RecordingMonitor(StabilityMonitor):
 
     out_dir = ""
 
-    def _reduce(self, trainer: Trainer, raw: Any) -> dict[RawKey, float]:  # type: ignore[override]
-        keys, vec = raw.flat()
-        reduced = StabilityMonitor._reduce(trainer, raw)
-        path = Path(self.out_dir) / f"rank{trainer.global_rank}_step{trainer.global_step}.pkl"
-        local = dict(zip(keys, vec.tolist(), strict=True))
-        path.write_bytes(pickle.dumps({"local": local, "reduced": reduced}))
-        return reduced
+    def measure(self, trainer: Trainer, pl_module: LightningModule, args: Any, kwargs: Any) -> Any:
+        reduce = measurer.reduce_across_ranks
+
+        def recording(raw: Any, group: Any = None, tensor_parallel: int = 1) -> dict[RawKey, float]:
+            keys, vec = raw.flat()
+            reduced = reduce(raw, group, tensor_parallel)
+            path = Path(self.out_dir) / f"rank{trainer.global_rank}_step{trainer.global_step}.pkl"
+            local = dict(zip(keys, vec.tolist(), strict=True))
+            path.write_bytes(pickle.dumps({"local": local, "reduced": reduced}))
+            return reduced
+
+        measurer.reduce_across_ranks = recording  # in this rank's process, for this measurement
+        try:
+            return super().measure(trainer, pl_module, args, kwargs)
+        finally:
+            measurer.reduce_across_ranks = reduce
 
 
 @pytest.mark.distributed

@@ -17,7 +17,7 @@ from torch._dynamo.testing import CompileCounter
 from torch.utils.checkpoint import checkpoint
 
 from lightning_stability import StabilityMonitor
-from lightning_stability.callbacks.options import ProbeOptions
+from lightning_stability.callbacks import ProbeOptions
 from lightning_stability.capture.sharding import DEEPSPEED_MESSAGE, FSDP1_MESSAGE
 from lightning_stability.stability_report import StabilityReport
 

@@ -176,10 +176,13 @@ def test_logit_max_exact_and_softcap(softcap: float | None) -> None:
     mask[1, 0, :, :] = False  # a fully masked example
     d = attention_diagnostics(q, k, v, mask=mask, scale=0.25, bias=bias, softcap=softcap)
     logits = 0.25 * q.double() @ k.double().mT + bias.double()
-    ref = logits.abs().masked_fill(~mask, 0).amax((-2, -1))
+    s = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    # the largest logit the softmax sees: after the cap when there is one
+    ref = s.abs().masked_fill(~mask, 0).amax((-2, -1))
     assert torch.allclose(d.logit_max, ref, rtol=1e-14, atol=0)  # recomputed in float64
     assert d.logit_max[1].eq(0).all()
-    s = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    if softcap is not None:
+        assert (d.logit_max <= softcap).all() and (logits.abs().masked_fill(~mask, 0).amax() > softcap)
     ref_ksm = kappa_softmax(s, mask)  # float64 input: float64 throughout
     assert torch.allclose(d.kappa_softmax, ref_ksm, rtol=1e-5, atol=0)
     assert torch.allclose(d.entropy, entropy_ref(s, mask), rtol=1e-6, atol=1e-12)

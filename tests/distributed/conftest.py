@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKERS = Path(__file__).with_name("workers.py")
 #: Scenarios launched together (one ``torch.distributed.run`` each group: process start-up dominates).
 GROUPS = {
-    "fsdp2": ("fsdp2", "fsdp2_mp", "fsdp2_checkpoint", "fsdp2_llama"),
+    "fsdp2": ("fsdp2", "fsdp2_mp", "fsdp2_checkpoint", "fsdp2_llama", "fsdp2_measure"),
     "tp": ("tp_llama", "tp_hand_written"),
 }
 

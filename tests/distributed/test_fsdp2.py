@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from tests.conftest import TinyTransformer
-from tests.distributed.conftest import Runs, check_one_process, one_process
+from tests.distributed.conftest import Runs, assert_close, check_one_process, one_process
 from tests.distributed.workers import llama_module
 from torch import nn
 
@@ -101,3 +101,20 @@ def test_activation_checkpoint_wrapper_measured_as_plain_model(runs: Runs) -> No
     ((_, report),) = check_one_process(runs, "fsdp2_checkpoint", hand_written, bf16_mixed, [1])
     assert runs.result("fsdp2_checkpoint")["block_names"] == ["blocks.0", "blocks.1"]
     assert "stability/block1/r_ffn_local" in report.metrics()
+
+
+def test_measure_in_a_plain_loop_as_in_one_process(runs: Runs) -> None:
+    """``lightning_stability.measure`` on an FSDP2 model in a loop of one's own (no Trainer): the
+    training is bit-identical with and without it, and each report's metrics are the unsharded
+    model's measured in one process on both ranks' examples, reduced across them."""
+    result = runs.result("fsdp2_measure")
+    assert result["same_training"] and result["warnings"] == []
+    assert runs.result("fsdp2_measure", 1)["reports"] == result["reports"]  # every rank gets the report
+    for step, got in enumerate(result["reports"], start=1):
+        model = hand_written()
+        *_, report = one_process(
+            runs, "fsdp2_measure", model, step, lambda m=model: bf16_mixed(m), residual_gain_iters=2
+        )
+        want = report.metrics()
+        got = {k: v for k, v in got.items() if k != "stability/alarm"}
+        assert_close(got, want, 0.0, f"fsdp2_measure step {step}", GAIN)

@@ -137,32 +137,51 @@ def full_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def recorder(scenario: str, out: Path, **kw: Any) -> Any:
     from lightning_stability import StabilityMonitor
+    from lightning_stability.meter import Measurer
 
-    class Recorder(StabilityMonitor):
-        """Writes what it measured: parameters, inputs, local and reduced values, logged metrics."""
+    class RecordingMeasurer(Measurer):
+        """Writes what it measured: parameters, inputs, local and reduced values."""
 
-        rows: list[dict[str, Any]]
+        trainer: Any = None
 
-        def _measure_locally(self, trainer: Any, pl_module: Any, args: Any, kwargs: Any) -> Any:
-            step, rank = trainer.global_step, trainer.global_rank
-            params = full_parameters(pl_module)
+        def _measure_locally(self, args: Any, kwargs: Any, low_precision: Any, seed: int) -> Any:
+            step, rank = self.trainer.global_step, self.trainer.global_rank
+            params = full_parameters(self.model)
             if rank == 0:
                 torch.save(params, out / f"params_{scenario}_step{step}.pt")
             torch.save((args, kwargs), out / f"inputs_{scenario}_rank{rank}_step{step}.pt")
-            return super()._measure_locally(trainer, pl_module, args, kwargs)
+            return super()._measure_locally(args, kwargs, low_precision, seed)
 
-        @staticmethod
-        def _reduce(trainer: Any, raw: Any) -> Any:
+        def _reduce(self, raw: Any) -> Any:
             keys, vec = raw.flat()
-            reduced = StabilityMonitor._reduce(trainer, raw)
+            reduced = super()._reduce(raw)
             Recorder.rows.append(
                 {
-                    "step": trainer.global_step,
+                    "step": self.trainer.global_step,
                     "local": {repr(k): v for k, v in zip(keys, vec.tolist(), strict=True)},
                     "reduced": {repr(k): v for k, v in reduced.items()},
                 }
             )
             return reduced
+
+    class Recorder(StabilityMonitor):
+        """The monitor, measuring through a :class:`RecordingMeasurer`."""
+
+        rows: list[dict[str, Any]]
+        measurer_type = RecordingMeasurer
+
+        def measurer(self, trainer: Any, pl_module: Any) -> Any:
+            if self._measurer is None or self._measurer.model is not pl_module:
+                self._measurer = RecordingMeasurer(
+                    pl_module,
+                    sample_size=self.sample_size,
+                    blocks=self.blocks,
+                    log_per_head=self.log_per_head,
+                    probe=self.probe,
+                    owner="StabilityMonitor",
+                )
+            self._measurer.trainer = trainer  # type: ignore[attr-defined]
+            return super().measurer(trainer, pl_module)
 
     Recorder.rows = []
     return Recorder(**kw)
@@ -249,7 +268,7 @@ def _hand_written(mp_policy: Any = None, checkpoint: bool = False) -> Any:
 
 def scenario_fsdp2(out: Path) -> dict[str, Any]:
     """Hand-written model, FSDP2 on both ranks, bf16-mixed, residual gains; and the same fit unmonitored."""
-    from lightning_stability.callbacks.options import ProbeOptions
+    from lightning_stability.callbacks import ProbeOptions
 
     kw = dict(every_n_steps=1, sample_size=SAMPLE, probe=ProbeOptions(residual_gain_iters=2))
     with_monitor = fit(
@@ -275,20 +294,21 @@ def scenario_fsdp2_mp(out: Path) -> dict[str, Any]:
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
     monitor = recorder("fsdp2_mp", out, every_n_steps=1, sample_size=SAMPLE)
     wrong: list[float] = []
-    measure_locally = type(monitor)._measure_locally
+    measurer_type = type(monitor).measurer_type
+    measure_locally = measurer_type._measure_locally
 
-    def both(self: Any, trainer: Any, pl_module: Any, args: Any, kwargs: Any) -> Any:
-        raw = measure_locally(self, trainer, pl_module, args, kwargs)
+    def both(self: Any, args: Any, kwargs: Any, low_precision: Any, seed: int) -> Any:
+        raw = measure_locally(self, args, kwargs, low_precision, seed)
         kept, side.fp32_all_gather = side.fp32_all_gather, lambda model: nullcontext()
         try:  # the same measurement with FSDP2 all-gathering BF16 in the "exact" pass
-            bad = self._probe.measure(args, kwargs, lambda: self._low_precision(trainer, pl_module))
+            bad = self.probe.measure(args, kwargs, low_precision)
         finally:
             side.fp32_all_gather = kept
         err, ref = (bad.values[RawKey(name, 1, metric="r_block")] for name in ("err_sq", "ref_sq"))
         wrong.append(float(err) / float(ref))
         return raw
 
-    type(monitor)._measure_locally = both
+    measurer_type._measure_locally = both
     result = fit(
         _hand_written(policy),
         "fsdp2_mp",
@@ -405,7 +425,7 @@ def scenario_tp_llama(out: Path) -> dict[str, Any]:
 
 def scenario_tp_hand_written(out: Path) -> dict[str, Any]:
     """Hand-written model, attention and MLP column/row-wise parallel over 2 ranks, per-head values."""
-    from lightning_stability.callbacks.options import ProbeOptions
+    from lightning_stability.callbacks import ProbeOptions
 
     kw = dict(
         every_n_steps=1, sample_size=SAMPLE, log_per_head=True, probe=ProbeOptions(batch_reduction="mean")
@@ -416,7 +436,65 @@ def scenario_tp_hand_written(out: Path) -> dict[str, Any]:
     )
 
 
+def _plain_fsdp2_loop(out: Path, measured: bool) -> dict[str, Any]:
+    """Two steps of a plain loop (no Trainer) on the hand-written model under ``fully_shard``, bf16
+    autocast; with ``measured``, ``lightning_stability.measure`` after each optimizer step."""
+    import torch.distributed as dist
+    from tests.conftest import TinyTransformer, make_loader
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_stability import ProbeOptions, measure
+    from lightning_stability.capture.batch import sample_inputs
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(0)
+    model = TinyTransformer(d=32, heads=4, depth=2)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x, y = make_loader(n=4 * BATCH, batch_size=BATCH).dataset.tensors
+    x, y = x[rank::2], y[rank::2]
+    reports, texts = [], []
+    for i in range(2):
+        xb, yb = x[i * BATCH : (i + 1) * BATCH], y[i * BATCH : (i + 1) * BATCH]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if not measured:
+            continue
+        step = i + 1  # files named by optimizer step, as the Lightning scenarios (seed 1 + i = step)
+        params = full_parameters(model)
+        if rank == 0:
+            torch.save(params, out / f"params_fsdp2_measure_step{step}.pt")
+        sampled = sample_inputs((xb,), {}, SAMPLE, step)  # what measure samples (seed 1 + i)
+        torch.save(sampled, out / f"inputs_fsdp2_measure_rank{rank}_step{step}.pt")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = measure(
+                model, xb, sample_size=SAMPLE, step=i, seed=1, probe=ProbeOptions(residual_gain_iters=2)
+            )
+        texts += [str(w.message) for w in caught if "lightning_stability" in str(w.message)]
+        reports.append(report.metrics())
+    return {"reports": reports, "warnings": texts, "final": full_parameters(model)}
+
+
+def scenario_fsdp2_measure(out: Path) -> dict[str, Any]:
+    """``measure`` in a plain loop on an FSDP2 model; and the same loop unmeasured."""
+    with_measure = _plain_fsdp2_loop(out, measured=True)
+    without = _plain_fsdp2_loop(out, measured=False)
+    same = all(torch.equal(with_measure["final"][k], v) for k, v in without["final"].items())
+    return {**with_measure, "same_training": same}
+
+
 SCENARIOS = {
+    "fsdp2_measure": scenario_fsdp2_measure,
     "fsdp2": scenario_fsdp2,
     "fsdp2_mp": scenario_fsdp2_mp,
     "fsdp2_checkpoint": scenario_fsdp2_checkpoint,

@@ -92,7 +92,7 @@ def test_monitor_says_when_its_alarm_cannot_fire(tmp_path: Path, steps: int, war
         assert f"has {steps} training steps" in msgs[0]
     else:
         assert msgs == []
-    assert monitor._judge.alarm.z_history("kappa_softmax_z") == (3, 3)  # full by step 6 either way
+    assert monitor._verdict.judge.alarm.z_history("kappa_softmax_z") == (3, 3)  # full by step 6 either way
 
 
 def _rho_ln_by_hand(model: TinyViT, x: torch.Tensor, eps_mach: float) -> dict[str, float]:

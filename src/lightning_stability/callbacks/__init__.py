@@ -3,7 +3,7 @@
 from lightning_stability.callbacks.guard import GuardAction, StabilityGuard
 from lightning_stability.callbacks.ln_eps import LNEpsilonBump
 from lightning_stability.callbacks.monitor import StabilityMonitor
-from lightning_stability.callbacks.options import AlarmOptions, ProbeOptions
+from lightning_stability.meter.options import AlarmOptions, ProbeOptions
 
 __all__ = [
     "AlarmOptions",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -13,49 +13,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_stability.capture.batch import split_batch
 from lightning_stability.capture.sharding import DEEPSPEED_MESSAGE, FSDP1_MESSAGE
 from lightning_stability.capture.side_forward import compute_dtype
-
-PrecisionName = Literal["bf16", "fp16", "fp32"]
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def check_int(name: str, value: Any, minimum: int = 1) -> None:
-    """Raise ``MisconfigurationException`` naming ``name`` unless ``value`` is an int ≥ ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MisconfigurationException(f"`{name}` must be an integer >= {minimum}, got {value!r}")
-
-
-def check_number(
-    name: str,
-    value: Any,
-    low: float = 0.0,
-    high: float = math.inf,
-    *,
-    open_low: bool = False,
-    open_high: bool = False,
-) -> None:
-    """Raise ``MisconfigurationException`` naming ``name`` unless ``value`` is a real number in the range."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
-    if ok:
-        ok = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
-    if not ok:
-        lo, hi = ("(" if open_low else "[") + f"{low}", f"{high}" + (")" if open_high else "]")
-        raise MisconfigurationException(f"`{name}` must be a number in {lo}, {hi}, got {value!r}")
-
-
-def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    """Raise ``MisconfigurationException`` naming ``name`` unless ``value`` is one of ``choices``."""
-    if value not in choices or (isinstance(value, bool) and not any(c is value for c in choices)):
-        raise MisconfigurationException(f"`{name}` must be one of {choices}, got {value!r}")
-
-
-def check_patterns(name: str, value: Any) -> None:
-    """``None`` or a non-empty list of ``fnmatch`` pattern strings."""
-    if value is not None and (
-        isinstance(value, str) or not value or not all(isinstance(p, str) for p in value)
-    ):
-        raise MisconfigurationException(
-            f"`{name}` must be None or a non-empty list of name patterns, got {value!r}"
-        )
+from lightning_stability.meter.checks import check_int, check_number
+from lightning_stability.meter.precision import PrecisionName, autocast_context
 
 
 def is_distributed(trainer: Trainer) -> bool:
@@ -100,12 +59,9 @@ def low_precision_context(
     trainer: Trainer, pl_module: LightningModule, precision: PrecisionName | None
 ) -> AbstractContextManager[Any]:
     """The context of the low-precision pass: the trainer's own, or a forced autocast."""
-    device_type = pl_module.device.type
     if precision is None:
         return trainer.precision_plugin.forward_context()
-    if precision == "fp32":
-        return torch.autocast(device_type, enabled=False)
-    return torch.autocast(device_type, dtype=DTYPES[precision])
+    return autocast_context(pl_module.device.type, precision)
 
 
 def low_precision_dtype(

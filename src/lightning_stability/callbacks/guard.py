@@ -12,17 +12,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_stability.callbacks._common import (
-    check_choice,
-    check_eps_rule,
-    check_number,
-    lightning_log_step,
-    low_precision_dtype,
-)
+from lightning_stability.callbacks._common import check_eps_rule, lightning_log_step, low_precision_dtype
 from lightning_stability.callbacks.ln_eps import bump_norms
 from lightning_stability.callbacks.monitor import StabilityMonitor
 from lightning_stability.capture.batch import sample_inputs
 from lightning_stability.capture.structure import Block, model_blocks
+from lightning_stability.meter.checks import check_choice, check_number
 from lightning_stability.mitigations import (
     EpsilonBump,
     FP32Override,

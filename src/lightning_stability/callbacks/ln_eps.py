@@ -11,11 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_stability.callbacks._common import (
-    check_choice,
     check_eps_rule,
-    check_int,
-    check_number,
-    check_patterns,
     inputs_or_raise,
     is_distributed,
     low_precision_context,
@@ -23,6 +19,7 @@ from lightning_stability.callbacks._common import (
 )
 from lightning_stability.capture.batch import sample_inputs
 from lightning_stability.diagnostics import eps_mach as dtype_eps_mach
+from lightning_stability.meter.checks import check_choice, check_int, check_number, check_patterns
 from lightning_stability.mitigations.eps_bump import EpsilonBump, find_changeable_norms
 from lightning_stability.rules.thresholds import (
     EPS_BUMP_MAX,

@@ -6,43 +6,27 @@ import math
 from contextlib import AbstractContextManager
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_stability.callbacks._cli_types import NonNegativeInt, PositiveInt
 from lightning_stability.callbacks._common import (
-    DTYPES,
-    PrecisionName,
-    check_choice,
-    check_int,
-    check_patterns,
     inputs_or_raise,
-    is_distributed,
     lightning_log_step,
     low_precision_context,
     tensor_parallel_size,
     unsupported_strategy,
 )
 from lightning_stability.callbacks._dashboard import TensorBoardDashboard, custom_scalars_layout
-from lightning_stability.callbacks.options import AlarmOptions, ProbeOptions, check_alarm, check_probe
-from lightning_stability.capture.batch import sample_inputs
-from lightning_stability.capture.probe import (
-    NO_ATTENTION_WARNING,
-    RawMeasurement,
-    StabilityProbe,
-    compose_report,
-    first_nonfinite_module,
-    predictor_warnings,
-)
-from lightning_stability.capture.sharding import UnsupportedSharding, is_sharded, sharding_warnings
-from lightning_stability.capture.stacks import unmatched_patterns
-from lightning_stability.capture.structure import structure_warnings, unattended_blocks
-from lightning_stability.diagnostics.rolling import RollingZScore
-from lightning_stability.metrics import RawKey
-from lightning_stability.rules import AlarmResult, EpisodeLatch, Evidence, Judge, Judgement, render, rule_book
+from lightning_stability.capture.sharding import UnsupportedSharding
+from lightning_stability.meter._cli_types import NonNegativeInt, PositiveInt
+from lightning_stability.meter.checks import check_choice, check_int, check_patterns
+from lightning_stability.meter.measurer import Measurer
+from lightning_stability.meter.options import AlarmOptions, ProbeOptions, check_alarm, check_probe
+from lightning_stability.meter.precision import DTYPES, PrecisionName
+from lightning_stability.meter.verdict import ReportJudge
+from lightning_stability.rules import Judgement
 from lightning_stability.stability_report import StabilityReport
 
 __all__ = ["StabilityMonitor", "custom_scalars_layout"]
@@ -58,6 +42,11 @@ class StabilityMonitor(Callback):
     ‖W_O‖₂, ρ_LN, C_LN, κ_eff, the combined predictor, optionally the residual gains and
     the unified bound. Training is not changed: same parameters, RNG stream, module
     modes, no hooks left behind; steps that are not sampled cost nothing.
+
+    It is Lightning's glue around the one measurement of :func:`lightning_stability.measure`
+    (:class:`~lightning_stability.meter.Measurer`) and the rule book's judge
+    (:class:`~lightning_stability.ReportJudge`): when to measure, the batch's inputs, the
+    trainer's precision context, the loggers and the dashboard, the warnings, :meth:`on_alarm`.
 
     Logged steps: a measurement made after optimizer step N (``trainer.global_step == N``,
     on the batch that step trained on) is logged at step N − 1, the step under which
@@ -119,18 +108,13 @@ class StabilityMonitor(Callback):
         self.last_report: StabilityReport | None = None
         self.judgement: Judgement | None = None
         self.summary: str | None = None
-        self._judge = self._new_judge()
-        self._latch = EpisodeLatch()
-        self._probe: StabilityProbe | None = None
+        self._verdict = ReportJudge(alarm)
+        self._measurer: Measurer | None = None
         self._last_step = -1
         self._warned: set[str] = set()
         #: why nothing is measured in this fit (an unsupported strategy), else None
         self._refusal: str | None = None
         self._dashboard = TensorBoardDashboard()
-
-    def _new_judge(self) -> Judge:
-        book = rule_book(self.alarm.rule, self.alarm.watch_levels, window=int(self.alarm.window))
-        return Judge(book, RollingZScore)
 
     @property
     @override
@@ -189,8 +173,7 @@ class StabilityMonitor(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # a new fit is judged afresh; a checkpoint's state is restored after this
-            self._judge = self._new_judge()
-            self._latch = EpisodeLatch()
+            self._verdict.reset()
             self.judgement = self.summary = None
             self._refusal = None
             refusal = unsupported_strategy(trainer.strategy)
@@ -213,6 +196,12 @@ class StabilityMonitor(Callback):
             rank_zero_warn(f"StabilityMonitor will not measure in this fit: {reason}")
         self._refusal = reason
 
+    def _once(self, key: str) -> bool:
+        """``True`` the first time ``key`` is asked (one message of each kind per monitor)."""
+        first = key not in self._warned
+        self._warned.add(key)
+        return first
+
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The verdict: kept as :attr:`judgement` and in words as :attr:`summary`, printed on rank zero
@@ -223,8 +212,8 @@ class StabilityMonitor(Callback):
         ``r_local``, the FP16 headroom, the largest attention logit, the alarms that fired, and the
         advice that answers each finding.
         """
-        self.judgement = self._judge.judgement()
-        self.summary = render.summary(self.judgement)
+        self.judgement = self._verdict.judgement()
+        self.summary = self._verdict.summary("StabilityMonitor")
         if not trainer.is_global_zero:
             return
         print(self.summary)
@@ -240,19 +229,13 @@ class StabilityMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "last_step": self._last_step,
-            "judge": self._judge.state_dict(),
-            "alarm_latch": self._latch.state_dict(),
-        }
+        return {"last_step": self._last_step, **self._verdict.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
-        judge = state_dict.get("judge", {})
-        self._judge.load_state_dict(judge)  # the z-scores' history only when written by the same rules
-        if judge.get("alarm") == self.alarm.rule:  # an open episode of the same alarm stays open
-            self._latch.load_state_dict(state_dict.get("alarm_latch", {}))
+        # the z-scores' history only when written by the same rules, an open episode of the same alarm
+        self._verdict.load_state_dict(state_dict)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -263,7 +246,7 @@ class StabilityMonitor(Callback):
         """
         if self.alarm.rule != "paper":
             return
-        window, seen = self._judge.alarm.z_history("kappa_softmax_z")
+        window, seen = self._verdict.judge.alarm.z_history("kappa_softmax_z")
         total = trainer.estimated_stepping_batches
         needed = window - seen + 1  # a full window, then the sample judged
         first = (trainer.global_step // self.every_n_steps + needed) * self.every_n_steps  # (resumed too)
@@ -282,134 +265,49 @@ class StabilityMonitor(Callback):
     ) -> StabilityReport:
         """Sample, run both passes, reduce across ranks and build :attr:`last_report`.
 
-        Under DDP the ranks first agree that every one of them measured (one small
-        collective), so a rank that failed makes all of them skip the step instead of
-        leaving the others waiting in the reduction. Under sharding (FSDP2, tensor parallel)
-        the passes themselves are collectives: the ranks also agree that all of them sampled
-        their examples before any pass starts.
+        The measurement of :func:`lightning_stability.measure`, in the trainer's precision
+        context (or the forced ``precision``): the sample is seeded by ``seed + trainer.global_step``
+        and the report's step is Lightning's logging step of the batch. Under DDP every rank
+        measures; the ranks first agree that every one of them measured (one small collective),
+        so a rank that failed makes all of them skip the step instead of leaving the others
+        waiting in the reduction. Under sharding (FSDP2, tensor parallel) the passes themselves
+        are collectives: the ranks also agree that all of them sampled their examples before any
+        pass starts; under ``ModelParallelStrategy`` the ranks of one tensor-parallel group are
+        combined by max before the data-parallel replicas (:class:`Measurer`).
         """
-        step = trainer.global_step
-        raw: RawMeasurement | None = None
-        error: Exception | None = None
-        try:
-            args, kwargs = sample_inputs(args, kwargs, self.sample_size, self.seed + step)
-        except Exception as err:
-            error = err
-        if is_sharded(pl_module) and not _all_ranks_agree(trainer, pl_module, error is None):
-            raise error or RuntimeError("another rank could not sample this step")
-        if error is None:
-            try:
-                raw = self._measure_locally(trainer, pl_module, args, kwargs)
-            except Exception as err:
-                error = err
-        if not _all_ranks_measured(trainer, pl_module, raw):
-            raise error or RuntimeError("another rank could not measure this step")
-        assert raw is not None
-        probe = self._probe
-        assert probe is not None
-        values = self._reduce(trainer, raw)
-        # report.step is the logged step (joins Lightning's training_step rows); `step` seeds the sample
-        log_step = lightning_log_step(trainer)
-        opts = self.probe
-        constants = (float(opts.ln_c1), float(opts.ln_c2), float(opts.ln_c3))
-        report = compose_report(probe, raw, values, log_step, constants, float(opts.bound_c), opts.eps_mach)
-        if report.nonfinite:
-            report.first_nonfinite = first_nonfinite_module(
-                pl_module, args, kwargs, lambda: self._low_precision(trainer, pl_module)
-            )
-            rank_zero_warn(
-                f"StabilityMonitor: the low-precision ({report.dtype}) forward went non-finite "
-                f"at step {report.step} "
-                f"({report.nonfinite} values in block outputs); first non-finite module: "
-                f"{report.first_nonfinite!r}. r_block is inf; training goes on."
-            )
+        # report.step is the logged step (joins Lightning's training_step rows); global_step seeds the sample
+        report = self.measurer(trainer, pl_module).measure(
+            args,
+            kwargs,
+            step=lightning_log_step(trainer),
+            seed=self.seed + trainer.global_step,
+            low_precision=lambda: self._low_precision(trainer, pl_module),
+        )
         self.last_report = report
         return report
 
-    def _measure_locally(
-        self, trainer: Trainer, pl_module: LightningModule, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> RawMeasurement:
-        """Both passes on this rank's sample (no collective of its own; the passes of a sharded model
-        all-gather parameters, heads under tensor parallelism, on every rank alike)."""
-        step = trainer.global_step
-        if self._probe is None or self._probe.model is not pl_module:
-            opts = self.probe
-            self._probe = StabilityProbe(
+    def measurer(self, trainer: Trainer, pl_module: LightningModule) -> Measurer:
+        """The :class:`Measurer` of ``pl_module`` (made at its first measurement, kept for the fit)."""
+        if self._measurer is None or self._measurer.model is not pl_module:
+            self._measurer = Measurer(
                 pl_module,
-                self.blocks,
-                opts.head_reduction,
-                opts.batch_reduction,
-                int(opts.residual_gain_iters),
-                self.log_per_head,
-                opts.local_errors,
-                opts.balanced_mass,
-                reuse_weight_spectra=opts.reuse_weight_spectra,
+                sample_size=self.sample_size,
+                blocks=self.blocks,
+                log_per_head=self.log_per_head,
+                probe=self.probe,
+                owner="StabilityMonitor",
             )
-        probe = self._probe
-        if self._once("structure"):
-            self._warn_structure(probe)
-        if not probe.blocks and self._once("no_blocks"):
-            rank_zero_warn(
-                "StabilityMonitor found no blocks (no repeated layers in an nn.ModuleList, or no module "
-                f"matching blocks={self.blocks}); only model-level attention values are logged. "
-                "Name the residual blocks with `blocks=[...]` patterns."
-            )
-        raw = probe.measure(
-            args, kwargs, lambda: self._low_precision(trainer, pl_module), seed=self.seed + step
-        )
-        if raw.attention_calls == 0 and self._once("no_attention"):
-            rank_zero_warn(NO_ATTENTION_WARNING)
-        if self._once("unattended"):  # after the first measured step: who saw attention is known
-            unattended = unattended_blocks(probe.blocks, raw.attended)
-            if unattended:
-                rank_zero_warn(
-                    "StabilityMonitor: " + "; ".join(unattended) + " (their attention diagnostics are "
-                    "absent; check the `blocks` patterns, or call lightning_stability.observe_attention "
-                    "in the attention's forward)"
-                )
-        return raw
-
-    def _warn_structure(self, probe: StabilityProbe) -> None:
-        """Once, on rank zero: weights not found, fused layouts not understood, patterns matching
-        nothing, what tensor parallelism leaves inexact."""
-        lines = structure_warnings(probe.blocks) + predictor_warnings(probe.blocks)
-        lines += sharding_warnings(probe.model, probe.blocks, probe.head_groups)
-        unmatched = unmatched_patterns(probe.model, self.blocks or [])
-        if unmatched:
-            lines.append(f"blocks patterns {unmatched} match no module of the model")
-        if lines:
-            rank_zero_warn("StabilityMonitor: " + "\n".join(lines))
+        self._measurer.tensor_parallel = tensor_parallel_size(trainer)
+        return self._measurer
 
     def _low_precision(self, trainer: Trainer, pl_module: LightningModule) -> AbstractContextManager[Any]:
         return low_precision_context(trainer, pl_module, self.precision)
 
-    @staticmethod
-    def _reduce(trainer: Trainer, raw: RawMeasurement) -> dict[RawKey, float]:
-        """Combine ranks as each key's row says (max for κ's, min for variances, sum for error and
-        count parts), then one transfer.
-
-        Under tensor parallelism the ranks of one group measured the same examples (each with
-        every head, the per-module maxima of their own shards): their values are combined by
-        max first, then the data-parallel replicas by the keys' operations.
-        """
-        keys, vec = raw.flat()
-        if is_distributed(trainer):
-            gathered = trainer.strategy.all_gather(vec).reshape(-1, len(keys))  # (world, k)
-            tp = tensor_parallel_size(trainer)
-            if tp > 1:
-                gathered = gathered.reshape(-1, tp, len(keys)).amax(1)  # (data-parallel replicas, k)
-            cols = []
-            for j, key in enumerate(keys):
-                column = gathered[:, j]
-                op = key.ranks
-                cols.append(column.amax() if op == "max" else column.amin() if op == "min" else column.sum())
-            vec = torch.stack(cols) if cols else vec
-        return dict(zip(keys, vec.cpu().tolist(), strict=True))
-
     # ---------------------------------------------------------------- logging
     def _log(self, trainer: Trainer, pl_module: LightningModule, report: StabilityReport) -> None:
+        """Judge the step (the report's ``alarm`` fields), log ``report.metrics()``, warn once per episode."""
+        self._verdict.observe(report)
         metrics = report.metrics()
-        result = self._check_alarm(report, metrics)
         for logger in trainer.loggers:
             if not (isinstance(logger, TensorBoardLogger) and trainer.is_global_zero):
                 logger.log_metrics(metrics, step=report.step)
@@ -417,38 +315,12 @@ class StabilityMonitor(Callback):
             # one event instead of one per tag; then, same step, layout, log10 copies, block sub-runs
             self._dashboard.log_metrics(logger, metrics, step=report.step)
             self._dashboard.write(logger, metrics, [b.name for b in report.blocks], step=report.step)
-        if self._latch.update(result.fired):  # warn once per episode, not at every firing check
+        if self._verdict.episode_started:  # warn once per episode, not at every firing check
             rank_zero_warn(
                 f"StabilityMonitor early warning at step {report.step}: {report.alarm_reason} "
                 f"(alarm.rule={self.alarm.rule!r}; it stays quiet until the alarm stops firing)."
             )
             self.on_alarm(trainer, pl_module, report)
-
-    def _check_alarm(self, report: StabilityReport, metrics: dict[str, float]) -> AlarmResult:
-        """Judge the step's tags; set ``report.alarm``, ``alarm_rule``, ``alarm_block``, ``alarm_reason``
-        and ``stability/alarm``.
-
-        ``stability/alarm`` is logged whenever the alarm's signals were measured (1 at every
-        firing check); the reason names the rule, the block index and its module name.
-        """
-        names = [b.name for b in report.blocks]
-        ev = Evidence.from_tags(metrics, report.step, names)
-        ev.amax_module, ev.first_nonfinite = report.amax_module, report.first_nonfinite
-        result = self._judge.observe(ev)
-        if result.available:
-            report.alarm = result.fired
-            metrics["stability/alarm"] = float(result.fired)
-        if result.fired:
-            report.alarm_rule, report.alarm_block = result.rule, result.block
-            name = names[result.block] if result.block is not None and result.block < len(names) else None
-            report.alarm_reason = render.alarm_reason(result, name)
-        return result
-
-    def _once(self, key: str) -> bool:
-        """``True`` the first time ``key`` is asked (one warning of each kind per monitor)."""
-        first = key not in self._warned
-        self._warned.add(key)
-        return first
 
 
 def _inside_accumulation_window(trainer: Trainer, batch_idx: int) -> bool:
@@ -456,24 +328,3 @@ def _inside_accumulation_window(trainer: Trainer, batch_idx: int) -> bool:
     (``accumulate_grad_batches > 1``: not the last of its window, nor the epoch's last batch)."""
     k = trainer.accumulate_grad_batches
     return k > 1 and (batch_idx + 1) % k != 0 and not trainer.is_last_batch
-
-
-def _all_ranks_agree(trainer: Trainer, pl_module: LightningModule, ok: bool) -> bool:
-    """Whether ``ok`` holds on every rank (a collective when distributed)."""
-    if not is_distributed(trainer):
-        return ok
-    mine = torch.tensor([float(ok)], dtype=torch.float64, device=pl_module.device)
-    return bool((trainer.strategy.all_gather(mine) == 1).all())
-
-
-def _all_ranks_measured(trainer: Trainer, pl_module: LightningModule, raw: RawMeasurement | None) -> bool:
-    """Whether every rank measured this step with the same statistics (a collective under DDP)."""
-    if not is_distributed(trainer):
-        return raw is not None
-    mine = torch.tensor(
-        [float(raw is not None), float(len(raw.values)) if raw is not None else -1.0],
-        dtype=torch.float64,
-        device=pl_module.device,
-    )
-    flags = trainer.strategy.all_gather(mine).reshape(-1, 2)
-    return bool((flags[:, 0] == 1).all() and (flags[:, 1] == flags[0, 1]).all())

@@ -153,9 +153,11 @@ class AttentionDiagnostics:
         kappa_v: ``σmax(V)/(σmin(V)+1e-6)`` over the rows of attended keys.
         entropy: Mean row entropy of ``P``, from a cancellation-free form (relative error
             ~1e-6 per row however small the entropy).
-        logit_max: ``max |scale·q·kᵀ + bias|`` over query rows and attended keys, before any
-            soft-capping (for a scores-only call: ``max |S|`` over attended entries), exact in
-            float64 for the given inputs; 0 for a fully masked head.
+        logit_max: ``max |S|`` over query rows and attended keys: the largest logit the softmax
+            sees, after the soft-capping when there is one (``c·tanh(m/c)`` of the exact
+            ``m = max |scale·q·kᵀ + bias|``: the cap is monotone); for a scores-only call
+            ``max |S|`` over attended entries. Exact in float64 for the given inputs; 0 for a
+            fully masked head.
     """
 
     kappa_score: Tensor
@@ -366,6 +368,8 @@ def attention_diagnostics(
         ksm[g0:g1] = kap
         assert h is not None
         ent[g0:g1] = h
+    if softcap is not None and scores is None:  # the logit the softmax sees: capped (monotone in |L|)
+        lmax = softcap * torch.tanh(lmax / softcap)
     return AttentionDiagnostics(
         kappa_score=ks.reshape(lead),
         kappa_softmax=ksm.reshape(lead),
@@ -442,8 +446,8 @@ def attention_logit_max(
 
     The attention-logit size Megatron's QK-clip watches (τ = 100) and Wortsman et al. (2023)
     saw pass ~1e4 before divergence. The same value as :attr:`AttentionDiagnostics.logit_max`
-    (exact in float64: the candidates of the working-precision maximum are recomputed in
-    float64); 0 for a head with no attended entry.
+    of a call without soft-capping (exact in float64: the candidates of the working-precision
+    maximum are recomputed in float64); 0 for a head with no attended entry.
 
     Args:
         q: ``(B, H, n_q, d)``.

@@ -218,13 +218,14 @@ def _lines(j: Judgement) -> tuple[list[str], list[str]]:
 
 
 # -------------------------------------------------------------------------- the two texts
-def summary(j: Judgement) -> str:
-    """The end-of-fit verdict the monitor prints: status, findings, measured facts, what to try."""
+def summary(j: Judgement, owner: str = "StabilityMonitor") -> str:
+    """The end-of-fit verdict the monitor prints: status, findings, measured facts, what to try
+    (``owner`` starts the first line: the monitor, or a ``StabilityMeter``)."""
     if not j.steps:
-        return "StabilityMonitor: no step was measured in this fit."
+        return f"{owner}: no step was measured in this fit."
     status = j.status or "no verdict (no per-block error was measured)"
     lines = [
-        f"StabilityMonitor verdict: {status} ({j.steps} sampled step(s), low precision "
+        f"{owner} verdict: {status} ({j.steps} sampled step(s), low precision "
         f"{precision_name(j.eps_mach)}, ε_mach = {_g(j.eps_mach or math.nan, 2)})"
     ]
     findings, facts = _lines(j)

@@ -224,9 +224,9 @@ def _manual_call(name: str, scores: Tensor, trace: _Trace | None, v: Tensor) -> 
     (``s <= max_row s - MASK_GAP``). ``-inf`` entries are always masked.
 
     A soft-capped trace gives the record transformers' eager Gemma-2 attention gives: Q, K,
-    ``scale``, ``softcap`` and the keep-mask, no ``scores`` (so ``attn_logit_max`` is the logit
-    before the cap, as for every other record), when they reproduce the scores to rounding on
-    the attended entries; otherwise (something added between the cap and the softmax other
+    ``scale``, ``softcap`` and the keep-mask, no ``scores`` (so ``attn_logit_max`` is the capped
+    logit the softmax sees, as for transformers' record), when they reproduce the scores to
+    rounding on the attended entries; otherwise (something added between the cap and the softmax other
     than a mask) the record keeps the scores alone.
     """
     s = scores.detach()

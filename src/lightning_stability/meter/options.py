@@ -1,10 +1,11 @@
-"""The monitor's grouped arguments: what the probe measures, and which early warning runs.
+"""The grouped options of a measurement: what the probe measures, and which early warning runs.
 
-Both are frozen dataclasses, so ``LightningCLI`` fills them from YAML (``probe: {residual_gain_iters:
-3}``) or the command line (``--trainer.callbacks.alarm.rule=paper``) and checks each field's type at
-parse time; :class:`~lightning_stability.StabilityMonitor` validates every value again in
-``__init__`` (:func:`check_probe`, :func:`check_alarm`), naming ``probe.<field>`` or
-``alarm.<field>`` and the value in a ``MisconfigurationException``.
+Shared by :func:`~lightning_stability.measure`, :class:`~lightning_stability.StabilityMeter` and
+:class:`~lightning_stability.StabilityMonitor`. Both are frozen dataclasses, so ``LightningCLI``
+fills them from YAML (``probe: {residual_gain_iters: 3}``) or the command line
+(``--trainer.callbacks.alarm.rule=paper``) and checks each field's type at parse time; every
+entry point validates every value again (:func:`check_probe`, :func:`check_alarm`), naming
+``probe.<field>`` or ``alarm.<field>`` and the value in a ``MisconfigurationException``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from lightning_stability.callbacks._cli_types import AtLeastTwoInt, NonNegativeFloat, NonNegativeInt
-from lightning_stability.callbacks._common import check_choice, check_int, check_number
+from lightning_stability.meter._cli_types import AtLeastTwoInt, NonNegativeFloat, NonNegativeInt
+from lightning_stability.meter.checks import check_choice, check_int, check_number
 from lightning_stability.rules.table import ALARM_NAMES, AlarmName
 from lightning_stability.rules.thresholds import (
     FP16_HEADROOM_WATCH_BITS,
