@@ -103,6 +103,9 @@ class StabilityReport:
             ('blocks.0') (value 172)"`` (not logged; ``None`` when it did not fire).
         first_nonfinite: the first module whose low-precision output went non-finite.
         norm_dtypes: dtype each normalization layer computed in during the low-precision pass.
+        batch_idx: index in its epoch of the batch the examples were sampled from (not logged);
+            with gradient accumulation the last micro-batch of the accumulation window, the one
+            after which the optimizer stepped.
     """
 
     step: int
@@ -130,6 +133,7 @@ class StabilityReport:
     alarm_reason: str | None = None
     first_nonfinite: str | None = None
     norm_dtypes: dict[str, str] = field(default_factory=dict)
+    batch_idx: int | None = None
 
     def metrics(self, prefix: str = "stability") -> dict[str, float]:
         """Flat ``{tag: value}`` for the loggers, from the metric table; values not measured are left out."""
