@@ -1,12 +1,12 @@
 """Pre-LN Tiny-ViT on CIFAR-10: the paper's testbed, wired for ``lightning-stability``.
 
 Run the main job (trains in FP32; the monitor answers "what would BF16 do?" on a
-sample of every 5th batch; about 2 minutes on 2 CPU cores, with or without native BF16)::
+sample of every 5th batch, so it runs at FP32 speed with or without native BF16)::
 
     python examples/tiny_vit.py fit --config examples/configs/tiny_vit.yaml
 
 the same model trained in BF16 mixed precision (fast only where the CPU or GPU has
-native BF16: on a CPU without it BF16 matmuls are ~10-25x slower than FP32)::
+native BF16: a CPU without it emulates BF16 matmuls, several times slower than FP32)::
 
     python examples/tiny_vit.py fit --config examples/configs/tiny_vit_bf16.yaml
 

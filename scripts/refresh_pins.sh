@@ -9,7 +9,7 @@ VENV=${VENV:-/tmp/lightning-stability-refresh}
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"  # the CPU wheel; a bare torch pulls CUDA
-"$VENV/bin/python" -m pip install -q -U -e ".[dev,examples]"
+"$VENV/bin/python" -m pip install -q -U -e ".[dev,examples,docs]"
 "$VENV/bin/python" -m pip install -q -U --no-deps litgpt
 "$VENV/bin/ruff" check . && "$VENV/bin/mypy" && "$VENV/bin/python" -m pytest -q
 {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv with lightning-stability, its dev tools and the optional example dependencies, on a
-# fresh machine or an existing one. Idempotent.
+# Set up .venv with lightning-stability, its dev tools, the optional example dependencies and the
+# documentation build (mkdocs), on a fresh machine or an existing one. Idempotent.
 #
 # Every install is constrained by requirements/constraints.txt: the exact versions CI passed on, so a
 # registry that serves newer releases cannot change what the tests run against (refresh them with
@@ -23,7 +23,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   echo "setup: no torch in .venv; installing the CPU wheel torch==2.13.0"
   pip_quiet install -q "torch==2.13.0"
 fi
-pip_quiet install -q -c "$PINS" -e ".[dev,examples]"
+pip_quiet install -q -c "$PINS" -e ".[dev,examples,docs]"
 # litgpt declares upper bounds (jsonargparse, huggingface_hub) that conflict with transformers; its
 # model and config modules need none of them at import: install it alone, as litgpt's docs allow.
 pip_quiet install -q -c "$PINS" --no-deps litgpt

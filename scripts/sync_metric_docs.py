@@ -1,4 +1,4 @@
-"""Rewrite the generated metric tables of README.md and docs/DESIGN.md from lightning_stability.metrics.
+"""Rewrite the generated metric tables of docs/metrics.md and docs/DESIGN.md from lightning_stability.metrics.
 
 Run after editing the table: ``.venv/bin/python scripts/sync_metric_docs.py`` (tests/test_metrics.py
 fails until the docs agree).
@@ -14,7 +14,7 @@ from lightning_stability.metrics import markdown_table
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- metrics-table:start[^>]*-->\n)(.*?)(\n<!-- metrics-table:end -->)", re.S)
 
-for doc in ("README.md", "docs/DESIGN.md"):
+for doc in ("docs/metrics.md", "docs/DESIGN.md"):
     path = ROOT / doc
     text, n = BLOCK.subn(lambda m: m.group(1) + markdown_table() + m.group(3), path.read_text())
     if n != 1:

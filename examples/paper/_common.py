@@ -8,7 +8,12 @@ Python data: per measured precision, ``{step: {tag: value}}`` with the tags the
 monitor logs (``stability/r_block``, ``stability/block{i}/...``; a tag the monitor
 gains later, such as ``stability/block{i}/r_local``, is recorded automatically),
 the training loss of every step, and every ε the bump callback changed.
-Nothing is written to TensorBoard: the experiment scripts save JSON/CSV and markdown.
+Nothing is written to TensorBoard. Each experiment script saves every run's measurements
+(``results/<exp>.json``, MB-sized, not committed), the numbers behind its tables
+(``results/<exp>_summary.json``, KB-sized, committed) and the tables themselves
+(``results/<exp>.md``, committed; ``docs/REPRODUCTION.md`` holds the same tables, checked by
+``tests/docs/test_result_tables.py``). ``--tables_only`` rebuilds the summary from the raw runs when they
+are there, and the tables from the summary otherwise.
 
 Training runs in FP32 (``precision="32-true"``): on CPU Lightning silently turns
 ``16-mixed`` into ``bf16-mixed``, and bf16 autocast is slower than FP32 for a model
@@ -278,20 +283,50 @@ def environment() -> str:
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     return (
         f"torch {torch.__version__}, lightning {lightning.__version__}, Python {platform.python_version()}, "
-        f"{platform.machine()} CPU, OMP_NUM_THREADS={threads}, torch threads {torch.get_num_threads()}"
+        f"{platform.machine()} CPU ({os.cpu_count()} cores), OMP_NUM_THREADS={threads}, "
+        f"torch threads {torch.get_num_threads()}"
     )
 
 
-def provenance(command: str, wall: float | None, results: Sequence[RunResult]) -> str:
-    """The command and wall time line of a table; rebuilt tables (``wall=None``) sum the runs' times."""
-    runs = sum(r.wall_s for r in results) / 60
-    if wall is not None:
-        return f"Command: `{command}` — wall time {wall / 60:.1f} min ({len(results)} runs)"
-    return f"Tables rebuilt from the saved runs: {len(results)} runs, {runs:.1f} min of training wall time"
+def run_info(results: Sequence[RunResult], finished: float | None = None) -> dict[str, Any]:
+    """Provenance of a set of runs for its summary: how many, their training wall time, when, where.
+
+    Args:
+        results: the runs.
+        finished: POSIX time the last run finished (default: now).
+    """
+    stamp = time.gmtime(time.time() if finished is None else finished)
+    return {
+        "runs": len(results),
+        "train_wall_min": round(sum(r.wall_s for r in results) / 60, 1),
+        "finished_utc": time.strftime("%Y-%m-%d %H:%M", stamp),
+        "environment": environment(),
+    }
+
+
+def provenance_line(info: dict[str, Any]) -> str:
+    """The provenance line of a table, from :func:`run_info`."""
+    return (
+        f"Runs: {info['runs']}, {info['train_wall_min']:.1f} min of training wall time in all, "
+        f"finished {info['finished_utc']} UTC. Environment: {info['environment']}"
+    )
+
+
+def save_summary(out: Path, name: str, summary: dict[str, Any]) -> Path:
+    """The numbers behind the tables (``out/<name>_summary.json``, KB-sized, committed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}_summary.json"
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    return path
+
+
+def load_summary(out: Path, name: str) -> dict[str, Any]:
+    """Inverse of :func:`save_summary`."""
+    return json.loads((out / f"{name}_summary.json").read_text())
 
 
 def save_raw(out: Path, name: str, results: Sequence[RunResult]) -> Path:
-    """All runs' measurements as one JSON file (``out/<name>.json``; not meant for the repository)."""
+    """All runs' measurements as one JSON file (``out/<name>.json``; MB-sized, not committed)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps([asdict(r) for r in results]))

@@ -19,7 +19,7 @@ Usage::
 
     python examples/paper/exp1_cross_precision.py              # full protocol
     python examples/paper/exp1_cross_precision.py --quick      # CI smoke (seconds)
-    python examples/paper/exp1_cross_precision.py --tables_only --out results/paper
+    python examples/paper/exp1_cross_precision.py --tables_only  # tables from results/exp1*.json
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,16 +39,18 @@ from _common import (
     RunConfig,
     RunResult,
     block_max,
-    environment,
     eta,
     fmt,
     has_tag,
     load_raw,
+    load_summary,
     log,
     markdown_table,
-    provenance,
+    provenance_line,
     run_fit,
+    run_info,
     save_raw,
+    save_summary,
     series,
 )
 
@@ -106,6 +108,27 @@ def config_points(results: list[RunResult], targets: dict[str, tuple[str, str]])
     return points
 
 
+def summarize(results: list[RunResult], finished: float | None = None) -> dict[str, Any]:
+    """The numbers behind the tables: one point per configuration, the set-up and the provenance."""
+    targets = {"r_block": ("tag", "stability/r_block"), "r_block_b0": ("tag", "stability/block0/r_block")}
+    local = has_tag(results, "r_local")
+    if local:
+        targets["r_local"] = ("block", "r_local")
+    cfg = results[0].config
+    return {
+        "experiment": NAME,
+        "setup": {
+            "sample_size": cfg["sample_size"],
+            "every": next(iter(cfg["measure"].values())),
+            "steps": cfg["steps"],
+            "real_data": bool(cfg["data_dir"]),
+        },
+        "local": local,
+        "points": config_points(results, targets),
+        "info": run_info(results, finished),
+    }
+
+
 def regression_rows(points: list[dict], target: str, paper: bool) -> list[list[str]]:
     """Table-2 rows (one per proxy) on the given points, optionally beside the paper's numbers."""
     rows = []
@@ -124,25 +147,37 @@ def regression_rows(points: list[dict], target: str, paper: bool) -> list[list[s
     return rows
 
 
-def tables(results: list[RunResult], wall: float | None, command: str) -> str:
+def within_rows(points: list[dict], targets: list[str]) -> list[list[str]]:
+    """``combined·ε_mach`` against each target within one width and one precision (across seeds)."""
+    rows = []
+    for d in sorted({pt["d_model"] for pt in points}):
+        for p in LOW:
+            sel = [pt for pt in points if pt["d_model"] == d and pt["precision"] == p]
+            for target in targets:
+                try:
+                    r = predictor_regression(
+                        [pt["combined·ε_mach"] for pt in sel], [pt[target] for pt in sel]
+                    )
+                    rows.append(
+                        [str(d), p.upper(), f"`{target}`", fmt(r.pearson_log), fmt(r.spearman), str(r.n)]
+                    )
+                except ValueError as exc:
+                    rows.append([str(d), p.upper(), f"`{target}`", "—", "—", f"0 ({exc})"])
+    return rows
+
+
+def render(summary: dict[str, Any]) -> str:
     """Markdown: configuration tails, then the regressions (mixed, within each precision, r_local)."""
-    targets = {"r_block": ("tag", "stability/r_block")}
-    local = has_tag(results, "r_local")
-    if local:
-        targets["r_local"] = ("block", "r_local")
-    points = config_points(results, targets)
+    points, setup, local = summary["points"], summary["setup"], summary["local"]
     widths = sorted({pt["d_model"] for pt in points})
     precs = [p for p in ("fp32", "bf16", "fp16") if any(pt["precision"] == p for pt in points)]
     seeds = sorted({pt["seed"] for pt in points})
-    steps = results[0].config["steps"] if results else 0
     out = [
         f"Trained: FP32 (`32-true`). Measured: {', '.join(p.upper() for p in precs)} autocast what-if "
-        f"vs exact FP32 on the same {results[0].config['sample_size']} sampled examples, every "
-        f"{next(iter(results[0].config['measure'].values()))} steps. "
-        f"Widths {widths}, seeds {seeds}, {steps} steps, "
-        f"{'real CIFAR-10' if results[0].config['data_dir'] else 'synthetic CIFAR-shaped data'}.",
-        provenance(command, wall, results),
-        f"Environment: {environment()}",
+        f"vs exact FP32 on the same {setup['sample_size']} sampled examples, every {setup['every']} steps. "
+        f"Widths {widths}, seeds {seeds}, {setup['steps']} steps, "
+        f"{'real CIFAR-10' if setup['real_data'] else 'synthetic CIFAR-shaped data'}.",
+        provenance_line(summary["info"]),
         "",
         "**Per-configuration tails** (95th percentile over sampled steps; mean ± std over seeds):",
         "",
@@ -156,11 +191,13 @@ def tables(results: list[RunResult], wall: float | None, command: str) -> str:
                 v = np.array([pt[key] for pt in sel])
                 return f"{fmt(float(np.mean(v)))} ± {fmt(float(np.std(v)))}"
 
-            row = [str(d), p.upper(), fmt(EPS_MACH[p]), ms("r_block"), ms("combined"), ms("combined·ε_mach")]
+            row = [str(d), p.upper(), fmt(EPS_MACH[p]), ms("r_block_b0"), ms("r_block")]
+            row += [ms("combined"), ms("combined·ε_mach")]
             if local:
                 row.append(ms("r_local"))
             rows.append(row)
-    header = ["d_model", "measured", "ε_mach", "p95 r_block", "p95 combined", "p95 combined·ε_mach"]
+    header = ["d_model", "measured", "ε_mach", "p95 r_block, block 0", "p95 r_block, last block"]
+    header += ["p95 combined", "p95 combined·ε_mach"]
     out.append(markdown_table(header + (["p95 max r_local"] if local else []), rows))
     mixed = [pt for pt in points if pt["precision"] in LOW]
     hdr = ["proxy", "Pearson_log", "Spearman", "R²", "slope", "n"]
@@ -196,7 +233,22 @@ def tables(results: list[RunResult], wall: float | None, command: str) -> str:
             "`stability/block{i}/r_local` was not logged by this version of the monitor: "
             "the r_local tables appear when it is (rerun this script).",
         ]
+    out += [
+        "",
+        "**Within one width and one precision** (`combined·ε_mach` against each target across the seeds; "
+        "not in the paper):",
+        "",
+        markdown_table(
+            ["d_model", "measured", "target (p95)", "Pearson_log", "Spearman", "n"],
+            within_rows(points, ["r_block", "r_local"] if local else ["r_block"]),
+        ),
+    ]
     return "\n".join(out) + "\n"
+
+
+def tables(results: list[RunResult]) -> str:
+    """Markdown tables of a set of runs (:func:`summarize`, then :func:`render`)."""
+    return render(summarize(results))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,14 +260,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--every", type=int, default=5, help="measure every N steps")
     ap.add_argument("--data_dir", default=None, help="CIFAR-10 python batches (default: synthetic)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--tables_only", action="store_true", help="rebuild the tables from <out>/exp1.json")
-    args = ap.parse_args(argv)
-    command = "python examples/paper/exp1_cross_precision.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
+    ap.add_argument(
+        "--tables_only",
+        action="store_true",
+        help="rebuild from <out>/exp1.json, else <out>/exp1_summary.json",
     )
+    args = ap.parse_args(argv)
     raw = args.out / f"{NAME}.json"
     if args.tables_only:
-        results, wall = load_raw(raw), None
+        summary = (
+            summarize(load_raw(raw), raw.stat().st_mtime) if raw.exists() else load_summary(args.out, NAME)
+        )
     else:
         if args.quick:
             args.seeds, args.steps, args.widths, args.every = 2, 6, [32], 2
@@ -236,14 +291,14 @@ def main(argv: list[str] | None = None) -> None:
         ]
         expected = sum(SECONDS_PER_RUN.get(c.d_model, 90.0) * c.steps / 160 for c in configs)
         log(f"Exp-1: {len(configs)} runs, expected wall time {eta(1, expected)} on an idle CPU core")
-        start = time.perf_counter()
         results = []
         for c in configs:
             results.append(run_fit(c))
             save_raw(args.out, NAME, results)  # after every run: a killed job keeps what it measured
             log(f"d={c.d_model} seed={c.seed}: {results[-1].wall_s:.0f} s")
-        wall = time.perf_counter() - start
-    md = tables(results, wall, command)
+        summary = summarize(results)
+    save_summary(args.out, NAME, summary)
+    md = render(summary)
     (args.out / f"{NAME}.md").write_text(md)
     print(md)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +34,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     RunConfig,
     RunResult,
-    environment,
     eta,
     fmt,
     load_raw,
+    load_summary,
     log,
     markdown_table,
-    provenance,
+    provenance_line,
     run_fit,
+    run_info,
     save_raw,
+    save_summary,
     series,
 )
 
@@ -101,41 +102,77 @@ def stats(signal: np.ndarray, target: np.ndarray, args: argparse.Namespace, seed
     return out
 
 
-def tables(results: list[RunResult], args: argparse.Namespace, wall: float | None, command: str) -> str:
-    rows_by_target: dict[str, list[list[str]]] = {}
-    summary: dict[str, list[dict[str, float]]] = {}
-    pairs = (
-        ("fwd error", "kappa", "r_block"),
-        ("loss (control)", "kappa", "loss"),
-        ("fwd error, loss as signal (control)", "loss", "r_block"),
-    )
+PAIRS = (
+    ("fwd error", "kappa", "r_block"),
+    ("loss (control)", "kappa", "loss"),
+    ("fwd error, loss as signal (control)", "loss", "r_block"),
+)
+
+
+def summarize(results: list[RunResult], args: argparse.Namespace, finished: float | None = None) -> dict:
+    """The numbers behind the table: each seed's statistics per (signal, target), the series' ends."""
+    rows: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in PAIRS}
+    ends = []
     T = 0
     for r in results:
         seed = r.config["seed"]
         steps, s = aligned(r)
         T = int(steps.size)
-        for label, sig, tgt in pairs:
-            st = stats(s[sig], s[tgt], args, seed)
-            summary.setdefault(label, []).append(st)
+        for label, sig, tgt in PAIRS:
+            rows[label].append({"seed": seed, **stats(s[sig], s[tgt], args, seed)})
+        tail = slice(-min(20, T), None)
+        ends.append(
+            {
+                "seed": seed,
+                "kappa_first": float(s["kappa"][0]),
+                "kappa_last20": float(np.median(s["kappa"][tail])),
+                "r_block_first": float(s["r_block"][0]),
+                "r_block_last20": float(np.median(s["r_block"][tail])),
+            }
+        )
+    cfg = results[0].config
+    return {
+        "experiment": NAME,
+        "setup": {
+            "every": cfg["measure"]["fp16"],
+            "sample_size": cfg["sample_size"],
+            "d_model": cfg["d_model"],
+            "steps": cfg["steps"],
+            "real_data": bool(cfg["data_dir"]),
+            "max_lag": args.max_lag,
+            "permutations": args.permutations,
+            "horizon": args.horizon,
+            "window": args.window,
+            "z": args.z,
+        },
+        "T": T,
+        "rows": rows,
+        "ends": ends,
+        "info": run_info(results, finished),
+    }
+
+
+def render(summary: dict) -> str:
+    """Markdown: one row per seed and (signal, target), the means, and the series' ends."""
+    setup, T = summary["setup"], summary["T"]
+    rows = []
+    for label, st in summary["rows"].items():
+        for x in st:
             row = [
-                str(seed),
+                str(x["seed"]),
                 label,
-                fmt(st["lag"], 0) if math.isfinite(st["lag"]) else "—",
-                fmt(st["corr"]),
-                fmt(st["p"]),
-                fmt(st["prec"]),
-                fmt(st["chance"]),
+                fmt(x["lag"], 0) if math.isfinite(x["lag"]) else "—",
+                fmt(x["corr"]),
+                fmt(x["p"]),
+                fmt(x["prec"]),
+                fmt(x["chance"]),
             ]
-            if label == "fwd error" and seed in PAPER:
-                lag, corr, p, prec = PAPER[seed]
+            if label == "fwd error" and x["seed"] in PAPER:
+                lag, corr, p, prec = PAPER[x["seed"]]
                 row.append(f"{lag} / {fmt(corr)} / {fmt(p)} / {fmt(prec)}")
             else:
                 row.append("")
-            rows_by_target.setdefault(label, []).append(row)
-    rows = []
-    for label, rs in rows_by_target.items():
-        rows += rs
-        st = summary[label]
+            rows.append(row)
         mean = [float(np.nanmean([x[k] for x in st])) for k in ("lag", "corr", "prec", "chance")]
         std = [float(np.nanstd([x[k] for x in st])) for k in ("lag", "corr", "prec", "chance")]
         paper = "19.6 / 0.722 / — / 0.937" if label == "fwd error" else ""
@@ -151,18 +188,17 @@ def tables(results: list[RunResult], args: argparse.Namespace, wall: float | Non
                 paper,
             ]
         )
-    cfg = results[0].config
+    seeds = [x["seed"] for x in summary["ends"]]
     k = math.ceil(0.1 * T)
     head = [
         f"Trained: FP32 (`32-true`). Measured: FP16 autocast what-if vs exact FP32, every "
-        f"{cfg['measure']['fp16']} step(s), {cfg['sample_size']} sampled examples. d_model={cfg['d_model']}, "
-        f"{cfg['steps']} steps (T = {T} measured), seeds {[r.config['seed'] for r in results]}, "
-        f"{'real CIFAR-10' if cfg['data_dir'] else 'synthetic CIFAR-shaped data'}.",
-        f"Lags ±{args.max_lag} (positive: the signal leads), {args.permutations} permutations re-selecting "
-        f"the lag, Precision@K with K = ⌈0.1·T⌉ = {k}, H = {args.horizon}, "
-        f"window {args.window}, Z = {args.z}.",
-        provenance(command, wall, results),
-        f"Environment: {environment()}",
+        f"{setup['every']} step(s), {setup['sample_size']} sampled examples. d_model={setup['d_model']}, "
+        f"{setup['steps']} steps (T = {T} measured), seeds {seeds}, "
+        f"{'real CIFAR-10' if setup['real_data'] else 'synthetic CIFAR-shaped data'}.",
+        f"Lags ±{setup['max_lag']} (positive: the signal leads), {setup['permutations']} permutations "
+        f"re-selecting the lag, Precision@K with K = ⌈0.1·T⌉ = {k}, H = {setup['horizon']}, "
+        f"window {setup['window']}, Z = {setup['z']}.",
+        provenance_line(summary["info"]),
         "'chance Prec (K = T)': the same precision with every step as an alarm — what Prec@K is worth "
         "without a signal.",
         "",
@@ -180,7 +216,38 @@ def tables(results: list[RunResult], args: argparse.Namespace, wall: float | Non
         ],
         rows,
     )
-    return "\n".join(head) + "\n" + table + "\n"
+    ends = markdown_table(
+        [
+            "seed",
+            "max κ_softmax: first step",
+            "median of the last 20",
+            "r_block: first step",
+            "median of the last 20",
+        ],
+        [
+            [
+                str(e["seed"]),
+                fmt(e["kappa_first"]),
+                fmt(e["kappa_last20"]),
+                fmt(e["r_block_first"]),
+                fmt(e["r_block_last20"]),
+            ]
+            for e in summary["ends"]
+        ],
+    )
+    return (
+        "\n".join(head)
+        + "\n"
+        + table
+        + "\n\n**The two series over the run** (FP16 what-if; the first row's signal and target):\n\n"
+        + ends
+        + "\n"
+    )
+
+
+def tables(results: list[RunResult], args: argparse.Namespace) -> str:
+    """Markdown table of a set of runs (:func:`summarize`, then :func:`render`)."""
+    return render(summarize(results, args))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,16 +263,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--z", type=float, default=1.5)
     ap.add_argument("--data_dir", default=None, help="CIFAR-10 python batches (default: synthetic)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--tables_only", action="store_true", help="rebuild the table from <out>/exp2.json")
-    args = ap.parse_args(argv)
-    command = "python examples/paper/exp2_forecasting.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
+    ap.add_argument(
+        "--tables_only",
+        action="store_true",
+        help="rebuild from <out>/exp2.json, else <out>/exp2_summary.json",
     )
+    args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.d_model = 1, 40, 32
         args.max_lag, args.horizon, args.window, args.permutations = 10, 8, 5, 50
+    raw = args.out / f"{NAME}.json"
     if args.tables_only:
-        results, wall = load_raw(args.out / f"{NAME}.json"), None
+        if raw.exists():
+            summary = summarize(load_raw(raw), args, raw.stat().st_mtime)
+        else:
+            summary = load_summary(args.out, NAME)
     else:
         configs = [
             RunConfig(
@@ -225,14 +297,14 @@ def main(argv: list[str] | None = None) -> None:
             f"Exp-2: {len(configs)} runs, expected wall time "
             f"{eta(len(configs), SECONDS_PER_RUN * args.steps / 195 * (0.1 if args.quick else 1))}"
         )
-        start = time.perf_counter()
         results = []
         for c in configs:
             results.append(run_fit(c))
             save_raw(args.out, NAME, results)
             log(f"seed={c.seed}: {results[-1].wall_s:.0f} s")
-        wall = time.perf_counter() - start
-    md = tables(results, args, wall, command)
+        summary = summarize(results, args)
+    save_summary(args.out, NAME, summary)
+    md = render(summary)
     (args.out / f"{NAME}.md").write_text(md)
     print(md)
 

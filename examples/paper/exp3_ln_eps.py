@@ -33,9 +33,9 @@ import argparse
 import itertools
 import math
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,15 +45,17 @@ from _common import (
     EPS_MACH,
     RunConfig,
     RunResult,
-    environment,
     eta,
     fmt,
     load_raw,
+    load_summary,
     log,
     markdown_table,
-    provenance,
+    provenance_line,
     run_fit,
+    run_info,
     save_raw,
+    save_summary,
     series,
 )
 
@@ -95,8 +97,8 @@ def config_key(cfg: dict) -> tuple[str, int, float | None, float | None]:
     return (name, cfg["seed"], b["target_rho"] if b else None, b["eps_max"] if b else None)
 
 
-def rho_summary(controls: list[RunResult]) -> str:
-    """Min over blocks of ρ_LN (FP16 ε_mach) at the first measured step and over the whole run."""
+def rho_extremes(controls: list[RunResult]) -> dict[str, float] | None:
+    """Min over blocks of ρ_LN (FP16 ε_mach) in the controls: at the first measured step and overall."""
     first, whole = [], []
     for r in controls:
         rows = r.metrics["fp16"]
@@ -105,74 +107,117 @@ def rho_summary(controls: list[RunResult]) -> str:
             first.append(mins[0])
             whole.append(min(mins))
     if not first:
-        return "ρ_LN not logged"
-    return (
-        f"min over blocks of ρ_LN (FP16 ε_mach) in the controls: first measured step "
-        f"{fmt(min(first))}…{fmt(max(first))}, lowest over the run {fmt(min(whole))}"
-    )
+        return None
+    return {"first_min": min(first), "first_max": max(first), "lowest": min(whole)}
 
 
-def tables(results: list[RunResult], last: int, wall: float | None, command: str) -> str:
+def _cell(controls: dict[int, RunResult], inters: dict[int, RunResult], last: int) -> dict[str, Any]:
+    """Per-seed Δ and bump record of one (ρ*, cap) cell against the matched controls."""
+    cell: dict[str, Any] = {"dloss": [], "dr": [], "n_bumped": [], "when": [], "eps_to": [], "identical": 0}
+    for seed, ctrl in sorted(controls.items()):
+        inter = inters.get(seed)
+        if inter is None:
+            continue
+        lc, rc = tail_means(ctrl, last)
+        li, ri = tail_means(inter, last)
+        cell["dloss"].append(lc - li)
+        cell["dr"].append(rc - ri)
+        cell["n_bumped"].append(len(inter.bumped_layers))
+        cell["when"] += [b["step"] for b in inter.bumps]
+        cell["eps_to"] += [b["eps_to"] for b in inter.bumps]
+        cell["identical"] += int(inter.loss == ctrl.loss)
+    return cell
+
+
+def summarize(results: list[RunResult], last: int, finished: float | None = None) -> dict[str, Any]:
+    """The numbers behind the tables: per configuration its controls and, per cell, each seed's Δ."""
     by_key = {key(r): r for r in results}
-    out = []
-    configs = [c for c in ("paper", "ours") if any(k[0] == c for k in by_key)]
-    any_cfg = results[0].config
-    for cname in configs:
+    configs = []
+    for cname in [c for c in ("paper", "ours") if any(k[0] == c for k in by_key)]:
         controls = {k[1]: r for k, r in by_key.items() if k[0] == cname and k[2] is None}
-        cells = sorted({(k[2], k[3]) for k in by_key if k[0] == cname and k[2] is not None})
-        scale = next(r.config["embed_scale"] for k, r in by_key.items() if k[0] == cname)
-        rows = []
-        layers: set[str] = set()
-        for rho, cap in cells:
-            dl, dr, nb, when, top, same = [], [], [], [], [], 0
-            for seed, ctrl in sorted(controls.items()):
-                inter = by_key.get((cname, seed, rho, cap))
-                if inter is None:
-                    continue
-                lc, rc = tail_means(ctrl, last)
-                li, ri = tail_means(inter, last)
-                dl.append(lc - li)
-                dr.append(rc - ri)
-                nb.append(len(inter.bumped_layers))
-                when += [b["step"] for b in inter.bumps]
-                top += [b["eps_to"] for b in inter.bumps]
-                layers.update(inter.bumped_layers)
-                same += int(inter.loss == ctrl.loss)
-            if not dl:
-                continue
-            bumps = (
-                f"{np.mean(nb):.1f} (max {max(nb)}); steps {min(when)}–{max(when)}, {len(when)} bumps, "
-                f"largest ε {fmt(max(top))}"
-                if when
-                else "0"
-            )
-            paper = PAPER.get((rho, cap)) if cname == "paper" else None
-            rows.append(
-                [
-                    str(rho),
-                    str(cap),
-                    fmt(float(np.mean(dl))),
-                    fmt(sd(dl)),
-                    fmt(float(np.mean(dr))),
-                    fmt(sd(dr)),
-                    str(len(dl)),
-                    bumps,
-                    f"{same}/{len(dl)}",
-                    " / ".join(fmt(v) for v in paper) if paper else "",
-                ]
-            )
+        cells = []
+        for rho, cap in sorted({(k[2], k[3]) for k in by_key if k[0] == cname and k[2] is not None}):
+            inters = {k[1]: r for k, r in by_key.items() if k[0] == cname and (k[2], k[3]) == (rho, cap)}
+            cell = _cell(controls, inters, last)
+            if cell["dloss"]:
+                cells.append({"rho": rho, "cap": cap, **cell})
+        base = [tail_means(r, last) for r in controls.values()]
+        configs.append(
+            {
+                "name": cname,
+                "embed_scale": next(r.config["embed_scale"] for k, r in by_key.items() if k[0] == cname),
+                "control_loss": float(np.mean([b[0] for b in base])),
+                "control_r_block": float(np.mean([b[1] for b in base])),
+                "rho_ln": rho_extremes(list(controls.values())),
+                "bumped_layers": sorted(
+                    {n for k, r in by_key.items() if k[0] == cname for n in r.bumped_layers}
+                ),
+                "cells": cells,
+            }
+        )
+    cfg = results[0].config
+    return {
+        "experiment": NAME,
+        "setup": {
+            "every": cfg["measure"]["fp16"],
+            "sample_size": cfg["sample_size"],
+            "d_model": cfg["d_model"],
+            "steps": cfg["steps"],
+            "last": last,
+            "real_data": bool(cfg["data_dir"]),
+        },
+        "configs": configs,
+        "info": run_info(results, finished),
+    }
+
+
+def _cell_row(cell: dict[str, Any], paper: tuple[float, ...] | None) -> list[str]:
+    nb, when, top = cell["n_bumped"], cell["when"], cell["eps_to"]
+    bumps = (
+        f"{np.mean(nb):.1f} (max {max(nb)}); steps {min(when)}–{max(when)}, {len(when)} bumps, "
+        f"largest ε {fmt(max(top))}"
+        if when
+        else "0"
+    )
+    return [
+        str(cell["rho"]),
+        str(cell["cap"]),
+        fmt(float(np.mean(cell["dloss"]))),
+        fmt(sd(cell["dloss"])),
+        fmt(float(np.mean(cell["dr"]))),
+        fmt(sd(cell["dr"])),
+        str(len(cell["dloss"])),
+        bumps,
+        f"{cell['identical']}/{len(cell['dloss'])}",
+        " / ".join(fmt(v) for v in paper) if paper else "",
+    ]
+
+
+def render(summary: dict[str, Any]) -> str:
+    """Markdown: per configuration its controls, then one row per (ρ*, cap) cell."""
+    setup = summary["setup"]
+    out = []
+    for c in summary["configs"]:
+        rows = [
+            _cell_row(cell, PAPER.get((cell["rho"], cell["cap"])) if c["name"] == "paper" else None)
+            for cell in c["cells"]
+        ]
         title = (
             "the paper's Tiny-ViT"
-            if cname == "paper"
-            else f"**ours, not in the paper**: token embedding × {scale} (ε-dominated first block)"
+            if c["name"] == "paper"
+            else f"**ours, not in the paper**: token embedding × {c['embed_scale']} (ε-dominated first block)"
         )
-        ctrl_list = list(controls.values())
-        base = [tail_means(r, last) for r in ctrl_list]
+        rho = c["rho_ln"]
+        rho_text = (
+            "ρ_LN not logged"
+            if rho is None
+            else f"min over blocks of ρ_LN (FP16 ε_mach) in the controls: first measured step "
+            f"{fmt(rho['first_min'])}…{fmt(rho['first_max'])}, lowest over the run {fmt(rho['lowest'])}"
+        )
         out += [
-            f"**{cname}** — {title}. Control tail loss {fmt(float(np.mean([b[0] for b in base])))}, "
-            f"control tail r_block {fmt(float(np.mean([b[1] for b in base])))} (means over seeds). "
-            f"{rho_summary(ctrl_list)}.",
-            f"Layers bumped in any run: {', '.join(f'`{n}`' for n in sorted(layers)) or 'none'}.",
+            f"**{c['name']}** — {title}. Control tail loss {fmt(c['control_loss'])}, "
+            f"control tail r_block {fmt(c['control_r_block'])} (means over seeds). {rho_text}.",
+            f"Layers bumped in any run: {', '.join(f'`{n}`' for n in c['bumped_layers']) or 'none'}.",
             "",
             markdown_table(
                 [
@@ -193,17 +238,21 @@ def tables(results: list[RunResult], last: int, wall: float | None, command: str
         ]
     head = [
         f"Trained: FP32 (`32-true`). ρ_LN with FP16 ε_mach = {fmt(EPS_MACH['fp16'])}; "
-        f"r_block measured by the FP16 autocast what-if every {any_cfg['measure']['fp16']} steps "
-        f"on {any_cfg['sample_size']} examples. "
-        f"d_model={any_cfg['d_model']}, {any_cfg['steps']} steps, tails over the last {last} steps, "
-        f"{'real CIFAR-10' if any_cfg['data_dir'] else 'synthetic CIFAR-shaped data'}. "
+        f"r_block measured by the FP16 autocast what-if every {setup['every']} steps "
+        f"on {setup['sample_size']} examples. "
+        f"d_model={setup['d_model']}, {setup['steps']} steps, tails over the last {setup['last']} steps, "
+        f"{'real CIFAR-10' if setup['real_data'] else 'synthetic CIFAR-shaped data'}. "
         "Δ = control − intervention (positive: the bump helped), mean and sample std over seeds; "
         "'identical to control' counts seeds whose intervention loss curve equals the control's bit for bit.",
-        provenance(command, wall, results),
-        f"Environment: {environment()}",
+        provenance_line(summary["info"]),
         "",
     ]
     return "\n".join(head + out)
+
+
+def tables(results: list[RunResult], last: int) -> str:
+    """Markdown tables of a set of runs (:func:`summarize`, then :func:`render`)."""
+    return render(summarize(results, last))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -224,13 +273,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default=NAME, help="file stem of the outputs under --out")
     ap.add_argument("--resume", action="store_true", help="keep the runs in <out>/<name>.json, run the rest")
-    ap.add_argument("--tables_only", action="store_true", help="rebuild the table from <out>/<name>.json")
+    ap.add_argument(
+        "--tables_only",
+        action="store_true",
+        help="rebuild from <out>/<name>.json, else <out>/<name>_summary.json",
+    )
     args = ap.parse_args(argv)
-    command = "python examples/paper/exp3_ln_eps.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.quick:
         args.seeds, args.steps, args.d_model, args.rhos, args.caps, args.last = 1, 20, 32, [0.6], [1e-2], 10
+    raw = args.out / f"{args.name}.json"
     if args.tables_only:
-        results, wall = load_raw(args.out / f"{args.name}.json"), None
+        if raw.exists():
+            summary = summarize(load_raw(raw), args.last, raw.stat().st_mtime)
+        else:
+            summary = load_summary(args.out, args.name)
     else:
         small = {"depth": 2, "batch_size": 16, "synthetic_size": 256, "sample_size": 4} if args.quick else {}
         configs = []
@@ -266,9 +322,7 @@ def main(argv: list[str] | None = None) -> None:
             f"Exp-3: {len(configs)} runs, expected wall time "
             f"{eta(len(configs), SECONDS_PER_RUN * args.steps / 195 * (0.05 if args.quick else 1))}"
         )
-        start = time.perf_counter()
         results = []
-        raw = args.out / f"{args.name}.json"
         if args.resume and raw.exists():
             results = load_raw(raw)
             done = {key(r) for r in results}
@@ -279,8 +333,9 @@ def main(argv: list[str] | None = None) -> None:
             save_raw(args.out, args.name, results)
             r = results[-1]
             log(f"{key(r)}: {r.wall_s:.0f} s, bumped {len(r.bumped_layers)} layers")
-        wall = None if args.resume else time.perf_counter() - start
-    md = tables(results, args.last, wall, command)
+        summary = summarize(results, args.last)
+    save_summary(args.out, args.name, summary)
+    md = render(summary)
     (args.out / f"{args.name}.md").write_text(md)
     print(md)
 

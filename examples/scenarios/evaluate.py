@@ -6,6 +6,10 @@
     python examples/scenarios/evaluate.py --quick --out /tmp/scen_quick           # CI: tiny, 1 seed
     python examples/scenarios/evaluate.py --out runs/scenarios_eval --no-train    # re-score the logs
 
+The committed outputs (``examples/scenarios/results/``: ``scores.json``, ``table.md``; the figures in
+``docs/images/``) come from ``--results examples/scenarios/results --figures docs/images``;
+``scripts/sync_result_tables.py`` writes their tables into ``docs/evaluation/scenarios.md``.
+
 Each run goes through the scenario's LightningCLI config (``configs/<scenario>.yaml`` and
 ``configs/<scenario>_control.yaml``) with ``--seed_everything/--model.seed/--data.seed`` set
 to the seed. Then, for every run, the monitor's sampled steps are replayed through the
@@ -39,7 +43,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +76,7 @@ SCENARIOS: dict[str, tuple[str, int, str]] = {
     "eps_norm": ("none", 100, "(c) ε-dominated LayerNorm (embedding std 1e-4); control: std 0.02"),
     "short_warmup": ("loss", 120, "(d) optimizer spike, no warmup (not numerical); control: warmup 100"),
 }
+
 
 def _one(name: str, **changes: Any) -> Callable[[], Alarm]:
     """A fresh alarm of one rule of the rule book (its levels changed by ``changes``)."""
@@ -419,6 +426,45 @@ def _panel_series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- main
 
 
+def save_scores(path: Path, pairs: list[tuple[RunScore, RunScore]], logs: Path) -> None:
+    """``scores.json``: every run's score and where/when the runs were made (KB-sized, committed)."""
+    import platform
+
+    import lightning
+    import torch
+
+    events = list(logs.rglob("events.out.tfevents.*"))
+    finished = max((e.stat().st_mtime for e in events), default=None)
+    info = {
+        "runs": 2 * len(pairs),
+        "logs_finished_utc": None
+        if finished is None
+        else time.strftime("%Y-%m-%d %H:%M", time.gmtime(finished)),
+        "environment": f"torch {torch.__version__}, lightning {lightning.__version__}, "
+        f"{platform.machine()} CPU ({os.cpu_count()} cores)",
+    }
+    body = {"info": info, "pairs": [[asdict(f), asdict(c)] for f, c in pairs]}
+    path.write_text(json.dumps(body, indent=1) + "\n")
+
+
+def load_scores(path: Path) -> tuple[dict[str, Any], list[tuple[RunScore, RunScore]]]:
+    """Inverse of :func:`save_scores`: ``(info, pairs)``."""
+    body = json.loads(path.read_text())
+    info, raw = (body["info"], body["pairs"]) if isinstance(body, dict) else ({}, body)
+
+    def score(d: dict[str, Any]) -> RunScore:
+        d = dict(d)
+        d["alarms"] = {k: [(int(a), b) for a, b in v] for k, v in d["alarms"].items()}
+        return RunScore(**d)
+
+    return info, [(score(f), score(c)) for f, c in raw]
+
+
+def tables(pairs: list[tuple[RunScore, RunScore]]) -> str:
+    """``table.md``: one row per (scenario, seed), then one row per rule."""
+    return markdown_table(pairs) + "\n\n" + rule_summary(pairs) + "\n"
+
+
 def main(argv: list[str] | None = None) -> str:
     """Run (unless ``--no-train``), score, write ``table.md``, ``scores.json`` and one figure per scenario."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -428,6 +474,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--quick", action="store_true", help="tiny model, 30 steps, seed 0 only (CI)")
     p.add_argument("--no-train", action="store_true", help="score the logs already under --out")
     p.add_argument("--figures", type=Path, default=None, help="where the PNGs go (default: --out)")
+    p.add_argument(
+        "--results", type=Path, default=None, help="where table.md and scores.json go (default: --out)"
+    )
     a = p.parse_args(argv)
     seeds = [0] if a.quick else a.seeds
     pairs: list[tuple[RunScore, RunScore]] = []
@@ -448,13 +497,13 @@ def main(argv: list[str] | None = None) -> str:
         fig_dir = a.figures or a.out
         fig_dir.mkdir(parents=True, exist_ok=True)
         plot_scenario(scenario, per_seed, fig_dir / f"scenario_{scenario}.png")
-    table = markdown_table(pairs)
-    a.out.mkdir(parents=True, exist_ok=True)
-    summary = rule_summary(pairs)
-    (a.out / "table.md").write_text(table + "\n\n" + summary + "\n")
-    (a.out / "scores.json").write_text(json.dumps([[asdict(f), asdict(c)] for f, c in pairs], indent=1))
-    print(table + "\n\n" + summary)
-    return table
+    results = a.results or a.out
+    results.mkdir(parents=True, exist_ok=True)
+    text = tables(pairs)
+    (results / "table.md").write_text(text)
+    save_scores(results / "scores.json", pairs, a.out)
+    print(text)
+    return markdown_table(pairs)
 
 
 if __name__ == "__main__":

@@ -367,7 +367,7 @@ def _actions(actions: list[dict[str, Any]], tau: float) -> str:
 
 
 def markdown_table(scores: list[GuardScore], margin: float, tau: float) -> str:
-    """The README table: one row per (scenario, seed)."""
+    """The results table of docs/evaluation/guard.md: one row per (scenario, seed)."""
     head = [
         "scenario",
         "seed",

@@ -9,7 +9,7 @@ per-call attention values, the raw statistics (:class:`RawKey` records) and thei
 reduction, the :class:`~lightning_stability.stability_report.BlockReport` /
 :class:`~lightning_stability.stability_report.StabilityReport` fields and their logged tags
 (:func:`tag`, read back by :func:`parse_tag`), the TensorBoard custom-scalars layout, and the
-metric tables of README.md and docs/DESIGN.md (``python -m lightning_stability.metrics`` prints
+metric tables of docs/metrics.md and docs/DESIGN.md (``python -m lightning_stability.metrics`` prints
 the table; a test compares).
 
 Plain Python: importable by every layer, no torch, no Lightning.
@@ -511,7 +511,7 @@ def parse_tag(text: str, prefix: str = "stability") -> Tag | None:
 
 
 def markdown_table() -> str:
-    """The metric table of README.md and docs/DESIGN.md, generated from :data:`METRICS`."""
+    """The metric table of docs/metrics.md and docs/DESIGN.md, generated from :data:`METRICS`."""
     rows = [
         "| tag | level | over heads | over examples | model roll-up | across ranks | meaning |",
         "|---|---|---|---|---|---|---|",

@@ -50,6 +50,17 @@ def test_exp1_quick_measures_three_precisions_and_regresses(tmp_path: Path, comm
     assert "Table 2, mixed precision" in md and "Within BF16 only" in md
     row = next(line for line in md.splitlines() if line.startswith("| combined·ε_mach |"))
     assert row.split("|")[6].strip() == "4"  # 2 seeds x {BF16, FP16} points in the mixed regression
+    assert "Within one width and one precision" in md
+    _tables_rebuild_from_the_summary_alone(exp1, tmp_path, "exp1")
+
+
+def _tables_rebuild_from_the_summary_alone(module: ModuleType, out: Path, name: str) -> None:
+    """The committed summary is enough: without the raw runs, --tables_only writes the same tables."""
+    md = (out / f"{name}.md").read_text()
+    (out / f"{name}.json").unlink()
+    (out / f"{name}.md").unlink()
+    module.main(["--tables_only", "--out", str(out)])
+    assert (out / f"{name}.md").read_text() == md
 
 
 def test_exp2_quick_lead_lag_rows(tmp_path: Path, common: ModuleType) -> None:
@@ -70,6 +81,8 @@ def test_exp2_quick_lead_lag_rows(tmp_path: Path, common: ModuleType) -> None:
         lag, p = rows[0][3].strip(), float(rows[0][5])
         assert lag == "—" or abs(int(float(lag))) <= 10
         assert 1 / 51 <= p <= 1.0
+    assert "The two series over the run" in md
+    _tables_rebuild_from_the_summary_alone(exp2, tmp_path, "exp2")
 
 
 def test_exp3_quick_matched_control_and_bumps(tmp_path: Path, common: ModuleType) -> None:
@@ -88,3 +101,4 @@ def test_exp3_quick_matched_control_and_bumps(tmp_path: Path, common: ModuleType
     assert ours_int.loss != ours_ctrl.loss
     md = (tmp_path / "exp3.md").read_text()
     assert "ours, not in the paper" in md and math.isfinite(exp3.tail_means(ours_int, 10)[0])
+    _tables_rebuild_from_the_summary_alone(exp3, tmp_path, "exp3")

@@ -69,8 +69,12 @@ def test_evaluate_quick_end_to_end(tmp_path: Path) -> None:
     rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
     assert [r.split("|")[1].strip().rstrip("\\*") for r in rows] == ["logit_growth", "short_warmup"]
     assert (out / "scenario_logit_growth.png").stat().st_size > 10_000
-    scores = json.loads((out / "scores.json").read_text())
-    fail, ctrl = scores[0]
+    body = json.loads((out / "scores.json").read_text())
+    assert body["info"]["runs"] == 4 and body["info"]["logs_finished_utc"]
+    fail, ctrl = body["pairs"][0]
+    # the committed outputs are enough: table.md is rebuilt from scores.json alone
+    _, pairs = evaluate.load_scores(out / "scores.json")
+    assert evaluate.tables(pairs) == (out / "table.md").read_text()
     assert (fail["scenario"], fail["control"], ctrl["control"]) == ("logit_growth", False, True)
     # the replay saw the monitor's signals (κ_softmax is logged by this monitor version)
     assert fail["available"]["paper z(κ_softmax)>1.5"] and fail["available"]["entropy<0.1"]

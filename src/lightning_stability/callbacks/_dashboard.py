@@ -51,7 +51,7 @@ SUB_RUN = "block{}"
 #: Text tag of the block index → module name map.
 BLOCK_MAP_TAG = "stability/blocks"
 
-#: Short phrases for chart titles (the full doc line is in README's metric table).
+#: Short phrases for chart titles (the full doc line is in the metric table, docs/metrics.md).
 _PHRASE = {
     "r_local": "the block's own error (its exact input, run in low precision)",
     "r_block": "propagated error at the block output",

@@ -63,7 +63,7 @@ class StabilityMonitor(Callback):
             bf16 or fp16: that autocast, so an FP32 run can ask "what would BF16 do?";
             fp32: plain FP32.
         blocks: name patterns of the blocks, e.g. [model.h.*] (* stays within one name
-            segment, ** spans segments); None finds the repeated layers (README: block detection).
+            segment, ** spans segments); None finds the repeated layers (docs/guide/models.md).
         log_per_head: also log stability/block{i}/head{h}/<name>.
         seed: seed of the private generator choosing the sampled examples.
         probe: what the probe measures (ProbeOptions: head_reduction, batch_reduction,

@@ -47,7 +47,7 @@ class ProbeOptions:
         local_errors: measure r_local / r_attention_local / r_ffn_local (each block and
             sub-layer run once more in the low precision on its exact FP32 input).
         balanced_mass: also log theta, the balanced-mass factor of the attention rows
-            (exact subset-mass search: costly, see the README; off by default).
+            (exact subset-mass search: costly, docs/guide/functions.md; off by default).
         reuse_weight_spectra: keep a copy of every conditioned weight (W_O, FFN, Q/K) and reuse
             its singular values while the weight is bitwise equal to the copy (frozen layers,
             fine-tuning a few blocks); the logged numbers are the same. Costs one copy of those

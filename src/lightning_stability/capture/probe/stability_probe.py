@@ -41,12 +41,12 @@ class StabilityProbe:
         local_errors: run every block (and its attention / FFN sub-layers) a second time in the
             low precision on its exact FP32 input (``r_local``…); ``False`` skips that cost.
         balanced_mass: also compute the balanced-mass factor ``θ(p)`` of every attention row
-            (``theta``); exact subset-mass search, costly (see README), so off by default.
+            (``theta``); exact subset-mass search, costly (``docs/guide/functions.md``), so off by default.
         reuse_weight_spectra: keep a copy of every conditioned weight and reuse its spectrum
             (``‖W_O‖₂``, ``κ``, ``κ(W_Kᵀ W_Q)``) at a later measurement if the weight is bitwise
             equal to the copy (exact: the same numbers as recomputing). Pays off only for weights
             that do not move (frozen layers, a base model under adapters): in training every
-            step moves every weight (README, *Cost of the probe's own work*). Costs one copy of
+            step moves every weight. Costs one copy of
             those weights in memory, so off by default.
     """
 
