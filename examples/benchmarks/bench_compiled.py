@@ -345,7 +345,7 @@ def _ms(seconds: float) -> str:
 
 
 def render(result: dict[str, Any]) -> str:
-    """The targets table and the sampled step's parts of a result, as Markdown (docs/PERFORMANCE.md)."""
+    """The targets table and the sampled step's parts of a result, as Markdown (docs/compiled.md)."""
     key = result["sampled"]["key"]
     s, p = result["sampled"], result["sampled"]["parts_s"]
     lines = [

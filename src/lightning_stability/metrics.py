@@ -151,7 +151,8 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "attn_logit_max",
         "head",
-        "max of |scale·q·kᵀ + bias| over query rows and attended keys, exact pass",
+        "max of |S| over query rows and attended keys, S the logits the softmax sees"
+        " (scale·q·kᵀ + bias, soft-capped c·tanh(·/c) where the model caps), exact pass",
         heads="max",
         examples="max",
         calls="max",

@@ -42,7 +42,7 @@ def test_bench_compiled_quick(tmp_path: Path) -> None:
         assert n["ops"] > n["host_syncs"] > 0
     for name in ("probe_measure/on", "attention_diagnostics/off", "kappa_v", "weight_spectra"):
         assert sampled["parts_s"][f"part/{name}/cpu"] > 0, name
-    table = bench.render(data)  # the Markdown of docs/PERFORMANCE.md
+    table = bench.render(data)  # the Markdown of docs/compiled.md
     assert "| `kappa_softmax` / softmax, n = 16" in table and "| kappa v |" in table
     for key in ("every_1/on/ratio", "every_1_no_local/off/ratio", "floor_ratio"):
         assert math.isfinite(data["fits"][key]) and data["fits"][key] > 0

@@ -10,7 +10,7 @@ cost.
 Where :mod:`._compiled` allows it, the same stages run as two compiled kernels: the row pass with
 every bound on every row (:func:`_fused_rows`), and the exact solve of the survivors with a
 fixed number of Newton steps; only the data-dependent steps (which rows survive, their gather)
-run eagerly between them. Both paths give the exact maximum (docs/PERFORMANCE.md).
+run eagerly between them. Both paths give the exact maximum (docs/compiled.md).
 """
 
 from __future__ import annotations
