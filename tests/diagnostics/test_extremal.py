@@ -1,4 +1,4 @@
-"""Extreme singular values with error bounds (``diagnostics.spectra``) against float64 ``svdvals``.
+"""Extreme singular values with error bounds (``diagnostics.extremal``) against float64 ``svdvals``.
 
 Every route is checked on the same cases: the value is within its reported bound of the true
 singular value, the bound meets the tolerance where the route claims it, and κ = σmax/σmin is
@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from lightning_stability.diagnostics import spectra
-from lightning_stability.diagnostics.spectra import (
+from lightning_stability.diagnostics import extremal
+from lightning_stability.diagnostics.extremal import (
     KRYLOV_MIN_N,
     MIXED_MIN_N,
     RTOL,
@@ -44,8 +44,8 @@ def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     """Run a test on the dense routes, and again with every matrix of 16+ columns on the
     iterative ones (Krylov σmax, mixed σmin), so small matrices exercise both."""
     low = 10**9 if request.param == "dense" else 16
-    monkeypatch.setattr(spectra, "KRYLOV_MIN_N", low)
-    monkeypatch.setattr(spectra, "MIXED_MIN_N", low)
+    monkeypatch.setattr(extremal, "KRYLOV_MIN_N", low)
+    monkeypatch.setattr(extremal, "MIXED_MIN_N", low)
     return str(request.param)
 
 
@@ -79,8 +79,9 @@ def test_gaussian_matrices(route: str, m: int, n: int) -> None:
 
 def test_gaussian_matrices_at_the_default_thresholds() -> None:
     """Sizes past the default thresholds (Krylov σmax, mixed σmin) without patching them."""
-    assert 520 >= MIXED_MIN_N >= KRYLOV_MIN_N
-    w = torch.randn(2, 700, 520, generator=gen(1), dtype=F64) / 30
+    n = MIXED_MIN_N
+    assert n >= KRYLOV_MIN_N
+    w = torch.randn(1, n + 200, n, generator=gen(1), dtype=F64) / math.sqrt(n)
     check_both(w)
     check_both(w.mT)
     check_top(w)
@@ -156,7 +157,7 @@ def test_a_singular_vector_orthogonal_to_a_fixed_start_block_is_still_found(rout
     seeded by a hash of the matrix, so a matrix built against any fixed block is still solved
     (the top singular vector here is orthogonal to the block a fixed seed would give)."""
     n = 300
-    fixed = torch.randn(spectra.BLOCK, n, generator=gen(spectra.SEED), dtype=F64)
+    fixed = torch.randn(extremal.BLOCK, n, generator=gen(extremal.SEED), dtype=F64)
     basis = torch.linalg.qr(fixed.T).Q
     v1 = torch.randn(n, generator=gen(1), dtype=F64)
     v1 = v1 - basis @ (basis.T @ v1)
@@ -235,8 +236,8 @@ def test_iterative_routes_certify_without_falling_back(
 ) -> None:
     """Gaussian and moderately conditioned matrices are certified by the iterative routes
     themselves: the dense and SVD fallbacks are never called."""
-    monkeypatch.setattr(spectra, "KRYLOV_MIN_N", 16)
-    monkeypatch.setattr(spectra, "MIXED_MIN_N", 16)
+    monkeypatch.setattr(extremal, "KRYLOV_MIN_N", 16)
+    monkeypatch.setattr(extremal, "MIXED_MIN_N", 16)
 
     def forbidden(x: torch.Tensor) -> None:
         raise AssertionError(f"fell back on {tuple(x.shape)}")
@@ -246,8 +247,37 @@ def test_iterative_routes_certify_without_falling_back(
     else:
         w = with_spectrum(torch.logspace(0, -math.log10(kappa), 300, dtype=F64), 400, seed=22, batch=3)
     check = (w, w.mT)
-    monkeypatch.setattr(spectra, "_dense", forbidden)
-    monkeypatch.setattr(spectra, "_svd", forbidden)
+    monkeypatch.setattr(extremal, "_dense", forbidden)
+    monkeypatch.setattr(extremal, "_svd", forbidden)
     for x in check:
         check_both(x)
         check_top(x)
+
+
+def test_weight_extremes_many_mixed_shapes_needs_and_non_finite_weights() -> None:
+    """The probe's entry point: mixed shapes (wide ones taken tall), σmin only where asked,
+    non-finite weights flagged as (inf, 0), float32 weights as their exact float64 values."""
+    from lightning_stability.diagnostics.linear import weight_extremes_many
+
+    g = gen(30)
+    mats = [
+        torch.randn(300, 200, generator=g) / 15,
+        torch.randn(200, 300, generator=g) / 15,
+        torch.randn(200, 200, generator=g, dtype=F64) / 15,
+        torch.randn(40, 30, generator=g),
+        torch.randn(300, 200, generator=g) / 15,
+    ]
+    bad = mats[0].clone()
+    bad[3, 4] = float("nan")
+    mats.append(bad)
+    need = [True, True, False, True, False, True]
+    out = weight_extremes_many(mats, need)
+    for (hi, lo), m, want in zip(out[:-1], mats[:-1], need[:-1], strict=True):
+        ref = torch.linalg.svdvals(m.to(F64))
+        assert abs(hi - ref[0]) <= RTOL * ref[0]
+        if want:
+            assert abs(lo - ref[-1]) <= RTOL * ref[-1]
+        else:
+            assert lo.isnan()
+    assert out[-1][0] == math.inf and out[-1][1] == 0.0
+    assert weight_extremes_many([], []) == []

@@ -52,11 +52,18 @@ RTOL = 1e-5
 KRYLOV_MIN_N = 128
 #: Matrices with at least this many columns (tall orientation) take the mixed route for
 #: ``σmin`` (float32 Gram and Krylov, float64 certificate); smaller ones the dense route.
-MIXED_MIN_N = 512
+MIXED_MIN_N = 1024
+#: The mixed route searches the bottom only where the float32 Gram's relative rounding at the
+#: bottom, ``√m·ε₃₂·κ²`` with κ bounded from below, stays below this: beyond it the float32
+#: subspace cannot carry ``σmin`` to the tolerance, and the matrix goes to the dense route at once.
+MIXED_FLOOR = 1e-2
 #: Key of the hash that seeds each matrix's Krylov start block (:func:`_start`).
 SEED = 0x5EED
 
 _EPS = torch.finfo(torch.float64).eps
+
+#: ``(σmax, σmin, err_max, err_min)``, each ``(G,)`` float64.
+Extremes = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 def tall(w: Tensor) -> Tensor:
@@ -104,7 +111,7 @@ def _sqrt_bracket(lam: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     return root, torch.maximum(up, down)
 
 
-def _dense(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _dense(w: Tensor) -> Extremes:
     """Dense route on a tall float64 stack: ``(σmax, σmin, err_max, err_min)``."""
     _, m, n = w.shape
     lam = torch.linalg.eigvalsh(gram(w))
@@ -115,7 +122,7 @@ def _dense(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return smax, smin, err_max, err_min
 
 
-def _svd(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _svd(w: Tensor) -> Extremes:
     """``svdvals`` route: ``(σmax, σmin, err, err)`` with the backward-stability bound."""
     _, m, n = w.shape
     s = torch.linalg.svdvals(w)
@@ -123,7 +130,7 @@ def _svd(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return s[..., 0], s[..., -1], err, err
 
 
-def certify(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def certify(w: Tensor, basis: Tensor) -> Extremes:
     """Rayleigh–Ritz of ``W`` on ``span(basis)`` in float64, with a residual bound per end.
 
     Args:
@@ -194,6 +201,7 @@ def krylov_top(
     max_dim: int,
     check: int = 2,
     inverse_of: Callable[[Tensor], Tensor] | None = None,
+    hopeless: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Block Krylov with full reorthogonalization for the top eigenpairs of a symmetric PSD operator.
 
@@ -211,6 +219,8 @@ def krylov_top(
             is then judged on it, for the eigenvalue ``1/θ``. A small residual for ``A⁻¹`` can
             hide a large one for ``A`` (components along ``A``'s large eigenvalues are damped in
             the first and amplified in the second), and the certificate is ``A``'s.
+        hopeless: ``θ ↦`` mask of the matrices not worth iterating on, given their current top
+            Ritz values ``(G,)`` (they stop counting towards the stopping test).
 
     Returns:
         ``(θ, vectors)``: the ``b`` largest Ritz values, descending ``(G, b)``, and their
@@ -237,6 +247,8 @@ def krylov_top(
             gap = (lam[..., 0] - lam[..., 1]).abs() - res[..., 1]
             quad = torch.where(gap > res[..., 0], res[..., 0].square() / gap.clamp_min(1e-300), math.inf)
             done = torch.minimum(res[..., 0], quad) <= rtol * lam[..., 0]
+            if hopeless is not None:
+                done |= hopeless(theta[..., 0])
             if last or bool(done.all()):
                 return theta, z.mT @ basis
         q = _next_block(images[-1], basis)
@@ -286,30 +298,57 @@ def largest_singular_value(
     return smax, err
 
 
-def _gram32(x: Tensor, rtol: float, block: int, max_dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _gram32(x: Tensor, rtol: float, block: int, max_dim: int) -> Extremes:
     """Mixed route on a tall float64 stack: float32 Gram, Cholesky, block Krylov on the Gram (top)
     and on its inverse (bottom), then both ends certified in float64 (:func:`certify`).
 
-    The float32 Gram squares κ into its rounding (``√m·ε₃₂·κ²`` relative at the bottom), so it
-    only finds the subspaces; the values and bounds are float64. A matrix whose float32 Gram is
-    not positive definite gets ``err = inf`` (the caller redoes it)."""
-    n = x.shape[-1]
+    The float32 Gram squares κ into its rounding (about ``√m·ε₃₂·κ²`` relative at the bottom),
+    so it only finds the subspaces; the values and bounds are float64. A lower bound on κ rules
+    out the matrices whose float32 Gram cannot resolve ``σmin`` (:data:`MIXED_FLOOR`), early:
+    ``λmax`` is above the top Ritz value of two Krylov blocks, ``λmin`` below each squared
+    Cholesky pivot ``L_ii²`` and below ``1/θ`` for every Ritz value ``θ`` of the inverse,
+    checked as its search goes. Those, and
+    the matrices whose Gram is not positive definite in float32, are returned as NaN (the
+    caller redoes them)."""
+    m = x.shape[-2]
     c = gram(x.to(torch.float32))
     chol, info = torch.linalg.cholesky_ex(c)
-    failed = info != 0
-    if bool(failed.any()):  # keep the batch finite: those matrices are redone anyway
-        chol[failed] = torch.eye(n, dtype=chol.dtype, device=chol.device)
     start = _start(x, block, torch.float32)
-    _, top = krylov_top(lambda r: r @ c, start, 2 * rtol, max_dim)
-    _, bottom = krylov_top(
-        lambda r: torch.cholesky_solve(r.mT, chol).mT, start, 2 * rtol, max_dim, inverse_of=lambda r: r @ c
+    # κ² ≥ θ_top·θ for θ any lower bound on 1/λmin; θ_top: a Ritz value of two Krylov blocks (≤ λmax)
+    rough = krylov_top(lambda r: r @ c, start, math.inf, 2 * block)[0][..., 0]
+    floor = math.sqrt(m) * torch.finfo(torch.float32).eps * rough.to(torch.float64)
+
+    def hopeless(inv_theta: Tensor) -> Tensor:
+        return floor * inv_theta.to(torch.float64) > MIXED_FLOOR
+
+    pivots = chol.diagonal(dim1=-2, dim2=-1).square().amin(-1).to(torch.float64)  # each ≥ λmin
+    keep = (info == 0) & ~hopeless(1.0 / pivots.clamp_min(1e-300))
+    nan = torch.full((x.shape[0],), math.nan, dtype=torch.float64, device=x.device)
+    out = (nan.clone(), nan.clone(), nan.clone(), nan.clone())
+    if not bool(keep.any()):
+        return out
+    c, chol, floor, start = c[keep], chol[keep], floor[keep], start[keep]
+    inv_theta, bottom = krylov_top(
+        lambda r: torch.cholesky_solve(r.mT, chol).mT,
+        start,
+        2 * rtol,
+        max_dim,
+        inverse_of=lambda r: r @ c,
+        hopeless=hopeless,
     )
-    smax, smin, err_max, err_min = certify(x, torch.cat([top, bottom], -2).mT)
-    inf = torch.full_like(err_min, math.inf)
-    return smax, smin, torch.where(failed, inf, err_max), torch.where(failed, inf, err_min)
+    worth = ~hopeless(inv_theta[..., 0])
+    solved = keep.clone()
+    solved[keep] = worth
+    if not bool(worth.any()):
+        return out
+    c, bottom = c[worth], bottom[worth]
+    _, top = krylov_top(lambda r: r @ c, start[worth], 2 * rtol, max_dim)
+    for t, v in zip(out, certify(x[solved], torch.cat([top, bottom], -2).mT), strict=True):
+        t[solved] = v
+    return out
 
 
-def singular_value_bounds(w: Tensor, rtol: float = RTOL) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def singular_value_bounds(w: Tensor, rtol: float = RTOL) -> Extremes:
     """``σmax`` and ``σmin`` of each matrix of ``(G, m, n)`` with error bounds.
 
     The dense route (float64 Gram eigenvalues), with the matrices whose bound exceeds ``rtol``
@@ -333,15 +372,13 @@ def singular_value_bounds(w: Tensor, rtol: float = RTOL) -> tuple[Tensor, Tensor
         zero = x.new_zeros(x.shape[0])
         return zero, zero, zero, zero
     mixed = x.shape[-1] >= MIXED_MIN_N
-    out = _redo(_gram32(x, rtol, BLOCK, 512), x, rtol, _dense) if mixed else _dense(x)
+    max_dim = 64 + 2 * round(x.shape[-1] ** (2 / 3))
+    out = _redo(_gram32(x, rtol, BLOCK, max_dim), x, rtol, _dense) if mixed else _dense(x)
     return _redo(out, x, rtol, _svd)
 
 
-Extremes = tuple[Tensor, Tensor, Tensor, Tensor]
-
-
 def _redo(out: Extremes, x: Tensor, rtol: float, route: Callable[[Tensor], Extremes]) -> Extremes:
-    """``out`` with the matrices whose bounds exceed ``rtol`` relative recomputed by ``route``."""
+    """``out`` with the matrices whose bounds exceed ``rtol`` relative (or are NaN) redone by ``route``."""
     redo = ~((out[3] <= rtol * out[1]) & (out[2] <= rtol * out[0]))
     if not bool(redo.any()):
         return out
