@@ -15,7 +15,12 @@ CPU seconds of the process, for a busy machine):
 - ``no_local``: the same with ``local_errors=False``;
 - ``frozen``: the same with ``reuse_weight_spectra=True`` on unchanged weights (the weight terms
   read from the kept spectra: ``sampled − frozen`` is what the weight terms cost);
-- ``passes``: the FP32 and the low-precision forward of the sample alone.
+- ``fp32_pass``, ``lp_pass``: the exact FP32 and the low-precision forward of the sample alone
+  (no hooks: what the probe's two passes cost before any capture).
+
+The parts of a sampled step follow: weight terms ``sampled − frozen``, local errors
+``sampled − no_local``, the rest (capture, attention diagnostics, statistics, logging)
+``frozen − fp32_pass − lp_pass − local errors``.
 
 Memory: ``peak_extra_bytes`` — the largest amount of tensor memory allocated during the step
 above what was allocated before it (``bench_overhead``'s dispatch-mode tracker), for a training
@@ -148,13 +153,24 @@ class Setup:
 
         return run
 
-    def passes(self) -> None:
-        mon = self.monitors["sampled"]
-        with torch.no_grad(), eval_mode(self.lm):
-            with mon._low_precision(self.trainer, self.lm):
-                self.lm(self.x)
-            with exact_fp32(self.lm):
-                self.lm(self.x)
+    def close(self) -> None:
+        """Close the loggers' and dashboards' writers (before their directory goes)."""
+        for mon in self.monitors.values():
+            mon.teardown(self.trainer, self.lm, "fit")
+        for logger in self.trainer.loggers:
+            logger.finalize("success")
+
+    def lp_pass(self) -> None:
+        with (
+            torch.no_grad(),
+            eval_mode(self.lm),
+            self.monitors["sampled"]._low_precision(self.trainer, self.lm),
+        ):
+            self.lm(self.x)
+
+    def fp32_pass(self) -> None:
+        with torch.no_grad(), eval_mode(self.lm), exact_fp32(self.lm):
+            self.lm(self.x)
 
 
 def peak_rss() -> int:
@@ -175,7 +191,11 @@ def measure_one(cfg: dict[str, Any], reps: int, batch: int, sample: int) -> dict
     with tempfile.TemporaryDirectory() as log_dir, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         s = Setup(cfg["d"], cfg["layers"], cfg["seq"], batch, sample, log_dir)
-        fns: dict[str, Callable[[], None]] = {"train": s.train, "passes": s.passes}
+        fns: dict[str, Callable[[], None]] = {
+            "train": s.train,
+            "fp32_pass": s.fp32_pass,
+            "lp_pass": s.lp_pass,
+        }
         fns.update({name: s.monitor(name) for name in s.monitors})
         for fn in fns.values():  # warm up (allocator, optimizer state, kept spectra)
             fn()
@@ -191,6 +211,7 @@ def measure_one(cfg: dict[str, Any], reps: int, batch: int, sample: int) -> dict
                 times[name].append(clock() - t0)
         out = {k: statistics.median(v) for k, v in times.items()}
         memory = {"train": tracked_peak(s.train), "sampled": tracked_peak(s.monitor("sampled"))}
+        s.close()
     return {
         **cfg,
         "params": params(cfg["d"], cfg["layers"]),
@@ -233,8 +254,11 @@ def derived(row: dict[str, Any]) -> dict[str, float]:
         "sampled_over_train": (t["train"] + t["sampled"]) / t["train"],
         "weights": max(t["sampled"] - t["frozen"], 0.0),
         "local_errors": max(t["sampled"] - t["no_local"], 0.0),
-        "passes": t["passes"],
-        "rest": max(t["frozen"] - t["passes"] - max(t["sampled"] - t["no_local"], 0.0), 0.0),
+        "fp32_pass": t["fp32_pass"],
+        "lp_pass": t["lp_pass"],
+        "rest": max(
+            t["frozen"] - t["fp32_pass"] - t["lp_pass"] - max(t["sampled"] - t["no_local"], 0.0), 0.0
+        ),
         "peak_extra_sampled": float(row["peak_extra_bytes"]["sampled"]),
         "peak_extra_train": float(row["peak_extra_bytes"]["train"]),
     }
@@ -276,14 +300,14 @@ def configs(args: argparse.Namespace) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]]) -> None:
     print(
         f"{'axis':6s} {'d':>5s} {'L':>3s} {'n':>5s} {'params':>7s} {'train':>7s} {'monitor':>8s} "
-        f"{'ratio':>6s} {'weights':>8s} {'local':>6s} {'passes':>7s} {'rest':>6s} {'peak MiB':>9s}"
+        f"{'ratio':>6s} {'weights':>8s} {'local':>6s} {'fp32':>7s} {'lp':>6s} {'rest':>6s} {'peak MiB':>9s}"
     )
     for r in rows:
         p = derived(r)
         print(
             f"{r['axis']:6s} {r['d']:5d} {r['layers']:3d} {r['seq']:5d} {r['params'] / 1e6:6.0f}M "
             f"{p['train']:7.2f} {p['monitor']:8.2f} {p['sampled_over_train']:6.2f} {p['weights']:8.2f} "
-            f"{p['local_errors']:6.2f} {p['passes']:7.2f} {p['rest']:6.2f} "
+            f"{p['local_errors']:6.2f} {p['fp32_pass']:7.2f} {p['lp_pass']:6.2f} {p['rest']:6.2f} "
             f"{p['peak_extra_sampled'] / 2**20:9.0f}"
         )
 
