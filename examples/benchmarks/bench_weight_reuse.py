@@ -19,7 +19,7 @@ step for ``n = 1`` and every ``n``-th step otherwise.
   residual bound, two passes over ``W``): reused when both ends certify to 1e-5 relative.
 
 Printed and written (``--out``): per kind and interval, the fraction of (weight, sampled step)
-pairs each rule would have reused.
+pairs each rule would have reused, and the smallest and median relative bound the Weyl rules give.
 
     python examples/benchmarks/bench_weight_reuse.py [--steps 400] [--quick] [--out FILE.json]
 """
@@ -94,23 +94,24 @@ def weyl_rel(smax: float, smin: float, delta: float) -> float:
     return max((1 + delta / smax) / (1 - delta / smin) - 1, 1 - (1 - delta / smax) / (1 + delta / smin))
 
 
-def judge(name: str, state: dict[str, Any], w: Tensor) -> dict[str, bool]:
+def judge(name: str, state: dict[str, Any], w: Tensor) -> dict[str, tuple[bool, float]]:
+    """Per rule, (reusable, the relative bound it gives; NaN for the subspace rule)."""
     diff = w - state["w"]
     fro, two = float(torch.linalg.matrix_norm(diff)), float(torch.linalg.matrix_norm(diff, ord=2))
     kinds = ("kappa",) if not name.startswith("wo") else ("kappa", "norm")
-    out: dict[str, bool] = {}
+    out: dict[str, tuple[bool, float]] = {}
     for kind in kinds:
         smax, smin = state["smax"], state["smin"]
         rel_f = fro / smax if kind == "norm" else weyl_rel(smax, smin, fro)
         rel_2 = two / smax if kind == "norm" else weyl_rel(smax, smin, two)
-        out[f"{kind}/weyl_fro"] = rel_f <= TOLERANCE
-        out[f"{kind}/weyl_exact_norm"] = rel_2 <= TOLERANCE
+        out[f"{kind}/weyl_fro"] = (rel_f <= TOLERANCE, rel_f)
+        out[f"{kind}/weyl_exact_norm"] = (rel_2 <= TOLERANCE, rel_2)
     if not name.startswith("wkwq"):  # the product has rank d_head: its σmin is not an end
         hi, lo, e_hi, e_lo = certify(w[None], state["vectors"][None])
         ok_hi = bool(e_hi[0] <= 1e-5 * hi[0])
-        out["kappa/subspace"] = ok_hi and bool(e_lo[0] <= 1e-5 * lo[0])
+        out["kappa/subspace"] = (ok_hi and bool(e_lo[0] <= 1e-5 * lo[0]), math.nan)
         if name.startswith("wo"):
-            out["norm/subspace"] = ok_hi
+            out["norm/subspace"] = (ok_hi, math.nan)
     return out
 
 
@@ -161,8 +162,17 @@ def train(cfg: argparse.Namespace) -> list[dict[str, Any]]:
             current = weights(model, heads)
         for n in due:
             for name, w in current.items():
-                for rule, ok in judge(name, kept[step - n][name], w).items():
-                    rows.append({"step": step, "interval": n, "weight": name, "rule": rule, "reuse": ok})
+                for rule, (ok, bound) in judge(name, kept[step - n][name], w).items():
+                    rows.append(
+                        {
+                            "step": step,
+                            "interval": n,
+                            "weight": name,
+                            "rule": rule,
+                            "reuse": ok,
+                            "bound": bound,
+                        }
+                    )
         if step in needed:
             kept[step] = {name: kept_state(name, w, dh) for name, w in current.items()}
         for old in [t for t in kept if all(t + n not in judged[n] or t + n <= step for n in INTERVALS)]:
@@ -172,15 +182,21 @@ def train(cfg: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    groups: dict[str, list[bool]] = {}
+def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per kind, rule and interval: the reusable fraction and the bound's quantiles."""
+    out: dict[str, dict[str, float]] = {}
+    groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        key = f"{r['weight'].split('/')[0]}/{r['rule']}/every_{r['interval']}"
-        groups.setdefault(key, []).append(bool(r["reuse"]))
+        groups.setdefault(f"{r['weight'].split('/')[0]}/{r['rule']}/every_{r['interval']}", []).append(r)
     for key in sorted(groups):
-        out[key] = sum(groups[key]) / len(groups[key])
-        print(f"{key:40s} reusable {out[key]:7.2%} of {len(groups[key])}")
+        rs = groups[key]
+        bounds = sorted(float(r["bound"]) for r in rs if not math.isnan(r["bound"]))
+        entry = {"reusable": sum(bool(r["reuse"]) for r in rs) / len(rs), "count": float(len(rs))}
+        if bounds:
+            entry.update(bound_min=bounds[0], bound_median=bounds[len(bounds) // 2])
+        out[key] = entry
+        extra = f"  bound min {bounds[0]:.1e} median {bounds[len(bounds) // 2]:.1e}" if bounds else ""
+        print(f"{key:40s} reusable {entry['reusable']:7.2%} of {len(rs)}{extra}")
     return out
 
 
@@ -204,7 +220,7 @@ def main() -> None:
         "machine": machine,
         "seconds": time.perf_counter() - t0,
         "tolerance": TOLERANCE,
-        "reusable_fraction": summary(rows),
+        "by_rule": summary(rows),
     }
     if cfg.out:
         cfg.out.parent.mkdir(parents=True, exist_ok=True)

@@ -91,4 +91,5 @@ def test_bench_weight_reuse_quick(tmp_path: Path) -> None:
     for (step, n, weight, rule), ok in by_key.items():
         if rule.endswith("weyl_fro") and ok:
             assert by_key[(step, n, weight, rule.replace("weyl_fro", "weyl_exact_norm"))]
+    assert all(r["bound"] >= 0 for r in rows if "weyl" in r["rule"])
     assert reuse.weyl_rel(2.0, 1.0, 0.0) == 0.0 and reuse.weyl_rel(2.0, 1.0, 1.0) == math.inf
