@@ -1,6 +1,6 @@
 """Rewrite the generated metric tables of README.md and docs/DESIGN.md from lightning_stability.metrics.
 
-Run after editing the table: ``.venv/bin/python scripts/sync_metric_docs.py`` (tests/test_metrics_table.py
+Run after editing the table: ``.venv/bin/python scripts/sync_metric_docs.py`` (tests/test_metrics.py
 fails until the docs agree).
 """
 

@@ -18,6 +18,10 @@ os.environ.setdefault("LITLOGGER_DISABLED", "1")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 warnings.filterwarnings("ignore", message=".*litlogger.*")
 
+# conftest files hold fixtures and helpers, no doctests: not collected as doctest modules (a
+# conftest of a sub-directory collected before this one would shadow its module name).
+collect_ignore_glob = ["*conftest.py"]
+
 
 class Attention(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
@@ -45,6 +49,21 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x)))
         return x + self.mlp(self.norm2(x))
+
+
+class PostLNBlock(nn.Module):
+    """Post-LN block with the skip path scaled by α: ``LN(α·x + Attn(x))``, ``LN(α·x + MLP(x))``."""
+
+    def __init__(self, d: int, heads: int, alpha: float) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.ln1, self.ln2, self.alpha = nn.LayerNorm(d), nn.LayerNorm(d), alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, _ = self.attn(x, x, x, need_weights=False)
+        x = self.ln1(self.alpha * x + a)
+        return self.ln2(self.alpha * x + self.mlp(x))
 
 
 class TinyTransformer(LightningModule):

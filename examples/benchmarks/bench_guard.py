@@ -9,7 +9,7 @@ once, so contention on a shared machine hits all variants alike). Printed (and w
    step (``measure`` + logging) and a training step;
 2. **acting, once** — the cost of each action at the step it fires: QK-clip of one block
    (per-head factors, in place), the ε rule on one block's norms (one forward of
-   ``sample_size`` examples, LNEpsilonBump's), applying an FP32 override;
+   ``sample_size`` examples, Algorithm 1 of the ε-bump), applying an FP32 override;
 3. **living with an action** — a training step (forward, backward, AdamW) under BF16
    autocast with no block, one block and every block in FP32 (the FP32 override's lasting
    cost; on CPU BF16 autocast can be *slower* than FP32, so this ratio may be below 1).
@@ -35,9 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared timing he
 import lightning.pytorch as pl
 from bench_overhead import interleaved, machine_line
 
-from lightning_stability import LNEpsilonBump, StabilityGuard, StabilityMonitor
-from lightning_stability.capture.mitigations import FP32Override, clip_block_qk
+from lightning_stability import StabilityGuard, StabilityMonitor
+from lightning_stability.callbacks.ln_eps import bump_norms
+from lightning_stability.capture.batch import sample_inputs
 from lightning_stability.capture.structure import model_blocks
+from lightning_stability.mitigations import EpsilonBump, FP32Override, clip_block_qk, find_changeable_norms
+from lightning_stability.rules.thresholds import EPS_MACH, QK_CLIP_TAU
 from tiny_vit import TinyViT, make_synthetic_cifar
 
 CPU = torch.device("cpu")
@@ -108,21 +111,22 @@ def bench(cfg: argparse.Namespace) -> dict[str, Any]:
         assert not guard.actions, "nothing may fire on the healthy model"
 
         heads = [150.0, 20.0, 120.0, 3.0]
-        bump = LNEpsilonBump(include=[f"{blocks[0].name}.*"], sample_size=cfg.sample_size, eps_mach=2.0**-7)
-        bump.on_fit_start(trainer, model)
+        bump = EpsilonBump(find_changeable_norms(model, include=[f"{blocks[0].name}.*"])[0])
+        bump.record_originals()
+        bump_args, bump_kwargs = sample_inputs(args, kwargs, cfg.sample_size, 0)
         saved = {n: p.detach().clone() for n, p in model.named_parameters()}
 
         def qk_clip() -> None:
-            clip_block_qk(blocks[0], heads, 100.0)
+            clip_block_qk(blocks[0], heads, QK_CLIP_TAU)
             with torch.no_grad():  # undo, so every repetition clips the same weights
                 for n, p in model.named_parameters():
                     p.copy_(saved[n])
 
         def eps_rule() -> None:
-            bump.bump(trainer, model, args, kwargs)
+            bump_norms(trainer, model, bump, bump_args, bump_kwargs, EPS_MACH["bf16"], "bench_guard")
 
         def fp32_apply() -> None:
-            FP32Override(blocks[0].module).apply().remove()
+            FP32Override(blocks[0].module).apply().restore()
 
         act = interleaved(
             {"qk_clip_block": qk_clip, "eps_rule_block": eps_rule, "fp32_apply": fp32_apply}, CPU, cfg.reps
@@ -143,7 +147,7 @@ def bench(cfg: argparse.Namespace) -> dict[str, Any]:
                 train_step(model, batch, opt)
             finally:
                 for o in every:
-                    o.remove()
+                    o.restore()
 
         live = interleaved(
             {"bf16_step": plain_step, "one_block_fp32": with_one, "all_blocks_fp32": with_every},

@@ -1,8 +1,8 @@
 """Time ``kappa_softmax`` against ``torch.softmax`` on the same scores, side by side.
 
 For ``(16, 4, n, n)`` float32 random-normal scores (and a peaked ×10 variant), n ∈ {64, 256,
-1024}, prints the median time of each and their ratio (issue 15 targets: ≤ 5× at n = 64,
-≤ 1.5× at n ≥ 256). Everything is interleaved rep by rep, so a loaded machine slows all alike;
+1024}, prints the median time of each and their ratio (targets: ≤ 5× at n = 64, ≤ 1.5× at
+n ≥ 256). Everything is interleaved rep by rep, so a loaded machine slows all alike;
 the load average is printed with the figures.
 
 The softmax baseline is timed two ways, because their difference is not the softmax: a fresh

@@ -50,10 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ → ``
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_stability import LNEpsilonBump, StabilityMonitor
+from lightning_stability import LNEpsilonBump, ProbeOptions, StabilityMonitor
 from lightning_stability.capture.attention import AttentionCall, AttentionCapture
-from lightning_stability.capture.guards import eval_mode, exact_fp32, fastpath_disabled
 from lightning_stability.capture.probe import RawMeasurement, StabilityProbe, compose_report
+from lightning_stability.capture.probe.spectra import weight_statistics
+from lightning_stability.capture.side_forward import eval_mode, exact_fp32, fastpath_disabled
 from lightning_stability.diagnostics import attention_diagnostics
 from tiny_vit import CIFAR10DataModule, TinyViT
 
@@ -363,7 +364,7 @@ class SampledStep:
         self.device = torch.device(cfg.device)
         self.model = make_model(cfg, **model_kw).to(self.device)
         self.monitor = StabilityMonitor(every_n_steps=1)
-        self.no_local = StabilityMonitor(every_n_steps=1, local_errors=False)
+        self.no_local = StabilityMonitor(every_n_steps=1, probe=ProbeOptions(local_errors=False))
         self.idle = StabilityMonitor(every_n_steps=10**9)
         self.trainer = make_trainer(cfg, [self.monitor], 1, log_dir)
         images, labels = next(iter(dm.train_dataloader()))
@@ -371,7 +372,12 @@ class SampledStep:
         self.x = self.batch[0][: self.monitor.sample_size]
         m = self.monitor
         self.probe = StabilityProbe(
-            self.model, m.blocks, m.head_reduction, m.batch_reduction, m.residual_gain_iters, m.log_per_head
+            self.model,
+            m.blocks,
+            m.probe.head_reduction,
+            m.probe.batch_reduction,
+            m.probe.residual_gain_iters,
+            m.log_per_head,
         )
         self.calls: list[AttentionCall] = []
         self.heads: dict[int, int] = {}
@@ -419,12 +425,12 @@ class SampledStep:
                 call.q.float(), call.k.float(), call.v.float(), mask=call.keep, scale=call.scale,
                 bias=None if call.bias is None else call.bias.float(),
             )
-        self.probe._weights(RawMeasurement(), self.heads)
+        weight_statistics(self.probe.blocks, self.heads, self.probe.spectra, RawMeasurement())
 
     def logging(self) -> None:
         values = self.monitor._reduce(self.trainer, self.raw)
-        report = compose_report(self.probe, self.raw, values, 1, self.monitor.ln_constants,
-                                self.monitor.bound_c)
+        p = self.monitor.probe
+        report = compose_report(self.probe, self.raw, values, 1, (p.ln_c1, p.ln_c2, p.ln_c3), p.bound_c)
         self.monitor._log(self.trainer, self.model, report)
 
     def whole(self) -> None:
@@ -468,7 +474,7 @@ def kept_bytes(s: SampledStep) -> int:
     """Bytes the probe keeps after its exact pass: the FP32 block outputs (the references of the
     low-precision pass) and, for the local errors, each block's and sub-layer's input and output.
     Measured on the collector itself (storages counted once)."""
-    from lightning_stability.capture import probe as probe_module
+    from lightning_stability.capture.probe import passes as probe_module
 
     seen: dict[int, int] = {}
     original = probe_module._Collector.exact_pass

@@ -85,8 +85,9 @@ def main() -> None:
 
     if cfg.parts:  # each side is its own module object: patching one leaves the other alone
         for mod in (before, after):
+            collector = getattr(mod, "passes", mod)._Collector  # a package (its passes module) or one file
             for name in ("exact_pass", "low_precision_pass", "local_passes", "finish"):
-                setattr(mod._Collector, name, timed(getattr(mod._Collector, name), name))
+                setattr(collector, name, timed(getattr(collector, name), name))
             mod.compose_report = timed(mod.compose_report, "compose_report")  # type: ignore[attr-defined]
 
     def measure(mod: ModuleType, side: str = "", **kw: bool) -> Callable[[], None]:

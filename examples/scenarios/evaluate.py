@@ -9,9 +9,10 @@
 Each run goes through the scenario's LightningCLI config (``configs/<scenario>.yaml`` and
 ``configs/<scenario>_control.yaml``) with ``--seed_everything/--model.seed/--data.seed`` set
 to the seed. Then, for every run, the monitor's sampled steps are replayed through the
-candidate rules of :mod:`lightning_stability.diagnostics.alarm` (the objects the monitor
-uses online), and the loss-based detectors of :mod:`lightning_stability.analysis.detectors`
-run on the same run's ``train/loss`` and ``train/grad_norm``.
+candidate rules of the rule book (:mod:`lightning_stability.rules`: the
+:class:`~lightning_stability.rules.alarm.Alarm` objects the monitor uses online), and the
+loss-based detectors of :mod:`lightning_stability.analysis.detectors` run on the same run's
+``train/loss`` and ``train/grad_norm``.
 
 **Event (divergence) rules**, from the training's own per-step logs, not from the monitor:
 
@@ -23,24 +24,26 @@ run on the same run's ``train/loss`` and ``train/grad_norm``.
 * ``none``: scenario (c) is ε-dominated from initialisation; nothing diverges, the
   question is only whether the rule names it and stays silent on the control.
 
-Every signal is read from the monitor's own ``stability/*`` tags. Only logs of a monitor
-version that did not log ``attn_logit_max``/``amax``/``fp16_headroom`` (before issue 11) fall
-back to the model's own ``scenario/*`` values at the same steps (flagged ``*`` in the table).
+Every signal is read from the monitor's own ``stability/*`` tags. Only logs without
+``attn_logit_max``/``amax``/``fp16_headroom`` tags fall back to the model's own
+``scenario/*`` values at the same steps (flagged ``*`` in the table).
 
 **One implementation.** When the run's monitor used the default alarm, its logged
-``stability/alarm`` must equal the offline replay of :func:`default_alarm` on the same tags;
+``stability/alarm`` must equal the offline replay of the default alarm on the same tags;
 ``RunScore.online_matches`` records that (``None``: the run logged no alarm, or another rule).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,16 +56,10 @@ from lightning_stability.analysis.detectors import (  # noqa: E402
     olmo_spike_steps,
 )
 from lightning_stability.analysis.logs import Run, load_run  # noqa: E402
-from lightning_stability.diagnostics.alarm import (  # noqa: E402
-    AlarmResult,
-    AlarmRule,
-    Level,
-    LocalErrorFloor,
-    RollingZ,
-    default_alarm,
-)
+from lightning_stability.diagnostics.rolling import RollingZScore  # noqa: E402
+from lightning_stability.rules import RULE_BY_NAME, Alarm, AlarmResult, rule_book  # noqa: E402
+from lightning_stability.rules.thresholds import FP16_MAX, R_LOCAL_AT_RISK_EPS  # noqa: E402
 
-FP16_MAX = 65504.0
 LOSS_WINDOW = 10
 LOSS_RISE = 0.3
 
@@ -74,19 +71,23 @@ SCENARIOS: dict[str, tuple[str, int, str]] = {
     "short_warmup": ("loss", 120, "(d) optimizer spike, no warmup (not numerical); control: warmup 100"),
 }
 
-#: name → factory of a fresh candidate rule (the same classes the monitor calls)
-CANDIDATES: dict[str, Callable[[], AlarmRule]] = {
-    "paper z(κ_softmax)>1.5": lambda: RollingZ("kappa_softmax_max", 20, 1.5, block_metric="kappa_softmax"),
-    "z(log10 attn_logit_max)>3": lambda: RollingZ("attn_logit_max", 20, 3.0, log=True),
-    "attn_logit_max>100": lambda: Level("attn_logit_max", 100.0),
-    "entropy<0.1": lambda: Level("attention_entropy", 0.1, above=False),
-    "fp16_headroom<2": lambda: Level(
-        "fp16_headroom", 2.0, above=False, block_metric="amax", only_eps_mach=2**-10
-    ),
-    "rho_ln<1": lambda: Level("rho_ln", 1.0, above=False),
-    "r_local>10·eps": lambda: LocalErrorFloor(10.0),
-    "r_local>1·eps": lambda: LocalErrorFloor(1.0),
-    "default": default_alarm,
+def _one(name: str, **changes: Any) -> Callable[[], Alarm]:
+    """A fresh alarm of one rule of the rule book (its levels changed by ``changes``)."""
+    rule = dataclasses.replace(RULE_BY_NAME[name], **changes)
+    return lambda: Alarm([rule], RollingZScore)
+
+
+#: name → factory of a fresh candidate alarm (the same objects the monitor calls)
+CANDIDATES: dict[str, Callable[[], Alarm]] = {
+    "paper z(κ_softmax)>1.5": _one("kappa_softmax_z"),
+    "z(log10 attn_logit_max)>3": _one("logit_growth_z"),
+    "attn_logit_max>100": _one("attn_logit_max"),
+    "entropy<0.1": _one("entropy_collapse"),
+    "fp16_headroom<2": _one("fp16_headroom"),
+    "rho_ln<1": _one("rho_ln"),
+    "r_local>10·eps": _one("r_local", watch=R_LOCAL_AT_RISK_EPS, fallback=None),
+    "r_local>1·eps": _one("r_local", fallback=None),
+    "default": lambda: Alarm(rule_book("default").alarm_rules, name="default"),
 }
 
 
@@ -139,7 +140,7 @@ class RunScore:
     control: bool
     seed: int
     event: int | None
-    alarms: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # rule → [(step, reason)]
+    alarms: dict[str, list[tuple[int, int | None]]] = field(default_factory=dict)  # rule → [(step, block)]
     available: dict[str, bool] = field(default_factory=dict)
     fallback: bool = False
     detectors: dict[str, int | None] = field(default_factory=dict)
@@ -230,13 +231,13 @@ def score_run(run: Run, scenario: str, control: bool, seed: int) -> RunScore:
     score.fallback = any(v.get("fallback") for v in checks)
     for name, factory in CANDIDATES.items():
         rule = factory()
-        fired: list[tuple[int, str]] = []
+        fired: list[tuple[int, int | None]] = []
         seen = False
         for values in checks:
             result: AlarmResult = rule.update(values)
             seen = seen or result.available
             if result.fired:
-                fired.append((int(values["step"]), result.reason))
+                fired.append((int(values["step"]), result.block))
         score.alarms[name] = fired
         score.available[name] = seen
     score.r_local_peak = r_local_peak(checks, event)
@@ -263,8 +264,8 @@ def _first(score: RunScore, rule: str) -> str:
     fired = score.alarms.get(rule, [])
     if not fired:
         return "—"
-    step, reason = fired[0]
-    block = reason.split(" in block ")[1].split(" ")[0] if " in block " in reason else "-"
+    step, index = fired[0]
+    block = "-" if index is None else str(index)
     lead = f", lead {score.event - step}" if score.event is not None else ""
     return f"{step} (b{block}{lead})"
 
@@ -337,9 +338,7 @@ def _summary_cell(rule: str, runs: list[tuple[RunScore, RunScore]]) -> str:
             return "n/a"
         firsts = [f.alarms.get(rule, [])[:1] for f, _ in runs]
         ctrl = ", ".join(str(len(c.alarms.get(rule, []))) for _, c in runs)
-        blocks = sorted(
-            {r.split(" in block ")[1].split(" ")[0] for x in firsts for _, r in x if " in block " in r}
-        )
+        blocks = [str(b) for b in sorted({b for x in firsts for _, b in x if b is not None})]
         steps = [x[0][0] if x else None for x in firsts]
     else:
         steps = [f.detectors.get(rule) for f, _ in runs]

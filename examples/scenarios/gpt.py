@@ -34,8 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_stability  # noqa: F401  (StabilityMonitor / LNEpsilonBump: short names for the CLI)
-
-FP16_MAX = 65504.0
+from lightning_stability.rules.thresholds import FP16_MAX
 
 # --------------------------------------------------------------------------- data
 

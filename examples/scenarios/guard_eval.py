@@ -53,7 +53,8 @@ sys.path.insert(0, str(HERE))
 from evaluate import LOSS_WINDOW, QUICK_ARGS, SCENARIOS, loss_divergence, overflow_step, run_one  # noqa: E402
 
 from lightning_stability.analysis.logs import Run, load_run  # noqa: E402
-from lightning_stability.capture.mitigations import FP32Override, attention_module  # noqa: E402
+from lightning_stability.mitigations import FP32Override, attention_module  # noqa: E402
+from lightning_stability.rules.thresholds import QK_CLIP_TAU  # noqa: E402
 
 DIVERGING = ["logit_growth", "fp16_overflow"]
 
@@ -87,7 +88,7 @@ class FP16WhatIf(Callback):
     measures what it would change in an FP16 run: the forward of the batch's first
     ``sample_size`` examples under ``torch.autocast("cpu", torch.float16)``, once plainly and
     once with every block the guard decided to move to FP32 so far (applied or not) run through
-    :class:`~lightning_stability.capture.mitigations.FP32Override`. Logged per sampled step:
+    :class:`~lightning_stability.mitigations.FP32Override`. Logged per sampled step:
     ``guard_eval/fp16_{plain,guarded}_amax`` (largest |output| of a module computing in FP16,
     ``inf`` once one overflows) and ``guard_eval/fp16_{plain,guarded}_nonfinite`` (1 when an FP16
     output or the logits are not finite). Eval mode, no grad, no randomness: training is untouched.
@@ -150,7 +151,7 @@ def _fp16_forward(model: nn.Module, x: Tensor, fp32_modules: list[nn.Module]) ->
         finite = finite and bool(torch.isfinite(logits).all())
     finally:
         for o in overrides:
-            o.remove()
+            o.restore()
         for h in handles:
             h.remove()
     return amax, finite
@@ -478,7 +479,7 @@ def main(argv: list[str] | None = None) -> str:
         "--variant", default="default", help="name of this guard/monitor setting (run directories)"
     )
     p.add_argument("--every-n-steps", type=int, default=None, help="monitor sampling (default: the config's)")
-    p.add_argument("--tau", type=float, default=100.0)
+    p.add_argument("--tau", type=float, default=QK_CLIP_TAU)
     p.add_argument("--margin", type=float, default=0.1, help="final-loss margin to the control (nats)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny model, 30 steps, seed 0 only (CI)")

@@ -14,13 +14,22 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lightning_stability.callbacks import GuardAction, LNEpsilonBump, StabilityGuard, StabilityMonitor
+    from lightning_stability.callbacks import (
+        AlarmOptions,
+        GuardAction,
+        LNEpsilonBump,
+        ProbeOptions,
+        StabilityGuard,
+        StabilityMonitor,
+    )
     from lightning_stability.capture.attention import observe_attention
     from lightning_stability.stability_report import BlockReport, StabilityReport
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "AlarmOptions": "lightning_stability.callbacks",
+    "ProbeOptions": "lightning_stability.callbacks",
     "BlockReport": "lightning_stability.stability_report",
     "StabilityReport": "lightning_stability.stability_report",
     "GuardAction": "lightning_stability.callbacks",
@@ -31,9 +40,11 @@ _LAZY = {
 }
 
 __all__ = [
+    "AlarmOptions",
     "BlockReport",
     "GuardAction",
     "LNEpsilonBump",
+    "ProbeOptions",
     "StabilityGuard",
     "StabilityMonitor",
     "StabilityReport",

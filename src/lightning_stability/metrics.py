@@ -2,12 +2,15 @@
 
 Each :class:`Metric` row names a value, its level (``model``, ``block``, or ``head`` — a block
 value that also exists per attention head), how it is reduced over heads, over the sampled
-examples, over blocks (its model-level roll-up) and across ranks, and one line of doc. The
-table drives the raw measurement keys and their cross-rank reduction
-(:func:`rank_op`), the :class:`~lightning_stability.stability_report.BlockReport` /
-:class:`~lightning_stability.stability_report.StabilityReport` fields and their logged tags, the
-TensorBoard custom-scalars layout, and the metric tables of README.md and docs/DESIGN.md
-(``python -m lightning_stability.metrics`` prints the table; a test compares).
+examples, over a block's attention calls, over blocks (its model-level roll-up) and across
+ranks — typed fields the measurement reads — or, when it is not a measured value, how it is
+derived (:class:`Derivation`), and one line of doc. The table drives the probe's reductions of
+per-call attention values, the raw statistics (:class:`RawKey` records) and their cross-rank
+reduction, the :class:`~lightning_stability.stability_report.BlockReport` /
+:class:`~lightning_stability.stability_report.StabilityReport` fields and their logged tags
+(:func:`tag`, read back by :func:`parse_tag`), the TensorBoard custom-scalars layout, and the
+metric tables of README.md and docs/DESIGN.md (``python -m lightning_stability.metrics`` prints
+the table; a test compares).
 
 Plain Python: importable by every layer, no torch, no Lightning.
 """
@@ -20,6 +23,38 @@ from typing import Literal
 Level = Literal["model", "block", "head"]
 #: How a raw statistic is combined across ranks under DDP.
 RankOp = Literal["max", "min", "sum"]
+#: How a metric's per-head values combine into its block value: a fixed reduction, or the
+#: probe's ``head_reduction`` option (``"max"``/``"sum"``).
+HeadReduction = Literal["max", "mean", "head_reduction"]
+#: How the sampled examples combine: a fixed reduction, the probe's ``batch_reduction`` option
+#: (``"max"``/``"mean"``; ``"mean"`` is made exact across ranks from per-call sums and counts),
+#: or pooled before the value is formed (sums of squares over every example: ``"pooled"``;
+#: every token of every example: ``"pooled tokens"``).
+ExampleReduction = Literal["max", "mean", "batch_reduction", "pooled", "pooled tokens"]
+#: How the values of a block's attention calls combine (a block may call attention more than once).
+CallReduction = Literal["max", "min"]
+#: How blocks combine into the model-level value ``stability/<name>``.
+BlockRollup = Literal["max", "last"]
+#: How a derived metric is formed from its raw parts: ``sqrt(Σ a / Σ b)`` of two summed parts
+#: (``"rms ratio"``), ``Σ a / Σ b`` (``"mean"``), or by its own formula in ``compose_report``.
+DerivationKind = Literal["rms ratio", "mean", "formula"]
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """How a metric that is not a measured raw value is obtained.
+
+    Attributes:
+        note: what it is derived from, as the docs' "across ranks" cell says it.
+        kind: ``"rms ratio"`` and ``"mean"`` are formed generically from ``parts``;
+            ``"formula"`` by the metric's own lines in ``compose_report``.
+        parts: the raw statistics (:data:`RAW_STATS` names) it is formed from, kept per
+            block as :class:`RawKey` records whose ``metric`` is this row.
+    """
+
+    note: str
+    kind: DerivationKind = "formula"
+    parts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -31,12 +66,15 @@ class Metric:
         level: ``"model"``; ``"block"``; ``"head"`` (a block value also logged per head with
             ``log_per_head``, as ``stability/block{i}/head{h}/<name>``).
         doc: one line: what it is.
-        heads: how per-head values combine into the block value (``"—"``: not per head).
-        examples: how the sampled examples combine.
+        heads: how per-head values combine into the block value (``None``: not per head).
+        examples: how the sampled examples combine (``None``: not per example).
+        calls: how the values of a block's attention calls combine (per-call metrics only).
         blocks: for a block value also logged at model level (``stability/<name>``), how
-            blocks combine into it (``"max"``, ``"last"``); ``None``: not rolled up.
-        ranks: how ranks combine. A :data:`RankOp` when the value is measured directly (the
-            raw key is the name), else a note on what it is derived from.
+            blocks combine into it; ``None``: not rolled up.
+        ranks: how ranks combine the raw value when the metric is measured directly (its raw
+            key is the metric itself); ``None`` for a derived value (see ``derived``) or one
+            that is not measured at all (``eps_mach``, ``alarm``).
+        derived: how a value that is not measured directly is formed.
         log_scale: its values span decades (condition numbers, errors): TensorBoard's dashboard
             plots its log10.
         unit: what a linear value counts (``"nats"``, ``"bits"``, ``"0/1"``…), shown in chart titles.
@@ -46,43 +84,67 @@ class Metric:
     name: str
     level: Level
     doc: str
-    heads: str = "—"
-    examples: str = "—"
-    blocks: str | None = None
-    ranks: str = "max"
+    heads: HeadReduction | None = None
+    examples: ExampleReduction | None = None
+    blocks: BlockRollup | None = None
+    ranks: RankOp | None = "max"
+    derived: Derivation | None = None
+    calls: CallReduction | None = None
     log_scale: bool = False
     attr: str | None = None
     unit: str = ""
 
+    def __post_init__(self) -> None:
+        if self.derived is not None and self.ranks is not None:
+            raise ValueError(f"metric {self.name!r}: a derived value has no cross-rank reduction of its own")
+
     @property
     def measured(self) -> bool:
         """Whether the reduced raw value *is* the metric (else it is derived in ``compose_report``)."""
-        return self.ranks in ("max", "min", "sum")
+        return self.ranks is not None
 
 
-_HR = "head_reduction"
-_BR = "batch_reduction"
 _ERR = "exact: Σ‖X̃−X‖², Σ‖X‖² summed over ranks"
+#: The error ratios: ``sqrt(Σ‖X̃−X‖² / Σ‖X‖²)`` of parts summed over examples and ranks.
+_ERROR_RATIO = Derivation(_ERR, "rms ratio", ("err_sq", "ref_sq"))
 
 #: Every logged metric, in the order of the docs tables.
 METRICS: tuple[Metric, ...] = (
-    # ---- attention, per head
-    Metric("kappa_score", "head", "‖Q‖‖K‖/‖QKᵀ‖ over attended entries (SPEC §1)", "max", _BR, log_scale=True),
+    # ---- attention, per head (values of each attention call, reduced over its heads and examples)
+    Metric(
+        "kappa_score",
+        "head",
+        "‖Q‖‖K‖/‖QKᵀ‖ over attended entries (SPEC §1)",
+        heads="max",
+        examples="batch_reduction",
+        calls="max",
+        log_scale=True,
+    ),
     Metric(
         "kappa_softmax",
         "head",
         "max over rows of ‖J(P_i)‖₂‖S_i‖/‖P_i‖, exact (secular equation) (SPEC §1)",
-        _HR,
-        _BR,
+        heads="head_reduction",
+        examples="batch_reduction",
+        calls="max",
         log_scale=True,
     ),
-    Metric("kappa_v", "head", "σmax(V)/(σmin(V)+1e-6) (SPEC §1)", "max", _BR, log_scale=True),
+    Metric(
+        "kappa_v",
+        "head",
+        "σmax(V)/(σmin(V)+1e-6) (SPEC §1)",
+        heads="max",
+        examples="batch_reduction",
+        calls="max",
+        log_scale=True,
+    ),
     Metric(
         "attention_entropy",
         "head",
         "mean attention-row entropy in nats (collapse is low)",
-        "mean",
-        "mean",
+        heads="mean",
+        examples="mean",
+        calls="min",
         ranks="min",
         unit="nats",
     ),
@@ -90,8 +152,9 @@ METRICS: tuple[Metric, ...] = (
         "attn_logit_max",
         "head",
         "max of |scale·q·kᵀ + bias| over query rows and attended keys, exact pass",
-        "max",
-        "max",
+        heads="max",
+        examples="max",
+        calls="max",
         blocks="max",
         log_scale=True,
     ),
@@ -109,14 +172,16 @@ METRICS: tuple[Metric, ...] = (
         "c_ln",
         "block",
         "Σ C_LN = C1·σ/√ε + C2·σ²/ε + C3 over the block's normalization layers (SPEC §2)",
-        ranks="from min σ²",
+        ranks=None,
+        derived=Derivation("from min σ²", parts=("variance",)),
         log_scale=True,
     ),
     Metric(
         "rho_ln",
         "block",
         "min ρ_LN = σ²·d·ε_mach/ε over the block's normalization layers (< 1: ε-dominated) (SPEC §2)",
-        ranks="from min σ²",
+        ranks=None,
+        derived=Derivation("from min σ²", parts=("variance",)),
         log_scale=True,
     ),
     Metric(
@@ -125,7 +190,8 @@ METRICS: tuple[Metric, ...] = (
         "combined predictor κ_softmax(1+κ_score)κ_V‖W_O‖₂ + κ_eff + C_LN (SPEC §4); "
         "no W_O found: the attention term is left out (warned), not taken with ‖W_O‖₂ = 1",
         blocks="max",
-        ranks="from its terms",
+        ranks=None,
+        derived=Derivation("from its terms"),
         log_scale=True,
     ),
     # ---- forward mismatch, per block
@@ -135,7 +201,8 @@ METRICS: tuple[Metric, ...] = (
         "‖X̃−X‖/‖X‖ at the block output (propagated error)",
         examples="pooled",
         blocks="last",
-        ranks=_ERR,
+        ranks=None,
+        derived=_ERROR_RATIO,
         log_scale=True,
     ),
     Metric(
@@ -152,7 +219,8 @@ METRICS: tuple[Metric, ...] = (
         "mean over tokens of the per-token relative error at the block output",
         examples="pooled tokens",
         blocks="last",
-        ranks="exact: token sums and counts",
+        ranks=None,
+        derived=Derivation("exact: token sums and counts", "mean", ("token_sum", "token_count")),
         log_scale=True,
     ),
     Metric(
@@ -160,7 +228,8 @@ METRICS: tuple[Metric, ...] = (
         "block",
         "the block's own error: run in low precision on its exact FP32 input, vs its FP32 output",
         examples="pooled",
-        ranks=_ERR,
+        ranks=None,
+        derived=_ERROR_RATIO,
         log_scale=True,
     ),
     Metric(
@@ -169,7 +238,8 @@ METRICS: tuple[Metric, ...] = (
         "error at the attention sub-layer's output in the block's teacher-forced re-run "
         "(its exact input when the ops before it are FP32, e.g. norms under autocast)",
         examples="pooled",
-        ranks=_ERR,
+        ranks=None,
+        derived=_ERROR_RATIO,
         log_scale=True,
     ),
     Metric(
@@ -177,15 +247,17 @@ METRICS: tuple[Metric, ...] = (
         "block",
         "the FFN sub-layer (mlp/ffn/feed_forward…, where found) in low precision on its exact FP32 input",
         examples="pooled",
-        ranks=_ERR,
+        ranks=None,
+        derived=_ERROR_RATIO,
         log_scale=True,
     ),
     Metric(
         "theta",
         "head",
         "balanced-mass factor θ(p) = 4m(1−m), mean over query rows (Emadi 2026; balanced_mass=True)",
-        "mean",
-        "mean",
+        heads="mean",
+        examples="mean",
+        calls="min",
         ranks="min",
     ),
     Metric(
@@ -220,50 +292,56 @@ METRICS: tuple[Metric, ...] = (
         "predictor_scaled",
         "model",
         "predictor · ε_mach (compare with r_block)",
-        ranks="from predictor",
+        ranks=None,
+        derived=Derivation("from predictor"),
         log_scale=True,
     ),
     Metric(
         "kappa_softmax_max",
         "model",
         "max κ_softmax over rows, heads, examples and every attention call",
-        "max",
-        "max",
+        heads="max",
+        examples="max",
+        calls="max",
         log_scale=True,
     ),
     Metric(
         "bound",
         "model",
         "unified bound, first-order (1+ρ) form (needs residual gains)",
-        ranks="from blocks",
+        ranks=None,
+        derived=Derivation("from blocks", parts=("kappa_wo",)),
         log_scale=True,
     ),
     Metric(
         "bound_rigorous",
         "model",
         "unified bound, (1+ρ)/(1−ρ) form; inf when small gain fails",
-        ranks="from blocks",
+        ranks=None,
+        derived=Derivation("from blocks", parts=("kappa_wo",)),
         log_scale=True,
     ),
     Metric(
         "nonfinite",
         "model",
         "non-finite elements in the low-precision block outputs",
-        ranks="from blocks",
+        ranks=None,
+        derived=Derivation("from blocks", parts=("nonfinite",)),
         unit="count",
     ),
     Metric(
         "eps_mach",
         "model",
         "ε_mach used (2⁻⁷ bf16, 2⁻¹⁰ fp16, 2⁻²³ fp32, or the eps_mach override)",
-        ranks="—",
+        ranks=None,
         log_scale=True,
     ),
     Metric(
         "worst_block",
         "model",
         "index of the block with the largest r_local (report: its name)",
-        ranks="from r_local",
+        ranks=None,
+        derived=Derivation("from r_local"),
         attr="worst_block_index",
         unit="index",
     ),
@@ -271,30 +349,49 @@ METRICS: tuple[Metric, ...] = (
         "fp16_headroom",
         "model",
         "log2(65504 / max |output| over every module): bits before FP16 overflows",
-        ranks="from module maxima",
+        ranks=None,
+        derived=Derivation("from module maxima", parts=("amax",)),
         unit="bits",
     ),
     Metric(
         "alarm",
         "model",
         "1 at a step where the early warning (alarm_rule) fired, else 0; which rule and block: alarm_reason",
-        ranks="—",
+        ranks=None,
         unit="0/1",
     ),
 )
 
-#: Internal raw statistics (not logged): their cross-rank reduction, by the last key segment.
-RAW_STATS: dict[str, tuple[RankOp, str]] = {
-    "err_sq": ("sum", "Σ‖X̃−X‖² of a compared output (r_block, r_local, r_*_local)"),
-    "ref_sq": ("sum", "Σ‖X‖² of the FP32 reference output"),
-    "nonfinite": ("sum", "non-finite elements of a low-precision output"),
-    "token_sum": ("sum", "Σ over tokens of the per-token relative error"),
-    "token_count": ("sum", "number of tokens compared"),
-    "example_sum": ("sum", "batch_reduction='mean': Σ over one attention call's examples of a κ"),
-    "example_count": ("sum", "batch_reduction='mean': examples of one attention call"),
-    "kappa_wo": ("max", "κ(W_O) (a term of the unified bound)"),
-    "variance": ("min", "median normalization-input variance of one norm layer"),
-}
+
+@dataclass(frozen=True)
+class RawStat:
+    """An internal raw statistic (not logged): a part a derived metric is formed from.
+
+    Attributes:
+        name: its name (``RawKey.name``).
+        ranks: how ranks combine it.
+        doc: what it is.
+    """
+
+    name: str
+    ranks: RankOp
+    doc: str
+
+
+#: Internal raw statistics, with their cross-rank reduction.
+RAW_STATS: tuple[RawStat, ...] = (
+    RawStat("err_sq", "sum", "Σ‖X̃−X‖² of a compared output (r_block, r_local, r_*_local)"),
+    RawStat("ref_sq", "sum", "Σ‖X‖² of the FP32 reference output"),
+    RawStat("nonfinite", "sum", "non-finite elements of a low-precision block output"),
+    RawStat("token_sum", "sum", "Σ over tokens of the per-token relative error"),
+    RawStat("token_count", "sum", "number of tokens compared"),
+    RawStat("example_sum", "sum", "batch_reduction='mean': Σ over one attention call's examples of a κ"),
+    RawStat("example_count", "sum", "batch_reduction='mean': examples of one attention call"),
+    RawStat("kappa_wo", "max", "κ(W_O) (a term of the unified bound)"),
+    RawStat("variance", "min", "median normalization-input variance of one norm layer"),
+)
+RAW_BY_NAME: dict[str, RawStat] = {r.name: r for r in RAW_STATS}
+
 
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
 if len(BY_NAME) != len(METRICS):  # pragma: no cover - a table typo
@@ -308,27 +405,51 @@ HEAD_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.level == "hea
 MODEL_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.level == "model" or m.blocks)
 
 
-def rank_op(key: str) -> RankOp:
-    """The cross-rank reduction of a raw key (``block3/head1/kappa_v``, ``block0/r_local/err_sq``…).
+@dataclass(frozen=True)
+class RawKey:
+    """The key of one raw statistic the probe keeps (a 0-d value, reduced across ranks).
 
-    Looked up by the key's last segment, first among :data:`RAW_STATS`, then :data:`METRICS`.
+    ``name`` is a measured metric of :data:`METRICS` (the raw value is the metric) or a part of
+    :data:`RAW_STATS`; where it is kept says the rest. Constructing a key with any other name
+    raises, so every raw value has a declared cross-rank reduction (:attr:`ranks`).
 
-    Raises:
-        KeyError: for a statistic declared nowhere (so every raw value has a declared reduction).
+    Attributes:
+        name: the metric or raw statistic.
+        block: the block it belongs to (``None``: model level, or a module's statistic).
+        head: the attention head (per-head values).
+        call: the block's attention call (per-call sums of ``batch_reduction="mean"``).
+        metric: the metric a raw statistic is a part of (``err_sq`` of ``r_local``).
+        module: the module a per-module statistic belongs to (a norm layer's ``variance``, any
+            module's ``amax``).
 
     Example:
-        >>> rank_op("block2/r_local/err_sq"), rank_op("block0/head3/attention_entropy")
+        >>> RawKey("err_sq", block=2, metric="r_local").ranks, RawKey("attention_entropy", 0, head=3).ranks
         ('sum', 'min')
     """
-    stat = key.rsplit("/", 1)[-1]
-    if stat in RAW_STATS:
-        return RAW_STATS[stat][0]
-    metric = BY_NAME.get(stat)
-    if metric is None or not metric.measured:
-        raise KeyError(
-            f"raw statistic {key!r} has no declared cross-rank reduction (lightning_stability.metrics)"
-        )
-    return metric.ranks  # type: ignore[return-value]
+
+    name: str
+    block: int | None = None
+    head: int | None = None
+    call: int | None = None
+    metric: str | None = None
+    module: str | None = None
+
+    def __post_init__(self) -> None:
+        self.ranks  # noqa: B018 - raises for a statistic declared nowhere
+
+    @property
+    def ranks(self) -> RankOp:
+        """How ranks combine this statistic: its metric row's, or its raw statistic's."""
+        raw = RAW_BY_NAME.get(self.name)
+        if raw is not None:
+            return raw.ranks
+        metric = BY_NAME.get(self.name)
+        if metric is None or metric.ranks is None:
+            raise KeyError(
+                f"raw statistic {self.name!r} has no declared cross-rank reduction "
+                "(lightning_stability.metrics)"
+            )
+        return metric.ranks
 
 
 def tag(metric: Metric, block: int | None = None, head: int | None = None, prefix: str = "stability") -> str:
@@ -401,7 +522,9 @@ def markdown_table() -> str:
             name += " (+ `head{h}/`)"
         rollup = f"`stability/{m.name}` = {m.blocks}" if m.blocks else "—"
         doc = m.doc.replace("|", "\\|")  # a literal | would end the markdown cell
-        rows.append(f"| {name} | {m.level} | {m.heads} | {m.examples} | {rollup} | {m.ranks} | {doc} |")
+        ranks = m.ranks or (m.derived.note if m.derived else "—")
+        cells = (name, m.level, m.heads or "—", m.examples or "—", rollup, ranks, doc)
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

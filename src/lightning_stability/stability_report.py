@@ -93,12 +93,19 @@ class StabilityReport:
         worst_block_index: its index (logged as ``stability/worst_block``).
         fp16_headroom: ``log2(65504 / max |output|)`` over every module of the model (exact pass).
         amax_module: the module holding that maximum (``"(model output)"`` for the root module).
-        alarm: whether the monitor's early warning (its ``alarm_rule``) fired at this step; ``None``
+        alarm: whether the monitor's early warning (its ``alarm.rule``) fired at this step; ``None``
             when its signals were not measured.
-        alarm_reason: when it fired, which rule in which block: ``"attn_logit_max>100 in block 0
-            ('blocks.0') (value 172)"`` (not logged: a string; ``None`` when it did not fire).
+        alarm_rule: when the alarm fired, the name of the rule that fired (``"attn_logit_max"``; the rule
+            table, ``docs/RULES.md``), else ``None``.
+        alarm_block: when the alarm fired, the index of the block that rule names (``None`` for a
+            model-level value no block holds).
+        alarm_reason: when it fired, the same in words: ``"attn_logit_max>100 in block 0
+            ('blocks.0') (value 172)"`` (not logged; ``None`` when it did not fire).
         first_nonfinite: the first module whose low-precision output went non-finite.
         norm_dtypes: dtype each normalization layer computed in during the low-precision pass.
+        batch_idx: index in its epoch of the batch the examples were sampled from (not logged);
+            with gradient accumulation the last micro-batch of the accumulation window, the one
+            after which the optimizer stepped.
     """
 
     step: int
@@ -121,9 +128,12 @@ class StabilityReport:
     fp16_headroom: float | None = None
     amax_module: str | None = None
     alarm: bool | None = None
+    alarm_rule: str | None = None
+    alarm_block: int | None = None
     alarm_reason: str | None = None
     first_nonfinite: str | None = None
     norm_dtypes: dict[str, str] = field(default_factory=dict)
+    batch_idx: int | None = None
 
     def metrics(self, prefix: str = "stability") -> dict[str, float]:
         """Flat ``{tag: value}`` for the loggers, from the metric table; values not measured are left out."""

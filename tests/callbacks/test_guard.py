@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
 from lightning_stability import StabilityGuard, StabilityMonitor
-from lightning_stability.capture.guards import eval_mode, preserved_rng
+from lightning_stability.capture.side_forward import eval_mode, preserved_rng
 from lightning_stability.stability_report import BlockReport, StabilityReport
 
 D, H = 32, 4
@@ -102,9 +102,11 @@ def test_decide_maps_each_cause_to_its_action_in_its_block() -> None:
     rep.blocks[1].per_head["attn_logit_max"] = [150.0, 20.0, 120.0, 3.0]
     plans = {(p.block, p.action): p for p in guard.decide(rep)}
     assert set(plans) == {(1, "qk_clip"), (0, "eps_bump"), (2, "fp32")}
+    assert {p.rule for p in plans.values()} == {"attn_logit_max", "rho_ln", "r_local"}
     assert plans[(1, "qk_clip")].heads == [150.0, 20.0, 120.0, 3.0]
-    assert "attn_logit_max 150 > tau 100" in plans[(1, "qk_clip")].cause
-    assert "r_local 0.2 > 10·eps_mach" in plans[(2, "fp32")].cause
+    assert plans[(1, "qk_clip")].cause == "attn_logit_max 150 > 100"
+    assert plans[(0, "eps_bump")].cause == "rho_ln 0.8 < 1"
+    assert plans[(2, "fp32")].cause == "r_local 25.6 × ε_mach > 10 × ε_mach"  # 0.2 / 2⁻⁷
     assert not any(p.applied for p in plans.values())
 
 
@@ -126,7 +128,7 @@ def test_fp16_headroom_counts_only_when_fp16_is_measured() -> None:
     assert guard.decide(report(b1__amax=40000.0)) == []  # BF16: the FP16 range is not its limit
     (plan,) = guard.decide(report("float16", 2.0**-10, b1__amax=40000.0))
     assert (plan.block, plan.action) == (1, "fp32")
-    assert "fp16 headroom 0.712 bits < 1" in plan.cause
+    assert plan.cause == "fp16_headroom 0.7116 bits < 1 bits"  # log2(65504 / 40000)
     assert guard.decide(report("float16", 2.0**-10, b1__amax=30000.0)) == []  # 1.13 bits left
     # model-level headroom, attributed to the block holding amax_module
     rep = report("float16", 2.0**-10)
@@ -137,14 +139,17 @@ def test_fp16_headroom_counts_only_when_fp16_is_measured() -> None:
 
 def test_alarm_without_a_matching_cause_says_so_and_require_alarm_filters() -> None:
     rep = report(b2__attn_logit_max=500.0)
-    rep.alarm_reason = "entropy < 0.1 in block1"  # type: ignore[attr-defined]
+    rep.alarm_rule, rep.alarm_block = "entropy_collapse", 1  # an alarm no mitigation answers
     plans = StabilityGuard().decide(rep)
-    assert [(p.block, p.action) for p in plans] == [(2, "qk_clip"), (1, "none")]
+    assert [(p.block, p.action, p.rule) for p in plans] == [
+        (2, "qk_clip", "attn_logit_max"),
+        (1, "none", "entropy_collapse"),
+    ]
     assert "no mitigation matches" in plans[1].detail
     # require_alarm: only the block the alarm names, which has nothing to fix
     only = StabilityGuard(require_alarm=True).decide(rep)
     assert [(p.block, p.action) for p in only] == [(1, "none")]
-    rep.alarm_reason = "attn_logit_max > 100 in 'blocks.2'"  # type: ignore[attr-defined]
+    rep.alarm_rule, rep.alarm_block = "attn_logit_max", 2
     assert [(p.block, p.action) for p in StabilityGuard(require_alarm=True).decide(rep)] == [(2, "qk_clip")]
     assert StabilityGuard(require_alarm=True).decide(report(b2__attn_logit_max=500.0)) == []
 
@@ -265,7 +270,7 @@ def test_eps_fit_bumps_block0_norm_once_by_lnepsilonbumps_rule_and_restores(tmp_
         (1, "blocks.0", "eps_bump", True)
     ]
     (action,) = guard.actions
-    rho = float(action.cause.split()[1])
+    rho = float(action.cause.split()[1])  # "rho_ln 0.7 < 1"
     assert 0.6 < rho < 1.0
     new = seen[-1]
     # Algorithm 1: ε_new = σ²·d·ε_mach/ρ*, i.e. ε_new/ε = ρ_LN/ρ* (both measured on the same sample)
@@ -314,7 +319,7 @@ def test_fp32_fit_guards_the_fp16_fragile_block_and_a_resumed_run_keeps_it(tmp_p
     assert [(a.step, a.block_name, a.action, a.applied) for a in guard.actions] == [
         (1, "blocks.1", "fp32", True)
     ]
-    assert "fp16 headroom 0.542 bits" in guard.actions[0].cause
+    assert guard.actions[0].cause.startswith("fp16_headroom 0.54")
     assert dtypes == [torch.bfloat16] * 2 + [torch.float32] * 2  # FP32 from step 3 on
     assert guard.fp32_blocks == ["blocks.1"] and "forward" not in model.blocks[1].__dict__  # restored
     ckpt = str(tmp_path / "guarded.ckpt")
@@ -417,6 +422,7 @@ class RecordingGuard(StabilityGuard):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.distributed
 def test_ddp_two_processes_take_the_same_action(tmp_path: Path) -> None:
     model = tiny()  # lr = 0: the shrunk embedding stays ε-dominated
     fragile_norm(model)
@@ -468,3 +474,16 @@ def test_bench_guard_quick_runs(tmp_path: Path) -> None:
     result = bench.main(["--quick", "--reps", "1", "--out", str(out)])
     assert json.loads(out.read_text())["ratios"] == result["ratios"]
     assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
+
+
+def test_defaults_are_the_rule_tables_guard_levels() -> None:
+    from lightning_stability.rules.mitigation import GUARDED, MITIGATION
+
+    assert StabilityGuard().levels == GUARDED == {
+        "attn_logit_max": 100.0,
+        "fp16_headroom": 1.0,
+        "rho_ln": 1.0,
+        "r_local": 10.0,
+    }
+    assert StabilityGuard(tau=50.0).levels["attn_logit_max"] == 50.0
+    assert set(MITIGATION.values()) == {"qk_clip", "eps_bump", "fp32"}

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from lightning_stability import StabilityMonitor
+from lightning_stability import AlarmOptions, ProbeOptions, StabilityMonitor
 from lightning_stability import diagnostics as D
 
 
@@ -36,22 +36,34 @@ def fit(model, tmp_path, monitor=None, steps=4, loader=None, **kw):  # type: ign
         ("every_n_steps", 0),
         ("sample_size", -1),
         ("precision", "fp8"),
-        ("head_reduction", "median"),
-        ("batch_reduction", "min"),
-        ("residual_gain_iters", -1),
         ("blocks", "blocks.*"),
-        ("alarm_window", 1),
-        ("alarm_threshold", float("nan")),
-        ("ln_c2", -1.0),
-        ("eps_mach", 0.0),
-        ("eps_mach", "bf16"),
-        ("local_errors", "yes"),
-        ("reuse_weight_spectra", "yes"),
+        ("log_per_head", "yes"),
+        ("seed", -1),
     ],
 )
 def test_bad_arguments_name_argument_and_value(arg: str, value: Any) -> None:
     with pytest.raises(MisconfigurationException, match=f"`{arg}`.*{value!r}"[:40].replace("(", r"\(")):
         StabilityMonitor(**{arg: value})
+
+
+@pytest.mark.parametrize(
+    ("arg", "value"),
+    [
+        ("head_reduction", "median"),
+        ("batch_reduction", "min"),
+        ("residual_gain_iters", -1),
+        ("ln_c2", -1.0),
+        ("bound_c", float("nan")),
+        ("eps_mach", 0.0),
+        ("eps_mach", "bf16"),
+        ("local_errors", "yes"),
+        ("balanced_mass", None),
+        ("reuse_weight_spectra", "yes"),
+    ],
+)
+def test_bad_probe_options_name_the_option_and_value(arg: str, value: Any) -> None:
+    with pytest.raises(MisconfigurationException, match=f"`probe.{arg}`.*{value!r}"[:46].replace("(", r"\(")):
+        StabilityMonitor(probe=ProbeOptions(**{arg: value}))
 
 
 def test_sampled_steps_logged_with_reference_values(tmp_path, tiny_model) -> None:
@@ -201,7 +213,7 @@ class AttentionDropout(TinyTransformer):
 
 def test_dropout_inside_attention_same_masks_training_unchanged_bitwise(tmp_path) -> None:
     state = []
-    monitor = StabilityMonitor(every_n_steps=1, sample_size=4, eps_mach=2.0**-8)
+    monitor = StabilityMonitor(every_n_steps=1, sample_size=4, probe=ProbeOptions(eps_mach=2.0**-8))
     for cb in (None, monitor):
         seed_everything(3)
         model = AttentionDropout()
@@ -332,7 +344,7 @@ def test_model_without_attention_warns_once_and_still_measures(tmp_path) -> None
 
 def test_residual_gain_matches_dense_jacobian_and_bound(tmp_path, tiny_model) -> None:
     loader = make_loader(n=1, batch_size=1)
-    monitor = StabilityMonitor(every_n_steps=1, residual_gain_iters=12)
+    monitor = StabilityMonitor(every_n_steps=1, probe=ProbeOptions(residual_gain_iters=12))
     fit(tiny_model, tmp_path, monitor, steps=1, loader=loader, precision="bf16-mixed")
     report = monitor.last_report
     assert report is not None and report.bound is not None
@@ -382,14 +394,14 @@ def test_alarm_fires_on_a_kappa_softmax_jump_and_calls_hook(tmp_path) -> None:
                     self.blocks[0].attn.qkv.weight[:64].mul_(8.0)
 
     torch.manual_seed(0)
-    monitor = Hooked(every_n_steps=1, alarm_rule="paper", alarm_window=4, alarm_threshold=3.0)
+    monitor = Hooked(every_n_steps=1, alarm=AlarmOptions(rule="paper", window=4, threshold=3.0))
     with pytest.warns(UserWarning, match="early warning at step 6"):
         # one fixed batch and lr=0: κ_softmax is constant until the planted jump
         _, logger = fit(Jump(lr=0.0), tmp_path, monitor, steps=8, loader=make_loader(n=8))
     assert fired == [6]  # report.step: the logged step
     alarms = {s: m["stability/alarm"] for s, m in logger.records}
     assert alarms[6] == 1.0 and alarms[4] == 0.0 and alarms[5] == 0.0  # logged at global_step - 1
-    assert monitor.state_dict()["alarm"]["z"]["history"]
+    assert monitor.state_dict()["judge"]["z"]["kappa_softmax_z"]["history"]
 
 
 def test_blocks_that_never_run_or_none_found_are_reported(tmp_path, tiny_model) -> None:
@@ -414,7 +426,7 @@ def test_reuse_weight_spectra_on_a_fit_with_frozen_blocks_logs_the_same_numbers(
         for p in model.blocks[0].parameters():
             p.requires_grad_(False)
         monitor = StabilityMonitor(
-            every_n_steps=1, sample_size=4, precision="bf16", reuse_weight_spectra=reuse
+            every_n_steps=1, sample_size=4, precision="bf16", probe=ProbeOptions(reuse_weight_spectra=reuse)
         )
         _, logger = fit(model, tmp_path / str(reuse), monitor, steps=3)
         logged[reuse] = [m for _, m in logger.records if "stability/r_block" in m]

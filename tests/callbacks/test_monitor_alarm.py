@@ -14,7 +14,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tests.conftest import MemoryLogger, TinyTransformer, make_loader, trainer_kwargs
 
-from lightning_stability import StabilityMonitor
+from lightning_stability import AlarmOptions, StabilityMonitor
 from lightning_stability.stability_report import StabilityReport
 
 #: per-head width of TinyTransformer (d=32, 4 heads): SDPA scales q·k by 1/sqrt(8)
@@ -100,11 +100,15 @@ def test_default_alarm_fires_on_logits_above_100_names_the_block_and_is_silent_o
     assert hot.called == [(0, hot.last_report.alarm_reason)]  # report.step: the logged step
     reason = hot.called[0][1]
     assert reason is not None and reason.startswith("attn_logit_max>100 in block 1 ('blocks.1')")
+    assert (hot.last_report.alarm_rule, hot.last_report.alarm_block) == ("attn_logit_max", 1)
     assert len(_early_warnings(record)) == 1 and reason in _early_warnings(record)[0]
     assert not control.called and not _early_warnings(quiet)
     assert set(_series(control_log, "stability/alarm").values()) == {0.0}
     assert control.last_report.alarm is False and control.last_report.alarm_reason is None
-    assert "early warning (stability/alarm) fired at steps 0" in (hot.summary or "")
+    assert control.last_report.alarm_rule is None and control.last_report.alarm_block is None
+    assert hot.judgement is not None and hot.judgement.alarm.steps == [0, 1, 2, 3]
+    assert 'early warning (alarm.rule="default") fired at steps 0, 1, 2, 3' in (hot.summary or "")
+    assert control.judgement is not None and control.judgement.status == "healthy"
 
 
 def test_one_warning_per_episode(tmp_path: Path) -> None:
@@ -133,7 +137,7 @@ def test_resume_keeps_the_latch_of_an_open_episode(tmp_path: Path) -> None:
     _, logger = fit(model, tmp_path, resumed, steps=6, ckpt_path=str(ckpt))
     assert _series(logger, "stability/alarm") == {3: 1.0, 4: 1.0, 5: 1.0}
     assert resumed.called == []  # the episode started before the checkpoint: no second warning
-    fresh = Recording(every_n_steps=1, sample_size=8, precision="bf16", alarm_rule="paper")
+    fresh = Recording(every_n_steps=1, sample_size=8, precision="bf16", alarm=AlarmOptions(rule="paper"))
     fresh.load_state_dict(first.state_dict())  # another rule's memory is not loaded
     assert fresh.state_dict()["alarm_latch"]["active"] is False
 
@@ -149,7 +153,7 @@ class Jump(TinyTransformer):
 
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 def test_paper_rule_keeps_its_window_across_a_resume(tmp_path: Path) -> None:
-    kw = dict(every_n_steps=1, alarm_rule="paper", alarm_window=4, alarm_threshold=3.0)
+    kw = dict(every_n_steps=1, alarm=AlarmOptions(rule="paper", window=4, threshold=3.0))
     torch.manual_seed(0)
     whole = Recording(**kw)
     _, whole_log = fit(Jump(lr=0.0), tmp_path, whole, steps=8)
@@ -166,25 +170,33 @@ def test_paper_rule_keeps_its_window_across_a_resume(tmp_path: Path) -> None:
     assert _series(log, "stability/alarm") == expected
     assert [s for s, _ in resumed.called] == [6]
     assert resumed.called[0][1] is not None and resumed.called[0][1].startswith("z(kappa_softmax_max)>3")
+    assert resumed.judgement is not None and resumed.judgement.alarm.steps == [6]
+    assert [(f.rule, f.level) for f in resumed.judgement.findings if f.rule == "kappa_softmax_z"] == [
+        ("kappa_softmax_z", "watch")
+    ]  # a firing of the paper rule is a finding: never healthy
 
 
 @pytest.mark.parametrize(
     ("arg", "value"),
     [
-        ("alarm_rule", "zscore"),
-        ("alarm_attn_logit_max", 0.0),
-        ("alarm_attn_logit_max", float("nan")),
-        ("alarm_fp16_headroom_bits", 17.0),
-        ("alarm_rho_ln", -1.0),
-        ("alarm_rho_ln", "1"),
+        ("rule", "zscore"),
+        ("attn_logit_max", 0.0),
+        ("attn_logit_max", float("nan")),
+        ("fp16_headroom_bits", 17.0),
+        ("rho_ln", -1.0),
+        ("rho_ln", "1"),
+        ("window", 1),
+        ("threshold", float("nan")),
     ],
 )
-def test_bad_alarm_arguments_name_argument_and_value(arg: str, value: Any) -> None:
-    with pytest.raises(MisconfigurationException, match=rf"`{arg}`.*got {value!r}"):
-        StabilityMonitor(**{arg: value})
+def test_bad_alarm_options_name_the_option_and_value(arg: str, value: Any) -> None:
+    with pytest.raises(MisconfigurationException, match=rf"`alarm.{arg}`.*got {value!r}"):
+        StabilityMonitor(alarm=AlarmOptions(**{arg: value}))
+    with pytest.raises(MisconfigurationException, match=r"`alarm` must be AlarmOptions\(...\), got \{'rule'"):
+        StabilityMonitor(alarm={"rule": "paper"})  # type: ignore[arg-type]
 
 
-def test_cli_parses_the_alarm_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_parses_the_alarm_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("jsonargparse")
     from lightning.pytorch.cli import LightningCLI
 
@@ -195,18 +207,18 @@ def test_cli_parses_the_alarm_arguments(tmp_path: Path, monkeypatch: pytest.Monk
         args=[
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.callbacks+=lightning_stability.StabilityMonitor",
-            "--trainer.callbacks.alarm_rule=paper",
-            "--trainer.callbacks.alarm_attn_logit_max=50",
-            "--trainer.callbacks.alarm_fp16_headroom_bits=3.5",
-            "--trainer.callbacks.alarm_rho_ln=0.5",
-            "--trainer.callbacks.alarm_window=10",
+            "--trainer.callbacks.alarm.rule=paper",
+            "--trainer.callbacks.alarm.attn_logit_max=50",
+            "--trainer.callbacks.alarm.fp16_headroom_bits=3.5",
+            "--trainer.callbacks.alarm.rho_ln=0.5",
+            "--trainer.callbacks.alarm.window=10",
         ],
     )
     monitor = next(c for c in cli.trainer.callbacks if isinstance(c, StabilityMonitor))
-    assert monitor.alarm_rule == "paper" and monitor.state_dict()["alarm_rule"] == "z(kappa_softmax_max)>1.5"
-    default = StabilityMonitor(alarm_attn_logit_max=50, alarm_fp16_headroom_bits=3.5, alarm_rho_ln=0.5)
-    assert default.state_dict()["alarm_rule"] == "default"
-    rules = [r.name for r in default._alarm.rules]  # type: ignore[attr-defined]
+    assert monitor.alarm == AlarmOptions("paper", 50.0, 3.5, 0.5, 10, 1.5)
+    assert monitor.state_dict()["judge"]["alarm"] == "paper"
+    default = StabilityMonitor(alarm=AlarmOptions(attn_logit_max=50, fp16_headroom_bits=3.5, rho_ln=0.5))
+    rules = [r.label for r in default._judge.book.alarm_rules]
     assert rules == ["attn_logit_max>50", "fp16_headroom<3.5", "rho_ln<0.5"]
     with pytest.raises(SystemExit):
         LightningCLI(
@@ -214,6 +226,6 @@ def test_cli_parses_the_alarm_arguments(tmp_path: Path, monkeypatch: pytest.Monk
             run=False,
             args=[
                 "--trainer.callbacks+=lightning_stability.StabilityMonitor",
-                "--trainer.callbacks.alarm_rule=z",
+                "--trainer.callbacks.alarm.rule=z",
             ],
         )

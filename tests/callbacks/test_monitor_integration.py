@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,8 @@ from lightning.pytorch.loggers import CSVLogger
 from tests.conftest import TinyTransformer, make_loader, trainer_kwargs
 from torch.utils.data import DataLoader
 
-from lightning_stability import StabilityMonitor
+from lightning_stability import ProbeOptions, StabilityMonitor
+from lightning_stability.metrics import RawKey
 
 transformers = pytest.importorskip("transformers")
 
@@ -69,16 +70,18 @@ class RecordingMonitor(StabilityMonitor):
 
     out_dir = ""
 
-    def _reduce(self, trainer: Trainer, raw: Any) -> dict[str, float]:  # type: ignore[override]
+    def _reduce(self, trainer: Trainer, raw: Any) -> dict[RawKey, float]:  # type: ignore[override]
         keys, vec = raw.flat()
         reduced = StabilityMonitor._reduce(trainer, raw)
-        path = Path(self.out_dir) / f"rank{trainer.global_rank}_step{trainer.global_step}.json"
-        path.write_text(json.dumps({"local": dict(zip(keys, vec.tolist(), strict=True)), "reduced": reduced}))
+        path = Path(self.out_dir) / f"rank{trainer.global_rank}_step{trainer.global_step}.pkl"
+        local = dict(zip(keys, vec.tolist(), strict=True))
+        path.write_bytes(pickle.dumps({"local": local, "reduced": reduced}))
         return reduced
 
 
+@pytest.mark.distributed
 def test_ddp_two_processes_reduce_across_ranks(tmp_path: Path) -> None:
-    monitor = RecordingMonitor(every_n_steps=2, sample_size=4, batch_reduction="mean")
+    monitor = RecordingMonitor(every_n_steps=2, sample_size=4, probe=ProbeOptions(batch_reduction="mean"))
     monitor.out_dir = str(tmp_path)  # an instance attribute travels to the spawned ranks
     trainer = Trainer(
         **{
@@ -89,41 +92,41 @@ def test_ddp_two_processes_reduce_across_ranks(tmp_path: Path) -> None:
         callbacks=[monitor],
     )
     trainer.fit(TinyTransformer(), make_loader(n=32, batch_size=4))
-    ranks = [json.loads((tmp_path / f"rank{r}_step2.json").read_text()) for r in (0, 1)]
+    ranks = [pickle.loads((tmp_path / f"rank{r}_step2.pkl").read_bytes()) for r in (0, 1)]
     local = [r["local"] for r in ranks]
-    assert local[0]["kappa_softmax_max"] != local[1]["kappa_softmax_max"]  # different samples per rank
+    ksm_max = RawKey("kappa_softmax_max")
+    assert local[0][ksm_max] != local[1][ksm_max]  # different samples per rank
     for rank in ranks:  # every rank ends with the same reduced numbers
         assert rank["reduced"] == ranks[0]["reduced"]
     reduced = ranks[0]["reduced"]
-    assert reduced["kappa_softmax_max"] == max(v["kappa_softmax_max"] for v in local)
-    for key in ("block0/r_block/err_sq", "block1/r_local/err_sq", "block1/r_block/token_sum"):
+    assert reduced[ksm_max] == max(v[ksm_max] for v in local)
+    token_sum = RawKey("token_sum", 1, metric="r_block_mean_token")
+    token_count = RawKey("token_count", 1, metric="r_block_mean_token")
+    for key in (RawKey("err_sq", 0, metric="r_block"), RawKey("err_sq", 1, metric="r_local"), token_sum):
         assert reduced[key] == pytest.approx(sum(v[key] for v in local))
-    assert reduced["block1/r_block/token_count"] == 2 * local[0]["block1/r_block/token_count"]
-    norm = "norm/blocks.0.norm1/variance"
+    assert reduced[token_count] == 2 * local[0][token_count]
+    norm = RawKey("variance", module="blocks.0.norm1")
     assert reduced[norm] == min(v[norm] for v in local)
     with open(next((tmp_path / "ddp").rglob("metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
     logged = [r for r in rows if r.get("stability/kappa_softmax_max")]
     assert len(logged) == 1 and float(logged[0]["step"]) == 1  # global_step 2, logged at Lightning's step 1
     assert float(logged[0]["stability/kappa_softmax_max"]) == pytest.approx(
-        reduced["kappa_softmax_max"], rel=1e-6
+        reduced[ksm_max], rel=1e-6
     )
-    ref_sq = reduced["block1/r_block/ref_sq"]
-    assert float(logged[0]["stability/block1/r_block"]) == pytest.approx(
-        math.sqrt(reduced["block1/r_block/err_sq"] / ref_sq)
-    )
+    err_sq, ref_sq = (reduced[RawKey(part, 1, metric="r_block")] for part in ("err_sq", "ref_sq"))
+    assert float(logged[0]["stability/block1/r_block"]) == pytest.approx(math.sqrt(err_sq / ref_sq))
     # batch_reduction="mean" is exact under DDP: the mean over both ranks' 8 examples
     for name in ("kappa_score", "kappa_softmax", "kappa_v"):
-        key = f"block1/call0/{name}/example_sum"
-        assert reduced["block1/call0/example_count"] == 8
+        key = RawKey("example_sum", 1, call=0, metric=name)
+        assert reduced[RawKey("example_count", 1, call=0)] == 8
         mean = sum(v[key] for v in local) / 8
         assert float(logged[0][f"stability/block1/{name}"]) == pytest.approx(mean, rel=1e-6)
         # the mean over tokens is exact under DDP: pooled token sums over pooled counts
-    pooled = reduced["block1/r_block/token_sum"] / reduced["block1/r_block/token_count"]
+    pooled = reduced[token_sum] / reduced[token_count]
     assert float(logged[0]["stability/r_block_mean_token"]) == pytest.approx(pooled, rel=1e-6)
-    assert float(logged[0]["stability/block1/r_local"]) == pytest.approx(
-        math.sqrt(reduced["block1/r_local/err_sq"] / reduced["block1/r_local/ref_sq"]), rel=1e-6
-    )
+    err_sq, ref_sq = (reduced[RawKey(part, 1, metric="r_local")] for part in ("err_sq", "ref_sq"))
+    assert float(logged[0]["stability/block1/r_local"]) == pytest.approx(math.sqrt(err_sq / ref_sq), rel=1e-6)
 
 
 class FailsOnRankOne(TinyTransformer):
@@ -135,6 +138,7 @@ class FailsOnRankOne(TinyTransformer):
         return super().forward(x)
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(240)
 def test_ddp_one_rank_failing_skips_the_step_on_all_ranks_without_hanging(tmp_path: Path) -> None:
     monitor = StabilityMonitor(every_n_steps=1, sample_size=2)

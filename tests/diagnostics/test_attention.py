@@ -1,4 +1,5 @@
-"""Attention diagnostics against float64 brute-force references (SPEC §1, §8)."""
+"""Per-call attention diagnostics: kappa_score, the logit maximum, the entropy and
+attention_diagnostics, against float64 references."""
 
 from __future__ import annotations
 
@@ -8,186 +9,18 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.diagnostics.conftest import F64, entropy_ref, gen, ksm_ref
 
 from lightning_stability.diagnostics import (
     attention_diagnostics,
     attention_entropy,
+    attention_logit_max,
     kappa_score,
     kappa_softmax,
     kappa_v,
-    softmax_jacobian_norm,
 )
 
-F64 = torch.float64
 
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def eig_ref(p: torch.Tensor) -> torch.Tensor:
-    # Entries below 1e-150 change λ by < 1e-150 but make LAPACK crawl through subnormals.
-    p = p.to(F64)
-    p = torch.where(p < 1e-150, 0.0, p)
-    j = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-    return torch.linalg.eigvalsh(j)[..., -1]
-
-
-def ksm_ref(s: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """max_i ‖J(P_i)‖₂‖S_i‖/‖P_i‖ written out with loops (attended keys only)."""
-    s = s.to(F64)
-    lead = s.shape[:-2]
-    flat = s.reshape(-1, *s.shape[-2:])
-    m = None if mask is None else mask.expand(s.shape).reshape(-1, *s.shape[-2:])
-    out = torch.zeros(flat.shape[0], dtype=F64)
-    for g in range(flat.shape[0]):
-        best = 0.0
-        for i in range(flat.shape[1]):
-            row = flat[g, i] if m is None else flat[g, i][m[g, i]]
-            if row.numel() == 0:
-                continue
-            p = torch.softmax(row, -1)
-            best = max(best, eig_ref(p).item() * row.norm().item() / p.norm().item())
-        out[g] = best
-    return out.reshape(lead)
-
-
-# ------------------------------------------------------------------ softmax_jacobian_norm
-@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0, 100.0, 1000.0])
-@pytest.mark.parametrize("n", [1, 2, 3, 17, 128])
-def test_jacobian_norm_matches_eigvalsh(scale: float, n: int) -> None:
-    p = torch.softmax(torch.randn(200, n, generator=gen(n), dtype=F64) * scale, -1)
-    assert (softmax_jacobian_norm(p) - eig_ref(p)).abs().max().item() <= 1e-12
-
-
-def test_jacobian_norm_special_rows() -> None:
-    n = 7
-    rows = [
-        torch.full((n,), 1.0 / n, dtype=F64),  # uniform → 1/n
-        torch.tensor([0.5, 0.5, 0, 0, 0, 0, 0], dtype=F64),  # two halves → ½
-        torch.tensor([0.3, 0.3, 0.2, 0.1, 0.05, 0.05, 0.0], dtype=F64),  # top-2 tie → p1
-        torch.tensor([1.0, 0, 0, 0, 0, 0, 0], dtype=F64),  # one-hot → 0
-        torch.tensor([0.25, 0.25, 0.25, 0.25, 0, 0, 0], dtype=F64),  # masked uniform over 4 → ¼
-    ]
-    p = torch.stack([r.to(F64) for r in rows])
-    got = softmax_jacobian_norm(p)
-    assert torch.allclose(got, torch.tensor([1 / n, 0.5, 0.3, 0.0, 0.25], dtype=F64), atol=1e-15, rtol=0)
-    assert (got - eig_ref(p)).abs().max().item() <= 1e-12
-
-
-def test_jacobian_norm_near_one_hot() -> None:
-    # p1 rounds to 1 in float64; the tail is far below eps.
-    logits = torch.tensor(
-        [[60.0, 0.0, -1.0, -3.0], [40.0, 39.0, 0.0, 0.0], [800.0, 0.0, 0.0, 0.0]], dtype=F64
-    )
-    p = torch.softmax(logits, -1)
-    got = softmax_jacobian_norm(p)
-    assert (got - eig_ref(p)).abs().max().item() <= 1e-12
-    # two-point row (1−r, r): λ = 2·p1·r exactly; r = e^-60-ish must not be lost to 1 − p1 = 0
-    two = torch.softmax(torch.tensor([[60.0, 0.0]], dtype=F64), -1)
-    r = two[0, 1].item()
-    assert math.isclose(softmax_jacobian_norm(two).item(), 2 * r * (1 - r), rel_tol=1e-12)
-
-
-def test_jacobian_norm_nonfinite_and_dtypes() -> None:
-    p = torch.tensor([[0.5, float("nan")], [0.2, 0.8]])
-    got = softmax_jacobian_norm(p)
-    assert got[0].item() == math.inf and math.isclose(got[1].item(), 0.32, rel_tol=1e-6)
-    for dt in (torch.float16, torch.bfloat16, torch.float32):
-        q = torch.softmax(torch.randn(5, 9, generator=gen(1)), -1).to(dt)
-        assert got.dtype == F64
-        # rows rounded to dt do not sum to 1: the exact eigenvalue of the given matrix
-        assert (softmax_jacobian_norm(q) - eig_ref(q.to(F64))).abs().max().item() <= 1e-12
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(-30, 30), min_size=1, max_size=24), st.floats(0.01, 50.0))
-def test_jacobian_norm_property(logits: list[float], scale: float) -> None:
-    p = torch.softmax(torch.tensor(logits, dtype=F64) * scale, -1)
-    lam = softmax_jacobian_norm(p).item()
-    assert 0.0 <= lam <= 0.5
-    assert abs(lam - eig_ref(p).item()) <= 1e-12
-
-
-def test_jacobian_norm_errors() -> None:
-    with pytest.raises(ValueError, match="p"):
-        softmax_jacobian_norm(torch.tensor(3.0))
-    with pytest.raises(ValueError, match="floating"):
-        softmax_jacobian_norm(torch.tensor([1, 0]))
-
-
-# ------------------------------------------------------------------ kappa_softmax
-@pytest.mark.parametrize("scale", [1.0, 10.0, 100.0])
-def test_kappa_softmax_exact_vs_brute_force(scale: float) -> None:
-    s = torch.randn(3, 4, 12, 12, generator=gen(int(scale)), dtype=F64) * scale
-    ref = ksm_ref(s)
-    assert (kappa_softmax(s) - ref).abs().max().item() <= 1e-12 * max(1.0, ref.abs().max().item())
-
-
-@pytest.mark.parametrize("kind", ["causal", "padding", "random"])
-def test_kappa_softmax_masks(kind: str) -> None:
-    g = gen(3)
-    s = torch.randn(2, 3, 10, 10, generator=g) * 5
-    if kind == "causal":
-        mask = torch.ones(10, 10, dtype=torch.bool).tril()
-    elif kind == "padding":
-        mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
-        mask[0, ..., 6:] = False
-    else:
-        mask = torch.rand(2, 3, 10, 10, generator=g) > 0.6
-        mask[0, 0] = False  # a fully masked head
-    s_masked_garbage = s.masked_fill(~mask, float("nan"))  # masked entries must not matter
-    ref = ksm_ref(s, mask)
-    got = kappa_softmax(s_masked_garbage, mask)
-    assert (got - ref).abs().max().item() <= 1e-9 * ref.abs().max().item()
-    if kind == "random":
-        assert got[0, 0].item() == 0.0
-
-
-def test_kappa_softmax_pruning_many_rows_and_ties() -> None:
-    g = gen(4)
-    s = (torch.randn(6, 48, 40, generator=g) * 10).to(F64)
-    s[0, :, :2] = 7.0  # every row of matrix 0 has a top-2 tie
-    s[1] = s[1, :1]  # identical rows
-    s[2, 5, :] = s[2, 5, :] + torch.linspace(0, 1e-9, 40, dtype=F64)  # near tie
-    ref = ksm_ref(s)
-    assert (kappa_softmax(s) - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
-    assert (kappa_softmax(s, chunk_size=1) - kappa_softmax(s)).abs().max().item() == 0.0
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kappa_softmax_low_precision_inputs(dtype: torch.dtype) -> None:
-    s = (torch.randn(2, 2, 16, 16, generator=gen(5)) * 4).to(dtype)
-    got = kappa_softmax(s)
-    assert got.dtype == F64 and got.shape == (2, 2)
-    ref = ksm_ref(s.to(F64))  # exact on the given (rounded) scores
-    assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
-
-
-def test_kappa_softmax_degenerate() -> None:
-    s = torch.randn(4, 5, 6, generator=gen(6))
-    s[1, 2, 3] = float("nan")
-    s[2, 0, 0] = float("inf")
-    s[3, 4, 5] = -float("inf")
-    got = kappa_softmax(s)
-    assert got[0].isfinite() and (got[1:] == math.inf).all()
-    assert kappa_softmax(torch.zeros(2, 1, 1)).tolist() == [0.0, 0.0]  # n = 1
-    assert kappa_softmax(torch.randn(3, 1, generator=gen(7))).item() == 0.0  # n_k = 1 → one-hot
-    assert kappa_softmax(s, torch.zeros(6, dtype=torch.bool)).abs().sum().item() == 0.0  # fully masked
-    assert kappa_softmax(torch.randn(3, 4)).shape == ()
-
-
-def test_kappa_softmax_errors() -> None:
-    s = torch.randn(2, 3, 4)
-    with pytest.raises(ValueError, match=r"mask.*dtype torch.float32"):
-        kappa_softmax(s, torch.ones(3, 4))
-    with pytest.raises(ValueError, match=r"mask of shape \(5,\) is not broadcastable to \(2, 3, 4\)"):
-        kappa_softmax(s, torch.ones(5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="scores"):
-        kappa_softmax(torch.randn(4))
-
-
-# ------------------------------------------------------------------ kappa_score / kappa_v / entropy
 def test_kappa_score_matches_formula_with_mask() -> None:
     g = gen(8)
     q, k = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 5, 4, generator=g)
@@ -229,20 +62,6 @@ def test_kappa_score_degenerate() -> None:
         kappa_score(torch.randn(3, 2), torch.randn(3, 4))
 
 
-def test_kappa_v_matches_svdvals_and_degenerate() -> None:
-    v = torch.randn(2, 3, 6, 4, generator=gen(9))
-    sv = torch.linalg.svdvals(v.double())
-    assert torch.allclose(kappa_v(v), sv[..., 0] / (sv[..., -1] + 1e-6), rtol=1e-12)
-    rank1 = torch.ones(5, 3)
-    assert 1e5 < kappa_v(rank1).item() < math.inf  # large but finite thanks to the ridge
-    assert kappa_v(torch.zeros(4, 3)).item() == 1.0
-    assert kappa_v(rank1, ridge=0.0).item() == math.inf
-    assert kappa_v(torch.randn(1, 4)).item() == 1.0 and kappa_v(torch.randn(4, 1)).item() == 1.0
-    assert kappa_v(torch.tensor([[float("inf"), 1.0]])).item() == math.inf
-    with pytest.raises(ValueError, match="ridge"):
-        kappa_v(v, ridge=-1.0)
-
-
 def test_attention_entropy() -> None:
     g = gen(10)
     p = torch.softmax(torch.randn(2, 5, 6, generator=g), -1)
@@ -259,7 +78,6 @@ def test_attention_entropy() -> None:
     assert attention_entropy(torch.tensor([[float("nan"), 1.0]])).item() == math.inf
 
 
-# ------------------------------------------------------------------ attention_diagnostics
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_diagnostics_consistent(masked: bool) -> None:
     g = gen(11)
@@ -310,3 +128,158 @@ def test_attention_diagnostics_errors() -> None:
         attention_diagnostics(q, q, q, mask=torch.ones(1, 2, 4, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="bias"):
         attention_diagnostics(q, q, q, bias=torch.ones(3, 4))
+
+
+def test_attention_diagnostics_kappa_v_excludes_padded_keys() -> None:
+    g = gen(4)
+    q, k, v = (torch.randn(2, 2, 6, 4, generator=g) for _ in range(3))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    mask[1, ..., 4:] = False  # example 1: two padded keys
+    v[1, :, 4:] = 50.0
+    d = attention_diagnostics(q, k, v, mask=mask)
+    for h in range(2):
+        sv = torch.linalg.svdvals(v[1, h, :4].double())
+        assert math.isclose(d.kappa_v[1, h].item(), (sv[0] / (sv[-1] + 1e-6)).item(), rel_tol=1e-9)
+    assert torch.allclose(d.kappa_v[0], kappa_v(v[0]), rtol=1e-12)
+
+
+def test_entropy_tiny_value_is_resolved() -> None:
+    # one dominant key: H = log Z + Σ p_i (max − s_i) ≈ 6.5e-7 nats
+    s = torch.tensor([[[[18.3, 0.0, 0.0, 0.0]]]])
+    ref = entropy_ref(s, None).item()
+    assert 6e-7 < ref < 7e-7
+    d = attention_diagnostics(None, None, torch.randn(1, 1, 4, 2), scores=s)
+    assert math.isclose(d.entropy.item(), ref, rel_tol=1e-6)  # float32 terms, no cancellation
+    # the former float32 formula (max − log p1 − Σ p s) lost it entirely
+    p = torch.softmax(s, -1)
+    old = (s.amax(-1) - p.amax(-1).log() - (p * s).sum(-1)).clamp_min(0).item()
+    assert old == 0.0
+
+
+def test_entropy_matches_reference_with_mask() -> None:
+    g = gen(5)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g) * 2 for _ in range(3))
+    mask = torch.rand(2, 3, 7, 7, generator=g) > 0.4
+    mask[0, 1, 2] = False
+    d = attention_diagnostics(q, k, v, mask=mask)
+    s = q.double() @ k.double().mT / math.sqrt(8)
+    assert torch.allclose(d.entropy, entropy_ref(s, mask), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_logit_max_exact_and_softcap(softcap: float | None) -> None:
+    g = gen(6)
+    q, k = torch.randn(2, 3, 9, 16, generator=g) * 3, torch.randn(2, 3, 11, 16, generator=g) * 3
+    v = torch.randn(2, 3, 11, 4, generator=g)
+    bias = torch.randn(1, 3, 9, 11, generator=g)
+    mask = torch.rand(2, 1, 9, 11, generator=g) > 0.3
+    mask[1, 0, :, :] = False  # a fully masked example
+    d = attention_diagnostics(q, k, v, mask=mask, scale=0.25, bias=bias, softcap=softcap)
+    logits = 0.25 * q.double() @ k.double().mT + bias.double()
+    ref = logits.abs().masked_fill(~mask, 0).amax((-2, -1))
+    assert torch.allclose(d.logit_max, ref, rtol=1e-14, atol=0)  # recomputed in float64
+    assert d.logit_max[1].eq(0).all()
+    s = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    ref_ksm = kappa_softmax(s, mask)  # float64 input: float64 throughout
+    assert torch.allclose(d.kappa_softmax, ref_ksm, rtol=1e-5, atol=0)
+    assert torch.allclose(d.entropy, entropy_ref(s, mask), rtol=1e-6, atol=1e-12)
+    if softcap is not None:  # capping changes the numbers
+        plain = attention_diagnostics(q, k, v, mask=mask, scale=0.25, bias=bias)
+        assert not torch.allclose(plain.kappa_softmax, d.kappa_softmax, rtol=1e-3)
+
+
+def test_logit_max_nonfinite() -> None:
+    q, k, v = (torch.ones(1, 1, 3, 2) for _ in range(3))
+    q[0, 0, 1, 0] = math.inf
+    assert attention_diagnostics(q, k, v).logit_max.item() == math.inf
+
+
+def test_scores_only_equals_qk_form() -> None:
+    g = gen(7)
+    q, k, v = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    bias = torch.randn(4, 8, 8, generator=g)
+    mask = torch.ones(8, 8, dtype=torch.bool).tril()
+    full = attention_diagnostics(q, k, v, mask=mask, scale=0.5, bias=bias)
+    s = (0.5 * q.double() @ k.double().mT + bias.double()).float()
+    only = attention_diagnostics(None, None, v, mask=mask, scores=s)
+    assert only.kappa_score.isnan().all()  # unknown without Q, K
+    for name in ("kappa_softmax", "entropy", "logit_max"):
+        assert torch.allclose(getattr(only, name), getattr(full, name), rtol=1e-5, atol=0), name
+    assert torch.equal(only.kappa_v, full.kappa_v)
+    both = attention_diagnostics(q, k, v, mask=mask, scores=s)
+    assert torch.equal(both.kappa_score, full.kappa_score)
+    assert torch.equal(both.kappa_softmax, only.kappa_softmax)
+    ref = s.double().abs().masked_fill(~mask, 0).amax((-2, -1))
+    assert torch.allclose(only.logit_max, ref, rtol=1e-14, atol=0)
+
+
+def test_extras_errors() -> None:
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="both q and k"):
+        attention_diagnostics(q, None, q)
+    with pytest.raises(ValueError, match="q and k, or scores"):
+        attention_diagnostics(None, None, q)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        attention_diagnostics(None, None, q, scores=torch.randn(1, 2, 4, 5))
+    with pytest.raises(ValueError, match="softcap"):
+        attention_diagnostics(q, q, q, softcap=0.0)
+
+
+def test_attention_logit_max_function_equals_field() -> None:
+    g = gen(9)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g) * 4 for _ in range(3))
+    bias = torch.randn(3, 7, 7, generator=g)
+    mask = torch.rand(2, 1, 7, 7, generator=g) > 0.5
+    d = attention_diagnostics(q, k, v, mask=mask, scale=0.2, bias=bias)
+    assert torch.equal(attention_logit_max(q, k, mask, 0.2, bias), d.logit_max)
+    ref = (0.2 * q.double() @ k.double().mT + bias.double()).abs().masked_fill(~mask, 0).amax((-2, -1))
+    assert torch.allclose(d.logit_max, ref, rtol=1e-14, atol=0)
+
+
+def test_inputs_that_require_grad_give_the_detached_values() -> None:
+    g = gen(5)
+    q, k, v = (torch.randn(2, 2, 7, 4, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 2, 7, 7, generator=g) > 0.3
+    d = attention_diagnostics(q, k, v, mask)
+    ref = attention_diagnostics(q.detach(), k.detach(), v.detach(), mask)
+    for name in ("kappa_score", "kappa_softmax", "kappa_v", "entropy", "logit_max"):
+        assert torch.equal(getattr(d, name), getattr(ref, name))
+    s = (q @ k.transpose(-1, -2)).requires_grad_(True)
+    assert torch.equal(kappa_softmax(s, mask), kappa_softmax(s.detach(), mask))
+
+
+def test_logit_max_unmasked_two_reductions_match_float64() -> None:
+    g = gen(12)
+    q, k = torch.randn(2, 2, 9, 5, generator=g), torch.randn(2, 2, 11, 5, generator=g)
+    k[1, 0] *= -40.0  # the largest |logit| is negative
+    d = attention_diagnostics(q, k, torch.randn(2, 2, 11, 3, generator=g), scale=0.7)
+    ref = ((q.to(F64) @ k.to(F64).transpose(-1, -2)) * 0.7).abs().flatten(-2).amax(-1)
+    assert torch.allclose(d.logit_max, ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_inputs_are_left_untouched(dtype: torch.dtype) -> None:
+    # float64 (and float32) inputs reach the helpers as views: nothing may write into them.
+    g = gen(14)
+    q, k, v = (torch.randn(2, 2, 10, 4, generator=g, dtype=dtype) for _ in range(3))
+    s = torch.randn(2, 2, 10, 10, generator=g, dtype=dtype) * 5
+    mask = torch.rand(2, 2, 10, 10, generator=g) > 0.3
+    bias = torch.randn(1, 2, 10, 10, generator=g, dtype=dtype)
+    before = [t.clone() for t in (q, k, v, s, bias)]
+    attention_diagnostics(q, k, v, mask, bias=bias, softcap=3.0)
+    attention_diagnostics(q, k, v, None, scores=s)
+    kappa_softmax(s, mask)
+    for t, b in zip((q, k, v, s, bias), before, strict=True):
+        assert torch.equal(t, b)
+
+
+def test_kappa_score_is_inf_when_qk_overflows_float32_with_finite_q_and_k() -> None:
+    """Finite q, k whose scores overflow float32: kappa_score stays inf (never a 0 that a max
+    over heads would hide)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 4, generator=g) for _ in range(3))
+    d = attention_diagnostics(q * 1e18, k * 1e18, v)
+    assert torch.isinf(d.kappa_score).all() and torch.isinf(d.kappa_softmax).all()
+    ok = attention_diagnostics(q, k, v)
+    assert (ok.kappa_score >= 1).all() and torch.isfinite(ok.kappa_score).all()
+

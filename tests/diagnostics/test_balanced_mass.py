@@ -8,18 +8,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.diagnostics.conftest import F64, gen
 
 from lightning_stability.diagnostics import (
     balanced_mass_per_head,
     softmax_jacobian_inf1_norm,
     theta_balanced_mass,
 )
-
-F64 = torch.float64
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def theta_brute(p: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

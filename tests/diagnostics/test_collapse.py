@@ -1,20 +1,18 @@
-"""Rank collapse: token_similarity / rank_collapse against float64 loops, and on a collapsing stack."""
+"""Rank collapse and token similarity against float64 references."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
+from tests.conftest import PostLNBlock
+from tests.diagnostics.conftest import F64, gen
 from torch import nn
 
 from lightning_stability.diagnostics import rank_collapse, token_similarity
-
-F64 = torch.float64
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from lightning_stability.diagnostics.collapse import collapse_statistics
 
 
 def similarity_ref(x: torch.Tensor) -> float:
@@ -33,6 +31,21 @@ def collapse_ref(x: torch.Tensor) -> float:
     num = sum(((t - mean) ** 2).sum() for t in x) ** 0.5
     den = (x**2).sum() ** 0.5
     return 0.0 if den == 0 else float(num / den)
+
+
+def block_collapse(alpha: float, depth: int = 16) -> tuple[list[float], list[float]]:
+    """Mean over examples of rank_collapse / token_similarity of every block output (forward hooks)."""
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*(PostLNBlock(64, 4, alpha) for _ in range(depth)))
+    outs: list[torch.Tensor] = []
+    handles = [b.register_forward_hook(lambda _m, _i, o: outs.append(o.detach())) for b in blocks]
+    try:
+        with torch.no_grad():
+            blocks(torch.randn(4, 32, 64, generator=gen(6)))
+    finally:
+        for h in handles:
+            h.remove()
+    return [rank_collapse(o).mean().item() for o in outs], [token_similarity(o).mean().item() for o in outs]
 
 
 @pytest.mark.parametrize("shift", [0.0, 3.0, 100.0])
@@ -79,37 +92,6 @@ def test_degenerate_inputs() -> None:
         token_similarity(torch.ones(4))
 
 
-# --------------------------------------------------------------------------- a collapsing stack
-class PostLNBlock(nn.Module):
-    """Post-LN block with the skip path scaled by α: ``LN(α·x + Attn(x))``, ``LN(α·x + MLP(x))``."""
-
-    def __init__(self, d: int, heads: int, alpha: float) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-        self.ln1, self.ln2, self.alpha = nn.LayerNorm(d), nn.LayerNorm(d), alpha
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, _ = self.attn(x, x, x, need_weights=False)
-        x = self.ln1(self.alpha * x + a)
-        return self.ln2(self.alpha * x + self.mlp(x))
-
-
-def block_collapse(alpha: float, depth: int = 16) -> tuple[list[float], list[float]]:
-    """Mean over examples of rank_collapse / token_similarity of every block output (forward hooks)."""
-    torch.manual_seed(0)
-    blocks = nn.Sequential(*(PostLNBlock(64, 4, alpha) for _ in range(depth)))
-    outs: list[torch.Tensor] = []
-    handles = [b.register_forward_hook(lambda _m, _i, o: outs.append(o.detach())) for b in blocks]
-    try:
-        with torch.no_grad():
-            blocks(torch.randn(4, 32, 64, generator=gen(6)))
-    finally:
-        for h in handles:
-            h.remove()
-    return [rank_collapse(o).mean().item() for o in outs], [token_similarity(o).mean().item() for o in outs]
-
-
 def test_rank_collapse_names_a_post_ln_stack_with_too_small_a_residual() -> None:
     rc_small, sim_small = block_collapse(alpha=0.05)
     rc_ok, sim_ok = block_collapse(alpha=1.0)
@@ -119,3 +101,44 @@ def test_rank_collapse_names_a_post_ln_stack_with_too_small_a_residual() -> None
     assert first <= 4 and max(rc_small[first:]) < 1e-3 and min(sim_small[first:]) > 0.999
     assert min(rc_ok) > 0.3 and max(sim_ok) < 0.9
     assert rc_small[-1] < 1e-4 * rc_ok[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, F64])
+def test_collapse_statistics_equal_the_two_functions(dtype: torch.dtype) -> None:
+    x = (torch.randn(4, 11, 6, generator=gen(2)) + 2.0).to(dtype)
+    rank, sim = collapse_statistics(x)
+    assert torch.equal(rank, rank_collapse(x)) and torch.equal(sim, token_similarity(x))
+    # and the float64 definitions, written out
+    x64 = x.double()
+    centred = x64 - x64.mean(-2, keepdim=True)
+    want = centred.flatten(1).norm(dim=1) / x64.flatten(1).norm(dim=1)
+    assert torch.allclose(rank, want, rtol=1e-12, atol=0)
+    u = x64 / x64.norm(dim=-1, keepdim=True)
+    gram = u @ u.mT
+    n = x.shape[1]
+    assert torch.allclose(sim, (gram.sum((-2, -1)) - n) / (n * (n - 1)), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_token_reaches_only_its_own_example(bad: float) -> None:
+    x = torch.randn(3, 9, 5, generator=gen(3))
+    clean_rank, clean_sim = collapse_statistics(x)
+    x[1, 4, 2] = bad
+    rank, sim = collapse_statistics(x)
+    assert rank[1].item() == sim[1].item() == math.inf
+    for b in (0, 2):  # the other examples' values are unchanged
+        assert rank[b].item() == clean_rank[b].item() and sim[b].item() == clean_sim[b].item()
+    assert torch.equal(rank, rank_collapse(x)) and torch.equal(sim, token_similarity(x))
+
+
+def test_a_masked_non_finite_token_is_ignored() -> None:
+    x = torch.randn(2, 7, 4, generator=gen(4))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, 3] = False
+    x_bad = x.clone()
+    x_bad[0, 3] = math.nan
+    rank, sim = collapse_statistics(x_bad, mask)
+    kept = torch.cat([x[0, :3], x[0, 4:]])[None]
+    assert rank[0].item() == pytest.approx(rank_collapse(kept).item(), abs=1e-12)
+    assert sim[0].item() == pytest.approx(token_similarity(kept).item(), abs=1e-12)
+

@@ -83,7 +83,7 @@ def test_command_line_short_names_and_values(tmp_path: Path) -> None:
             "--trainer.max_steps=2",
             "--trainer.callbacks+=StabilityMonitor",
             "--trainer.callbacks.every_n_steps=1",
-            "--trainer.callbacks.head_reduction=sum",
+            "--trainer.callbacks.probe.head_reduction=sum",
             "--trainer.callbacks.blocks=[blocks.1]",
             "--trainer.callbacks+=LNEpsilonBump",
             "--trainer.callbacks.target_rho=0.5",
@@ -92,7 +92,7 @@ def test_command_line_short_names_and_values(tmp_path: Path) -> None:
     )
     monitor = next(c for c in cli.trainer.callbacks if isinstance(c, StabilityMonitor))
     bump = next(c for c in cli.trainer.callbacks if isinstance(c, LNEpsilonBump))
-    assert (monitor.every_n_steps, monitor.head_reduction, monitor.blocks) == (1, "sum", ["blocks.1"])
+    assert (monitor.every_n_steps, monitor.probe.head_reduction, monitor.blocks) == (1, "sum", ["blocks.1"])
     assert bump.target_rho == 0.5 and bump.exclude == ["norm"]
     assert monitor.last_report is not None and [b.name for b in monitor.last_report.blocks] == ["blocks.1"]
 
@@ -105,7 +105,7 @@ def test_bad_literal_fails_before_training(tmp_path: Path, capsys: pytest.Captur
                 *SMALL,
                 f"--trainer.default_root_dir={tmp_path}",
                 "--trainer.callbacks+=StabilityMonitor",
-                "--trainer.callbacks.head_reduction=median",
+                "--trainer.callbacks.probe.head_reduction=median",
             ]
         )
     assert exit_info.value.code == 2
@@ -138,7 +138,7 @@ def test_bad_number_in_yaml_fails_before_training(tmp_path: Path, capsys: pytest
 
 @pytest.mark.parametrize(
     ("arg", "value"),
-    [("every_n_steps", "0"), ("sample_size", "-3"), ("alarm_window", "1"), ("alarm_threshold", "-1")],
+    [("every_n_steps", "0"), ("sample_size", "-3"), ("alarm.window", "1"), ("alarm.threshold", "-1")],
 )
 def test_bad_monitor_value_is_one_line_at_parse_time(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], arg: str, value: str
@@ -158,7 +158,7 @@ def test_bad_monitor_value_is_one_line_at_parse_time(
 
 def test_callback_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
     for name, args in (
-        ("StabilityMonitor", ("every_n_steps", "alarm_window", "precision")),
+        ("StabilityMonitor", ("every_n_steps", "alarm.window", "probe.head_reduction", "precision")),
         ("LNEpsilonBump", ("target_rho", "eps_mach", "include")),
     ):
         with pytest.raises(SystemExit) as exit_info:

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_stability import LNEpsilonBump, StabilityMonitor
+from lightning_stability import AlarmOptions, LNEpsilonBump, StabilityMonitor
 from lightning_stability.analysis.logs import align, load_run
 from tiny_vit import TinyViT, make_synthetic_cifar
 
@@ -78,21 +78,21 @@ def test_monitor_rows_join_training_step_rows_on_step(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("steps", "warned"), [(7, True), (8, False)])
 def test_monitor_says_when_its_alarm_cannot_fire(tmp_path: Path, steps: int, warned: bool) -> None:
-    # the paper rule, alarm_window=3 samples, one every 2 steps: the window is full after step 6, so the first
-    # sample that can fire is the one at step (3 + 1) x 2 = 8
-    monitor = StabilityMonitor(every_n_steps=2, sample_size=2, alarm_rule="paper", alarm_window=3)
+    # the paper rule, alarm.window=3 samples, one every 2 steps: the window is full after step 6, so the
+    # first sample that can fire is the one at step (3 + 1) x 2 = 8
+    monitor = StabilityMonitor(every_n_steps=2, sample_size=2, alarm=AlarmOptions(rule="paper", window=3))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _trainer(tmp_path, steps, [monitor]).fit(_model(), _loader(n=64))
     msgs = [str(w.message) for w in caught if "alarm cannot fire" in str(w.message)]
     if warned:
         assert len(msgs) == 1, msgs
-        assert "alarm_window=3" in msgs[0] and "every_n_steps=2" in msgs[0]
+        assert "alarm.window=3" in msgs[0] and "every_n_steps=2" in msgs[0]
         assert "first possible after training step 8, logged as step 7" in msgs[0]  # Lightning's step
         assert f"has {steps} training steps" in msgs[0]
     else:
         assert msgs == []
-    assert monitor._alarm.seen == 3  # type: ignore[attr-defined]  # the window is full by step 6 either way
+    assert monitor._judge.alarm.z_history("kappa_softmax_z") == (3, 3)  # full by step 6 either way
 
 
 def _rho_ln_by_hand(model: TinyViT, x: torch.Tensor, eps_mach: float) -> dict[str, float]:

@@ -9,6 +9,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from lightning_stability.rules.thresholds import PAPER_WINDOW, PAPER_Z
+
 __all__ = ["build_parser", "main"]
 
 
@@ -38,9 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--seed", type=int, default=0, help="seed of the permutation test (default: 0)")
     rep.add_argument("--horizon", type=int, default=40, help="Prec@K horizon in steps (default: 40)")
-    rep.add_argument("--window", type=int, default=20, help="rolling z-score window in steps (default: 20)")
     rep.add_argument(
-        "--z", type=float, default=1.5, help="target spike threshold on the rolling z (default: 1.5)"
+        "--window",
+        type=int,
+        default=PAPER_WINDOW,
+        help=f"rolling z-score window in steps (default: {PAPER_WINDOW})",
+    )
+    rep.add_argument(
+        "--z",
+        type=float,
+        default=PAPER_Z,
+        help=f"target spike threshold on the rolling z (default: {PAPER_Z})",
     )
     rep.add_argument("--k", type=int, default=None, help="Prec@K's K (default: ceil(0.1*T))")
     rep.add_argument(

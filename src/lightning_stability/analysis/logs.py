@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_stability.metrics import parse_tag
+
 __all__ = ["Run", "Series", "align", "find_runs", "load_run", "load_runs", "step_stride"]
 
 EVENT_GLOB = "events.out.tfevents.*"
@@ -57,6 +59,18 @@ class Run:
         """The series of ``tag``, or ``None`` when it was not logged (or is empty)."""
         s = self.scalars.get(tag)
         return s if s is not None and len(s) > 0 else None
+
+    def block_tags(self, name: str) -> list[tuple[int, str]]:
+        """``(block, tag)`` of every logged ``stability/block{i}/<name>`` (block level, not per head),
+        in block order; tags are read with :func:`~lightning_stability.metrics.parse_tag`."""
+        found = []
+        for t in self.scalars:
+            parsed = parse_tag(t)
+            if parsed is None or parsed.metric.name != name or parsed.head is not None:
+                continue
+            if parsed.block is not None:
+                found.append((parsed.block, t))
+        return sorted(found)
 
     def tags_matching(self, pattern: str) -> list[str]:
         """Tags fully matching the regular expression ``pattern``, sorted."""

@@ -12,6 +12,7 @@ import math
 import torch
 
 from lightning_stability.diagnostics.rolling import RollingZScore, rolling_zscore
+from lightning_stability.rules.thresholds import PAPER_WINDOW, PAPER_Z
 
 from ._series import SeriesLike, as_series
 
@@ -23,8 +24,8 @@ def spike_precision_at_k(
     target: SeriesLike,
     k: int | None = None,
     horizon: int = 40,
-    window: int = 20,
-    z: float = 1.5,
+    window: int = PAPER_WINDOW,
+    z: float = PAPER_Z,
 ) -> float:
     """Spike Precision@K: how often the signal's strongest spikes are followed by a target spike.
 

@@ -11,7 +11,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_stability.capture.batch import split_batch
-from lightning_stability.capture.guards import compute_dtype
+from lightning_stability.capture.sharding import DEEPSPEED_MESSAGE, FSDP1_MESSAGE
+from lightning_stability.capture.side_forward import compute_dtype
 
 PrecisionName = Literal["bf16", "fp16", "fp32"]
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -62,6 +63,29 @@ def is_distributed(trainer: Trainer) -> bool:
     return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def unsupported_strategy(strategy: Any) -> str | None:
+    """Why the monitor cannot measure under ``strategy`` (FSDP1, DeepSpeed), else ``None``."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        return FSDP1_MESSAGE
+    if isinstance(strategy, DeepSpeedStrategy):
+        return DEEPSPEED_MESSAGE
+    return None
+
+
+def tensor_parallel_size(trainer: Trainer) -> int:
+    """Ranks of one tensor-parallel group under ``ModelParallelStrategy`` (its ``"tensor_parallel"``
+    mesh dimension), else 1. Its mesh is ``(data_parallel, tensor_parallel)``, row-major: ranks
+    ``r·tp … r·tp + tp − 1`` hold one model replica."""
+    try:
+        mesh = getattr(trainer.strategy, "device_mesh", None)
+    except Exception:  # not set up yet
+        return 1
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    return int(mesh["tensor_parallel"].size()) if mesh is not None and "tensor_parallel" in names else 1
+
+
 def inputs_or_raise(batch: Any, owner: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """:func:`~lightning_stability.capture.batch.split_batch`, with an error naming the method to override."""
     try:
@@ -107,3 +131,16 @@ def lightning_log_step(trainer: Trainer) -> int:
     """
     counter = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
     return int(counter) if isinstance(counter, int) else max(0, trainer.global_step - 1)
+
+
+def check_eps_rule(target_rho: Any, eps_min: Any, eps_max: Any, sample_size: Any, seed: Any) -> None:
+    """The arguments of Algorithm 1 (``LNEpsilonBump``, ``StabilityGuard``), each named when bad."""
+    check_number("target_rho", target_rho, 0.0, 1.0, open_low=True, open_high=True)
+    check_number("eps_min", eps_min, 0.0, math.inf, open_low=True, open_high=True)
+    check_number("eps_max", eps_max, 0.0, math.inf, open_low=True, open_high=True)
+    if eps_max <= eps_min:
+        raise MisconfigurationException(
+            f"`eps_max` must exceed `eps_min`, got eps_max={eps_max!r} <= eps_min={eps_min!r}"
+        )
+    check_int("sample_size", sample_size)
+    check_int("seed", seed, minimum=0)

@@ -40,7 +40,7 @@ from typing import Any
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_stability.metrics import BY_NAME, METRICS, Metric
+from lightning_stability.metrics import BY_NAME, METRICS, Metric, parse_tag
 
 #: Tag prefix of the per-block values in the block sub-runs.
 BLOCK_PREFIX = "stability_block"
@@ -50,8 +50,6 @@ MODEL_PREFIX = "stability_model"
 SUB_RUN = "block{}"
 #: Text tag of the block index → module name map.
 BLOCK_MAP_TAG = "stability/blocks"
-
-_BLOCK_TAG = re.compile(r"stability/block(\d+)/([a-z_0-9]+)$")
 
 #: Short phrases for chart titles (the full doc line is in README's metric table).
 _PHRASE = {
@@ -154,30 +152,27 @@ def split_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], list[dic
     main: dict[str, float] = {}
     per_block: dict[int, dict[str, float]] = {}
     for key, value in metrics.items():
-        match = _BLOCK_TAG.match(key)
-        if match:
-            metric = BY_NAME.get(match.group(2))
-            if metric is None:
-                continue
+        parsed = parse_tag(key)
+        if parsed is None or parsed.head is not None:  # per-head tags stay in the main run only
+            continue
+        metric = parsed.metric
+        if parsed.block is not None:
             v = log10_or_none(value) if metric.log_scale else value
             if v is not None:
-                per_block.setdefault(int(match.group(1)), {})[_block_tag(metric)] = v
-            continue
-        name = key.removeprefix("stability/")
-        metric = BY_NAME.get(name)
-        if metric is not None and metric.log_scale and "/" not in name:
+                per_block.setdefault(parsed.block, {})[_block_tag(metric)] = v
+        elif metric.log_scale:
             v = log10_or_none(value)
             if v is not None:
-                main[_model_log10_tag(name)] = v
+                main[_model_log10_tag(metric.name)] = v
     n = max(per_block, default=-1) + 1
     return main, [per_block.get(i, {}) for i in range(n)]
 
 
 def _on(metrics: dict[str, float]) -> tuple[set[str], set[str]]:
     """Names of the block metrics and the model metrics present among ``metrics``' tags."""
-    block = {m.group(2) for m in map(_BLOCK_TAG.match, metrics) if m}
-    model = {k.removeprefix("stability/") for k in metrics if k.count("/") == 1}
-    return block, model
+    parsed = [t for t in map(parse_tag, metrics) if t is not None and t.head is None]
+    block = {t.metric.name for t in parsed if t.block is not None}
+    return block, {t.metric.name for t in parsed if t.block is None}
 
 
 def custom_scalars_layout(metrics: dict[str, float]) -> dict[str, dict[str, list[Any]]]:
@@ -191,9 +186,19 @@ def custom_scalars_layout(metrics: dict[str, float]) -> dict[str, dict[str, list
     diagnostics. Only metrics present in ``metrics`` get a chart.
     """
     block_on, model_on = _on(metrics)
-    eps = [f"^{_model_log10_tag('eps_mach')}$"] if "eps_mach" in model_on else []
+    layout = {
+        "stability · early warning": _warning_charts(model_on),
+        "stability · verdict": _verdict_charts(model_on),
+        "stability · where (one colour per block)": _block_charts(block_on, where=True),
+        "stability · conditioning per block": _block_charts(block_on, where=False),
+    }
+    return {section: charts for section, charts in layout.items() if charts}
 
-    warning: dict[str, list[Any]] = {}  # TensorBoard draws multi-line charts before margin charts
+
+def _warning_charts(model_on: set[str]) -> dict[str, list[Any]]:
+    """The early warning's inputs and the 0/1 alarm (multi-line charts first: TensorBoard draws
+    them before margin charts)."""
+    warning: dict[str, list[Any]] = {}
     if "attn_logit_max" in model_on:  # the default alarm's main input (its level: 100)
         warning["attn_logit_max — largest attention logit, default alarm at 100 [log10]"] = _lines(
             _model_log10_tag("attn_logit_max")
@@ -206,6 +211,13 @@ def custom_scalars_layout(metrics: dict[str, float]) -> dict[str, dict[str, list
         warning["alarm — early warning fired (reason: the run's warning) [0/1, unsmoothed]"] = _margin(
             "stability/alarm"
         )
+    return warning
+
+
+def _verdict_charts(model_on: set[str]) -> dict[str, list[Any]]:
+    """Model-level charts: r_block against the ε_mach floor, the predictor, the bound, FP16
+    headroom, the worst block, the non-finite count."""
+    eps = [f"^{_model_log10_tag('eps_mach')}$"] if "eps_mach" in model_on else []
     verdict: dict[str, list[Any]] = {}
     if "r_block" in model_on:
         verdict["r_block — error at the last block's output [log10] — flat line: ε_mach"] = [
@@ -232,22 +244,19 @@ def custom_scalars_layout(metrics: dict[str, float]) -> dict[str, dict[str, list
         verdict["nonfinite — non-finite values in block outputs [count, unsmoothed]"] = _margin(
             "stability/nonfinite"
         )
+    return verdict
 
-    where: dict[str, list[Any]] = {}
-    diagnostics: dict[str, list[Any]] = {}
+
+def _block_charts(block_on: set[str], where: bool) -> dict[str, list[Any]]:
+    """One chart per block metric present, one line per block sub-run: the "where" section
+    (:data:`_WHERE`, in its order) or the conditioning diagnostics (the others, in table order)."""
     block_metrics = [BY_NAME[n] for n in _WHERE] + [m for m in METRICS if m.name not in _WHERE]
-    for metric in block_metrics:
-        if metric.level == "model" or metric.name not in block_on:
-            continue
-        # no ε_mach line here: it would squeeze the blocks' lines together (it is in the r_block chart)
-        (where if metric.name in _WHERE else diagnostics)[_title(metric)] = _lines(_block_tag(metric))
-    layout = {
-        "stability · early warning": warning,
-        "stability · verdict": verdict,
-        "stability · where (one colour per block)": where,
-        "stability · conditioning per block": diagnostics,
+    # no ε_mach line here: it would squeeze the blocks' lines together (it is in the r_block chart)
+    return {
+        _title(metric): _lines(_block_tag(metric))
+        for metric in block_metrics
+        if metric.level != "model" and metric.name in block_on and (metric.name in _WHERE) == where
     }
-    return {section: charts for section, charts in layout.items() if charts}
 
 
 def _lines(tag: str) -> list[Any]:

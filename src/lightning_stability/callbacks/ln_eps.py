@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_stability.callbacks._common import (
     check_choice,
+    check_eps_rule,
     check_int,
     check_number,
     check_patterns,
@@ -22,10 +22,41 @@ from lightning_stability.callbacks._common import (
     low_precision_dtype,
 )
 from lightning_stability.capture.batch import sample_inputs
-from lightning_stability.capture.guards import preserved_rng, side_forward
-from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
 from lightning_stability.diagnostics import eps_mach as dtype_eps_mach
-from lightning_stability.diagnostics import propose_ln_eps_from_variance, rho_ln_from_variance
+from lightning_stability.mitigations.eps_bump import EpsilonBump, find_changeable_norms
+from lightning_stability.rules.thresholds import (
+    EPS_BUMP_MAX,
+    EPS_BUMP_MIN,
+    EPS_BUMP_TARGET_RHO,
+    RHO_LN_WATCH,
+)
+
+
+def bump_norms(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    bump: EpsilonBump,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    eps_mach: float,
+    owner: str,
+) -> dict[str, float]:
+    """Measure ``bump``'s norms on this rank's sample, gather every rank's statistics, apply Algorithm 1.
+
+    A rank whose forward fails warns (naming ``owner``) and still takes part in the gather with an
+    empty table, so no rank waits. Returns ``{layer name: new ε}`` for the layers whose ε rose.
+    """
+    step = trainer.global_step
+    try:
+        table = bump.measure(pl_module, args, kwargs, lambda: low_precision_context(trainer, pl_module, None))
+    except Exception as err:  # never stop training; ranks still take part in the gather below
+        rank_zero_warn(f"{owner} skipped step {step}: {type(err).__name__}: {err}")
+        table = bump.table(None, pl_module.device)
+    if is_distributed(trainer):
+        table = trainer.strategy.all_gather(table).reshape(-1, len(bump.layers), 3)
+    else:
+        table = table.unsqueeze(0)
+    return bump.apply(table.cpu().tolist(), eps_mach, step)  # the one device→host transfer
 
 
 class LNEpsilonBump(Callback):
@@ -94,9 +125,9 @@ class LNEpsilonBump(Callback):
 
     def __init__(
         self,
-        target_rho: float = 0.6,
-        eps_min: float = 1e-6,
-        eps_max: float = 1e-2,
+        target_rho: float = EPS_BUMP_TARGET_RHO,
+        eps_min: float = EPS_BUMP_MIN,
+        eps_max: float = EPS_BUMP_MAX,
         every_n_steps: int = 5,
         sample_size: int = 16,
         eps_mach: float | None = None,
@@ -105,21 +136,13 @@ class LNEpsilonBump(Callback):
         restore_on_fit_end: bool = True,
         seed: int = 0,
     ) -> None:
-        check_number("target_rho", target_rho, 0.0, 1.0, open_low=True, open_high=True)
-        check_number("eps_min", eps_min, 0.0, math.inf, open_low=True, open_high=True)
-        check_number("eps_max", eps_max, 0.0, math.inf, open_low=True, open_high=True)
-        if eps_max <= eps_min:
-            raise MisconfigurationException(
-                f"`eps_max` must exceed `eps_min`, got eps_max={eps_max!r} <= eps_min={eps_min!r}"
-            )
+        check_eps_rule(target_rho, eps_min, eps_max, sample_size, seed)
         check_int("every_n_steps", every_n_steps)
-        check_int("sample_size", sample_size)
         if eps_mach is not None:
             check_number("eps_mach", eps_mach, 0.0, 1.0, open_low=True, open_high=True)
         check_patterns("include", include)
         check_patterns("exclude", exclude)
         check_choice("restore_on_fit_end", restore_on_fit_end, (True, False))
-        check_int("seed", seed, minimum=0)
         self.target_rho = float(target_rho)
         self.eps_min = float(eps_min)
         self.eps_max = float(eps_max)
@@ -130,23 +153,39 @@ class LNEpsilonBump(Callback):
         self.exclude = exclude
         self.restore_on_fit_end = restore_on_fit_end
         self.seed = seed
-        self.original_eps: dict[str, float | None] = {}
-        self.current_eps: dict[str, float] = {}
-        self.bumped: set[str] = set()
         self.unchangeable: list[str] = []
-        self._layers: list[NormLayer] = []
+        self._eps = EpsilonBump((), self.target_rho, self.eps_min, self.eps_max)
         self._eps_mach_used: float | None = None
         self._last_step = -1
         self._pending: dict[str, Any] | None = None
         self._fitting = False
         self._warned = False
-        self.min_rho: tuple[float, str, int] | None = None
         self.summary = ""
 
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(include=self.include, exclude=self.exclude)
+
+    @property
+    def original_eps(self) -> dict[str, float | None]:
+        """ε attribute of each changeable layer before any bump (see the class docstring)."""
+        return self._eps.original_eps
+
+    @property
+    def current_eps(self) -> dict[str, float]:
+        """The ε each changeable layer trains with (see the class docstring)."""
+        return self._eps.current_eps
+
+    @property
+    def bumped(self) -> set[str]:
+        """Names of the layers bumped so far."""
+        return self._eps.bumped
+
+    @property
+    def min_rho(self) -> tuple[float, str, int] | None:
+        """The smallest ρ_LN measured so far as ``(ρ_LN, layer name, step)``."""
+        return self._eps.min_rho
 
     @property
     def resolved_eps_mach(self) -> float | None:
@@ -166,10 +205,9 @@ class LNEpsilonBump(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        with preserved_rng():
-            layers = find_norms(pl_module, self.include, self.exclude)
-        self._layers = [layer for layer in layers if layer.eps_attr is not None]
-        self.unchangeable = [layer.name for layer in layers if layer.eps_attr is None]
+        changeable, unchangeable = find_changeable_norms(pl_module, self.include, self.exclude)
+        self._eps.layers = changeable
+        self.unchangeable = [layer.name for layer in unchangeable]
         if self.eps_mach is not None:
             self._eps_mach_used = self.eps_mach
         else:
@@ -182,12 +220,12 @@ class LNEpsilonBump(Callback):
                     " not use an `eps`/`variance_epsilon` attribute); they are left alone: "
                     f"{self.unchangeable}"
                 )
-            elif not layers:
+            elif not changeable:
                 rank_zero_warn("LNEpsilonBump found no normalization layers in the model; it does nothing.")
-        self._record_originals()
+        self._eps.record_originals()
         self._fitting = True
         if self._pending is not None:
-            self._apply_state(self._pending)
+            self._eps.load_state_dict(self._pending)
             self._pending = None
 
     @override
@@ -195,7 +233,7 @@ class LNEpsilonBump(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps or step == self._last_step or not self._layers:
+        if step == 0 or step % self.every_n_steps or step == self._last_step or not self._eps.layers:
             return
         self._last_step = step
         args, kwargs = self.inputs_from_batch(batch)
@@ -209,7 +247,7 @@ class LNEpsilonBump(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fitting = False
         self.summary = self._fit_end_summary()
-        if self._layers:
+        if self._eps.layers:
             rank_zero_info(self.summary)
         if self.restore_on_fit_end:
             self.restore()
@@ -234,7 +272,7 @@ class LNEpsilonBump(Callback):
                 for n in sorted(self.bumped)
             )
             return f"LNEpsilonBump raised ε of {len(self.bumped)} layer(s): {moves}; {seen}.{restored}"
-        if rho >= 1.0:
+        if rho >= RHO_LN_WATCH:
             why = "is ≥ 1, so no norm was ε-dominated: nothing to do"
         elif rho <= self.target_rho:
             why = (
@@ -253,12 +291,7 @@ class LNEpsilonBump(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "original_eps": dict(self.original_eps),
-            "current_eps": dict(self.current_eps),
-            "bumped": sorted(self.bumped),
-            "last_step": self._last_step,
-        }
+        return {**self._eps.state_dict(), "last_step": self._last_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -266,7 +299,7 @@ class LNEpsilonBump(Callback):
         # when ``strategy.restore_checkpoint_after_setup`` (e.g. DeepSpeed): apply whichever comes last.
         self._last_step = int(state_dict.get("last_step", -1))
         if self._fitting:
-            self._apply_state(state_dict)
+            self._eps.load_state_dict(state_dict)
         else:
             self._pending = dict(state_dict)
 
@@ -277,108 +310,15 @@ class LNEpsilonBump(Callback):
         """Measure the sampled sub-batch and apply Algorithm 1; returns ``{name: new ε}`` if changed."""
         step = trainer.global_step
         args, kwargs = sample_inputs(args, kwargs, self.sample_size, self.seed + step)
-        capture = NormCapture(self._layers)
-        try:
-            with side_forward(pl_module), capture, low_precision_context(trainer, pl_module, None):
-                pl_module(*args, **kwargs)
-        except Exception as err:  # never stop training; ranks still take part in the gather below
-            rank_zero_warn(f"LNEpsilonBump skipped step {step}: {type(err).__name__}: {err}")
-            capture.stats = {}
-        device = pl_module.device
-        nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
-        medians, meta = [], []
-        for layer in self._layers:
-            stats = capture.stats.get(layer.name)
-            if stats is None or not stats.variances:
-                medians.append(nan)
-                meta.append((math.nan, math.nan))
-            else:
-                medians.append(stats.median_variance().to(device))
-                meta.append((float(stats.d), stats.eps))
-        # (layers, 3): median σ², d, current ε
-        meta_t = torch.tensor(meta, dtype=torch.float64, device=device)
-        table = torch.cat([torch.stack(medians)[:, None], meta_t], 1)
-        if is_distributed(trainer):
-            table = trainer.strategy.all_gather(table).reshape(-1, len(self._layers), 3)
-        else:
-            table = table.unsqueeze(0)
-        values: list[list[list[float]]] = table.cpu().tolist()  # the one device→host transfer
-
         em = self._eps_mach_used if self._eps_mach_used is not None else dtype_eps_mach(torch.float32)
-        changed: dict[str, float] = {}
-        for j, layer in enumerate(self._layers):
-            proposals = []
-            eps = math.nan
-            for rank_rows in values:
-                var, d, eps_r = rank_rows[j]
-                if math.isfinite(var) and math.isfinite(eps_r) and eps_r > 0 and d > 0:
-                    eps = eps_r
-                    rho = float(rho_ln_from_variance(var, int(d), eps_r, em))  # for the fit-end summary
-                    if self.min_rho is None or rho < self.min_rho[0]:
-                        self.min_rho = (rho, layer.name, step)
-                    proposals.append(
-                        propose_ln_eps_from_variance(
-                            var, int(d), eps_r, em, self.target_rho, self.eps_min, self.eps_max
-                        )
-                    )
-            if not proposals:
-                continue
-            new = max(proposals)
-            if new > eps:
-                layer.set_eps(new)
-                self.current_eps[layer.name] = new
-                self.bumped.add(layer.name)
-                changed[layer.name] = new
-            elif layer.name not in self.bumped:
-                self.current_eps[layer.name] = eps
-        return changed
+        return bump_norms(trainer, pl_module, self._eps, args, kwargs, em, "LNEpsilonBump")
 
     def restore(self) -> None:
         """Put the original ε back into every bumped layer (``None`` for ``nn.RMSNorm(eps=None)``).
 
         Idempotent: calling it twice, or after a fit that bumped nothing, is harmless.
         """
-        for layer in self._layers:
-            if layer.name in self.bumped and layer.name in self.original_eps and layer.eps_attr is not None:
-                setattr(layer.module, layer.eps_attr, self.original_eps[layer.name])
-
-    # ---------------------------------------------------------------- helpers
-    def _attr_value(self, layer: NormLayer) -> float | None:
-        value = getattr(layer.module, layer.eps_attr or "eps", None)
-        return None if value is None else float(value)
-
-    def _record_originals(self) -> None:
-        """Originals from the model, except for layers the model still holds at our bumped value."""
-        for layer in self._layers:
-            value = self._attr_value(layer)
-            still_bumped = layer.name in self.bumped and value == self.current_eps.get(layer.name)
-            if layer.name not in self.original_eps or not still_bumped:
-                self.original_eps[layer.name] = value
-                if not still_bumped:
-                    self.bumped.discard(layer.name)
-            if layer.name not in self.bumped:
-                self.current_eps[layer.name] = layer.eps(_param_dtype(layer))
-
-    def _apply_state(self, state: dict[str, Any]) -> None:
-        """Take the checkpoint's originals and put its bumped ε values into the model."""
-        originals = state.get("original_eps", {})
-        current = state.get("current_eps", {})
-        bumped = set(state.get("bumped", ()))
-        for layer in self._layers:
-            if layer.name in originals:
-                value = originals[layer.name]
-                self.original_eps[layer.name] = None if value is None else float(value)
-            if layer.name in bumped and layer.name in current:
-                layer.set_eps(float(current[layer.name]))
-                self.current_eps[layer.name] = float(current[layer.name])
-                self.bumped.add(layer.name)
-
-
-def _param_dtype(layer: NormLayer) -> torch.dtype:
-    for p in layer.module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
+        self._eps.restore()
 
 
 def _fmt_eps(eps: float | None) -> str:

@@ -4,33 +4,30 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_stability.callbacks._cli_types import (
-    AtLeastTwoInt,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveInt,
-)
+from lightning_stability.callbacks._cli_types import NonNegativeInt, PositiveInt
 from lightning_stability.callbacks._common import (
     DTYPES,
     PrecisionName,
     check_choice,
     check_int,
-    check_number,
     check_patterns,
     inputs_or_raise,
     is_distributed,
     lightning_log_step,
     low_precision_context,
+    tensor_parallel_size,
+    unsupported_strategy,
 )
 from lightning_stability.callbacks._dashboard import TensorBoardDashboard, custom_scalars_layout
+from lightning_stability.callbacks.options import AlarmOptions, ProbeOptions, check_alarm, check_probe
 from lightning_stability.capture.batch import sample_inputs
 from lightning_stability.capture.probe import (
     NO_ATTENTION_WARNING,
@@ -40,16 +37,13 @@ from lightning_stability.capture.probe import (
     first_nonfinite_module,
     predictor_warnings,
 )
-from lightning_stability.capture.structure import structure_warnings, unattended_blocks, unmatched_patterns
-from lightning_stability.diagnostics.alarm import (
-    AlarmResult,
-    AlarmRule,
-    EpisodeLatch,
-    RollingZ,
-    default_alarm,
-)
+from lightning_stability.capture.sharding import UnsupportedSharding, is_sharded, sharding_warnings
+from lightning_stability.capture.stacks import unmatched_patterns
+from lightning_stability.capture.structure import structure_warnings, unattended_blocks
+from lightning_stability.diagnostics.rolling import RollingZScore
+from lightning_stability.metrics import RawKey
+from lightning_stability.rules import AlarmResult, EpisodeLatch, Evidence, Judge, Judgement, render, rule_book
 from lightning_stability.stability_report import StabilityReport
-from lightning_stability.verdict import FitVerdict
 
 __all__ = ["StabilityMonitor", "custom_scalars_layout"]
 
@@ -72,51 +66,27 @@ class StabilityMonitor(Callback):
     (The Args below are plain text: ``LightningCLI --help`` prints them as written.)
 
     Args:
-        every_n_steps: measure when trainer.global_step is a multiple of this (an integer >= 1).
+        every_n_steps: measure when trainer.global_step (optimizer steps) is a multiple of this (an
+            integer >= 1); with gradient accumulation on the micro-batch after which the optimizer
+            stepped, never on one inside an accumulation window (docs/DISTRIBUTED.md).
         sample_size: examples of the batch to measure (fewer if the batch is smaller).
         precision: low precision of the measured pass. None (default): the trainer's own;
             bf16 or fp16: that autocast, so an FP32 run can ask "what would BF16 do?";
             fp32: plain FP32.
-        head_reduction: combine the heads' kappa_softmax by max or sum (the paper's conservative
-            form, SPEC §1); kappa_score and kappa_v are always the max over heads.
-        batch_reduction: combine the sampled examples by max or mean.
-        residual_gain_iters: power-iteration steps for each block's residual gain rho_l;
-            0 turns it off, and with it the unified bound (each iteration costs about
-            3 extra block forwards per block).
         blocks: name patterns of the blocks, e.g. [model.h.*] (* stays within one name
             segment, ** spans segments); None finds the repeated layers (README: block detection).
         log_per_head: also log stability/block{i}/head{h}/<name>.
-        alarm_rule: the early warning (stability/alarm). default: any of three absolute levels,
-            each naming its block: max attention logit above alarm_attn_logit_max, FP16 headroom
-            below alarm_fp16_headroom_bits (FP16 passes only), min rho_ln below alarm_rho_ln
-            (chosen by the scenario evaluation: README "Does it warn?"). paper: the paper's
-            rolling z-score of kappa_softmax_max (alarm_window, alarm_threshold).
-        alarm_attn_logit_max: default rule: fire when any block's max attention logit exceeds this
-            (Megatron's QK-clip tau = 100); inf turns this part off.
-        alarm_fp16_headroom_bits: default rule: fire when fewer bits than this remain before FP16
-            overflows (stability/fp16_headroom), when the measured pass is FP16; -inf turns it off.
-        alarm_rho_ln: default rule: fire when any block's min rho_ln drops below this (an
-            epsilon-dominated normalization, SPEC §2), when the measured pass is FP16/BF16; 0 turns it off.
-        alarm_window: paper rule: sampled steps of history for the rolling z-score of
-            kappa_softmax_max (the paper's 20, at least 2); it stays silent until that many
-            samples exist, i.e. for the first alarm_window x every_n_steps training steps.
-        alarm_threshold: paper rule: z-score above which it fires (the paper's 1.5).
-        ln_c1: constant C1 of C_LN (Proposition 1).
-        ln_c2: constant C2 of C_LN.
-        ln_c3: constant C3 of C_LN.
-        bound_c: the absolute constant c of the unified bound.
         seed: seed of the private generator choosing the sampled examples.
-        eps_mach: numeric machine epsilon override (SPEC §2) for rho_ln, c_ln, predictor_scaled
-            and the bound; None uses that of the measured low precision.
-        local_errors: measure r_local / r_attention_local / r_ffn_local (each block and
-            sub-layer run once more in the low precision on its exact FP32 input).
-        balanced_mass: also log theta, the balanced-mass factor of the attention rows
-            (exact subset-mass search: costly, see the README; off by default).
-        reuse_weight_spectra: keep a copy of every conditioned weight (W_O, FFN, Q/K) and reuse
-            its singular values while the weight is bitwise equal to the copy (frozen layers,
-            fine-tuning a few blocks); the logged numbers are the same. Costs one copy of those
-            weights in memory; saves nothing for weights the optimizer moves (README,
-            *Performance*).
+        probe: what the probe measures (ProbeOptions: head_reduction, batch_reduction,
+            residual_gain_iters, local_errors, balanced_mass, reuse_weight_spectra, eps_mach,
+            ln_c1, ln_c2, ln_c3, bound_c).
+        alarm: the early warning (AlarmOptions: rule default or paper, and its levels;
+            docs/RULES.md).
+
+    Attributes:
+        last_report: the last sampled step's :class:`StabilityReport`.
+        judgement: the verdict of the last fit (set at its end), structured: status, findings, advice.
+        summary: the same verdict in words (set at the end of fit, printed on rank zero).
     """
 
     def __init__(
@@ -124,91 +94,43 @@ class StabilityMonitor(Callback):
         every_n_steps: PositiveInt = 50,
         sample_size: PositiveInt = 16,
         precision: PrecisionName | None = None,
-        head_reduction: Literal["max", "sum"] = "max",
-        batch_reduction: Literal["max", "mean"] = "max",
-        residual_gain_iters: NonNegativeInt = 0,
         blocks: list[str] | None = None,
         log_per_head: bool = False,
-        alarm_rule: Literal["default", "paper"] = "default",
-        alarm_attn_logit_max: float = 100.0,
-        alarm_fp16_headroom_bits: float = 2.0,
-        alarm_rho_ln: NonNegativeFloat = 1.0,
-        alarm_window: AtLeastTwoInt = 20,
-        alarm_threshold: NonNegativeFloat = 1.5,
-        ln_c1: NonNegativeFloat = 1.0,
-        ln_c2: NonNegativeFloat = 1.0,
-        ln_c3: NonNegativeFloat = 1.0,
-        bound_c: NonNegativeFloat = 1.0,
         seed: NonNegativeInt = 0,
-        eps_mach: float | None = None,
-        local_errors: bool = True,
-        balanced_mass: bool = False,
-        reuse_weight_spectra: bool = False,
+        probe: ProbeOptions = ProbeOptions(),  # noqa: B008 (frozen: one shared default is safe)
+        alarm: AlarmOptions = AlarmOptions(),  # noqa: B008
     ) -> None:
         check_int("every_n_steps", every_n_steps)
         check_int("sample_size", sample_size)
         check_choice("precision", precision, (None, *DTYPES))
-        check_choice("head_reduction", head_reduction, ("max", "sum"))
-        check_choice("batch_reduction", batch_reduction, ("max", "mean"))
-        check_int("residual_gain_iters", residual_gain_iters, minimum=0)
         check_patterns("blocks", blocks)
         check_choice("log_per_head", log_per_head, (True, False))
-        check_choice("alarm_rule", alarm_rule, ("default", "paper"))
-        check_number("alarm_attn_logit_max", alarm_attn_logit_max, 0.0, math.inf, open_low=True)
-        check_number("alarm_fp16_headroom_bits", alarm_fp16_headroom_bits, -math.inf, 16.0)
-        check_number("alarm_rho_ln", alarm_rho_ln, 0.0, math.inf, open_high=True)
-        check_int("alarm_window", alarm_window, minimum=2)
-        for name, value in (
-            ("alarm_threshold", alarm_threshold),
-            ("ln_c1", ln_c1),
-            ("ln_c2", ln_c2),
-            ("ln_c3", ln_c3),
-            ("bound_c", bound_c),
-        ):
-            check_number(name, value, 0.0, math.inf, open_high=True)
         check_int("seed", seed, minimum=0)
-        if eps_mach is not None:
-            check_number("eps_mach", eps_mach, 0.0, 1.0, open_low=True, open_high=True)
-        check_choice("local_errors", local_errors, (True, False))
-        check_choice("balanced_mass", balanced_mass, (True, False))
-        check_choice("reuse_weight_spectra", reuse_weight_spectra, (True, False))
+        check_probe(probe)
+        check_alarm(alarm)
         self.every_n_steps = int(every_n_steps)  # plain ints also when LightningCLI passed PositiveInt
         self.sample_size = int(sample_size)
         self.precision = precision
-        self.head_reduction = head_reduction
-        self.batch_reduction = batch_reduction
-        self.residual_gain_iters = residual_gain_iters
         self.blocks = blocks
         self.log_per_head = log_per_head
-        self.alarm_rule = alarm_rule
-        self.alarm_threshold = float(alarm_threshold)
-        self.ln_constants = (float(ln_c1), float(ln_c2), float(ln_c3))
-        self.bound_c = float(bound_c)
         self.seed = seed
-        self.eps_mach = None if eps_mach is None else float(eps_mach)
-        self.local_errors = local_errors
-        self.balanced_mass = balanced_mass
-        self.reuse_weight_spectra = reuse_weight_spectra
+        self.probe = probe
+        self.alarm = alarm
         self.last_report: StabilityReport | None = None
-        #: the verdict of the last fit (set at its end): see :meth:`on_fit_end`
+        self.judgement: Judgement | None = None
         self.summary: str | None = None
-        self._verdict = FitVerdict()
-        self._alarm: AlarmRule
-        if alarm_rule == "default":
-            levels = (float(alarm_attn_logit_max), float(alarm_fp16_headroom_bits), float(alarm_rho_ln))
-            self._alarm = default_alarm(*levels)
-        else:
-            paper = RollingZ("kappa_softmax_max", alarm_window, alarm_threshold, block_metric="kappa_softmax")
-            self._alarm = paper
+        self._judge = self._new_judge()
         self._latch = EpisodeLatch()
         self._probe: StabilityProbe | None = None
         self._last_step = -1
-        self._warned_no_attention = False
-        self._warned_no_blocks = False
-        self._warned_skip = False
-        self._warned_structure = False
-        self._warned_unattended = False
+        self._warned: set[str] = set()
+        #: why nothing is measured in this fit (an unsupported strategy), else None
+        self._refusal: str | None = None
         self._dashboard = TensorBoardDashboard()
+
+    def _new_judge(self) -> Judge:
+        book = rule_book(self.alarm.rule, self.alarm.watch_levels, window=int(self.alarm.window))
+        return Judge(book, RollingZScore)
 
     @property
     @override
@@ -240,16 +162,22 @@ class StabilityMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps or step == self._last_step:
+        if self._refusal or step % self.every_n_steps or step == self._last_step:
+            return
+        if _inside_accumulation_window(trainer, batch_idx):  # the optimizer has not stepped on it
             return
         self._last_step = step
         args, kwargs = self.inputs_from_batch(batch)
         try:
             report = self.measure(trainer, pl_module, args, kwargs)
+            report.batch_idx = batch_idx
+            self._name_micro_batch(trainer, batch_idx)
+        except UnsupportedSharding as err:  # FSDP1/DeepSpeed modules found in the model: say it once
+            self._refuse(str(err))
+            return
         except Exception as err:  # the monitor never stops training
             hint = ""
-            if not self._warned_skip:
-                self._warned_skip = True
+            if self._once("skip"):
                 hint = (
                     " (if the model is not called as pl_module(*args, **kwargs) with the batch's inputs, "
                     "override `StabilityMonitor.inputs_from_batch(batch)`)"
@@ -260,19 +188,43 @@ class StabilityMonitor(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":  # before a checkpoint's state is restored
-            self._verdict = FitVerdict()
-            self.summary = None
+        if stage == "fit":  # a new fit is judged afresh; a checkpoint's state is restored after this
+            self._judge = self._new_judge()
+            self._latch = EpisodeLatch()
+            self.judgement = self.summary = None
+            self._refusal = None
+            refusal = unsupported_strategy(trainer.strategy)
+            if refusal is not None:
+                self._refuse(refusal)
+
+    def _name_micro_batch(self, trainer: Trainer, batch_idx: int) -> None:
+        """Once, under gradient accumulation: which micro-batch a measurement samples."""
+        n = trainer.accumulate_grad_batches
+        if n > 1 and self._once("accumulation"):
+            rank_zero_info(
+                f"StabilityMonitor: with accumulate_grad_batches={n}, every_n_steps counts optimizer steps "
+                "and each measurement samples the last micro-batch of the accumulation window, the one after "
+                f"which the optimizer stepped (this time batch_idx {batch_idx}; report.batch_idx names it)."
+            )
+
+    def _refuse(self, reason: str) -> None:
+        """Stop measuring in this fit, saying why once (rank zero)."""
+        if self._refusal is None:
+            rank_zero_warn(f"StabilityMonitor will not measure in this fit: {reason}")
+        self._refusal = reason
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """The verdict: printed on rank zero, kept as :attr:`summary`, written to TensorBoard as text.
+        """The verdict: kept as :attr:`judgement` and in words as :attr:`summary`, printed on rank zero
+        and written to TensorBoard as text.
 
-        It names the most fragile block by ``r_local`` (its worst value and step), the FP16
-        headroom and its module, the largest attention logit, the alarms that fired, and what to
-        try for what was measured.
+        The rule book (``docs/RULES.md``) judges every sampled step: the status (healthy, watch,
+        at risk), the findings (which rule, block, value and step), the most fragile block by
+        ``r_local``, the FP16 headroom, the largest attention logit, the alarms that fired, and the
+        advice that answers each finding.
         """
-        self.summary = self._verdict.summary()
+        self.judgement = self._judge.judgement()
+        self.summary = render.summary(self.judgement)
         if not trainer.is_global_zero:
             return
         print(self.summary)
@@ -290,21 +242,17 @@ class StabilityMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "last_step": self._last_step,
-            "alarm_rule": self._alarm.name,
-            "alarm": self._alarm.state_dict(),
+            "judge": self._judge.state_dict(),
             "alarm_latch": self._latch.state_dict(),
-            "verdict": self._verdict.state_dict(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
-        # the rule's memory only fits the rule that wrote it (a changed rule starts fresh)
-        if "alarm" in state_dict and state_dict.get("alarm_rule") == self._alarm.name:
-            self._alarm.load_state_dict(state_dict["alarm"])
+        judge = state_dict.get("judge", {})
+        self._judge.load_state_dict(judge)  # the z-scores' history only when written by the same rules
+        if judge.get("alarm") == self.alarm.rule:  # an open episode of the same alarm stays open
             self._latch.load_state_dict(state_dict.get("alarm_latch", {}))
-        if "verdict" in state_dict:
-            self._verdict.load_state_dict(state_dict["verdict"])
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -313,19 +261,19 @@ class StabilityMonitor(Callback):
         The default rule (absolute levels) can fire at the first sampled step; the paper's
         z-score needs a full window of history first.
         """
-        if not isinstance(self._alarm, RollingZ):
+        if self.alarm.rule != "paper":
             return
-        window, seen = self._alarm.window, self._alarm.seen
+        window, seen = self._judge.alarm.z_history("kappa_softmax_z")
         total = trainer.estimated_stepping_batches
         needed = window - seen + 1  # a full window, then the sample judged
         first = (trainer.global_step // self.every_n_steps + needed) * self.every_n_steps  # (resumed too)
         if math.isfinite(total) and first > total:
             rank_zero_warn(
-                f"StabilityMonitor: the early-warning alarm cannot fire in this run: alarm_rule='paper' "
-                f"needs alarm_window={window} sampled steps of history x every_n_steps="
+                f"StabilityMonitor: the early-warning alarm cannot fire in this run: alarm.rule='paper' "
+                f"needs alarm.window={window} sampled steps of history x every_n_steps="
                 f"{self.every_n_steps} before it can judge one (first possible after training step "
                 f"{first}, logged as step {first - 1}), but the run has {int(total)} training steps. "
-                "Lower every_n_steps or alarm_window."
+                "Lower every_n_steps or alarm.window."
             )
 
     # ------------------------------------------------------------ measurement
@@ -336,16 +284,24 @@ class StabilityMonitor(Callback):
 
         Under DDP the ranks first agree that every one of them measured (one small
         collective), so a rank that failed makes all of them skip the step instead of
-        leaving the others waiting in the reduction.
+        leaving the others waiting in the reduction. Under sharding (FSDP2, tensor parallel)
+        the passes themselves are collectives: the ranks also agree that all of them sampled
+        their examples before any pass starts.
         """
         step = trainer.global_step
         raw: RawMeasurement | None = None
         error: Exception | None = None
         try:
             args, kwargs = sample_inputs(args, kwargs, self.sample_size, self.seed + step)
-            raw = self._measure_locally(trainer, pl_module, args, kwargs)
         except Exception as err:
             error = err
+        if is_sharded(pl_module) and not _all_ranks_agree(trainer, pl_module, error is None):
+            raise error or RuntimeError("another rank could not sample this step")
+        if error is None:
+            try:
+                raw = self._measure_locally(trainer, pl_module, args, kwargs)
+            except Exception as err:
+                error = err
         if not _all_ranks_measured(trainer, pl_module, raw):
             raise error or RuntimeError("another rank could not measure this step")
         assert raw is not None
@@ -354,7 +310,9 @@ class StabilityMonitor(Callback):
         values = self._reduce(trainer, raw)
         # report.step is the logged step (joins Lightning's training_step rows); `step` seeds the sample
         log_step = lightning_log_step(trainer)
-        report = compose_report(probe, raw, values, log_step, self.ln_constants, self.bound_c, self.eps_mach)
+        opts = self.probe
+        constants = (float(opts.ln_c1), float(opts.ln_c2), float(opts.ln_c3))
+        report = compose_report(probe, raw, values, log_step, constants, float(opts.bound_c), opts.eps_mach)
         if report.nonfinite:
             report.first_nonfinite = first_nonfinite_module(
                 pl_module, args, kwargs, lambda: self._low_precision(trainer, pl_module)
@@ -371,26 +329,26 @@ class StabilityMonitor(Callback):
     def _measure_locally(
         self, trainer: Trainer, pl_module: LightningModule, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> RawMeasurement:
-        """Both passes on this rank's sample (no collective)."""
+        """Both passes on this rank's sample (no collective of its own; the passes of a sharded model
+        all-gather parameters, heads under tensor parallelism, on every rank alike)."""
         step = trainer.global_step
         if self._probe is None or self._probe.model is not pl_module:
+            opts = self.probe
             self._probe = StabilityProbe(
                 pl_module,
                 self.blocks,
-                self.head_reduction,
-                self.batch_reduction,
-                self.residual_gain_iters,
+                opts.head_reduction,
+                opts.batch_reduction,
+                int(opts.residual_gain_iters),
                 self.log_per_head,
-                self.local_errors,
-                self.balanced_mass,
-                reuse_weight_spectra=self.reuse_weight_spectra,
+                opts.local_errors,
+                opts.balanced_mass,
+                reuse_weight_spectra=opts.reuse_weight_spectra,
             )
         probe = self._probe
-        if not self._warned_structure:
-            self._warned_structure = True
+        if self._once("structure"):
             self._warn_structure(probe)
-        if not probe.blocks and not self._warned_no_blocks:
-            self._warned_no_blocks = True
+        if not probe.blocks and self._once("no_blocks"):
             rank_zero_warn(
                 "StabilityMonitor found no blocks (no repeated layers in an nn.ModuleList, or no module "
                 f"matching blocks={self.blocks}); only model-level attention values are logged. "
@@ -399,11 +357,9 @@ class StabilityMonitor(Callback):
         raw = probe.measure(
             args, kwargs, lambda: self._low_precision(trainer, pl_module), seed=self.seed + step
         )
-        if raw.attention_calls == 0 and not self._warned_no_attention:
-            self._warned_no_attention = True
+        if raw.attention_calls == 0 and self._once("no_attention"):
             rank_zero_warn(NO_ATTENTION_WARNING)
-        if not self._warned_unattended:  # after the first measured step: who saw attention is known
-            self._warned_unattended = True
+        if self._once("unattended"):  # after the first measured step: who saw attention is known
             unattended = unattended_blocks(probe.blocks, raw.attended)
             if unattended:
                 rank_zero_warn(
@@ -414,8 +370,10 @@ class StabilityMonitor(Callback):
         return raw
 
     def _warn_structure(self, probe: StabilityProbe) -> None:
-        """Once, on rank zero: weights not found, fused layouts not understood, patterns matching nothing."""
+        """Once, on rank zero: weights not found, fused layouts not understood, patterns matching
+        nothing, what tensor parallelism leaves inexact."""
         lines = structure_warnings(probe.blocks) + predictor_warnings(probe.blocks)
+        lines += sharding_warnings(probe.model, probe.blocks, probe.head_groups)
         unmatched = unmatched_patterns(probe.model, self.blocks or [])
         if unmatched:
             lines.append(f"blocks patterns {unmatched} match no module of the model")
@@ -426,15 +384,24 @@ class StabilityMonitor(Callback):
         return low_precision_context(trainer, pl_module, self.precision)
 
     @staticmethod
-    def _reduce(trainer: Trainer, raw: RawMeasurement) -> dict[str, float]:
-        """Combine ranks (max for κ's and r, min for variances, sum for counts), then one transfer."""
+    def _reduce(trainer: Trainer, raw: RawMeasurement) -> dict[RawKey, float]:
+        """Combine ranks as each key's row says (max for κ's, min for variances, sum for error and
+        count parts), then one transfer.
+
+        Under tensor parallelism the ranks of one group measured the same examples (each with
+        every head, the per-module maxima of their own shards): their values are combined by
+        max first, then the data-parallel replicas by the keys' operations.
+        """
         keys, vec = raw.flat()
         if is_distributed(trainer):
-            gathered = trainer.strategy.all_gather(vec)  # (world, k)
+            gathered = trainer.strategy.all_gather(vec).reshape(-1, len(keys))  # (world, k)
+            tp = tensor_parallel_size(trainer)
+            if tp > 1:
+                gathered = gathered.reshape(-1, tp, len(keys)).amax(1)  # (data-parallel replicas, k)
             cols = []
             for j, key in enumerate(keys):
                 column = gathered[:, j]
-                op = raw.ops[key]
+                op = key.ranks
                 cols.append(column.amax() if op == "max" else column.amin() if op == "min" else column.sum())
             vec = torch.stack(cols) if cols else vec
         return dict(zip(keys, vec.cpu().tolist(), strict=True))
@@ -443,7 +410,6 @@ class StabilityMonitor(Callback):
     def _log(self, trainer: Trainer, pl_module: LightningModule, report: StabilityReport) -> None:
         metrics = report.metrics()
         result = self._check_alarm(report, metrics)
-        self._verdict.update(report)
         for logger in trainer.loggers:
             if not (isinstance(logger, TensorBoardLogger) and trainer.is_global_zero):
                 logger.log_metrics(metrics, step=report.step)
@@ -454,27 +420,50 @@ class StabilityMonitor(Callback):
         if self._latch.update(result.fired):  # warn once per episode, not at every firing check
             rank_zero_warn(
                 f"StabilityMonitor early warning at step {report.step}: {report.alarm_reason} "
-                f"(alarm_rule={self.alarm_rule!r}; it stays quiet until the alarm stops firing)."
+                f"(alarm.rule={self.alarm.rule!r}; it stays quiet until the alarm stops firing)."
             )
             self.on_alarm(trainer, pl_module, report)
 
     def _check_alarm(self, report: StabilityReport, metrics: dict[str, float]) -> AlarmResult:
-        """Run the alarm rule on the step's tags; set ``report.alarm``, ``alarm_reason``, ``stability/alarm``.
+        """Judge the step's tags; set ``report.alarm``, ``alarm_rule``, ``alarm_block``, ``alarm_reason``
+        and ``stability/alarm``.
 
-        ``stability/alarm`` is logged whenever the rule's signals were measured (1 at every
+        ``stability/alarm`` is logged whenever the alarm's signals were measured (1 at every
         firing check); the reason names the rule, the block index and its module name.
         """
-        result = self._alarm.update(metrics)
+        names = [b.name for b in report.blocks]
+        ev = Evidence.from_tags(metrics, report.step, names)
+        ev.amax_module, ev.first_nonfinite = report.amax_module, report.first_nonfinite
+        result = self._judge.observe(ev)
         if result.available:
             report.alarm = result.fired
             metrics["stability/alarm"] = float(result.fired)
         if result.fired:
-            report.alarm_reason = result.reason
-            if result.block is not None and result.block < len(report.blocks):
-                where = f" in block {result.block}"
-                named = f"{where} ({report.blocks[result.block].name!r})"
-                report.alarm_reason = result.reason.replace(where, named, 1)
+            report.alarm_rule, report.alarm_block = result.rule, result.block
+            name = names[result.block] if result.block is not None and result.block < len(names) else None
+            report.alarm_reason = render.alarm_reason(result, name)
         return result
+
+    def _once(self, key: str) -> bool:
+        """``True`` the first time ``key`` is asked (one warning of each kind per monitor)."""
+        first = key not in self._warned
+        self._warned.add(key)
+        return first
+
+
+def _inside_accumulation_window(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether the batch just trained is a micro-batch after which the optimizer did not step
+    (``accumulate_grad_batches > 1``: not the last of its window, nor the epoch's last batch)."""
+    k = trainer.accumulate_grad_batches
+    return k > 1 and (batch_idx + 1) % k != 0 and not trainer.is_last_batch
+
+
+def _all_ranks_agree(trainer: Trainer, pl_module: LightningModule, ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (a collective when distributed)."""
+    if not is_distributed(trainer):
+        return ok
+    mine = torch.tensor([float(ok)], dtype=torch.float64, device=pl_module.device)
+    return bool((trainer.strategy.all_gather(mine) == 1).all())
 
 
 def _all_ranks_measured(trainer: Trainer, pl_module: LightningModule, raw: RawMeasurement | None) -> bool:

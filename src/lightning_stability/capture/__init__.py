@@ -16,18 +16,15 @@ from lightning_stability.capture.attention import (
 from lightning_stability.capture.blocks import BlockTap
 from lightning_stability.capture.norms import NormCapture, NormLayer, find_norms
 from lightning_stability.capture.probe import RawMeasurement, StabilityProbe, compose_report
+from lightning_stability.capture.stacks import Stack, find_blocks, find_stacks, unmatched_patterns
 from lightning_stability.capture.structure import (
     Block,
     QKProjection,
-    Stack,
-    find_blocks,
-    find_stacks,
     model_blocks,
     moe_kappa_eff,
     structure_notes,
     structure_warnings,
     unattended_blocks,
-    unmatched_patterns,
 )
 
 __all__ = [

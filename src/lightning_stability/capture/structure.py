@@ -1,28 +1,4 @@
-"""A Transformer's layout: its blocks and, inside each, the weights the diagnostics need.
-
-Found from module names and types alone, so that hand-written models,
-``torch.nn.Transformer*``, Hugging Face and torchvision/timm-style models work without
-configuration.
-
-**Blocks** (:func:`find_stacks`). A *stack* is a uniform ``nn.ModuleList`` /
-``nn.Sequential`` (all members of one type) whose members contain a normalization layer.
-The blocks are the members of
-
-1. every stack whose members also contain attention (a submodule named ``*attn*`` /
-   ``*attention*``, an ``nn.MultiheadAttention``, a class named ``*Attention*``, or a
-   ``qkv``/``q_proj``-style projection), keeping only the **innermost** ones: a stack
-   with another such stack inside its members is a container of stacks (Swin's stages,
-   ``layers.i.blocks``), not a stack of blocks. All remaining stacks are measured, so an
-   encoder–decoder gives its encoder's and its decoder's layers; the block index is
-   global, in model (registration) order, and each :class:`Block` names its ``stack``;
-2. else (no attention anywhere) the innermost stacks of the same kind without the
-   attention condition (MLP-Mixer-like, residual MLPs);
-3. else the longest uniform ``nn.ModuleList``.
-
-A uniform ``nn.Sequential`` *inside* a block (an MLP, attention heads, MoE experts) is
-never taken: it has no norm, or no attention, or sits outside the innermost attention
-stack. Members are named by their real qualified names (``encoder.layers.encoder_layer_0``
-in torchvision's ViT), so attention calls and norms are attributed to them.
+"""A Transformer's layout: its blocks (:mod:`.stacks`) and, inside each, the weights the diagnostics need.
 
 **Weights** (:func:`describe_block`). Inside a block, linear maps under a name containing
 ``attn``/``attention`` belong to attention (the output projection gives ``W_O``, the
@@ -34,15 +10,21 @@ found is listed in :attr:`Block.missing` and worded by :func:`structure_warnings
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
 
-_ATTENTION_WORDS = ("attn", "attention")
+from lightning_stability.capture.stacks import (
+    _Q_NAMES,
+    _QKV_NAMES,
+    find_stacks,
+    is_attention_name,
+    match_blocks,
+    plain_name,
+)
+
 _OUT_NAMES = {
     "out_proj",
     "o_proj",
@@ -56,12 +38,15 @@ _OUT_NAMES = {
     "output",
     "out_lin",
 }
-_Q_NAMES = {"q_proj", "query", "q", "wq", "to_q", "q_lin"}
+
+
 _K_NAMES = {"k_proj", "key", "k", "wk", "to_k", "k_lin"}
-_QKV_NAMES = {"qkv", "c_attn", "wqkv", "query_key_value", "in_proj", "qkv_proj"}
+
+
 _ROUTER_NAMES = {"gate", "router"}
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
-_KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head")
+#: ``n_query_groups``: litgpt's number of key/value heads (its ``Config``)
+_KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "n_query_groups")
 _HEAD_DIM_ATTRS = ("head_dim", "head_size", "attention_head_size")
 
 #: A function returning a weight as ``(out_features, in_features)`` at call time
@@ -149,171 +134,9 @@ class Block:
     missing: list[str] = field(default_factory=list)
 
     def contains(self, module_name: str) -> bool:
-        """Whether the module named ``module_name`` lies inside this block."""
+        """Whether the module named ``module_name`` (wrapper segments or not) lies inside this block."""
+        module_name = plain_name(module_name)
         return module_name == self.name or module_name.startswith(self.name + ".")
-
-
-# --------------------------------------------------------------------------- patterns
-@lru_cache(maxsize=256)
-def pattern_regex(pattern: str) -> re.Pattern[str]:
-    """Compile a block pattern: ``*`` and ``?`` stay within one dotted name segment, ``**`` spans any depth.
-
-    ``**.`` also matches no segment at all (``**.layers.*`` matches ``layers.0``);
-    ``[seq]`` / ``[!seq]`` are character classes as in ``fnmatch``. The whole name must match.
-
-    Example:
-        >>> bool(pattern_regex("h.*").match("h.0")), bool(pattern_regex("h.*").match("h.0.attn"))
-        (True, False)
-        >>> deep = pattern_regex("**.attn")
-        >>> bool(deep.match("model.h.0.attn")), bool(deep.match("attn"))
-        (True, True)
-    """
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**.", i):  # any number of leading segments, none included
-            out.append(r"(?:.*\.)?")
-            i += 3
-            continue
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append("[^.]*")
-        elif c == "?":
-            out.append("[^.]")
-        elif c == "[" and "]" in pattern[i + 2 :]:
-            end = pattern.index("]", i + 2)
-            body = pattern[i + 1 : end]
-            body = "^" + body[1:] if body.startswith("!") else body
-            out.append("[" + body.replace("\\", "\\\\") + "]")
-            i = end
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
-def match_blocks(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Module]]:
-    """Modules whose qualified name matches one of ``patterns`` (:func:`pattern_regex`), in model order.
-
-    A match inside an earlier match is dropped (a block cannot contain a block).
-    """
-    regexes = [pattern_regex(p) for p in patterns]
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if name and any(r.match(name) for r in regexes):
-            if found and (name == found[-1][0] or name.startswith(found[-1][0] + ".")):
-                continue
-            found.append((name, module))
-    return found
-
-
-def unmatched_patterns(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """The patterns that match no module of ``model`` (for the caller to reject or warn)."""
-    names = [name for name, _ in model.named_modules() if name]
-    return [p for p in patterns if not any(pattern_regex(p).match(n) for n in names)]
-
-
-# --------------------------------------------------------------------------- stacks
-@dataclass
-class Stack:
-    """A run of repeated residual layers: its qualified name and its ``(name, member)`` pairs."""
-
-    name: str
-    members: list[tuple[str, nn.Module]]
-
-
-def find_stacks(model: nn.Module) -> list[Stack]:
-    """The stacks of blocks of ``model`` in model order (rule in the module docstring)."""
-    uniform = [
-        (name, module)
-        for name, module in model.named_modules()  # pre-order = registration order
-        if isinstance(module, (nn.ModuleList, nn.Sequential))
-        and len(module) > 0
-        and len({type(child) for child in module}) == 1
-    ]
-    with_norm = [(n, m) for n, m in uniform if _has_norm(m[0]) and not _is_norm(m[0])]
-    chosen = _innermost([(n, m) for n, m in with_norm if _has_attention(m[0])]) or _innermost(with_norm)
-    if not chosen:
-        lists = [(n, m) for n, m in uniform if isinstance(m, nn.ModuleList)]
-        chosen = [max(lists, key=lambda nm: len(nm[1]))] if lists else []
-    return [
-        Stack(name, [(f"{name}.{child}" if name else child, m) for child, m in stack.named_children()])
-        for name, stack in chosen
-    ]
-
-
-def _innermost(stacks: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """Drop every stack that has another of ``stacks`` strictly below it."""
-
-    def below(inner: str, outer: str) -> bool:
-        return inner != outer and (outer == "" or inner.startswith(outer + "."))
-
-    return [(n, m) for n, m in stacks if not any(below(other, n) for other, _ in stacks)]
-
-
-def find_blocks(model: nn.Module, patterns: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
-    """The residual blocks of ``model`` in model order.
-
-    Args:
-        model: the model.
-        patterns: block patterns on qualified module names (:func:`pattern_regex`: ``*``
-            within one name segment, ``**`` across segments); when given, every module
-            matching one is a block. By default the members of the stacks of
-            :func:`find_stacks`.
-
-    Example:
-        >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2), num_layers=3)
-        >>> [name for name, _ in find_blocks(enc)]
-        ['layers.0', 'layers.1', 'layers.2']
-    """
-    if patterns:
-        return match_blocks(model, patterns)
-    return [member for stack in find_stacks(model) for member in stack.members]
-
-
-def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or type(m).__name__.lower().endswith(
-        ("layernorm", "rmsnorm")
-    )
-
-
-def _has_norm(module: nn.Module) -> bool:
-    return any(_is_norm(m) for m in module.modules())
-
-
-def is_attention_name(name: str) -> bool:
-    """Whether a module name (its last segment, or a class name) says "attention" (``attn``/``attention``).
-
-    The one rule by which weights are filed under attention (:func:`describe_block`) and a
-    block's attention module is found for mitigations.
-
-    Example:
-        >>> is_attention_name("self_attn"), is_attention_name("SelfAttention"), is_attention_name("mlp")
-        (True, True, False)
-    """
-    lowered = name.lower()
-    return any(w in lowered for w in _ATTENTION_WORDS)
-
-
-def _has_attention(module: nn.Module) -> bool:
-    """Whether ``module`` contains attention (by submodule name, type or projection name)."""
-    for rel, sub in module.named_modules():
-        if not rel:
-            continue
-        leaf = rel.rsplit(".", 1)[-1].lower()
-        cls = type(sub).__name__.lower()
-        if (
-            isinstance(sub, nn.MultiheadAttention)
-            or is_attention_name(leaf)
-            or is_attention_name(cls)
-            or leaf in _QKV_NAMES
-            or leaf in _Q_NAMES
-        ):
-            return True
-    return False
 
 
 # --------------------------------------------------------------------------- weights
@@ -392,10 +215,16 @@ def fused_qk(
 
     - ``query_key_value`` with ``3·H·d`` rows (GPT-NeoX/Pythia, BLOOM, classic Falcon):
       per head ``[q_h | k_h | v_h]``;
-    - Falcon ``new_decoder_architecture``: per K/V group ``[q … q | k | v]`` (H/H_kv query heads);
+    - Falcon ``new_decoder_architecture`` and litgpt before its ``qkv`` (a Linear named
+      ``attn`` whose config has ``n_query_groups``): per K/V group ``[q … q | k | v]``
+      (H/H_kv query heads);
     - otherwise contiguous ``[Q (H·d) | K (H_kv·d) | V (H_kv·d)]`` (GPT-2 ``c_attn``, timm
-      ``qkv``, ``nn.MultiheadAttention``, Phi-3 ``qkv_proj``, Falcon multi-query), thirds when
-      the module declares no head counts.
+      ``qkv``, ``nn.MultiheadAttention``, Phi-3 ``qkv_proj``, Falcon multi-query, litgpt's
+      ``qkv`` with ``n_query_groups`` K/V heads), thirds when the module declares no head
+      counts.
+
+    A module that declares its head counts and head size but whose rows do not fit them
+    (``(H + 2·H_kv)·d``) gets ``None``, not thirds: a guessed split would pair the wrong rows.
 
     ``bias`` (the fused bias, if any) is split the same way into ``b_q`` / ``b_k``.
     """
@@ -404,7 +233,7 @@ def fused_qk(
     if heads and kv and not d_head and out_features % (heads + 2 * kv) == 0:
         d_head = out_features // (heads + 2 * kv)
     if not (heads and kv and d_head) or out_features != (heads + 2 * kv) * d_head:
-        if out_features % 3:
+        if out_features % 3 or (heads and d_head):
             return None
         third = out_features // 3
         return QKProjection(
@@ -415,7 +244,7 @@ def fused_qk(
             b_q=_bias_rows(b, 0, third),
             b_k=_bias_rows(b, third, 2 * third),
         )
-    if getattr(attention, "new_decoder_architecture", False):
+    if getattr(attention, "new_decoder_architecture", False) or _legacy_litgpt(leaf, attention):
         layout = "per K/V group [q..q|k|v]"
         return _grouped_qk(name, weight, b, kv, heads // kv + 2, d_head, heads, kv, layout)
     if leaf == "query_key_value" and kv == heads and not getattr(attention, "multi_query", False):
@@ -431,6 +260,13 @@ def fused_qk(
         b_q=_bias_rows(b, 0, q_rows),
         b_k=_bias_rows(b, q_rows, q_rows + k_rows),
     )
+
+
+def _legacy_litgpt(leaf: str, attention: nn.Module) -> bool:
+    """Whether ``leaf`` is litgpt's fused QKV from before its ``qkv`` name: a Linear ``attn``
+    whose forward views its rows as ``(n_query_groups, q_per_kv + 2, head_size)``."""
+    config = getattr(attention, "config", None)
+    return leaf == "attn" and isinstance(getattr(config, "n_query_groups", None), int)
 
 
 def _grouped_qk(
@@ -529,7 +365,7 @@ def describe_block(index: int, name: str, module: nn.Module, stack: str = "") ->
             continue
         parts = rel.split(".") if rel else []
         leaf = parts[-1].lower() if parts else ""
-        full = f"{name}.{rel}" if rel else name
+        full = plain_name(f"{name}.{rel}" if rel else name)
         if isinstance(sub, nn.MultiheadAttention):
             block.wo[f"{full}.out_proj"] = _weight_of(sub.out_proj, "weight")
             block.qk.append(_mha_qk(full, sub))
@@ -600,7 +436,7 @@ def _attention_weight(
             lambda: weight().chunk(2, dim=0)[0],
             lambda: None if (b := bias()) is None else b.chunk(2)[0],
         )
-    elif leaf in _QKV_NAMES:
+    elif leaf in _QKV_NAMES or _legacy_litgpt(leaf, attention):
         out_features = weight().shape[0]
         proj = fused_qk(full, leaf, weight, out_features, attention, bias)
         if proj is None:
@@ -625,7 +461,10 @@ def model_blocks(model: nn.Module, patterns: Sequence[str] | None = None) -> lis
         found = [(name, module, name.rpartition(".")[0]) for name, module in match_blocks(model, patterns)]
     else:
         found = [(name, module, stack.name) for stack in find_stacks(model) for name, module in stack.members]
-    return [describe_block(i, name, module, stack) for i, (name, module, stack) in enumerate(found)]
+    return [
+        describe_block(i, plain_name(name), module, plain_name(stack))
+        for i, (name, module, stack) in enumerate(found)
+    ]
 
 
 # --------------------------------------------------------------------------- for the monitor

@@ -6,10 +6,6 @@ from .attention import (
     attention_entropy,
     attention_logit_max,
     kappa_score,
-    kappa_softmax,
-    kappa_v,
-    kappa_v_many,
-    softmax_jacobian_norm,
 )
 from .balanced_mass import (
     BalancedMass,
@@ -39,6 +35,9 @@ from .norm import (
 )
 from .precision import eps_mach
 from .rolling import RollingZScore, rolling_zscore
+from .softmax_jacobian import softmax_jacobian_norm
+from .softmax_solver import kappa_softmax
+from .value_conditioning import kappa_v, kappa_v_many
 
 __all__ = [
     "AttentionDiagnostics",

@@ -350,7 +350,7 @@ def softmax_jacobian_inf1_norm(
     temperature. For scaled dot-product attention with raw scores ``u = q·k`` and scale
     ``1/√d``, τ = √d; with ``u`` the already scaled scores, τ = 1. The ∞→1 norm is the
     sensitivity in the tokenwise (block-∞) geometry of the paper, bounded by ``1/τ``; the
-    spectral norm of the same matrix is :func:`~.attention.softmax_jacobian_norm`.
+    spectral norm of the same matrix is :func:`~.softmax_jacobian.softmax_jacobian_norm`.
 
     Args:
         p: Probabilities ``(..., n)`` (rows summing to 1 over the attended entries).

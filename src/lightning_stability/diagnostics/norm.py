@@ -12,6 +12,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from lightning_stability.rules.thresholds import EPS_BUMP_MAX, EPS_BUMP_MIN, EPS_BUMP_TARGET_RHO
+
 from ._checks import check_tensor
 
 __all__ = [
@@ -184,9 +186,9 @@ def propose_ln_eps_from_variance(
     d: int,
     eps: float,
     eps_mach: float,
-    target_rho: float = 0.6,
-    eps_min: float = 1e-6,
-    eps_max: float = 1e-2,
+    target_rho: float = EPS_BUMP_TARGET_RHO,
+    eps_min: float = EPS_BUMP_MIN,
+    eps_max: float = EPS_BUMP_MAX,
 ) -> float:
     """Algorithm 1 (SPEC §6) for one norm, from its median per-token variance.
 
@@ -229,9 +231,9 @@ def propose_ln_eps(
     x: Tensor,
     eps: float,
     eps_mach: float,
-    target_rho: float = 0.6,
-    eps_min: float = 1e-6,
-    eps_max: float = 1e-2,
+    target_rho: float = EPS_BUMP_TARGET_RHO,
+    eps_min: float = EPS_BUMP_MIN,
+    eps_max: float = EPS_BUMP_MAX,
     *,
     rms: bool = False,
 ) -> float:

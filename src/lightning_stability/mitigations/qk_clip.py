@@ -1,0 +1,165 @@
+"""QK-clip (Kimi K2's MuonClip, Megatron's ``clip_qk``): bound a block's attention logits by τ.
+
+The query and key rows of the heads whose maximum attention logit ``S_h`` exceeds ``τ`` are
+rescaled by ``η_h = min(1, τ/S_h)``, ``W_Q^h ← η_h^α W_Q^h`` and ``W_K^h ← η_h^{1−α} W_K^h``
+(``α = ½``: ``√η_h`` on each), biases alike, so head ``h``'s logits ``q·k`` are multiplied by
+exactly ``η_h`` and its maximum becomes ``τ`` on the same input. Not reversible: it changes
+weights, which training then moves on from (:meth:`QKClip.restore` undoes nothing, and says so).
+
+Pure model mutation, no Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_stability.capture.structure import Block, QKProjection
+from lightning_stability.rules.thresholds import QK_CLIP_TAU
+
+__all__ = ["QKClip", "QKParams", "clip_block_qk", "qk_clip_", "qk_clip_factors", "qk_params"]
+
+
+@dataclass
+class QKParams:
+    """The query/key weights ``(out, in)`` and biases of one attention, as views of its parameters."""
+
+    name: str
+    w_q: Tensor
+    w_k: Tensor
+    b_q: Tensor | None
+    b_k: Tensor | None
+
+
+def qk_params(block: Block, proj: QKProjection) -> QKParams:
+    """Resolve ``proj``'s W_Q, W_K and their biases (its getters) to writable views.
+
+    The rows are the ones the diagnostics measure: :class:`QKProjection` splits separate
+    ``q_proj``/``k_proj``-style children, fused ``[Q | K | V]`` weights (``in_proj``, GPT-2
+    ``c_attn``, ``qkv``) and per-head layouts, weights and biases alike, in one place.
+
+    Raises:
+        ValueError: when a weight or bias is not a view of one of the block's parameters
+            (scaling it in place would not change the model: e.g. GPT-NeoX's per-head
+            ``[q_h|k_h|v_h]`` rows, which no single view holds).
+    """
+    params = QKParams(proj.name, proj.w_q(), proj.w_k(), proj.b_q(), proj.b_k())
+    storages = {p.untyped_storage().data_ptr() for p in block.module.parameters()}
+    for label, t in (("W_Q", params.w_q), ("W_K", params.w_k), ("b_Q", params.b_q), ("b_K", params.b_k)):
+        if t is not None and t.untyped_storage().data_ptr() not in storages:
+            raise ValueError(f"{label} of {proj.name!r} is a copy, not a view of the block's parameters")
+    return params
+
+
+def qk_clip_factors(max_logits: Sequence[float], tau: float) -> list[float]:
+    """``η_h = min(1, τ/S_h)`` per head (1 for a non-finite or non-positive ``S_h``).
+
+    Example:
+        >>> qk_clip_factors([150.0, 50.0], tau=QK_CLIP_TAU)
+        [0.6666666666666666, 1.0]
+    """
+    return [tau / s if math.isfinite(s) and s > tau else 1.0 for s in max_logits]
+
+
+def _head_rows(t: Tensor, n_heads: int) -> list[Tensor]:
+    """Row blocks of ``t`` (``(n_heads·d_head, …)`` or ``(n_heads·d_head,)``), one view per head.
+
+    ``chunk`` along dim 0 always returns views, also of a transposed (``Conv1D``) weight.
+    """
+    return list(t.chunk(n_heads, dim=0))
+
+
+@torch.no_grad()
+def qk_clip_(params: QKParams, factors: Sequence[float], alpha: float = 0.5) -> list[int]:
+    """Scale head ``h``'s query rows by ``η_h^α`` and key rows by ``η_h^{1−α}``, in place.
+
+    With one factor it applies to every head (the whole W_Q and W_K). With one per query
+    head and fewer key heads (grouped-query attention, a key head shared by several query
+    heads) the query rows take the whole ``η_h`` and the shared keys are left alone, as
+    Megatron does for MLA's shared rotary key; the logits ``q_h·k`` still scale by ``η_h``.
+
+    Args:
+        params: the attention's weights and biases (:func:`qk_params`).
+        factors: ``η_h`` per query head (or one for all), each in ``(0, 1]``.
+        alpha: the query's share ``α`` of the rescaling (Kimi K2 and Megatron: 0.5).
+
+    Returns:
+        The heads actually rescaled (``η_h < 1``).
+    """
+    if not factors or not all(0.0 < f <= 1.0 for f in factors):
+        raise ValueError(f"QK-clip factors must lie in (0, 1], got {list(factors)}")
+    n_heads = len(factors)
+    w_q, w_k = params.w_q, params.w_k
+    if w_q.shape[0] % n_heads:
+        raise ValueError(f"{params.name!r}: W_Q has {w_q.shape[0]} rows, not a multiple of {n_heads} heads")
+    grouped = n_heads > 1 and w_k.shape[0] != w_q.shape[0]
+    q_views = [_head_rows(w_q, n_heads)]
+    k_views = [] if grouped else [_head_rows(w_k, n_heads)]
+    if params.b_q is not None:
+        q_views.append(_head_rows(params.b_q, n_heads))
+    if params.b_k is not None and not grouped:
+        k_views.append(_head_rows(params.b_k, n_heads))
+    clipped = []
+    for h, eta in enumerate(factors):
+        if eta >= 1.0:
+            continue
+        clipped.append(h)
+        q_scale = eta if grouped else eta**alpha
+        for views in q_views:
+            views[h].mul_(q_scale)
+        for views in k_views:
+            views[h].mul_(eta ** (1.0 - alpha))
+    return clipped
+
+
+def clip_block_qk(
+    block: Block, max_logits: Sequence[float], tau: float, alpha: float = 0.5
+) -> dict[str, list[int]]:
+    """QK-clip every query/key projection of ``block``; ``{projection name: heads rescaled}``.
+
+    ``max_logits`` holds ``S_h`` per head (or one value applied to every head).
+    """
+    factors = qk_clip_factors(max_logits, tau)
+    resolved = [qk_params(block, proj) for proj in block.qk]  # all resolved before any is changed
+    return {params.name: qk_clip_(params, factors, alpha) for params in resolved}
+
+
+class QKClip:
+    """QK-clip of one block as a mitigation object: :meth:`apply` at each measured step past τ.
+
+    Not reversible: the clipped weights are the model's from then on (the optimizer moves on
+    from them), so :meth:`restore` undoes nothing. :meth:`state_dict` keeps the record.
+
+    Args:
+        block: the block whose query/key projections are clipped.
+        tau: the largest logit a head keeps on the measured sample.
+        alpha: the queries' share of the rescaling.
+
+    Attributes:
+        factors: the smallest ``η`` of each application that rescaled a head.
+    """
+
+    def __init__(self, block: Block, tau: float = QK_CLIP_TAU, alpha: float = 0.5) -> None:
+        self.block, self.tau, self.alpha = block, float(tau), float(alpha)
+        self.factors: list[float] = []
+
+    def apply(self, max_logits: Sequence[float]) -> dict[str, list[int]]:
+        """Clip the heads whose ``S_h > τ``; ``{projection name: heads rescaled}`` (:func:`clip_block_qk`)."""
+        clipped = clip_block_qk(self.block, max_logits, self.tau, self.alpha)
+        if any(clipped.values()):
+            self.factors.append(min(qk_clip_factors(max_logits, self.tau)))
+        return clipped
+
+    def restore(self) -> None:
+        """Nothing to undo: QK-clip changes weights for good."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"factors": list(self.factors)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.factors = [float(f) for f in state.get("factors", [])]
