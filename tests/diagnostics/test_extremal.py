@@ -46,6 +46,7 @@ def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     low = 10**9 if request.param == "dense" else 16
     monkeypatch.setattr(extremal, "KRYLOV_MIN_N", low)
     monkeypatch.setattr(extremal, "MIXED_MIN_N", low)
+    monkeypatch.setattr(extremal, "SQUARE_MIN_N", low)
     return str(request.param)
 
 
@@ -281,3 +282,58 @@ def test_weight_extremes_many_mixed_shapes_needs_and_non_finite_weights() -> Non
             assert lo.isnan()
     assert out[-1][0] == math.inf and out[-1][1] == 0.0
     assert weight_extremes_many([], []) == []
+
+
+@pytest.mark.parametrize("spectrum", ["gaussian", "power", "log1e6"])
+def test_lu_route_certifies_ill_conditioned_square_matrices(
+    monkeypatch: pytest.MonkeyPatch, spectrum: str
+) -> None:
+    """Square matrices the dense route cannot certify (a Gaussian square matrix, a trained-like
+    power law with a few tiny values, κ = 1e6 log-spaced) are certified by the LU route itself, at the
+    default threshold, with neither fallback called."""
+    n = extremal.SQUARE_MIN_N
+    if spectrum == "gaussian":
+        w = torch.randn(2, n, n, generator=gen(31), dtype=F64) * 0.02
+    elif spectrum == "power":
+        s = torch.arange(1, n + 1, dtype=F64) ** -0.6
+        s[-3:] *= 1e-3
+        w = with_spectrum(s, n, seed=32, batch=2)
+    else:
+        w = with_spectrum(torch.logspace(0, -6, n, dtype=F64), n, seed=33, batch=2)
+
+    def forbidden(x: torch.Tensor) -> None:
+        raise AssertionError(f"fell back on {tuple(x.shape)}")
+
+    monkeypatch.setattr(extremal, "_dense", forbidden)
+    monkeypatch.setattr(extremal, "_svd", forbidden)
+    check_both(w)
+    check_both(w.mT)
+
+
+def test_lu_route_leaves_well_conditioned_and_singular_square_matrices_to_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A square matrix of κ = 10 goes to the dense route (cheaper there), an exactly singular one
+    to the dense and SVD routes, one of κ = 1e5 stays on the LU route; each matrix of the
+    stack within its bound."""
+    n = 64
+    monkeypatch.setattr(extremal, "SQUARE_MIN_N", n)
+    calls: list[int] = []
+    dense = extremal._dense
+
+    def counted(x: torch.Tensor) -> extremal.Extremes:
+        calls.append(x.shape[0])
+        return dense(x)
+
+    monkeypatch.setattr(extremal, "_dense", counted)
+    good = with_spectrum(torch.logspace(0, -1, n, dtype=F64), n, seed=41)
+    singular = torch.randn(1, n, n, generator=gen(42), dtype=F64)
+    singular[0, :, -1] = singular[0, :, 0]  # two equal columns: σmin = 0
+    bad = with_spectrum(torch.logspace(0, -5, n, dtype=F64), n, seed=43)
+    w = torch.cat([good, singular, bad])
+    hi, lo, e_hi, e_lo = singular_value_bounds(w)
+    ref = torch.linalg.svdvals(w)
+    assert ((hi - ref[:, 0]).abs() <= e_hi).all() and ((lo - ref[:, -1]).abs() <= e_lo).all()
+    assert calls == [2]  # good and singular; bad certified by LU
+    assert lo[1] <= e_lo[1] <= 1e-12 * hi[1]
+    check_both(w[[0, 2]])
