@@ -9,7 +9,9 @@ at the bottom):
 - both ends: ``main`` (``linear.extreme_singular_values``: float64 Gram ``eigvalsh``, ``svdvals``
   above κ = 10³), ``svdvals`` (float64), ``dense`` (``extremal``'s dense route: upper block
   triangle of the Gram, ``eigvalsh``, rounding-model bound), ``mixed`` (``extremal``'s float32 Gram
-  + Cholesky + block Krylov, float64 certificate, fallbacks), ``lobpcg`` (``torch.lobpcg`` on the
+  + Cholesky + block Krylov, float64 certificate, fallbacks), ``certified`` (what the probe
+  calls: ``extremal.singular_value_bounds`` with its thresholds — LU route for square matrices
+  from ``SQUARE_MIN_N``, mixed from ``MIXED_MIN_N``), ``lobpcg`` (``torch.lobpcg`` on the
   float64 Gram, both ends; with ``--lobpcg``, up to d = 1024);
 - ``σmax`` alone: ``main`` (the same call as above: what the probe pays for ``‖W_O‖₂`` today),
   ``dense``, ``krylov`` (``extremal.largest_singular_value``: float32 block Krylov on ``WᵀW``
@@ -92,23 +94,28 @@ def lobpcg_both(w: Tensor) -> Result:
     return torch.cat(hi), torch.cat(lo)
 
 
-def mixed(w: Tensor) -> Result:
-    saved = extremal.MIXED_MIN_N
-    extremal.MIXED_MIN_N = 0
+def routed(w: Tensor, mixed_min_n: int, square_min_n: int) -> Result:
+    """``singular_value_bounds`` with the routes' thresholds set for one call."""
+    saved = extremal.MIXED_MIN_N, extremal.SQUARE_MIN_N
+    extremal.MIXED_MIN_N, extremal.SQUARE_MIN_N = mixed_min_n, square_min_n
     try:
         hi, lo, _, _ = extremal.singular_value_bounds(w)
     finally:
-        extremal.MIXED_MIN_N = saved
+        extremal.MIXED_MIN_N, extremal.SQUARE_MIN_N = saved
     return hi, lo
 
 
+def mixed(w: Tensor) -> Result:
+    return routed(w, 0, 1 << 30)
+
+
 def dense(w: Tensor) -> Result:
-    saved = extremal.MIXED_MIN_N
-    extremal.MIXED_MIN_N = 1 << 30
-    try:
-        hi, lo, _, _ = extremal.singular_value_bounds(w)
-    finally:
-        extremal.MIXED_MIN_N = saved
+    return routed(w, 1 << 30, 1 << 30)
+
+
+def certified(w: Tensor) -> Result:
+    """What the probe calls by default: every route at its default threshold."""
+    hi, lo, _, _ = extremal.singular_value_bounds(w)
     return hi, lo
 
 
@@ -117,7 +124,7 @@ def candidates(d: int, lobpcg: bool = False) -> dict[str, dict[str, Callable[[Te
     both: dict[str, Callable[[Tensor], Any]] = {"main": linear.extreme_singular_values}
     if d <= 2048:
         both["svdvals"] = lambda w: (lambda s: (s[..., 0], s[..., -1]))(torch.linalg.svdvals(w))
-    both.update({"dense": dense, "mixed": mixed})
+    both.update({"dense": dense, "mixed": mixed, "certified": certified})
     if lobpcg and d <= 1024:
         both["lobpcg"] = lobpcg_both
     top: dict[str, Callable[[Tensor], Any]] = {

@@ -12,6 +12,8 @@ CPU seconds of the process, for a busy machine):
 - ``sampled``: the monitor's whole work at a sampled step (``on_train_batch_end``: both passes,
   local errors, diagnostics, weight terms, logging); a sampled step of training costs
   ``train + sampled``;
+- ``exact``: the same with ``weight_spectra="exact"`` (the weight terms' float64 values instead
+  of the certified ones: ``exact − frozen`` is what they cost that way);
 - ``no_local``: the same with ``local_errors=False``;
 - ``frozen``: the same with ``reuse_weight_spectra=True`` on unchanged weights (the weight terms
   read from the kept spectra: ``sampled − frozen`` is what the weight terms cost);
@@ -60,8 +62,8 @@ import lightning.pytorch as pl
 from bench_overhead import _AllocTracker, machine_line
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_stability import StabilityMonitor
-from lightning_stability.capture.guards import eval_mode, exact_fp32
+from lightning_stability import ProbeOptions, StabilityMonitor
+from lightning_stability.capture.side_forward import eval_mode, exact_fp32
 
 #: Values of each axis; the other two stay at the base configuration (d=768, 8 layers, 256 tokens).
 BASE = {"d": 768, "layers": 8, "seq": 256}
@@ -120,10 +122,15 @@ class Setup:
         self.lm = LM(d, layers, seq)
         self.opt = self.lm.configure_optimizers()
         self.batch = torch.randint(0, VOCAB, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
+        options = {
+            "sampled": ProbeOptions(),
+            "exact": ProbeOptions(weight_spectra="exact"),
+            "no_local": ProbeOptions(local_errors=False),
+            "frozen": ProbeOptions(reuse_weight_spectra=True),
+        }
         self.monitors = {
-            "sampled": StabilityMonitor(every_n_steps=1, sample_size=sample),
-            "no_local": StabilityMonitor(every_n_steps=1, sample_size=sample, local_errors=False),
-            "frozen": StabilityMonitor(every_n_steps=1, sample_size=sample, reuse_weight_spectra=True),
+            name: StabilityMonitor(every_n_steps=1, sample_size=sample, probe=probe)
+            for name, probe in options.items()
         }
         self.trainer = pl.Trainer(
             accelerator="cpu",
@@ -253,6 +260,8 @@ def derived(row: dict[str, Any]) -> dict[str, float]:
         "monitor": t["sampled"],
         "sampled_over_train": (t["train"] + t["sampled"]) / t["train"],
         "weights": max(t["sampled"] - t["frozen"], 0.0),
+        **({"weights_exact": max(t["exact"] - t["frozen"], 0.0)} if "exact" in t else {}),
+        **({"exact_over_train": (t["train"] + t["exact"]) / t["train"]} if "exact" in t else {}),
         "local_errors": max(t["sampled"] - t["no_local"], 0.0),
         "fp32_pass": t["fp32_pass"],
         "lp_pass": t["lp_pass"],

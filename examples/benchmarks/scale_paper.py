@@ -12,7 +12,8 @@ What the probe holds (FP32 unless said):
 - one block's weights gathered in FP32 (the exact reference must use the master weights; a
   gather of the whole model would be ``P·4`` bytes): ``P_block·4``;
 - the weight terms' work on the largest matrix (an FFN weight, solved alone: it exceeds
-  ``BATCH_BYTES``): its float64 and float32 copies, the float32 Gram, the Krylov basis;
+  ``BATCH_BYTES``): its float64 and float32 copies, the float32 Gram, the Krylov basis (or
+  ``W_O``'s float64 copy and LU factors, if larger);
 - the activations kept from the exact pass: every block's output (the low-precision pass is
   compared against it) and, with local errors, the FFN sub-layer's input and output and the
   attention sub-layer's output: ``4·L·S·n·d·4`` bytes (``1·…`` without local errors);
@@ -58,7 +59,7 @@ def memory(m: dict[str, int], sample: int, seq: int, local: bool) -> dict[str, f
     act = sample * seq * d * 4
     return {
         "block_weights_fp32": block_params(m) * 4.0,
-        "weight_terms": ffn * d * (8 + 4) + d * d * 4 + 2 * krylov_dim * d * 4 + ffn * 2 * BLOCK * 8,
+        "weight_terms": max(ffn * d * (8 + 4) + ffn * 2 * BLOCK * 8, d * d * 2 * 8) + 2 * krylov_dim * d * 8,
         "kept_activations": (4 if local else 1) * layers * act,
         "attention_probabilities": sample * m["heads"] * seq * seq * 4.0,
         "pass_transients": sample * seq * ffn * 4.0,
@@ -75,7 +76,8 @@ def flops(m: dict[str, int], sample: int, seq: int, batch: int) -> dict[str, flo
     forward = 2.0 * body * tokens + attention
     krylov_dim = 64 + 2 * round(d ** (2 / 3))
     ffn_matrix = 2 * ffn * d * d * 5 / 8 + 4.0 * krylov_dim * d * d + 8.0 * ffn * d * 2 * BLOCK
-    wo_norm = 4.0 * krylov_dim * d * d + 8.0 * d * d * 2 * BLOCK
+    # W_O (κ and ‖·‖₂): float64 LU, Krylov on (WᵀW)⁻¹ and on WᵀW, float64 certificate
+    wo_norm = 2.0 / 3.0 * d**3 + 2 * 4.0 * krylov_dim * d * d + 8.0 * d * d * 2 * BLOCK
     wkwq = 2 * m["heads"] * (2 * 2 * d * dh * dh) + m["heads"] * 10 * dh**3
     train_tokens = batch * seq
     return {
@@ -104,8 +106,9 @@ def weight_fits(extremal: dict[str, Any]) -> dict[str, tuple[float, float]]:
         "ffn_main": ("ffn", "both", "main"),
         "ffn_dense": ("ffn", "both", "dense"),
         "ffn_mixed": ("ffn", "both", "mixed"),
-        "wo_main": ("wo", "top", "main"),
-        "wo_krylov": ("wo", "top", "krylov"),
+        "ffn_certified": ("ffn", "both", "certified"),
+        "wo_main": ("wo", "both", "main"),
+        "wo_certified": ("wo", "both", "certified"),
     }.items():
         pts = [
             (float(r["d"]), float(r["seconds_per_matrix"]))
@@ -122,8 +125,9 @@ def weight_fits(extremal: dict[str, Any]) -> dict[str, tuple[float, float]]:
 
 
 def rates(scale: dict[str, Any]) -> dict[str, Any]:
-    """FP32 and BF16 forward throughput (flop/s) of the largest model of ``bench_scale``."""
-    row = max(scale["rows"], key=lambda r: r["params"])
+    """FP32 and BF16 forward throughput (flop/s) of the largest model of ``bench_scale`` (its
+    sweep's output, or one ``--one`` row)."""
+    row = max(scale.get("rows", [scale]), key=lambda r: r["params"])
     m = {
         "d": row["d"],
         "layers": row["layers"],
@@ -139,7 +143,7 @@ def rates(scale: dict[str, Any]) -> dict[str, Any]:
         "bf16": f["lp_pass"] / t["lp_pass"],
         "train_bf16": f["training_step"] / t["train"],
         "from": f"d={row['d']}, {row['layers']} layers, {row['seq']} tokens",
-        "clock": scale.get("clock", "wall"),
+        "clock": scale.get("clock", "cpu" if "threads 1" in scale.get("machine", "") else "wall"),
     }
 
 
@@ -172,7 +176,8 @@ def per_rank(
         aspect = m["ffn"] / d / (8 / 3)  # the fits are on 8d/3-wide FFN matrices
         cpu = {k: a * d**p * (aspect if k.startswith("ffn") else 1.0) for k, (a, p) in fits.items()}
         row["cpu_seconds_per_matrix"] = cpu
-        weights = m["layers"] * (3 * cpu.get("ffn_mixed", math.nan) + cpu.get("wo_krylov", math.nan))
+        # κ(W_O) is logged too: W_O needs both ends
+        weights = m["layers"] * (3 * cpu.get("ffn_certified", math.nan) + cpu.get("wo_certified", math.nan))
         weights_main = m["layers"] * (3 * cpu.get("ffn_main", math.nan) + cpu.get("wo_main", math.nan))
         row["cpu_seconds"] = {
             "fp32_pass": fl["fp32_pass"] / rate["fp32"],

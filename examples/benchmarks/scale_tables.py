@@ -106,6 +106,47 @@ def scale(data: dict[str, Any], before: dict[str, Any] | None) -> None:
     print()
 
 
+def base(now: dict[str, Any], before: dict[str, Any] | None) -> None:
+    """The base configuration's sampled step, parts side by side: before (``before_base.json``,
+    measured on an earlier main) and now (``base.json``; its ``exact`` variant is today's probe
+    with ``weight_spectra="exact"``, in the same run)."""
+    from bench_scale import derived
+
+    cols = ([("before", before)] if before else []) + [("now", now)]
+    parts = {name: derived(row) for name, row in cols}
+    size = f"{now['params'] / 1e6:.0f}M parameters: d={now['d']}, {now['layers']} layers"
+    print(f"{size}, {now['seq']} tokens, batch {now['batch']}, sample {now['sample']}; CPU seconds.\n")
+    for name, row in cols:
+        print(f"- {name}: {row['machine']}")
+    print("\n| seconds | " + " | ".join(name for name, _ in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    labels = {
+        "train": "training step",
+        "monitor": "monitor's work at a sampled step",
+        "weights": "  weight terms (certified)",
+        "weights_exact": '  weight terms (exact, `weight_spectra="exact"`)',
+        "local_errors": "  local errors",
+        "fp32_pass": "  FP32 pass alone",
+        "lp_pass": "  low-precision pass alone",
+        "rest": "  rest (capture, diagnostics, logging)",
+    }
+    for key, label in labels.items():
+        cells = [f"{parts[name][key]:.2f}" if key in parts[name] else "—" for name, _ in cols]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    for key, label in (
+        ("sampled_over_train", "sampled step / training step"),
+        ("exact_over_train", "… with exact weight terms"),
+    ):
+        cells = [f"**{parts[name][key]:.2f}×**" if key in parts[name] else "—" for name, _ in cols]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    cells = [
+        f"{parts[name]['peak_extra_sampled'] / MiB:.0f} / {parts[name]['peak_extra_train'] / MiB:.0f}"
+        for name, _ in cols
+    ]
+    print("| peak extra MiB (sampled / training) | " + " | ".join(cells) + " |")
+    print()
+
+
 def paper(data: dict[str, Any]) -> None:
     print(
         "| model | S | local errors | FP32 block | weight terms | kept activations | attention probs | "
@@ -126,8 +167,8 @@ def paper(data: dict[str, Any]) -> None:
     if data["rows"] and "cpu_seconds" in data["rows"][0]:
         print("CPU seconds on this machine (extrapolated; " + json.dumps(data["rates"]) + "):\n")
         print(
-            "| model | S | FP32 pass | LP pass | local errors | weight terms (new) | weight terms (main) | "
-            "training step |"
+            "| model | S | FP32 pass | LP pass | local errors | weight terms (certified) | "
+            "weight terms (exact) | training step |"
         )
         print("|---|---|---|---|---|---|---|---|")
         for r in data["rows"]:
@@ -154,7 +195,16 @@ def main() -> None:
         path = args.dir / name
         return json.loads(path.read_text()) if path.exists() else None
 
-    for name, fn in (("extremal.json", candidates), ("weight_reuse.json", reuse), ("paper.json", paper)):
+    data = load("base.json")
+    if data is not None:
+        print("<!-- base.json -->")
+        base(data, load("before_base.json"))
+    for name, fn in (
+        ("extremal.json", candidates),
+        ("extremal_widths.json", candidates),
+        ("weight_reuse.json", reuse),
+        ("paper.json", paper),
+    ):
         data = load(name)
         if data is not None:
             print(f"<!-- {name} -->")

@@ -59,11 +59,11 @@ def test_bench_scale_measures_one_tiny_configuration() -> None:
     scale = _load("bench_scale")
     row = scale.measure_one({"d": 64, "layers": 1, "seq": 16}, reps=1, batch=2, sample=1)
     assert row["params"] == scale.params(64, 1)
-    assert set(row["seconds"]) == {"train", "fp32_pass", "lp_pass", "sampled", "no_local", "frozen"}
+    assert set(row["seconds"]) == {"train", "fp32_pass", "lp_pass", "sampled", "exact", "no_local", "frozen"}
     assert all(math.isfinite(v) and v > 0 for v in row["seconds"].values())
     assert row["peak_extra_bytes"]["sampled"] > 0 and row["peak_extra_bytes"]["train"] > 0
     parts = scale.derived({**row, "axis": "width"})
-    assert parts["sampled_over_train"] > 1.0
+    assert parts["sampled_over_train"] > 1.0 and parts["exact_over_train"] > 1.0
     fit = scale.fits([{**row, "axis": "width"}, {**row, "d": 128, "axis": "width"}])
     assert fit["width"]["train"] == 0.0  # the same times at twice the width: slope 0
     assert scale.slope([1.0, 2.0, 4.0], [3.0, 12.0, 48.0]) == pytest.approx(2.0)
@@ -73,7 +73,11 @@ def test_bench_extremal_runs_every_candidate_small() -> None:
     extremal = _load("bench_extremal_sv")
     cfg = argparse.Namespace(count=2, reps=1, threads=1, lobpcg=True)
     rows = extremal.bench(64, "kappa100", cfg)
-    assert {(r["need"], r["candidate"]) for r in rows} >= {("both", "mixed"), ("top", "krylov")}
+    assert {(r["need"], r["candidate"]) for r in rows} >= {
+        ("both", "mixed"),
+        ("both", "certified"),
+        ("top", "krylov"),
+    }
     assert all(r["rel_err_max"] < 1e-4 for r in rows if r["candidate"] != "power")
     both = [r for r in rows if r["need"] == "both" and r["candidate"] != "lobpcg"]
     assert both and all(r["rel_err_kappa"] < 1e-4 for r in both)
