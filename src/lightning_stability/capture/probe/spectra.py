@@ -37,8 +37,9 @@ from lightning_stability.metrics import RawKey
 def weight_statistics(
     blocks: Sequence[Block], heads: dict[int, int], spectra: WeightSpectra, raw: RawMeasurement
 ) -> None:
-    """``‖W_O‖₂``, ``κ(W_O)``, ``κ_eff`` and ``κ(W_Kᵀ W_Q)`` of every block into ``raw``, with one
-    SVD per weight shape.
+    """``‖W_O‖₂``, ``κ(W_O)``, ``κ_eff`` and ``κ(W_Kᵀ W_Q)`` of every block into ``raw``, the
+    weights of one shape solved together (:func:`singular_values`: certified or exact, as
+    ``spectra`` says).
 
     ``κ_eff`` of a block with MoE experts follows
     :func:`~lightning_stability.capture.structure.moe_kappa_eff` (dense FFN weights + the
