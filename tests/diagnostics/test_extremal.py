@@ -330,10 +330,12 @@ def test_lu_route_leaves_well_conditioned_and_singular_square_matrices_to_the_ot
     singular = torch.randn(1, n, n, generator=gen(42), dtype=F64)
     singular[0, :, -1] = singular[0, :, 0]  # two equal columns: σmin = 0
     bad = with_spectrum(torch.logspace(0, -5, n, dtype=F64), n, seed=43)
-    w = torch.cat([good, singular, bad])
+    zero = torch.zeros(1, n, n, dtype=F64)  # LU fails outright (no usable pivots)
+    w = torch.cat([good, singular, bad, zero])
     hi, lo, e_hi, e_lo = singular_value_bounds(w)
     ref = torch.linalg.svdvals(w)
     assert ((hi - ref[:, 0]).abs() <= e_hi).all() and ((lo - ref[:, -1]).abs() <= e_lo).all()
-    assert calls == [2]  # good and singular; bad certified by LU
+    assert calls == [3]  # good, singular and zero; bad certified by LU
+    assert hi[3] == lo[3] == 0.0
     assert lo[1] <= e_lo[1] <= 1e-12 * hi[1]
     check_both(w[[0, 2]])

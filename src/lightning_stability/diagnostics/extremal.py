@@ -365,7 +365,20 @@ def _lu(x: Tensor, rtol: float, block: int, max_dim: int) -> Extremes:
     the dense route (those the dense route certifies, by the estimate ``λmin ≈ 1/θ`` from the
     inverse's top Ritz value ``θ``, and exactly singular ones)."""
     n = x.shape[-1]
-    lu, pivots, info = torch.linalg.lu_factor_ex(x)
+    # matrix by matrix: a batched float64 getrf has returned garbage pivots (torch 2.13 CPU, MKL,
+    # two threads), which the checks below would catch but not repair
+    parts = [torch.linalg.lu_factor_ex(m) for m in x]
+    lu = torch.stack([p.LU for p in parts])
+    pivots = torch.stack([p.pivots for p in parts])
+    info = torch.stack([p.info for p in parts])
+    nan = torch.full((x.shape[0],), math.nan, dtype=torch.float64, device=x.device)
+    out = (nan.clone(), nan.clone(), nan.clone(), nan.clone())
+    factored = (info == 0) & ((pivots >= 1) & (pivots <= n)).all(-1)
+    if not bool(factored.all()):  # an exactly singular U (a zero matrix): its pivots are unusable
+        if bool(factored.any()):
+            for t, v in zip(out, _lu(x[factored], rtol, block, max_dim), strict=True):
+                t[factored] = v
+        return out
     # the dense route's bound on λ (module docstring), with ‖C‖₂ ≤ ‖W‖_F²
     delta = (2 * n) * _EPS * x.square().sum((-2, -1))
 
@@ -380,9 +393,7 @@ def _lu(x: Tensor, rtol: float, block: int, max_dim: int) -> Extremes:
     inv_theta, bottom = krylov_top(
         inverse, start, 2 * rtol, max_dim, inverse_of=lambda r: (r @ x.mT) @ x, hopeless=dense_certifies
     )
-    solved = (info == 0) & torch.isfinite(inv_theta[..., 0]) & ~dense_certifies(inv_theta[..., 0])
-    nan = torch.full((x.shape[0],), math.nan, dtype=torch.float64, device=x.device)
-    out = (nan.clone(), nan.clone(), nan.clone(), nan.clone())
+    solved = torch.isfinite(inv_theta[..., 0]) & ~dense_certifies(inv_theta[..., 0])
     if not bool(solved.any()):
         return out
     x32 = x[solved].to(torch.float32)
