@@ -160,12 +160,18 @@ METRICS: tuple[Metric, ...] = (
         log_scale=True,
     ),
     # ---- weights and normalization, per block
-    Metric("wo_norm", "block", "‖W_O‖₂ of the attention output projection", unit="spectral norm"),
+    Metric(
+        "wo_norm",
+        "block",
+        "‖W_O‖₂ of the attention output projection (σ certified within 1e-5 relative;"
+        " ProbeOptions(weight_spectra='exact'): float64)",
+        unit="spectral norm",
+    ),
     Metric(
         "kappa_eff",
         "block",
         "Σ κ(W) over the block's FFN linear maps, gated MLPs: all three (SPEC §3); "
-        "MoE: + max over experts of the expert's Σ κ(W)",
+        "MoE: + max over experts of the expert's Σ κ(W); each κ certified within 2e-5 relative",
         log_scale=True,
     ),
     Metric("kappa_wkwq", "block", "max over heads of κ(W_Kᵀ W_Q) (SPEC §8)", log_scale=True),

@@ -59,6 +59,7 @@ def test_bad_arguments_name_argument_and_value(arg: str, value: Any) -> None:
         ("local_errors", "yes"),
         ("balanced_mass", None),
         ("reuse_weight_spectra", "yes"),
+        ("weight_spectra", "fast"),
     ],
 )
 def test_bad_probe_options_name_the_option_and_value(arg: str, value: Any) -> None:

@@ -67,8 +67,8 @@ class StabilityMonitor(Callback):
         log_per_head: also log stability/block{i}/head{h}/<name>.
         seed: seed of the private generator choosing the sampled examples.
         probe: what the probe measures (ProbeOptions: head_reduction, batch_reduction,
-            residual_gain_iters, local_errors, balanced_mass, reuse_weight_spectra, eps_mach,
-            ln_c1, ln_c2, ln_c3, bound_c).
+            residual_gain_iters, local_errors, balanced_mass, reuse_weight_spectra, weight_spectra,
+            eps_mach, ln_c1, ln_c2, ln_c3, bound_c).
         alarm: the early warning (AlarmOptions: rule default or paper, and its levels;
             docs/RULES.md).
 

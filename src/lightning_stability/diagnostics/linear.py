@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import extremal
 from ._checks import all_finite, check_tensor, safe_ratio
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "kappa_wkwq_many",
     "singular_value_extremes_many",
     "spectral_norm",
+    "weight_extremes_many",
     "wkwq_norm",
 ]
 
@@ -149,6 +151,63 @@ def singular_value_extremes_many(
                 stop = start + f.shape[0]
                 out[i] = (hi[start:stop].reshape(lead), lo[start:stop].reshape(lead))
                 start = stop
+    return out
+
+
+def weight_extremes_many(
+    mats: Sequence[Tensor], smallest: Sequence[bool], rtol: float = extremal.RTOL
+) -> list[tuple[Tensor, Tensor]]:
+    """``(σmax, σmin)`` of each 2-D weight, each certified within ``rtol`` relative
+    (:mod:`~lightning_stability.diagnostics.extremal`); ``σmin`` only where ``smallest`` asks.
+
+    The weights terms of the probe: ``κ(W)`` needs both ends, ``‖W_O‖₂`` only ``σmax``, which
+    costs far less for a large matrix (block Krylov instead of a Gram eigen-solve). Weights of
+    equal shape, device and need are stacked in their tall orientation as one float64 copy (up
+    to :data:`BATCH_BYTES` at a time) and solved together.
+
+    Args:
+        mats: ``(m, n)`` weights, any floating dtype.
+        smallest: per weight, whether ``σmin`` is needed.
+        rtol: relative tolerance of each value (κ = σmax/σmin is then within ``2·rtol``).
+
+    Returns:
+        Per weight, 0-d float64 ``σmax`` and ``σmin`` (NaN where not asked); a weight with a
+        non-finite entry gets ``(inf, 0)``.
+
+    Example:
+        >>> w = torch.diag(torch.tensor([3.0, 2.0, 0.5]))
+        >>> both, top = weight_extremes_many([w, w], [True, False])
+        >>> [round(v.item(), 9) for v in both], round(top[0].item(), 9), top[1].isnan().item()
+        ([3.0, 0.5], 3.0, True)
+    """
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, m in enumerate(mats):
+        check_tensor(f"mats[{i}]", m, 2, "weight_extremes_many")
+        rows, cols = m.shape[-2], m.shape[-1]
+        groups.setdefault((max(rows, cols), min(rows, cols), m.device, bool(smallest[i])), []).append(i)
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    out: list[tuple[Tensor, Tensor]] = [(nan, nan)] * len(mats)
+    for (_, _, _, need_min), idx in groups.items():
+        for run in batches([mats[i].numel() * 8 for i in idx]):
+            part = [idx[k] for k in run]
+            tall = [mats[i] if mats[i].shape[-2] >= mats[i].shape[-1] else mats[i].mT for i in part]
+            stack = float64_stack(tall)
+            wide = any(mats[i].dtype == torch.float64 for i in part)
+            if wide:
+                finite = torch.isfinite(stack).flatten(-2).all(-1)
+            else:  # a float64 sum of narrower values cannot overflow: finite iff every entry is
+                finite = torch.isfinite(stack.sum((-2, -1)))
+            if not bool(finite.all()):
+                stack.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            if need_min:
+                hi, lo, _, _ = extremal.singular_value_bounds(stack, rtol)
+            else:
+                hi = extremal.largest_singular_value(stack, rtol)[0]
+                lo = torch.full_like(hi, float("nan"))
+            hi, lo = hi.masked_fill(~finite, float("inf")), lo.masked_fill(~finite, 0.0)
+            del stack
+            for k, i in enumerate(part):
+                out[i] = (hi[k], lo[k])
     return out
 
 

@@ -117,6 +117,7 @@ class Measurer:
                 opts.local_errors,
                 opts.balanced_mass,
                 reuse_weight_spectra=opts.reuse_weight_spectra,
+                weight_spectra=opts.weight_spectra,
             )
             if opts.reuse_weight_spectra:  # the copies kept at an earlier measurement of this model
                 if self.memory.spectra is None:

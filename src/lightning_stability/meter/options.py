@@ -52,6 +52,11 @@ class ProbeOptions:
             its singular values while the weight is bitwise equal to the copy (frozen layers,
             fine-tuning a few blocks); the logged numbers are the same. Costs one copy of those
             weights in memory; saves nothing for weights the optimizer moves.
+        weight_spectra: certified: sigma_max and sigma_min of the conditioned weights (wo_norm,
+            kappa_wo, kappa_eff) each within a computed error bound of 1e-5 relative of the
+            float64 value (kappa within 2e-5), iterative for large square weights (docs/SCALE.md);
+            exact: float64 eigen/singular values, several times the cost for large square
+            weights. kappa_wkwq is exact either way.
         eps_mach: numeric machine epsilon override (SPEC §2) for rho_ln, c_ln, predictor_scaled
             and the bound; None uses that of the measured low precision.
         ln_c1: constant C1 of C_LN (Proposition 1).
@@ -66,6 +71,7 @@ class ProbeOptions:
     local_errors: bool = True
     balanced_mass: bool = False
     reuse_weight_spectra: bool = False
+    weight_spectra: Literal["certified", "exact"] = "certified"
     eps_mach: float | None = None
     ln_c1: NonNegativeFloat = 1.0
     ln_c2: NonNegativeFloat = 1.0
@@ -125,6 +131,7 @@ def check_probe(probe: ProbeOptions) -> None:
     check_choice("probe.head_reduction", probe.head_reduction, ("max", "sum"))
     check_choice("probe.batch_reduction", probe.batch_reduction, ("max", "mean"))
     check_int("probe.residual_gain_iters", probe.residual_gain_iters, minimum=0)
+    check_choice("probe.weight_spectra", probe.weight_spectra, ("certified", "exact"))
     for flag in ("local_errors", "balanced_mass", "reuse_weight_spectra"):
         check_choice(f"probe.{flag}", getattr(probe, flag), (True, False))
     if probe.eps_mach is not None:

@@ -240,3 +240,75 @@ def test_kappa_wkwq_from_qkprojection_pair_against_float64_per_head(family: str)
     expected = kappa_per_head_ref(*model_qk(model.double(), attention_of(model), 32))
     assert got == pytest.approx(expected.max().item(), rel=1e-4)
 
+
+def _with_spectrum(s: torch.Tensor, m: int, seed: int) -> torch.Tensor:
+    """An ``(m, len(s))`` float64 matrix ``U diag(s) Vᵀ`` with random orthonormal ``U``, ``V``."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, s.shape[0], generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(s.shape[0], s.shape[0], generator=g, dtype=torch.float64)).Q
+    return (u * s) @ v.mT
+
+
+@pytest.fixture
+def iterative(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small weights on the iterative routes (LU for square, Krylov σmax, mixed σmin)."""
+    from lightning_stability.diagnostics import extremal
+
+    for name in ("SQUARE_MIN_N", "KRYLOV_MIN_N", "MIXED_MIN_N"):
+        monkeypatch.setattr(extremal, name, 16)
+
+
+def test_certified_singular_values_are_within_the_tolerance_of_float64(iterative: None) -> None:
+    """``singular_values`` (the certified default) against float64 ``svdvals`` on random and
+    trained-like ill-conditioned weights (square Gaussian, a power law with a few tiny values,
+    κ = 1e4 log-spaced, wide and tall, float32 and bfloat16): each σ within RTOL relative, κ
+    within 2·RTOL; the exact option within 1e-9; a non-finite weight ``[inf, 0]`` in both."""
+    from lightning_stability.capture.probe.spectra import WeightSpectra, singular_values
+    from lightning_stability.diagnostics.extremal import RTOL
+
+    g = torch.Generator().manual_seed(3)
+    power = torch.arange(1, 97, dtype=torch.float64) ** -0.6
+    power[-3:] *= 1e-3
+    mats = [
+        torch.randn(96, 96, generator=g) * 0.02,
+        _with_spectrum(power, 96, seed=4).float(),
+        _with_spectrum(torch.logspace(0, -4, 64, dtype=torch.float64), 160, seed=5).mT.contiguous(),
+        (torch.randn(160, 64, generator=g) * 0.02).bfloat16(),
+        _with_spectrum(torch.logspace(0, -2, 96, dtype=torch.float64), 96, seed=6),
+    ]
+    bad = torch.randn(40, 24, generator=g)
+    bad[3, 5] = math.nan
+    for exact, tol in ((False, RTOL), (True, 1e-9)):
+        got = singular_values([*mats, bad], WeightSpectra(exact=exact))
+        for w, s in zip(mats, got, strict=False):
+            ref = torch.linalg.svdvals(w.double())
+            assert s.dtype == torch.float64
+            assert (s[0] - ref[0]).abs() <= tol * ref[0], (exact, s, ref[[0, -1]])
+            assert (s[1] - ref[-1]).abs() <= tol * ref[-1], (exact, s, ref[[0, -1]])
+            kappa = s[0] / s[1]
+            assert (kappa - ref[0] / ref[-1]).abs() <= 2.01 * tol * ref[0] / ref[-1]
+        assert got[-1].tolist() == [math.inf, 0.0]
+
+
+def test_probe_certified_and_exact_weight_terms_agree_on_a_llama(iterative: None) -> None:
+    """The probe's weight terms with the default (certified) spectra and with
+    ``weight_spectra="exact"`` on a transformers Llama built from a config, its W_O made
+    ill-conditioned as trained ones are: within 2e-5 relative, both of float64 references."""
+    model, _ = _llama()
+    with torch.no_grad():
+        wo = model.layers[1].self_attn.o_proj.weight
+        power = torch.arange(1, 33, dtype=torch.float64) ** -0.8
+        power[-1] *= 1e-3
+        wo.copy_(_with_spectrum(power, 32, seed=7).float())
+    certified = weights(measure_with(StabilityProbe(model), IDS))
+    exact = weights(measure_with(StabilityProbe(model, weight_spectra="exact"), IDS))
+    for row_c, row_e, layer in zip(certified, exact, model.layers, strict=True):
+        for name, c, e in zip(("wo_norm", "kappa_eff", "kappa_wkwq"), row_c, row_e, strict=True):
+            assert c is not None and e is not None
+            assert abs(c - e) <= 2e-5 * e, (name, c, e)
+        o = layer.self_attn.o_proj.weight
+        assert abs(row_c[0] - torch.linalg.svdvals(o.double())[0].item()) <= 1e-5 * row_c[0]
+        mlp = layer.mlp
+        ref_eff = sum(cond64(p.weight) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        assert abs(row_c[1] - ref_eff) <= 2e-5 * ref_eff
+        assert abs(row_e[1] - ref_eff) <= 1e-9 * ref_eff

@@ -3,7 +3,12 @@
 Every weight of a measurement goes through one place, :func:`singular_values` (``[σmax, σmin]``
 of a list of weights, one batched solve per weight shape), and every Q/K pair through
 :func:`wkwq_conditions`; :class:`WeightSpectra` keeps their results while a weight is bitwise
-unchanged (opt-in).
+unchanged (opt-in) and says how ``σmax``/``σmin`` are computed: certified to
+:data:`~lightning_stability.diagnostics.extremal.RTOL` relative by default
+(:func:`~lightning_stability.diagnostics.linear.weight_extremes_many`: each value within a
+computed error bound, so ``‖W_O‖₂`` within ``1e-5`` and every ``κ(W)`` within ``2e-5`` relative
+of the exact float64 value), or ``exact`` (float64 Gram eigenvalues, ``svdvals`` beyond
+``κ = 10³``: the float64 values themselves, at several times the cost for large square weights).
 """
 
 from __future__ import annotations
@@ -19,15 +24,22 @@ from torch import Tensor
 from lightning_stability import diagnostics as D
 from lightning_stability.capture.probe.raw import RawMeasurement
 from lightning_stability.capture.structure import Block, WeightFn, moe_kappa_eff
-from lightning_stability.diagnostics.linear import BATCH_BYTES, batches, float64_stack, kappa_wkwq_many
+from lightning_stability.diagnostics.linear import (
+    BATCH_BYTES,
+    batches,
+    float64_stack,
+    kappa_wkwq_many,
+    weight_extremes_many,
+)
 from lightning_stability.metrics import RawKey
 
 
 def weight_statistics(
     blocks: Sequence[Block], heads: dict[int, int], spectra: WeightSpectra, raw: RawMeasurement
 ) -> None:
-    """``‖W_O‖₂``, ``κ(W_O)``, ``κ_eff`` and ``κ(W_Kᵀ W_Q)`` of every block into ``raw``, with one
-    SVD per weight shape.
+    """``‖W_O‖₂``, ``κ(W_O)``, ``κ_eff`` and ``κ(W_Kᵀ W_Q)`` of every block into ``raw``, the
+    weights of one shape solved together (:func:`singular_values`: certified or exact, as
+    ``spectra`` says).
 
     ``κ_eff`` of a block with MoE experts follows
     :func:`~lightning_stability.capture.structure.moe_kappa_eff` (dense FFN weights + the
@@ -117,7 +129,8 @@ def _solve_wkwq(
 
 
 class WeightSpectra:
-    """Spectra of the conditioned weights, reused while a weight is bitwise unchanged (opt-in).
+    """Spectra of the conditioned weights, reused while a weight is bitwise unchanged (opt-in),
+    and the method computing them.
 
     Reuse is decided by equality with a kept copy, never by ``Tensor._version``: a write through
     ``p.data`` (``p.data.add_(…)``, as some optimizers and EMA code do) bumps the version counter
@@ -126,10 +139,14 @@ class WeightSpectra:
 
     Args:
         reuse: keep copies and reuse; ``False``: every lookup misses and nothing is kept.
+        exact: ``σmax``/``σmin`` of the weights (``‖W_O‖₂``, ``κ(W_O)``, the FFN's ``κ``) as
+            float64 eigen/singular values; ``False``: certified within
+            :data:`~lightning_stability.diagnostics.extremal.RTOL` relative (module docstring).
     """
 
-    def __init__(self, reuse: bool = False) -> None:
+    def __init__(self, reuse: bool = False, exact: bool = False) -> None:
         self.reuse = reuse
+        self.exact = exact
         self._kept: dict[Any, tuple[tuple[Tensor, ...], Tensor]] = {}
         #: lookups answered from the kept spectra / recomputed, since construction
         self.hits = 0
@@ -169,20 +186,36 @@ def _same_layout(kept: tuple[tuple[Tensor, ...], Tensor] | None, weights: tuple[
 
 
 def singular_values(weights: Sequence[Tensor], spectra: WeightSpectra) -> list[Tensor]:
-    """``[σmax, σmin]`` of each weight, one batched call per weight shape (kept ones reused).
+    """``[σmax, σmin]`` (float64) of each weight, batched by weight shape (kept ones reused).
 
-    A weight with a non-finite entry gets ``[inf, 0]`` (so ``‖W‖₂`` and ``κ(W)`` read ``inf``).
-    Reuse is keyed by position: the j-th weight of one measurement is compared with the j-th
-    weight of the previous one.
+    Certified within :data:`~lightning_stability.diagnostics.extremal.RTOL` relative, or the
+    float64 values with ``spectra.exact``. A weight with a non-finite entry gets ``[inf, 0]``
+    (so ``‖W‖₂`` and ``κ(W)`` read ``inf``). Reuse is keyed by position: the j-th weight of one
+    measurement is compared with the j-th weight of the previous one.
     """
     keys = [("sigma", j) for j in range(len(weights))]
     out = spectra.lookup(keys, [(w,) for w in weights])
+    todo = [j for j, got in enumerate(out) if got is None]
+    if spectra.exact:
+        fresh = _exact_extremes([weights[j] for j in todo])
+    else:
+        pairs = weight_extremes_many([weights[j] for j in todo], [True] * len(todo))
+        fresh = [torch.stack(pair) for pair in pairs]
+    for j, row in zip(todo, fresh, strict=True):
+        out[j] = row
+        spectra.keep(keys[j], (weights[j],), row)
+    return [s for s in out if s is not None]
+
+
+def _exact_extremes(weights: Sequence[Tensor]) -> list[Tensor]:
+    """``[σmax, σmin]`` of each weight as float64 Gram eigenvalues (``svdvals`` beyond ``κ = 10³``),
+    one batched call per weight shape (up to :data:`BATCH_BYTES` of float64 copies at a time)."""
+    out: list[Tensor] = [torch.empty(0)] * len(weights)
     groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for j, w in enumerate(weights):
-        if out[j] is None:
-            groups[(tuple(w.shape), w.device)].append(j)
+        groups[(tuple(w.shape), w.device)].append(j)
     for idx in groups.values():
-        for run in batches([weights[j].numel() * 8 for j in idx]):  # ≤ BATCH_BYTES of float64 copies
+        for run in batches([weights[j].numel() * 8 for j in idx]):
             part = [idx[k] for k in run]
             stack = float64_stack([weights[j] for j in part])
             wide = any(weights[j].dtype == torch.float64 for j in part)
@@ -192,8 +225,7 @@ def singular_values(weights: Sequence[Tensor], spectra: WeightSpectra) -> list[T
             del stack
             for row, j in zip(sigma, part, strict=True):
                 out[j] = row
-                spectra.keep(keys[j], (weights[j],), row)
-    return [s for s in out if s is not None]
+    return out
 
 
 def _finite_matrices(stack: Tensor, source: torch.dtype) -> Tensor:

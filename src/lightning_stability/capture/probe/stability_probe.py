@@ -48,6 +48,11 @@ class StabilityProbe:
             that do not move (frozen layers, a base model under adapters): in training every
             step moves every weight. Costs one copy of
             those weights in memory, so off by default.
+        weight_spectra: ``"certified"``: ``σmax``/``σmin`` of the conditioned weights
+            (``‖W_O‖₂``, ``κ(W_O)``, the FFN's ``κ``) within a computed error bound of
+            ``1e-5`` relative (:mod:`~lightning_stability.diagnostics.extremal`, iterative for
+            large square weights); ``"exact"``: float64 eigen/singular values (several times the
+            cost for large square weights). ``κ(W_Kᵀ W_Q)`` is exact either way.
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class StabilityProbe:
         local_errors: bool = True,
         balanced_mass: bool = False,
         reuse_weight_spectra: bool = False,
+        weight_spectra: Literal["certified", "exact"] = "certified",
     ) -> None:
         check_supported(model)  # FSDP1, DeepSpeed ZeRO-3: UnsupportedSharding
         self.model = model
@@ -81,7 +87,7 @@ class StabilityProbe:
         self.log_per_head = log_per_head
         self.local_errors = local_errors
         self.balanced_mass = balanced_mass
-        self.spectra = WeightSpectra(reuse_weight_spectra)
+        self.spectra = WeightSpectra(reuse_weight_spectra, exact=weight_spectra == "exact")
         self._block_spectra: dict[int, WeightSpectra] = {}
         #: blocks whose attention heads tensor parallelism splits across ranks: their process group
         self.head_groups = head_groups(model, self.blocks)
@@ -92,7 +98,9 @@ class StabilityProbe:
         position within a call of :func:`~lightning_stability.capture.probe.spectra.weight_statistics`)."""
         if len(blocks) != 1 or len(self.blocks) == 1:
             return self.spectra
-        return self._block_spectra.setdefault(blocks[0].index, WeightSpectra(self.spectra.reuse))
+        return self._block_spectra.setdefault(
+            blocks[0].index, WeightSpectra(self.spectra.reuse, self.spectra.exact)
+        )
 
     def block_of(self, module_name: str) -> int | None:
         """Index of the block containing the module ``module_name`` (``None``: outside every block)."""
