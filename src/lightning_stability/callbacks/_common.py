@@ -13,8 +13,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_stability.capture.batch import split_batch
 from lightning_stability.capture.side_forward import compute_dtype
 
-PrecisionName = Literal["bf16", "fp16", "fp32"]
+PrecisionName = Literal["bf16", "fp16", "fp32", "fp8"]
+#: The autocast precisions a measured pass can be forced to, by name.
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: Every precision a measured pass can be forced to: the autocast ones and the FP8 what-if.
+PRECISIONS: tuple[str, ...] = (*DTYPES, "fp8")
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -75,8 +78,14 @@ def inputs_or_raise(batch: Any, owner: str) -> tuple[tuple[Any, ...], dict[str, 
 def low_precision_context(
     trainer: Trainer, pl_module: LightningModule, precision: PrecisionName | None
 ) -> AbstractContextManager[Any]:
-    """The context of the low-precision pass: the trainer's own, or a forced autocast."""
+    """The context of the low-precision pass: the trainer's own, or a forced autocast.
+
+    ``"fp8"`` is not a context but a factory with state, which the monitor keeps
+    (:class:`~lightning_stability.capture.probe.FP8Precision`); here it raises.
+    """
     device_type = pl_module.device.type
+    if precision == "fp8":
+        raise ValueError("precision='fp8' runs under an FP8Precision factory, not a plain context")
     if precision is None:
         return trainer.precision_plugin.forward_context()
     if precision == "fp32":

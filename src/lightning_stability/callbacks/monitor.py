@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -14,7 +15,7 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._cli_types import NonNegativeInt, PositiveInt
 from lightning_stability.callbacks._common import (
-    DTYPES,
+    PRECISIONS,
     PrecisionName,
     check_choice,
     check_int,
@@ -29,6 +30,7 @@ from lightning_stability.callbacks.options import AlarmOptions, ProbeOptions, ch
 from lightning_stability.capture.batch import sample_inputs
 from lightning_stability.capture.probe import (
     NO_ATTENTION_WARNING,
+    FP8Precision,
     RawMeasurement,
     StabilityProbe,
     compose_report,
@@ -67,14 +69,16 @@ class StabilityMonitor(Callback):
         sample_size: examples of the batch to measure (fewer if the batch is smaller).
         precision: low precision of the measured pass. None (default): the trainer's own;
             bf16 or fp16: that autocast, so an FP32 run can ask "what would BF16 do?";
-            fp32: plain FP32.
+            fp32: plain FP32; fp8: the FP8 what-if (every linear layer's GEMM on E4M3
+            operands with FP32 accumulation, the rest in BF16 autocast; the recipe is
+            probe.fp8_recipe), logging per-layer FP8 statistics (docs/FP8.md).
         blocks: name patterns of the blocks, e.g. [model.h.*] (* stays within one name
             segment, ** spans segments); None finds the repeated layers (README: block detection).
         log_per_head: also log stability/block{i}/head{h}/<name>.
         seed: seed of the private generator choosing the sampled examples.
         probe: what the probe measures (ProbeOptions: head_reduction, batch_reduction,
             residual_gain_iters, local_errors, balanced_mass, reuse_weight_spectra, eps_mach,
-            ln_c1, ln_c2, ln_c3, bound_c).
+            ln_c1, ln_c2, ln_c3, bound_c, fp8_recipe, fp8_attention).
         alarm: the early warning (AlarmOptions: rule default or paper, and its levels;
             docs/RULES.md).
 
@@ -97,11 +101,11 @@ class StabilityMonitor(Callback):
     ) -> None:
         check_int("every_n_steps", every_n_steps)
         check_int("sample_size", sample_size)
-        check_choice("precision", precision, (None, *DTYPES))
+        check_choice("precision", precision, (None, *PRECISIONS))
         check_patterns("blocks", blocks)
         check_choice("log_per_head", log_per_head, (True, False))
         check_int("seed", seed, minimum=0)
-        check_probe(probe)
+        check_probe(probe, precision)
         check_alarm(alarm)
         self.every_n_steps = int(every_n_steps)  # plain ints also when LightningCLI passed PositiveInt
         self.sample_size = int(sample_size)
@@ -117,6 +121,8 @@ class StabilityMonitor(Callback):
         self._judge = self._new_judge()
         self._latch = EpisodeLatch()
         self._probe: StabilityProbe | None = None
+        self._fp8: FP8Precision | None = None
+        self._fp8_state: dict[str, Any] = {}  # a checkpoint's FP8 state, until the factory exists
         self._last_step = -1
         self._warned: set[str] = set()
         self._dashboard = TensorBoardDashboard()
@@ -210,6 +216,7 @@ class StabilityMonitor(Callback):
             "last_step": self._last_step,
             "judge": self._judge.state_dict(),
             "alarm_latch": self._latch.state_dict(),
+            "fp8": self._fp8.state_dict() if self._fp8 is not None else dict(self._fp8_state),
         }
 
     @override
@@ -219,6 +226,9 @@ class StabilityMonitor(Callback):
         self._judge.load_state_dict(judge)  # the z-scores' history only when written by the same rules
         if judge.get("alarm") == self.alarm.rule:  # an open episode of the same alarm stays open
             self._latch.load_state_dict(state_dict.get("alarm_latch", {}))
+        self._fp8_state = dict(state_dict.get("fp8") or {})  # delayed scaling's amax history
+        if self._fp8 is not None:
+            self._fp8.load_state_dict(self._fp8_state)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -273,7 +283,7 @@ class StabilityMonitor(Callback):
         report = compose_report(probe, raw, values, log_step, constants, float(opts.bound_c), opts.eps_mach)
         if report.nonfinite:
             report.first_nonfinite = first_nonfinite_module(
-                pl_module, args, kwargs, lambda: self._low_precision(trainer, pl_module)
+                pl_module, args, kwargs, self._low_precision(trainer, pl_module)
             )
             rank_zero_warn(
                 f"StabilityMonitor: the low-precision ({report.dtype}) forward went non-finite "
@@ -311,11 +321,15 @@ class StabilityMonitor(Callback):
                 f"matching blocks={self.blocks}); only model-level attention values are logged. "
                 "Name the residual blocks with `blocks=[...]` patterns."
             )
-        raw = probe.measure(
-            args, kwargs, lambda: self._low_precision(trainer, pl_module), seed=self.seed + step
-        )
+        raw = probe.measure(args, kwargs, self._low_precision(trainer, pl_module), seed=self.seed + step)
         if raw.attention_calls == 0 and self._once("no_attention"):
             rank_zero_warn(NO_ATTENTION_WARNING)
+        if raw.fp8_unquantized and self._once("fp8_unquantized"):
+            rank_zero_warn(
+                f"StabilityMonitor: the FP8 what-if leaves {raw.fp8_unquantized} in BF16 autocast (a "
+                "linear layer with its own forward, or one whose weight its parent uses directly, e.g. "
+                "nn.MultiheadAttention's out_proj); they get no per-layer FP8 statistics."
+            )
         if self._once("unattended"):  # after the first measured step: who saw attention is known
             unattended = unattended_blocks(probe.blocks, raw.attended)
             if unattended:
@@ -335,8 +349,18 @@ class StabilityMonitor(Callback):
         if lines:
             rank_zero_warn("StabilityMonitor: " + "\n".join(lines))
 
-    def _low_precision(self, trainer: Trainer, pl_module: LightningModule) -> AbstractContextManager[Any]:
-        return low_precision_context(trainer, pl_module, self.precision)
+    def _low_precision(
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> Callable[[], AbstractContextManager[Any]]:
+        """The context factory of the low-precision forwards: the FP8 what-if's (kept across steps:
+        delayed scaling's amax history), or the trainer's / a forced autocast."""
+        if self.precision != "fp8":
+            return lambda: low_precision_context(trainer, pl_module, self.precision)
+        if self._fp8 is None or self._fp8.model is not pl_module:
+            opts = self.probe
+            self._fp8 = FP8Precision(pl_module, opts.fp8_recipe or "current", attention=opts.fp8_attention)
+            self._fp8.load_state_dict(self._fp8_state)
+        return self._fp8
 
     @staticmethod
     def _reduce(trainer: Trainer, raw: RawMeasurement) -> dict[RawKey, float]:
