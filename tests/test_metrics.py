@@ -142,9 +142,9 @@ def test_tensorboard_layout_has_a_chart_for_every_metric() -> None:
     metrics |= {f"stability/{name}": 1.0 for name in MODEL_METRICS}
     layout = custom_scalars_layout(metrics)
     regexes = " ".join(rx for section in layout.values() for _, tags in section.values() for rx in tags)
-    for name in (
-        BLOCK_METRICS
-    ):  # one chart each, one line per block sub-run (tests/callbacks/test_dashboard.py)
+    for (
+        name
+    ) in BLOCK_METRICS:  # one chart each, one line per block sub-run (tests/callbacks/test_dashboard.py)
         assert f"/{name}$" in regexes or f"/log10_{name}$" in regexes, name
 
 
@@ -179,7 +179,12 @@ def test_parse_tag_inverts_layer_tags(layer: str) -> None:
         operand = "weight" if m.level == "operand" else None
         text = tag(m, prefix="p", layer=layer, operand=operand)
         got = parse_tag(text, prefix="p")
-        assert got is not None and (got.metric, got.layer, got.operand, got.block) == (m, layer, operand, None)
+        assert got is not None and (got.metric, got.layer, got.operand, got.block) == (
+            m,
+            layer,
+            operand,
+            None,
+        )
         assert tag(got.metric, prefix="p", layer=got.layer, operand=got.operand) == text
         with pytest.raises(ValueError, match="layer"):
             tag(m, 3)  # a per-layer metric has no block form
