@@ -143,6 +143,9 @@ class StabilityReport:
             ('blocks.0') (value 172)"`` (not logged; ``None`` when it did not fire).
         first_nonfinite: the first module whose low-precision output went non-finite.
         norm_dtypes: dtype each normalization layer computed in during the low-precision pass.
+        batch_idx: index in its epoch of the batch the examples were sampled from (not logged);
+            with gradient accumulation the last micro-batch of the accumulation window, the one
+            after which the optimizer stepped.
         layers: per linear layer, its FP8 what-if statistics (``precision="fp8"`` only), in model order.
     """
 
@@ -171,6 +174,7 @@ class StabilityReport:
     alarm_reason: str | None = None
     first_nonfinite: str | None = None
     norm_dtypes: dict[str, str] = field(default_factory=dict)
+    batch_idx: int | None = None
     layers: list[LayerReport] = field(default_factory=list)
 
     def metrics(self, prefix: str = "stability") -> dict[str, float]:

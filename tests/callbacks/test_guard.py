@@ -422,6 +422,7 @@ class RecordingGuard(StabilityGuard):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.distributed
 def test_ddp_two_processes_take_the_same_action(tmp_path: Path) -> None:
     model = tiny()  # lr = 0: the shrunk embedding stays ε-dominated
     fragile_norm(model)

@@ -79,6 +79,7 @@ class RecordingMonitor(StabilityMonitor):
         return reduced
 
 
+@pytest.mark.distributed
 def test_ddp_two_processes_reduce_across_ranks(tmp_path: Path) -> None:
     monitor = RecordingMonitor(every_n_steps=2, sample_size=4, probe=ProbeOptions(batch_reduction="mean"))
     monitor.out_dir = str(tmp_path)  # an instance attribute travels to the spawned ranks
@@ -137,6 +138,7 @@ class FailsOnRankOne(TinyTransformer):
         return super().forward(x)
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(240)
 def test_ddp_one_rank_failing_skips_the_step_on_all_ranks_without_hanging(tmp_path: Path) -> None:
     monitor = StabilityMonitor(every_n_steps=1, sample_size=2)

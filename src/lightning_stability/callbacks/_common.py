@@ -11,6 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_stability.capture.batch import split_batch
+from lightning_stability.capture.sharding import DEEPSPEED_MESSAGE, FSDP1_MESSAGE
 from lightning_stability.capture.side_forward import compute_dtype
 
 PrecisionName = Literal["bf16", "fp16", "fp32", "fp8"]
@@ -64,6 +65,29 @@ def check_patterns(name: str, value: Any) -> None:
 def is_distributed(trainer: Trainer) -> bool:
     """Whether ``trainer`` runs several processes with an initialised process group."""
     return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def unsupported_strategy(strategy: Any) -> str | None:
+    """Why the monitor cannot measure under ``strategy`` (FSDP1, DeepSpeed), else ``None``."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        return FSDP1_MESSAGE
+    if isinstance(strategy, DeepSpeedStrategy):
+        return DEEPSPEED_MESSAGE
+    return None
+
+
+def tensor_parallel_size(trainer: Trainer) -> int:
+    """Ranks of one tensor-parallel group under ``ModelParallelStrategy`` (its ``"tensor_parallel"``
+    mesh dimension), else 1. Its mesh is ``(data_parallel, tensor_parallel)``, row-major: ranks
+    ``r·tp … r·tp + tp − 1`` hold one model replica."""
+    try:
+        mesh = getattr(trainer.strategy, "device_mesh", None)
+    except Exception:  # not set up yet
+        return 1
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    return int(mesh["tensor_parallel"].size()) if mesh is not None and "tensor_parallel" in names else 1
 
 
 def inputs_or_raise(batch: Any, owner: str) -> tuple[tuple[Any, ...], dict[str, Any]]:

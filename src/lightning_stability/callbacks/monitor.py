@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_stability.callbacks._cli_types import NonNegativeInt, PositiveInt
@@ -24,6 +24,8 @@ from lightning_stability.callbacks._common import (
     is_distributed,
     lightning_log_step,
     low_precision_context,
+    tensor_parallel_size,
+    unsupported_strategy,
 )
 from lightning_stability.callbacks._dashboard import TensorBoardDashboard, custom_scalars_layout
 from lightning_stability.callbacks.options import AlarmOptions, ProbeOptions, check_alarm, check_probe
@@ -37,6 +39,7 @@ from lightning_stability.capture.probe import (
     first_nonfinite_module,
     predictor_warnings,
 )
+from lightning_stability.capture.sharding import UnsupportedSharding, is_sharded, sharding_warnings
 from lightning_stability.capture.stacks import unmatched_patterns
 from lightning_stability.capture.structure import structure_warnings, unattended_blocks
 from lightning_stability.diagnostics.rolling import RollingZScore
@@ -65,7 +68,9 @@ class StabilityMonitor(Callback):
     (The Args below are plain text: ``LightningCLI --help`` prints them as written.)
 
     Args:
-        every_n_steps: measure when trainer.global_step is a multiple of this (an integer >= 1).
+        every_n_steps: measure when trainer.global_step (optimizer steps) is a multiple of this (an
+            integer >= 1); with gradient accumulation on the micro-batch after which the optimizer
+            stepped, never on one inside an accumulation window (docs/DISTRIBUTED.md).
         sample_size: examples of the batch to measure (fewer if the batch is smaller).
         precision: low precision of the measured pass. None (default): the trainer's own;
             bf16 or fp16: that autocast, so an FP32 run can ask "what would BF16 do?";
@@ -125,6 +130,8 @@ class StabilityMonitor(Callback):
         self._fp8_state: dict[str, Any] = {}  # a checkpoint's FP8 state, until the factory exists
         self._last_step = -1
         self._warned: set[str] = set()
+        #: why nothing is measured in this fit (an unsupported strategy), else None
+        self._refusal: str | None = None
         self._dashboard = TensorBoardDashboard()
 
     def _new_judge(self) -> Judge:
@@ -161,12 +168,19 @@ class StabilityMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps or step == self._last_step:
+        if self._refusal or step % self.every_n_steps or step == self._last_step:
+            return
+        if _inside_accumulation_window(trainer, batch_idx):  # the optimizer has not stepped on it
             return
         self._last_step = step
         args, kwargs = self.inputs_from_batch(batch)
         try:
             report = self.measure(trainer, pl_module, args, kwargs)
+            report.batch_idx = batch_idx
+            self._name_micro_batch(trainer, batch_idx)
+        except UnsupportedSharding as err:  # FSDP1/DeepSpeed modules found in the model: say it once
+            self._refuse(str(err))
+            return
         except Exception as err:  # the monitor never stops training
             hint = ""
             if self._once("skip"):
@@ -184,6 +198,26 @@ class StabilityMonitor(Callback):
             self._judge = self._new_judge()
             self._latch = EpisodeLatch()
             self.judgement = self.summary = None
+            self._refusal = None
+            refusal = unsupported_strategy(trainer.strategy)
+            if refusal is not None:
+                self._refuse(refusal)
+
+    def _name_micro_batch(self, trainer: Trainer, batch_idx: int) -> None:
+        """Once, under gradient accumulation: which micro-batch a measurement samples."""
+        n = trainer.accumulate_grad_batches
+        if n > 1 and self._once("accumulation"):
+            rank_zero_info(
+                f"StabilityMonitor: with accumulate_grad_batches={n}, every_n_steps counts optimizer steps "
+                "and each measurement samples the last micro-batch of the accumulation window, the one after "
+                f"which the optimizer stepped (this time batch_idx {batch_idx}; report.batch_idx names it)."
+            )
+
+    def _refuse(self, reason: str) -> None:
+        """Stop measuring in this fit, saying why once (rank zero)."""
+        if self._refusal is None:
+            rank_zero_warn(f"StabilityMonitor will not measure in this fit: {reason}")
+        self._refusal = reason
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -260,16 +294,24 @@ class StabilityMonitor(Callback):
 
         Under DDP the ranks first agree that every one of them measured (one small
         collective), so a rank that failed makes all of them skip the step instead of
-        leaving the others waiting in the reduction.
+        leaving the others waiting in the reduction. Under sharding (FSDP2, tensor parallel)
+        the passes themselves are collectives: the ranks also agree that all of them sampled
+        their examples before any pass starts.
         """
         step = trainer.global_step
         raw: RawMeasurement | None = None
         error: Exception | None = None
         try:
             args, kwargs = sample_inputs(args, kwargs, self.sample_size, self.seed + step)
-            raw = self._measure_locally(trainer, pl_module, args, kwargs)
         except Exception as err:
             error = err
+        if is_sharded(pl_module) and not _all_ranks_agree(trainer, pl_module, error is None):
+            raise error or RuntimeError("another rank could not sample this step")
+        if error is None:
+            try:
+                raw = self._measure_locally(trainer, pl_module, args, kwargs)
+            except Exception as err:
+                error = err
         if not _all_ranks_measured(trainer, pl_module, raw):
             raise error or RuntimeError("another rank could not measure this step")
         assert raw is not None
@@ -297,7 +339,8 @@ class StabilityMonitor(Callback):
     def _measure_locally(
         self, trainer: Trainer, pl_module: LightningModule, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> RawMeasurement:
-        """Both passes on this rank's sample (no collective)."""
+        """Both passes on this rank's sample (no collective of its own; the passes of a sharded model
+        all-gather parameters, heads under tensor parallelism, on every rank alike)."""
         step = trainer.global_step
         if self._probe is None or self._probe.model is not pl_module:
             opts = self.probe
@@ -341,8 +384,10 @@ class StabilityMonitor(Callback):
         return raw
 
     def _warn_structure(self, probe: StabilityProbe) -> None:
-        """Once, on rank zero: weights not found, fused layouts not understood, patterns matching nothing."""
+        """Once, on rank zero: weights not found, fused layouts not understood, patterns matching
+        nothing, what tensor parallelism leaves inexact."""
         lines = structure_warnings(probe.blocks) + predictor_warnings(probe.blocks)
+        lines += sharding_warnings(probe.model, probe.blocks, probe.head_groups)
         unmatched = unmatched_patterns(probe.model, self.blocks or [])
         if unmatched:
             lines.append(f"blocks patterns {unmatched} match no module of the model")
@@ -365,10 +410,18 @@ class StabilityMonitor(Callback):
     @staticmethod
     def _reduce(trainer: Trainer, raw: RawMeasurement) -> dict[RawKey, float]:
         """Combine ranks as each key's row says (max for κ's, min for variances, sum for error and
-        count parts), then one transfer."""
+        count parts), then one transfer.
+
+        Under tensor parallelism the ranks of one group measured the same examples (each with
+        every head, the per-module maxima of their own shards): their values are combined by
+        max first, then the data-parallel replicas by the keys' operations.
+        """
         keys, vec = raw.flat()
         if is_distributed(trainer):
-            gathered = trainer.strategy.all_gather(vec)  # (world, k)
+            gathered = trainer.strategy.all_gather(vec).reshape(-1, len(keys))  # (world, k)
+            tp = tensor_parallel_size(trainer)
+            if tp > 1:
+                gathered = gathered.reshape(-1, tp, len(keys)).amax(1)  # (data-parallel replicas, k)
             cols = []
             for j, key in enumerate(keys):
                 column = gathered[:, j]
@@ -420,6 +473,21 @@ class StabilityMonitor(Callback):
         first = key not in self._warned
         self._warned.add(key)
         return first
+
+
+def _inside_accumulation_window(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether the batch just trained is a micro-batch after which the optimizer did not step
+    (``accumulate_grad_batches > 1``: not the last of its window, nor the epoch's last batch)."""
+    k = trainer.accumulate_grad_batches
+    return k > 1 and (batch_idx + 1) % k != 0 and not trainer.is_last_batch
+
+
+def _all_ranks_agree(trainer: Trainer, pl_module: LightningModule, ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (a collective when distributed)."""
+    if not is_distributed(trainer):
+        return ok
+    mine = torch.tensor([float(ok)], dtype=torch.float64, device=pl_module.device)
+    return bool((trainer.strategy.all_gather(mine) == 1).all())
 
 
 def _all_ranks_measured(trainer: Trainer, pl_module: LightningModule, raw: RawMeasurement | None) -> bool:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_stability.capture.hooks import HookContext
+from lightning_stability.capture.stacks import plain_name
 
 #: ``(block index, call number within the forward, output)``
 OutputFn = Callable[[int, int, Tensor], None]
@@ -144,8 +145,8 @@ class ModuleAmax(HookContext):
         self.amax = {}
 
     def _install(self, stack: ExitStack) -> None:
-        for name, module in self.model.named_modules():
-            stack.enter_context(module.register_forward_hook(self._hook(name)))
+        for name, module in self.model.named_modules():  # a wrapper and its module share a name: max of both
+            stack.enter_context(module.register_forward_hook(self._hook(plain_name(name))))
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_stability.capture.hooks import HookContext
+from lightning_stability.capture.stacks import plain_name
 from lightning_stability.diagnostics.norm import token_variance
 
 #: Attribute names under which third-party RMSNorm/LayerNorm modules keep ε.
@@ -111,9 +112,12 @@ def find_norms(
     class name ends in ``LayerNorm``/``RMSNorm`` (e.g. ``LlamaRMSNorm``, ``T5LayerNorm``)
     is probed once to learn whether it centres and whether its ``eps``/``variance_epsilon``
     attribute is really used. ``include``/``exclude`` are ``fnmatch`` patterns on names.
+    Names leave out wrapper segments (``_orig_mod``…:
+    :func:`~lightning_stability.capture.stacks.plain_name`).
     """
     layers: list[NormLayer] = []
-    for name, module in model.named_modules():
+    for qualified, module in model.named_modules():
+        name = plain_name(qualified)
         if include and not _matches(name, include):
             continue
         if _matches(name, exclude) or isinstance(module, _NOT_TOKEN_NORMS):

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_stability.capture.sharding import fp32_all_gather, mixed_precision_dtype, restore_sharding
+
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
@@ -50,7 +52,9 @@ def exact_fp32(model: nn.Module) -> Iterator[None]:
     """Exact FP32: autocast off, TF32 off, floating parameters and buffers viewed in FP32.
 
     Parameters of another floating dtype (``bf16-true``/``16-true`` training) get an FP32
-    copy for the duration; the original tensors are put back untouched.
+    copy for the duration; the original tensors are put back untouched. Under FSDP2 with a
+    ``MixedPrecisionPolicy`` the FP32 master parameters are all-gathered instead of their
+    low-precision copies (:func:`~lightning_stability.capture.sharding.fp32_all_gather`).
     """
     swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -63,6 +67,7 @@ def exact_fp32(model: nn.Module) -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
             torch.set_float32_matmul_precision("highest")
+            stack.enter_context(fp32_all_gather(model))
             for tensor in [*model.parameters(), *model.buffers()]:
                 if tensor.is_floating_point() and tensor.dtype != torch.float32:
                     swapped.append((tensor, tensor.data))
@@ -115,9 +120,10 @@ def side_forward(model: nn.Module) -> Iterator[Callable[[], None]]:
     (dropout inside an attention call gets the same mask in both passes, SPEC §5); every module
     in eval mode (each one's flag restored); PyTorch's fused MHA fast path off (it bypasses
     hooks and autocast rules); ``torch.compile`` forced eager (eager arithmetic is measured and
-    our hooks cause no recompilation).
+    our hooks cause no recompilation); FSDP2 modules left sharded as training left them.
     """
     with ExitStack() as stack:
+        stack.enter_context(restore_sharding(model))
         stack.enter_context(torch.no_grad())
         stack.enter_context(preserved_rng())
         stack.enter_context(eval_mode(model))
@@ -131,11 +137,15 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype ``model``'s matmuls compute in under the current context.
 
     The autocast dtype when autocast is on for the model's device (so Lightning's silent CPU
-    switch of ``16-mixed`` to bfloat16 reads as bfloat16), else the parameters' dtype
+    switch of ``16-mixed`` to bfloat16 reads as bfloat16), else the dtype FSDP2's
+    ``MixedPrecisionPolicy`` all-gathers the parameters in, else the parameters' dtype
     (``*-true`` precision), else float32.
     """
     params = [p for p in model.parameters() if p.is_floating_point()]
     device_type = params[0].device.type if params else "cpu"
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
+    sharded = mixed_precision_dtype(model)
+    if sharded is not None:
+        return sharded
     return params[0].dtype if params else torch.float32

@@ -42,6 +42,27 @@ _Q_NAMES = {"q_proj", "query", "q", "wq", "to_q", "q_lin"}
 _QKV_NAMES = {"qkv", "c_attn", "wqkv", "query_key_value", "in_proj", "qkv_proj"}
 
 
+# --------------------------------------------------------------------------- names
+#: Name segments a wrapper inserts between a module and its parent: ``torch.compile``'s
+#: ``OptimizedModule`` and ``checkpoint_wrapper`` (activation checkpointing).
+WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module"})
+
+
+def plain_name(name: str) -> str:
+    """A qualified module name without the segments wrappers insert (:data:`WRAPPER_SEGMENTS`).
+
+    Blocks, normalization layers and modules are named this way in every report, key and
+    pattern match, so a compiled or checkpoint-wrapped model reads like the plain one.
+
+    Example:
+        >>> plain_name("model._orig_mod.layers.0._checkpoint_wrapped_module.mlp")
+        'model.layers.0.mlp'
+    """
+    if "_" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
+
+
 # --------------------------------------------------------------------------- patterns
 @lru_cache(maxsize=256)
 def pattern_regex(pattern: str) -> re.Pattern[str]:
@@ -87,12 +108,13 @@ def pattern_regex(pattern: str) -> re.Pattern[str]:
 def match_blocks(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Module]]:
     """Modules whose qualified name matches one of ``patterns`` (:func:`pattern_regex`), in model order.
 
-    A match inside an earlier match is dropped (a block cannot contain a block).
+    A match inside an earlier match is dropped (a block cannot contain a block). Names are
+    matched without wrapper segments (:func:`plain_name`).
     """
     regexes = [pattern_regex(p) for p in patterns]
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if name and any(r.match(name) for r in regexes):
+        if name and any(r.match(plain_name(name)) for r in regexes):
             if found and (name == found[-1][0] or name.startswith(found[-1][0] + ".")):
                 continue
             found.append((name, module))
@@ -101,7 +123,7 @@ def match_blocks(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, n
 
 def unmatched_patterns(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """The patterns that match no module of ``model`` (for the caller to reject or warn)."""
-    names = [name for name, _ in model.named_modules() if name]
+    names = [plain_name(name) for name, _ in model.named_modules() if name]
     return [p for p in patterns if not any(pattern_regex(p).match(n) for n in names)]
 
 

@@ -22,6 +22,7 @@ from lightning_stability.capture.stacks import (
     find_stacks,
     is_attention_name,
     match_blocks,
+    plain_name,
 )
 
 _OUT_NAMES = {
@@ -133,7 +134,8 @@ class Block:
     missing: list[str] = field(default_factory=list)
 
     def contains(self, module_name: str) -> bool:
-        """Whether the module named ``module_name`` lies inside this block."""
+        """Whether the module named ``module_name`` (wrapper segments or not) lies inside this block."""
+        module_name = plain_name(module_name)
         return module_name == self.name or module_name.startswith(self.name + ".")
 
 
@@ -363,7 +365,7 @@ def describe_block(index: int, name: str, module: nn.Module, stack: str = "") ->
             continue
         parts = rel.split(".") if rel else []
         leaf = parts[-1].lower() if parts else ""
-        full = f"{name}.{rel}" if rel else name
+        full = plain_name(f"{name}.{rel}" if rel else name)
         if isinstance(sub, nn.MultiheadAttention):
             block.wo[f"{full}.out_proj"] = _weight_of(sub.out_proj, "weight")
             block.qk.append(_mha_qk(full, sub))
@@ -459,7 +461,10 @@ def model_blocks(model: nn.Module, patterns: Sequence[str] | None = None) -> lis
         found = [(name, module, name.rpartition(".")[0]) for name, module in match_blocks(model, patterns)]
     else:
         found = [(name, module, stack.name) for stack in find_stacks(model) for name, module in stack.members]
-    return [describe_block(i, name, module, stack) for i, (name, module, stack) in enumerate(found)]
+    return [
+        describe_block(i, plain_name(name), module, plain_name(stack))
+        for i, (name, module, stack) in enumerate(found)
+    ]
 
 
 # --------------------------------------------------------------------------- for the monitor

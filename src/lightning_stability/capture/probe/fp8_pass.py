@@ -31,6 +31,7 @@ from torch import nn
 
 from lightning_stability.capture.fp8 import FP8Record, FP8WhatIf
 from lightning_stability.capture.probe.raw import RawMeasurement
+from lightning_stability.capture.sharding import UnsupportedSharding, is_sharded
 from lightning_stability.diagnostics.fp8_recipe import AmaxHistory, FP8Recipe, RecipeName
 from lightning_stability.metrics import RawKey
 
@@ -46,6 +47,10 @@ class FP8Precision:
             (``"current"``, ``"delayed"``, ``"mxfp8"``).
         attention: also run the attention matmuls of every SDPA call in FP8 (TE's ``fp8_dpa``).
         autocast_dtype: autocast around everything that is not an FP8 GEMM.
+
+    Raises:
+        UnsupportedSharding: ``model`` is sharded (FSDP2, tensor parallel): the FP8 GEMMs read
+            whole weights and are not emulated on shards.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -64,6 +69,12 @@ class FP8Precision:
         attention: bool = False,
         autocast_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
+        if is_sharded(model):
+            raise UnsupportedSharding(
+                "precision='fp8' does not run on a sharded model (FSDP2 or tensor parallel): the FP8 "
+                "what-if quantizes whole weights. Measure it on one process (a single-device fit "
+                "or lightning_stability.measure on the same checkpoint)."
+            )
         self.model = model
         self.recipe = recipe if isinstance(recipe, FP8Recipe) else FP8Recipe(recipe)
         self.attention = attention

@@ -36,6 +36,7 @@ from lightning_stability.capture.probe.attention_stats import CallValues, block_
 from lightning_stability.capture.probe.fp8_pass import FP8Precision, fp8_statistics
 from lightning_stability.capture.probe.raw import RawMeasurement
 from lightning_stability.capture.probe.spectra import weight_statistics
+from lightning_stability.capture.sharding import full_weights, gather_heads, unsharded
 from lightning_stability.capture.side_forward import compute_dtype, exact_fp32, rng_restore, rng_snapshot
 from lightning_stability.diagnostics.collapse import collapse_statistics
 from lightning_stability.metrics import RawKey
@@ -227,6 +228,8 @@ class _Collector:
         probe = self.probe
         self.raw.attention_calls += 1
         block = probe.block_of(call.name)
+        if block in probe.head_groups:  # tensor parallel: every rank's heads, as in the unsharded model
+            call = gather_heads(call, probe.head_groups[block])
         diag = call_diagnostics(call)  # kappa_score is NaN (unknown) for scores-only calls
         self.ksm_max.append(diag.kappa_softmax.amax())
         if block is None:
@@ -306,6 +309,7 @@ class _Collector:
                 if attention:
                     tap = self.local_modules[("r_attention_local", i)]
                     stack.enter_context(tap.register_forward_hook(_collect_first(seen)))
+                stack.enter_context(unsharded(module, self.probe.model))  # a sub-layer inside an FSDP2 block
                 for call in calls:
                     out = self._rerun(module, call, low_precision)
                     if out is not None and call.output is not None:
@@ -353,7 +357,8 @@ class _Collector:
         self._mismatch_stats()
         self._amax_stats()
         fp8_statistics(raw, self.fp8_records)
-        weight_statistics(probe.blocks, self.heads, probe.spectra, raw)
+        for blocks in full_weights(probe.blocks):  # sharded: one block at a time, gathered in FP32
+            weight_statistics(blocks, self.heads, probe.spectra_of(blocks), raw)
         return raw
 
     def _mismatch_stats(self) -> None:

@@ -14,6 +14,7 @@ from lightning_stability.capture.norms import NormLayer, find_norms
 from lightning_stability.capture.probe.passes import _Collector
 from lightning_stability.capture.probe.raw import RawMeasurement
 from lightning_stability.capture.probe.spectra import WeightSpectra
+from lightning_stability.capture.sharding import check_supported, head_groups
 from lightning_stability.capture.side_forward import side_forward
 from lightning_stability.capture.structure import Block, model_blocks
 
@@ -61,6 +62,7 @@ class StabilityProbe:
         balanced_mass: bool = False,
         reuse_weight_spectra: bool = False,
     ) -> None:
+        check_supported(model)  # FSDP1, DeepSpeed ZeRO-3: UnsupportedSharding
         self.model = model
         self.blocks: list[Block] = model_blocks(model, blocks)
         self.norms: list[NormLayer] = find_norms(model)
@@ -80,6 +82,17 @@ class StabilityProbe:
         self.local_errors = local_errors
         self.balanced_mass = balanced_mass
         self.spectra = WeightSpectra(reuse_weight_spectra)
+        self._block_spectra: dict[int, WeightSpectra] = {}
+        #: blocks whose attention heads tensor parallelism splits across ranks: their process group
+        self.head_groups = head_groups(model, self.blocks)
+
+    def spectra_of(self, blocks: list[Block]) -> WeightSpectra:
+        """Where the spectra of ``blocks`` are kept for reuse: :attr:`spectra` for all blocks at once,
+        one store per block when sharded weights are read a block at a time (reuse is keyed by
+        position within a call of :func:`~lightning_stability.capture.probe.spectra.weight_statistics`)."""
+        if len(blocks) != 1 or len(self.blocks) == 1:
+            return self.spectra
+        return self._block_spectra.setdefault(blocks[0].index, WeightSpectra(self.spectra.reuse))
 
     def block_of(self, module_name: str) -> int | None:
         """Index of the block containing the module ``module_name`` (``None``: outside every block)."""
