@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tests.conftest import MemoryLogger, SwiGLULM, TinyTransformer, make_loader, token_loader, trainer_kwargs
+from tests.diagnostics.fp8_reference import F64, ref_current, ref_mx
 
 from lightning_stability import StabilityMonitor
 from lightning_stability.analysis.logs import load_run
@@ -21,6 +22,7 @@ from lightning_stability.analysis.report import build_report
 from lightning_stability.analysis.verdict import run_verdict
 from lightning_stability.callbacks.options import ProbeOptions
 from lightning_stability.capture.probe import FP8Precision
+from lightning_stability.diagnostics.fp8 import E4M3
 from lightning_stability.rules.thresholds import EPS_MACH
 
 warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
@@ -28,7 +30,13 @@ PLANTED = "blocks.1.mlp.down"
 
 
 def fit_fp8(
-    tmp_path: Path, recipe: str, massive: float, steps: int = 4, logger: Any = None, **monitor: Any
+    tmp_path: Path,
+    recipe: str,
+    massive: float,
+    steps: int = 4,
+    logger: Any = None,
+    extra_callbacks: tuple[Callback, ...] | list[Callback] = (),
+    **monitor: Any,
 ) -> tuple[StabilityMonitor, MemoryLogger | Any]:
     seed_everything(0)
     model = SwiGLULM(massive)
@@ -37,7 +45,8 @@ def fit_fp8(
         every_n_steps=2, sample_size=8, precision="fp8", probe=ProbeOptions(fp8_recipe=recipe), **monitor
     )  # type: ignore[arg-type]
     trainer = Trainer(
-        **trainer_kwargs(tmp_path, logger=log, max_steps=steps, gradient_clip_val=1.0), callbacks=[mon]
+        **trainer_kwargs(tmp_path, logger=log, max_steps=steps, gradient_clip_val=1.0),
+        callbacks=[*extra_callbacks, mon],
     )
     with contextlib.redirect_stdout(io.StringIO()):  # the printed verdict
         trainer.fit(model, token_loader())
@@ -57,6 +66,83 @@ def layer_values(log: MemoryLogger, stat: str) -> list[dict[str, float]]:
             }
         )
     return out
+
+
+class LastBatch(Callback):
+    """Keeps the last training batch and a copy of the weights after its optimizer step."""
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *_: Any) -> None:
+        self.batch = _[1]
+        self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def ref_operand(t: torch.Tensor, recipe: str) -> dict[str, Any]:
+    """Float64 statistics of quantizing ``t`` (rows along its last axis) by an independent E4M3 rounding."""
+    xs = t.float().flatten().tolist()
+    if recipe == "current":
+        ref = ref_current(xs)
+        inv = (ref["scale_inv"], ref["scale_inv"])
+    else:
+        ref = ref_mx(xs, E4M3, "rceil")
+        exps = ref["exps"]
+        inv = (2.0 ** min(exps), 2.0 ** max(exps))  # type: ignore[type-var, operator]
+    deq = torch.tensor(ref["deq"], dtype=F64).reshape(t.shape)
+    return {
+        "fp8_underflow": ref["underflow"] / ref["nonzero"],
+        "fp8_saturation": ref["saturated"] / t.numel(),
+        "fp8_amax": float(t.abs().max()),
+        "fp8_scale_inv_min": inv[0],
+        "fp8_scale_inv_max": inv[1],
+        "deq": deq,
+    }
+
+
+def relative_errors(y: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    """Pooled ``‖y − exact‖ / ‖exact‖`` and its mean over tokens (rows)."""
+    pooled = float((y - exact).norm() / exact.norm())
+    return pooled, float(((y - exact).norm(dim=-1) / exact.norm(dim=-1)).mean())
+
+
+@pytest.mark.parametrize("recipe", ["current", "mxfp8"])
+def test_logged_statistics_equal_float64_recomputation(tmp_path: Path, recipe: str) -> None:
+    """Every linear layer's weight statistics, and the first layer's input and output errors (its
+    input, LayerNorm(embedding), is the same in FP32 and under the what-if), from the log of a fit."""
+    last = LastBatch()
+    _, log = fit_fp8(tmp_path, recipe, massive=0.0, extra_callbacks=[last])
+    assert [step for step, _ in log.records] == [1, 3]  # measured after the 2nd and the 4th (last) batch
+    metrics = log.records[-1][1]
+    model = SwiGLULM()
+    model.load_state_dict(last.weights)
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 16
+    for name in layers:  # the batch of 8 is the sample, reordered: these statistics do not see order
+        ref = ref_operand(model.get_submodule(name).weight.detach(), recipe)
+        for stat in ("fp8_underflow", "fp8_saturation", "fp8_amax", "fp8_scale_inv_min", "fp8_scale_inv_max"):
+            got = metrics[f"stability/layer/{name}/weight/{stat}"]
+            assert got == pytest.approx(ref[stat], rel=1e-12, abs=1e-15), (name, stat)
+    (ids,) = last.batch
+    qkv = model.blocks[0].attn.qkv
+    with torch.no_grad():
+        x = model.blocks[0].norm1(model.embed(ids)).reshape(-1, 64)
+    ref_x = ref_operand(x, recipe)
+    for stat in ("fp8_underflow", "fp8_saturation", "fp8_amax", "fp8_scale_inv_min", "fp8_scale_inv_max"):
+        assert metrics[f"stability/layer/blocks.0.attn.qkv/input/{stat}"] == pytest.approx(
+            ref_x[stat], rel=1e-6
+        )
+    w64, b64 = qkv.weight.detach().to(F64), qkv.bias.detach().to(F64)
+    exact = x.to(F64) @ w64.t() + b64
+    deq_w = ref_operand(qkv.weight.detach(), recipe)["deq"]
+    fp8 = (ref_x["deq"] @ deq_w.t() + b64).to(torch.bfloat16).to(F64)  # FP8 GEMM, FP32 accumulation, BF16 out
+    bf16 = lambda t: t.to(torch.bfloat16).to(F64)  # noqa: E731
+    autocast = bf16(bf16(x) @ bf16(w64).t() + bf16(b64))
+    for precision, y in (("fp8", fp8), ("bf16", autocast)):
+        pooled, token = relative_errors(y, exact)
+        assert metrics[f"stability/layer/blocks.0.attn.qkv/{precision}_error"] == pytest.approx(
+            pooled, rel=1e-2
+        )
+        assert metrics[f"stability/layer/blocks.0.attn.qkv/{precision}_error_token"] == pytest.approx(
+            token, rel=1e-2
+        )
 
 
 @pytest.mark.parametrize("recipe", ["current", "delayed", "mxfp8"])
