@@ -15,6 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("LITLOGGER_DISABLED", "1")
+# The suite runs the diagnostics eagerly; tests of the compiled kernels ask for them (a cold
+# inductor compile costs tens of seconds per graph on a shared CPU).
+os.environ.setdefault("LIGHTNING_STABILITY_COMPILE", "off")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 warnings.filterwarnings("ignore", message=".*litlogger.*")
 

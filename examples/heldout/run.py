@@ -9,13 +9,16 @@
     python examples/heldout/run.py extract --scenarios all --healthy all --seeds 0 1 2 3 4
     # score every saved run: tables (Markdown + JSON) and figures
     python examples/heldout/run.py score
+    # the guard: the same runs with each guard variant, then compared with the unguarded ones
+    nice -n 10 python examples/heldout/run.py train --scenarios all --variant guard
+    python examples/heldout/run.py guard     # results/guard_summary.json, guard_tables.md, a figure
     # CI: two tiny runs, a few steps, scored end to end into a temporary directory
     python examples/heldout/run.py quick --out /tmp/heldout_quick
 
-Runs already saved are not trained again. ``--variant NAME`` trains with the extra callbacks of
-``CALLBACKS[NAME]`` (e.g. a guard) into ``results/<NAME>/``; the default variant ``none`` adds
-nothing. Run from the repository root with ``src`` and ``examples`` importable (``pip install -e .``
-and this file's own path handling do that).
+Runs already saved are not trained again. ``--variant NAME`` trains with the monitor options and
+the extra callbacks of ``VARIANTS[NAME]`` (a guard) into ``results/<NAME>/``; the default variant
+``none`` adds nothing. Run from the repository root with ``src`` and ``examples`` importable
+(``pip install -e .`` and this file's own path handling do that).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import math
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -38,11 +43,25 @@ from lightning.pytorch import Callback  # noqa: E402
 from heldout.report import write_report  # noqa: E402
 from heldout.runner import RunSpec, run_and_save, save  # noqa: E402
 from heldout.scenarios import HEALTHY, SCENARIOS, healthy_spec  # noqa: E402
+from lightning_stability import StabilityGuard  # noqa: E402
 
 RESULTS = HERE / "results"
 
-#: variant name → extra callbacks of a run (after the monitor); the alarm's evaluation uses "none".
-CALLBACKS: dict[str, Callable[[RunSpec], list[Callback]]] = {"none": lambda spec: []}
+
+@dataclass(frozen=True)
+class Variant:
+    """What a variant adds to every run: monitor options and callbacks listed after the monitor."""
+
+    monitor: dict[str, Any] = field(default_factory=dict)
+    callbacks: Callable[[RunSpec], list[Callback]] = lambda spec: []
+
+
+#: variant name → what it adds; the alarm's evaluation uses "none".
+VARIANTS: dict[str, Variant] = {
+    "none": Variant(),
+    # the guard at its defaults (QK-clip by the block's maximum: the monitor logs no per-head values)
+    "guard": Variant(callbacks=lambda spec: [StabilityGuard()]),
+}
 
 
 def _quiet() -> None:
@@ -70,7 +89,8 @@ def train_all(specs: list[RunSpec], results: Path, logs: Path, variant: str) -> 
         out = results / f"{spec.name}.json"
         if out.exists():
             continue
-        path = run_and_save(spec, results, logs, CALLBACKS[variant](spec))
+        v = VARIANTS[variant]
+        path = run_and_save(spec, results, logs, v.callbacks(spec), v.monitor)
         print(f"saved {path}", flush=True)
 
 
@@ -86,13 +106,13 @@ def extract_all(specs: list[RunSpec], results: Path, logs: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``train``, ``extract``, ``score`` or ``quick`` (see the module docstring)."""
+    """Command line: ``train``, ``extract``, ``score``, ``guard`` or ``quick`` (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("command", choices=["train", "extract", "score", "quick"])
+    p.add_argument("command", choices=["train", "extract", "score", "guard", "quick"])
     p.add_argument("--scenarios", nargs="*", default=[], help="scenario names, or 'all'")
     p.add_argument("--healthy", nargs="*", default=[], help="healthy run names, or 'all'")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--variant", default="none", choices=sorted(CALLBACKS))
+    p.add_argument("--variant", default="none", choices=sorted(VARIANTS))
     p.add_argument(
         "--out", type=Path, default=None, help="results directory (default examples/heldout/results)"
     )
@@ -100,11 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     _quiet()
     results = a.out or RESULTS
+    logs = a.out / "logs" if a.command == "quick" and a.out else a.logs
     if a.variant != "none":
-        results = results / a.variant
+        results, logs = results / a.variant, logs / a.variant
     if a.command == "quick":
         specs = planned(["llama_logit_growth"], ["healthy_vit"], [0], quick=True)
-        train_all(specs, results, a.out / "logs" if a.out else a.logs, a.variant)
+        train_all(specs, results, logs, a.variant)
         print(write_report(results, figures=False))
         return
     if a.command in ("train", "extract"):
@@ -112,9 +133,19 @@ def main(argv: list[str] | None = None) -> None:
         healthy = list(HEALTHY) if a.healthy == ["all"] else a.healthy
         specs = planned(scen, healthy, a.seeds, quick=False)
         if a.command == "train":
-            train_all(specs, results, a.logs, a.variant)
+            train_all(specs, results, logs, a.variant)
         else:
-            extract_all(specs, results, a.logs)
+            extract_all(specs, results, logs)
+        return
+    if a.command == "guard":
+        from heldout.guard_figure import plot_guard
+        from heldout.guard_report import guard_report
+
+        root = a.out or RESULTS
+        variants = [v for v in VARIANTS if v != "none" and (root / v).is_dir()]
+        print(guard_report(root, variants))
+        if a.out is None:
+            plot_guard(root, variants)
         return
     print(write_report(results, figures=True))
 

@@ -10,7 +10,9 @@ the monitor's sampling. :func:`train` fits it with Lightning (FP32 training, CSV
   one ``{tag: value}`` per step): the monitor's ``stability/*`` tags that the
   scoring needs (the alarm's own inputs and the paper rule's ``kappa_softmax_max``), to 9
   significant digits: the logged float32 values exactly (the alarm compares ``eps_mach`` for
-  equality and its levels to the logged values).
+  equality and its levels to the logged values);
+* ``guard`` — only for runs with ``StabilityGuard``: the same kind of table of its
+  ``stability/guard/*`` tags, one row per step at which it logged.
 
 The step series are rounded to 5 significant digits (the events' thresholds are 0.1 nats and more).
 """
@@ -22,7 +24,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,9 +95,15 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
         return byte_batches(s.batch_size, seq, s.seed)
 
 
-def train(spec: RunSpec, log_dir: Path, callbacks: Sequence[Callback] = (), monitor: bool = True) -> Path:
-    """Fit ``spec`` (FP32, CPU) with the monitor (unless ``monitor=False``) and ``callbacks``;
-    returns the CSV log file."""
+def train(
+    spec: RunSpec,
+    log_dir: Path,
+    callbacks: Sequence[Callback] = (),
+    monitor: bool = True,
+    monitor_options: dict[str, Any] | None = None,
+) -> Path:
+    """Fit ``spec`` (FP32, CPU) with the monitor (unless ``monitor=False``; ``monitor_options``: extra
+    ``StabilityMonitor`` arguments, e.g. ``log_per_head``) and ``callbacks``; returns the CSV log file."""
     module = HeldoutModule(spec.family, spec.arch, spec.whatif, seed=spec.seed, **spec.optim)
     monitors = (
         [
@@ -104,6 +112,7 @@ def train(spec: RunSpec, log_dir: Path, callbacks: Sequence[Callback] = (), moni
                 sample_size=spec.sample_size,
                 precision=spec.whatif,
                 probe=ProbeOptions(local_errors=False),
+                **(monitor_options or {}),
             )
         ]
         if monitor
@@ -133,8 +142,13 @@ def _round(v: float, digits: int = 5) -> float | None:
     return v if math.isinf(v) else float(f"{v:.{digits}g}")
 
 
-def extract(csv_path: Path) -> tuple[dict[str, list[float | None]], list[dict[str, float]]]:
-    """``(steps, checks)`` of a run's CSV log (see the module docstring); NaN is stored as ``None``."""
+def extract(
+    csv_path: Path, kept: Callable[[str], bool] | None = None
+) -> tuple[dict[str, list[float | None]], list[dict[str, float]]]:
+    """``(steps, checks)`` of a run's CSV log (see the module docstring); NaN is stored as ``None``.
+
+    ``kept`` chooses the tags of ``checks`` (default: the monitor's tags the scoring needs)."""
+    kept = kept or _kept
     rows: dict[int, dict[str, float]] = {}
     with csv_path.open() as f:
         for row in csv.DictReader(f):
@@ -148,25 +162,42 @@ def extract(csv_path: Path) -> tuple[dict[str, list[float | None]], list[dict[st
         steps[tag] = [_round(rows[s][tag]) if tag in rows[s] else None for s in order]
     checks = []
     for s in order:
-        kept = {k: v for k, v in rows[s].items() if _kept(k)}
-        if kept:
-            kept["step"] = float(s)
-            checks.append({k: _round(v, 9) for k, v in kept.items()})
+        values = {k: v for k, v in rows[s].items() if kept(k)}
+        if values:
+            values["step"] = float(s)
+            checks.append({k: _round(v, 9) for k, v in values.items()})
     return steps, checks  # type: ignore[return-value]
 
 
+def _guard_tag(tag: str) -> bool:
+    return tag.startswith("stability/guard/")
+
+
 def _kept(tag: str) -> bool:
+    if _guard_tag(tag):
+        return False
     m = _BLOCK_TAG.fullmatch(tag)
     if m:
         return m["name"] in KEPT_BLOCK_TAGS
     return tag.startswith("stability/") and tag.removeprefix("stability/") in KEPT_MODEL_TAGS
 
 
-def run_and_save(spec: RunSpec, results: Path, log_dir: Path, callbacks: Sequence[Callback] = ()) -> Path:
+def run_and_save(
+    spec: RunSpec,
+    results: Path,
+    log_dir: Path,
+    callbacks: Sequence[Callback] = (),
+    monitor_options: dict[str, Any] | None = None,
+) -> Path:
     """Train ``spec``, write ``<results>/<scenario>/<arm>/seed<k>.json``; returns its path."""
     t0 = time.perf_counter()
-    csv_path = train(spec, log_dir, callbacks)
+    csv_path = train(spec, log_dir, callbacks, monitor_options=monitor_options)
     return save(spec, csv_path, results, time.perf_counter() - t0)
+
+
+def _table(rows: list[dict[str, float]]) -> dict[str, Any]:
+    tags = sorted({k for c in rows for k in c})
+    return {"tags": tags, "rows": [[c.get(t) for t in tags] for c in rows]}
 
 
 def save(spec: RunSpec, csv_path: Path, results: Path, wall_s: float) -> Path:
@@ -174,9 +205,10 @@ def save(spec: RunSpec, csv_path: Path, results: Path, wall_s: float) -> Path:
     steps, checks = extract(csv_path)
     out = results / f"{spec.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tags = sorted({k for c in checks for k in c})
-    table = {"tags": tags, "rows": [[c.get(t) for t in tags] for c in checks]}
-    record = {"spec": asdict(spec), "wall_s": round(wall_s, 1), "steps": steps, "checks": table}
+    record = {"spec": asdict(spec), "wall_s": round(wall_s, 1), "steps": steps, "checks": _table(checks)}
+    _, guard = extract(csv_path, _guard_tag)
+    if guard:
+        record["guard"] = _table(guard)
     out.write_text(json.dumps(record, separators=(",", ":")))
     return out
 
@@ -185,10 +217,12 @@ def load_record(path: Path) -> dict[str, Any]:
     """A saved run record: ``checks`` back to one ``{tag: value}`` per check, ``None`` back to NaN."""
     record = json.loads(path.read_text())
     record["steps"] = {k: [math.nan if v is None else v for v in vs] for k, vs in record["steps"].items()}
-    tags, rows = record["checks"]["tags"], record["checks"]["rows"]
-    record["checks"] = [
-        {t: (math.nan if v is None else v) for t, v in zip(tags, row, strict=True)} for row in rows
-    ]
+    for key in ("checks", "guard"):
+        if key in record:
+            tags, rows = record[key]["tags"], record[key]["rows"]
+            record[key] = [
+                {t: (math.nan if v is None else v) for t, v in zip(tags, row, strict=True)} for row in rows
+            ]
     return record
 
 

@@ -103,7 +103,7 @@ def test_kappa_softmax_errors() -> None:
 @pytest.mark.parametrize("mask_kind", ["none", "per_head", "broadcast"])
 @pytest.mark.parametrize("scale", [1.0, 30.0])
 def test_blocked_pass_over_many_subchunks_is_exact(
-    monkeypatch: pytest.MonkeyPatch, mask_kind: str, scale: float
+    monkeypatch: pytest.MonkeyPatch, mask_kind: str, scale: float, path: str
 ) -> None:
     monkeypatch.setattr(solver, "_BUF_ELEMS", 150)  # 1 head per sub-chunk: 6 sub-chunks
     g = gen(int(scale) + len(mask_kind))
@@ -141,8 +141,8 @@ def test_near_ties_float32_cannot_separate_are_resolved_in_float64() -> None:
 
 
 @pytest.mark.parametrize("n", [64, 300])
-def test_realistic_sizes_match_eigvalsh(n: int) -> None:
-    s = torch.randn(1, 2, n, n, generator=gen(n)) * 4
+def test_realistic_sizes_match_eigvalsh(n: int, path: str) -> None:
+    s = torch.randn(2, 2, n, n, generator=gen(n)) * 4
     s[0, 1, :, : n // 2] -= 20.0  # a peaked head
     ref = ksm_ref(s, None)
     assert (kappa_softmax(s) - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
@@ -168,17 +168,21 @@ def test_non_finite_entries_still_take_the_exact_path() -> None:
 @pytest.mark.parametrize("mask_kind", ["none", "per_head", "broadcast"])
 @pytest.mark.parametrize("scale", [1.0, 8.0, 40.0])
 def test_staged_pruning_and_batched_exact_solve_are_exact(
-    monkeypatch: pytest.MonkeyPatch, mask_kind: str, scale: float
+    monkeypatch: pytest.MonkeyPatch, mask_kind: str, scale: float, path: str
 ) -> None:
     # Force every stage on a small input: the top-2 block lower bound on the candidates (1b), the
     # bounds from the candidates' own softmax (1.5), and exact solves gathered 3 rows at a time.
+    # Compiled: the lean row kernel (as for long rows), the refining stage and batched compiled solves.
     monkeypatch.setattr(solver, "_STAGED_MIN_ELEMS", 0)
     monkeypatch.setattr(solver, "_BLOCK_BOUND_MIN_ROWS", 0)
     monkeypatch.setattr(solver, "_REFINE_MIN_ROWS", 0)
     monkeypatch.setattr(solver, "_EXACT_ELEMS", 3 * 23)
-    stage_1b = _counting(monkeypatch, "_block_lower_bound")
+    monkeypatch.setattr(solver, "_FULL_MAX_NK", 0)
+    # (counted eagerly only: inside a compiled kernel the helpers are traced, not called)
+    exact_fn = "_exact_solve" if path == "compiled" else "_exact_rows"
+    stage_1b = [1] if path == "compiled" else _counting(monkeypatch, "_block_lower_bound")
     stage_15 = _counting(monkeypatch, "_refine_rows")
-    exact = _counting(monkeypatch, "_exact_rows")
+    exact = _counting(monkeypatch, exact_fn)
     g = gen(100 + int(scale) + len(mask_kind))
     s = torch.randn(2, 3, 17, 23, generator=g) * scale
     s[0, 0, :, 1] = s[0, 0, :, 0]  # exact top-2 ties
@@ -202,7 +206,7 @@ def test_staged_pruning_and_batched_exact_solve_are_exact(
     assert (kappa_softmax(s64, mask) - ref64).abs().max().item() <= 1e-12 * ref64.abs().max().item()
 
 
-def test_zero_tiny_and_mixed_rows() -> None:
+def test_zero_tiny_and_mixed_rows(path: str) -> None:
     zero = torch.zeros(3, 8, 8)
     assert kappa_softmax(zero).tolist() == [0.0, 0.0, 0.0]
     # Scores so small that ‖S_i‖² underflows float32: the bounds read 0 everywhere, every row
@@ -228,7 +232,7 @@ def test_one_chunk_equals_many_chunks_and_other_dtypes() -> None:
     assert (kappa_softmax(half) - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
 
 
-def test_entropy_tail_terms_on_peaked_tied_and_masked_rows() -> None:
+def test_entropy_tail_terms_on_peaked_tied_and_masked_rows(path: str) -> None:
     g = gen(10)
     s = torch.randn(2, 2, 12, 16, generator=g) * 3
     s[0, 0, 0] = torch.tensor([40.0] + [0.0] * 15)  # tail mass ~1e-17: H ~ 1e-15
@@ -280,7 +284,9 @@ def test_results_never_alias_the_reused_buffers() -> None:
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "per_head", "broadcast", "key_only"])
-def test_row_blocks_of_a_large_matrix_are_exact(monkeypatch: pytest.MonkeyPatch, mask_kind: str) -> None:
+def test_row_blocks_of_a_large_matrix_are_exact(
+    monkeypatch: pytest.MonkeyPatch, mask_kind: str, path: str
+) -> None:
     monkeypatch.setattr(solver, "_BUF_ELEMS", 25)  # 11 keys: blocks of 2 rows of one matrix
     g = gen(13 + len(mask_kind))
     s = torch.randn(2, 3, 9, 11, generator=g) * 6

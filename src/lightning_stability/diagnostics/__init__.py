@@ -1,5 +1,6 @@
 """The math of lightning-stability (SPEC §1–§8): pure tensor functions, no Lightning, no hooks."""
 
+from ._compiled import compile_mode, compile_stats, set_compile_mode
 from .attention import (
     AttentionDiagnostics,
     attention_diagnostics,
@@ -49,6 +50,8 @@ __all__ = [
     "attention_logit_max",
     "balanced_mass_per_head",
     "combined_predictor",
+    "compile_mode",
+    "compile_stats",
     "condition_from_singular_values",
     "condition_number",
     "eps_mach",
@@ -67,6 +70,7 @@ __all__ = [
     "rho_ln",
     "rho_ln_from_variance",
     "rolling_zscore",
+    "set_compile_mode",
     "singular_value_extremes_many",
     "softmax_jacobian_inf1_norm",
     "softmax_jacobian_norm",

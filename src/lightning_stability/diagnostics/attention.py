@@ -191,7 +191,6 @@ def _logit_max_exact(
     working-precision maximum (``(d+4)·u·(|sc|·max‖q‖·max‖k‖ + max|b|)``, doubled) are recomputed
     in float64; the maximum of those is the exact one.
     """
-    c, nq, nk = s.shape
     a = None
     if mc is None:  # two reductions instead of a full-size |s|
         row_top = torch.maximum(s.amax(-1), s.amin(-1).neg_())
@@ -199,25 +198,47 @@ def _logit_max_exact(
         a = torch.abs(s, out=workspace(s.numel(), s, "abs").view_as(s)).masked_fill_(~mc, -1.0)
         row_top = a.amax(-1)  # (c, n_q); -1 for a row without attended keys
     top = row_top.amax(-1)
-    out = torch.zeros(c, dtype=_F64, device=s.device)
     if a is not None and not bool((top >= 0).any()):  # unmasked: top ≥ 0 (or NaN → inf below)
-        return torch.where(torch.isfinite(top), out, _INF)
-    u = torch.finfo(s.dtype).eps
+        return torch.where(torch.isfinite(top), torch.zeros(s.shape[0], dtype=_F64, device=s.device), _INF)
     if rows2 is None:
         rows2 = (qc.to(_F64).square().sum(-1), kc.to(_F64).square().sum(-1))
+    thr = _logit_threshold(top, rows2, sc, bc, 2.0 * (qc.shape[-1] + 4) * torch.finfo(s.dtype).eps)
+    return _logit_from_candidates(qc, kc, s, a, mc, sc, bc, row_top, top, thr)
+
+
+def _logit_threshold(
+    top: Tensor, rows2: tuple[Tensor, Tensor], sc: float | Tensor, bc: Tensor | None, coef: float | Tensor
+) -> Tensor:
+    """``(c, 1)`` float64: entries of ``|S|`` below it cannot be the exact maximum (``coef``:
+    ``2(d+4)·ε`` of the working precision)."""
     qn, kn = rows2[0].amax(-1).sqrt(), rows2[1].amax(-1).sqrt()  # largest row norms
-    bound = (qn * kn).mul_(abs(sc))
+    bound = qn * kn * (sc.abs() if isinstance(sc, Tensor) else abs(sc))
     if bc is not None:
-        bound.add_(bc.abs().to(_F64).flatten(1).amax(-1).expand(c))
-    tol = bound.mul_(2.0 * (qc.shape[-1] + 4) * u).add_(torch.finfo(_F64).tiny)
-    thr = (top.to(_F64) - tol).clamp_min(0.0).view(c, 1)
+        bound = bound + bc.abs().to(_F64).flatten(1).amax(-1).expand(top.shape[0])
+    tol = bound * coef + torch.finfo(_F64).tiny
+    return (top.to(_F64) - tol).clamp_min(0.0).view(-1, 1)
+
+
+def _logit_from_candidates(
+    qc: Tensor, kc: Tensor, s: Tensor, a: Tensor | None, mc: Tensor | None, sc: float,
+    bc: Tensor | None, row_top: Tensor, top: Tensor, thr: Tensor,
+) -> Tensor:
+    """The exact maximum from the candidate entries (``≥ thr``), recomputed in float64.
+    ``a``: ``|s|`` with masked entries −1 (``None``: taken from ``s`` and ``mc`` here)."""
+    c, nq, nk = s.shape
+    out = torch.zeros(c, dtype=_F64, device=s.device)
     cand = row_top.to(_F64) >= thr
-    if a is not None:
+    if mc is not None:
         cand &= row_top >= 0  # a row without attended keys reads -1
     g, i = cand.nonzero().unbind(1)  # candidate rows
-    rows = (s[g, i].abs() if a is None else a[g, i]).to(_F64)  # (m, n_k)
-    cand = rows >= thr[g]
     if a is not None:
+        rows = a[g, i].to(_F64)  # (m, n_k)
+    else:
+        rows = s[g, i].abs().to(_F64)
+        if mc is not None:
+            rows = rows.masked_fill_(~mc.expand(c, nq, nk)[g, i], -1.0)
+    cand = rows >= thr[g]
+    if mc is not None:
         cand &= rows >= 0
     gg, jj = cand.nonzero().unbind(1)
     g, i = g[gg], i[gg]
@@ -339,9 +360,9 @@ def attention_diagnostics(
         g1 = min(g, g0 + step)
         mc = None if m is None else take_lead(m, lead, g0, g1)
         s, ks_c, lmax[g0:g1] = chunk.scores(g0, g1, mc)
+        kap, h = _softmax_chunk(s, mc, want_entropy=True)
         if ks_c is not None:
             ks[g0:g1] = ks_c
-        kap, h = _softmax_chunk(s, mc, want_entropy=True)
         ksm[g0:g1] = kap
         assert h is not None
         ent[g0:g1] = h

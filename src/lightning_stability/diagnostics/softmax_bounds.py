@@ -13,6 +13,10 @@ from torch import Tensor
 
 from .softmax_jacobian import _block_top
 
+# A margin given as a number, or as a 0-d tensor (inside a compiled kernel, so that no value is
+# baked into its graph).
+Margin = float | Tensor
+
 
 def _lambda_bounds(
     p1_lo: Tensor, p1_hi: Tensor, r_lo: Tensor, r_hi: Tensor,
@@ -45,7 +49,7 @@ def _lambda_bounds(
 
 
 def _widen(
-    p1: Tensor, r: Tensor, p2_lo: Tensor, p2_hi: Tensor, s2: Tensor, rel: float, eta: float
+    p1: Tensor, r: Tensor, p2_lo: Tensor, p2_hi: Tensor, s2: Tensor, rel: Margin, eta: Margin
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Intervals around working-precision estimates (relative ``rel``, absolute ``eta`` on r)."""
     up, dn = 1.0 + rel, 1.0 - rel
@@ -58,7 +62,7 @@ def _widen(
 
 
 def _cheap_bounds(
-    p1: Tensor, q: Tensor, s2_abs: Tensor, rel: float, eta: float
+    p1: Tensor, q: Tensor, s2_abs: Tensor, rel: Margin, eta: Margin
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Rigorous ``lo ≤ ‖J(p)‖₂ ≤ hi`` from working-precision ``p1 = max p`` and ``q = ‖p‖²``.
 
@@ -88,7 +92,7 @@ def _cheap_bounds(
     return lo, hi, s2l
 
 
-def _block_lower_bound(p1: Tensor, q: Tensor, s2l: Tensor, rel: float, eta: float, acc: float) -> Tensor:
+def _block_lower_bound(p1: Tensor, q: Tensor, s2l: Tensor, rel: Margin, eta: Margin, acc: Margin) -> Tensor:
     """Lower bound of ``‖J(p)‖₂``: the top eigenvalue of the top-2 block (interlacing) with
     ``p2 ≥ s2/r`` (as :func:`_lambda_bounds`; inputs as :func:`_cheap_bounds`). On peaked rows it
     is far above the ``s2`` root, and a matrix's best lower bound decides its pruning."""

@@ -19,6 +19,8 @@ _F64 = torch.float64
 _INF = float("inf")
 _NEWTON_FIXED = 4
 _NEWTON_MAX = 40
+# Newton steps inside the compiled exact solve; attention rows converge in 5–6 (the eager test).
+_FUSED_NEWTON = 6
 
 
 def _secular_lambda(rest: Tensor, p1: Tensor, p2: Tensor, r: Tensor) -> Tensor:
@@ -30,33 +32,56 @@ def _secular_lambda(rest: Tensor, p1: Tensor, p2: Tensor, r: Tensor) -> Tensor:
     (see :func:`_lambda_bounds`); F is convex and decreasing there, so the iterates increase
     monotonically to the root.
     """
-    a = p1 * r
-    # Start at the top-2 block's eigenvalue (interlacing: a lower bound). The s2 root, the
-    # other lower bound of _lambda_bounds, saves no iteration on attention rows: not computed.
-    lam0 = _block_top(a, p1 * p2, p2 * (1.0 - p2))
+    lam, lo, hi, tie, one_hot = _secular_start(p1, p2, r)
+    if rest.numel() > 0:
+        lam = _newton_until_converged(rest, p1, p1 * r, lam, lo, hi, _NEWTON_FIXED, 0)
+    return _secular_finish(lam, p1, tie, one_hot)
+
+
+def _secular_start(p1: Tensor, p2: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Newton's start ``λ₀`` (a lower bound), its clamp interval ``[lo, hi]`` and the special rows.
+
+    ``λ₀`` is the top-2 block's eigenvalue (interlacing: a lower bound; the ``s2`` root, the
+    other lower bound of :func:`_lambda_bounds`, saved no iteration on attention rows). Special
+    rows (a top-2 tie, or a one-hot row) get a dummy ``p1 + 1`` away from the poles and are set
+    by :func:`_secular_finish`.
+    """
+    lam0 = _block_top(p1 * r, p1 * p2, p2 * (1.0 - p2))
     lam0 = torch.minimum(torch.maximum(lam0, torch.nextafter(p2, p1)), p1)
     tie = (p1 - p2) <= 4.0 * torch.finfo(_F64).eps * p1
     one_hot = p2 <= 0.0
-    special = tie | one_hot
-    lam = torch.where(special, p1 + 1.0, lam0)  # dummy away from the poles for special rows
-    lo = lam  # the lower bound (the dummy for special rows: the clamp keeps them there)
-    if rest.numel() > 0:
-        hi = torch.maximum(lam, p1)  # p1, or the dummy
-        # Newton, fused to ~11 small ops per iteration (the cost at small n is per op):
-        # λ ← λ + (F(λ)) / (−F'(λ)) with F = (p1−λ)·s1 + a − λ, −F' = 1 + s1 + (p1−λ)·s1'.
-        for it in range(1, _NEWTON_MAX + 1):
-            t = rest / (lam.unsqueeze(-1) - rest)  # p_i/(λ−p_i): avoids underflow of p_i²
-            s1 = torch.linalg.vecdot(rest, t)
-            s1p = torch.linalg.vecdot(t, t)
-            gap = p1 - lam
-            num = torch.addcmul(a - lam, gap, s1)
-            den = torch.addcmul(s1 + 1.0, gap, s1p)
-            new = torch.addcdiv(lam, num, den).clamp_(min=lo, max=hi)
-            done = it >= _NEWTON_FIXED and _converged(new, lam)
-            lam = new
-            if done:
-                break
+    lam = torch.where(tie | one_hot, p1 + 1.0, lam0)
+    return lam, lam, torch.maximum(lam, p1), tie, one_hot
+
+
+def _secular_finish(lam: Tensor, p1: Tensor, tie: Tensor, one_hot: Tensor) -> Tensor:
     return torch.where(tie, p1, torch.where(one_hot, 0.0, lam))
+
+
+def _newton_step(rest: Tensor, p1: Tensor, a: Tensor, lam: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """One Newton step on ``F`` (fused to ~11 small ops: the cost at small n is per op):
+    ``λ ← λ + F(λ)/(−F'(λ))`` with ``F = (p1−λ)·s1 + a − λ``, ``−F' = 1 + s1 + (p1−λ)·s1'``."""
+    t = rest / (lam.unsqueeze(-1) - rest)  # p_i/(λ−p_i): avoids underflow of p_i²
+    s1 = torch.linalg.vecdot(rest, t)
+    s1p = torch.linalg.vecdot(t, t)
+    gap = p1 - lam
+    num = torch.addcmul(a - lam, gap, s1)
+    den = torch.addcmul(s1 + 1.0, gap, s1p)
+    return torch.addcdiv(lam, num, den).clamp_(min=lo, max=hi)
+
+
+def _newton_until_converged(
+    rest: Tensor, p1: Tensor, a: Tensor, lam: Tensor, lo: Tensor, hi: Tensor, fixed: int, done: int
+) -> Tensor:
+    """Newton steps from ``lam`` (``done`` already taken): the first ``fixed − done`` without a
+    test, then until :func:`_converged` (at most ``_NEWTON_MAX`` in all)."""
+    for it in range(done + 1, _NEWTON_MAX + 1):
+        new = _newton_step(rest, p1, a, lam, lo, hi)
+        stop = it >= fixed and _converged(new, lam)
+        lam = new
+        if stop:
+            break
+    return lam
 
 
 def _converged(new: Tensor, old: Tensor) -> bool:
@@ -141,3 +166,36 @@ def _exact_rows(s_rows: Tensor, masked: bool = True) -> Tensor:
 def _block_top(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     """Largest eigenvalue of the symmetric 2×2 matrix ``[[a, b], [b, c]]``."""
     return 0.5 * (a + c) + torch.hypot(0.5 * (a - c), b)
+
+
+def _exact_rows_fused(s_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_exact_rows` as one fixed-shape chain (compiled by :mod:`._compiled`).
+
+    ``s_rows``: rows (converted to float64 here), masked entries -inf, every row with a finite
+    maximum. Takes
+    ``_FUSED_NEWTON`` Newton steps with no test in between and returns ``(value, λ, converged)``:
+    ``converged`` says whether the last step moved every ``λ`` by at most two ulps (the test of
+    :func:`_converged`); where it did not, the caller continues with
+    :func:`_exact_rows_continue` (data-dependent, so outside the compiled chain).
+    """
+    s_rows = s_rows.to(_F64)
+    ns = torch.linalg.vector_norm(torch.where(s_rows == -_INF, 0.0, s_rows), dim=-1)
+    e, p1, p2, r, pn, z = _row_stats(s_rows)
+    rest = e / z.unsqueeze(-1)
+    lam, lo, hi, tie, one_hot = _secular_start(p1, p2, r)
+    a = p1 * r
+    prev = lam
+    for _ in range(_FUSED_NEWTON):
+        prev, lam = lam, _newton_step(rest, p1, a, lam, lo, hi)
+    converged = (lam * (1.0 - 4e-16)).le(prev).all()
+    return _secular_finish(lam, p1, tie, one_hot) * ns / pn, lam, converged
+
+
+def _exact_rows_continue(s_rows: Tensor, lam: Tensor) -> Tensor:
+    """Eager Newton steps from ``lam`` (after :func:`_exact_rows_fused`) until converged."""
+    ns = torch.linalg.vector_norm(s_rows.nan_to_num(neginf=0.0), dim=-1)
+    e, p1, p2, r, pn, z = _row_stats(s_rows)
+    rest = e.div_(z.unsqueeze(-1))
+    _, lo, hi, tie, one_hot = _secular_start(p1, p2, r)
+    lam = _newton_until_converged(rest, p1, p1 * r, lam.clamp(lo, hi), lo, hi, 0, _FUSED_NEWTON)
+    return _secular_finish(lam, p1, tie, one_hot) * ns / pn

@@ -6,6 +6,11 @@ bounds (:mod:`.softmax_bounds`) then prune every row that cannot reach its matri
 in stages of growing cost, and only the surviving rows are solved exactly in float64
 (:mod:`.softmax_jacobian`). The result is the exact maximum at a fraction of an eigen-solver's
 cost.
+
+Where :mod:`._compiled` allows it, the same stages run as two compiled kernels: the row pass with
+every bound on every row (:func:`_fused_rows`), and the exact solve of the survivors with a
+fixed number of Newton steps; only the data-dependent steps (which rows survive, their gather)
+run eagerly between them. Both paths give the exact maximum (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from torch import Tensor
 
 from ._checks import check_tensor
 from ._chunks import chunk_len, prep_mask, take_lead, workspace
+from ._compiled import Kernel, constant
 from .softmax_bounds import _block_lower_bound, _cheap_bounds, _lambda_bounds, _widen
-from .softmax_jacobian import _exact_rows
+from .softmax_jacobian import _exact_rows, _exact_rows_continue, _exact_rows_fused
 
 __all__ = ["kappa_softmax"]
 
@@ -122,11 +128,19 @@ def _gather_rows(s: Tensor, mask: Tensor | None, rows: Tensor) -> Tensor:
 
 
 def _refine_rows(
-    s: Tensor, mask: Tensor | None, rows: Tensor, lb: Tensor, ub: Tensor, ratio: Tensor,
-    acc: float, margin: float,
+    s: Tensor, mask: Tensor | None, rows: Tensor, lb: Tensor | None, ub: Tensor | None,
+    ratio: Tensor | None, acc: float, margin: float,
 ) -> tuple[Tensor, Tensor]:
-    """Tighter bounds ``(lb, ub)`` for ``rows`` from their own softmax (p2 and the tail mass)."""
-    pc = torch.softmax(_gather_rows(s, mask, rows), -1)
+    """Tighter bounds ``(lb, ub)`` for ``rows`` from their own softmax (p2 and the tail mass).
+
+    ``lb``, ``ub``, ``ratio``: the rows' current bounds and ``‖S_i‖/‖P_i‖``; ``None``: no bounds
+    yet, and the ratio is taken from the rows themselves."""
+    sr = _gather_rows(s, mask, rows)
+    pc = torch.softmax(sr, -1)
+    if ratio is None:
+        ns = torch.linalg.vector_norm(sr if mask is None else sr.nan_to_num(neginf=0.0), dim=-1)
+        ratio = ns.to(_F64) / torch.linalg.vector_norm(pc, dim=-1).to(_F64)
+    del sr
     p1c, idx = pc.max(-1, keepdim=True)
     pc.scatter_(-1, idx, 0.0)
     p2c = pc.amax(-1).to(_F64)
@@ -134,9 +148,10 @@ def _refine_rows(
     s2c = torch.linalg.vecdot(pc, pc).to(_F64)
     del pc
     lo_c, hi_c = _lambda_bounds(*_widen(p1c.squeeze(-1).to(_F64), rc, p2c, p2c, s2c, 1e-4 + 2.0 * acc, 0.0))
-    rat_c = ratio[rows]
-    lb_c = torch.maximum(lb[rows], lo_c * rat_c * (1.0 - margin))
-    return lb_c, torch.minimum(ub[rows], hi_c * rat_c * (1.0 + margin))
+    lo_c, hi_c = lo_c * ratio * (1.0 - margin), hi_c * ratio * (1.0 + margin)
+    if lb is None or ub is None:
+        return lo_c, hi_c
+    return torch.maximum(lb, lo_c), torch.minimum(ub, hi_c)
 
 
 def _candidates(lb: Tensor, ub: Tensor, g: int, nq: int, rows: Tensor | None) -> Tensor:
@@ -153,6 +168,24 @@ def _candidates(lb: Tensor, ub: Tensor, g: int, nq: int, rows: Tensor | None) ->
 
 
 def _softmax_chunk(
+    s: Tensor, mask: Tensor | None, want_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """kappa_softmax (and mean row entropy) for ``s: (G, n_q, n_k)``; ``mask: (G|1, n_q|1, n_k)``.
+
+    The compiled path (:func:`_softmax_chunk_compiled`) where :mod:`._compiled` allows it, else
+    the eager one (:func:`_softmax_chunk_eager`); both give the exact maximum. Scores in float64
+    (reference use) and dimensions of size 1 (e.g. a single query) take the eager path.
+    """
+    # Float32 only, and no dimension of size 1 (it would compile a graph of its own).
+    if s.dtype == torch.float32 and min(s.shape) > 1 and _ROWS.wanted(s.device):
+        out = _softmax_chunk_compiled(s.contiguous(), mask, want_entropy)
+        if out is not None:
+            return out
+    with _ROWS.eager():
+        return _softmax_chunk_eager(s, mask, want_entropy)
+
+
+def _softmax_chunk_eager(
     s: Tensor, mask: Tensor | None, want_entropy: bool
 ) -> tuple[Tensor, Tensor | None]:
     """kappa_softmax (and mean row entropy) for ``s: (G, n_q, n_k)``; ``mask: (G|1, n_q|1, n_k)``.
@@ -225,13 +258,151 @@ def _surviving_rows(
     # Worth its ~50 small ops only once the exact solve's element work would dominate.
     if rows.numel() > _REFINE_MIN_ROWS * g and rows.numel() * nk > _STAGED_MIN_ELEMS:
         ratio_f = ratio.reshape(-1)
-        parts = [
-            _refine_rows(s, mask, rows[a : a + batch], lb, ub, ratio_f, acc, margin)
-            for a in range(0, rows.numel(), batch)
-        ]
+        parts = []
+        for a in range(0, rows.numel(), batch):
+            rb = rows[a : a + batch]
+            parts.append(_refine_rows(s, mask, rb, lb[rb], ub[rb], ratio_f[rb], acc, margin))
         lb_c, ub_c = torch.cat([b[0] for b in parts]), torch.cat([b[1] for b in parts])
         rows = rows[_candidates(lb_c, ub_c, g, nq, rows)]
     return rows
+
+
+def _fused_rows(
+    s: Tensor, mask: Tensor | None, acc: Tensor, full: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The bound stages of :func:`_softmax_chunk_eager` for every row at once, as one fixed-shape chain.
+
+    One pass over each row of ``s: (G, n_q, n_k)`` (working precision; compiled, it reads the
+    scores once and allocates nothing of their size) gives, with ``g = max − s ≥ 0`` and
+    ``e = exp(−g)``: ``‖S_i‖``, ``Z = Σe`` and ``Σe²``, so ``p₁ = 1/Z`` and ``‖P‖² = Σe²/Z²``;
+    from these, on every row, the cheap bounds and the top-2 block bound of the eager
+    stages, with their error margins (``acc``: the working precision's ``n_k·ε`` as a 0-d
+    float64 tensor, so no size is baked into the graph). With ``full`` (the entropy is wanted,
+    or short rows, where the exact solve of extra candidates costs more than the pass) also the
+    tail ``T = Σ_{g>0} e``, ``Σ_{g>0} e²``, ``max_{g>0} e``, the number of maximal entries and
+    ``Σ e·g``: the tail mass ``r``, ``p₂`` and ``s₂`` (exact ties counted), the interval bounds of the
+    refining stage on every row, and the entropy.
+
+    Returns ``(candidates, bad, entropy)``: the rows whose upper bound reaches their matrix's
+    best lower bound ``(G, n_q)``, the matrices with a non-finite attended row ``(G,)``, and
+    (with ``full``, else ``None``) the mean row entropy ``(G,)`` float64 in the cancellation-free
+    form of :func:`_row_entropy_terms`: ``H = log1p(r/p₁) + Σ p·g`` with ``r/p₁ = T``
+    (``p₁ > ½``) or ``Z − 1``. (One graph serves ``kappa_softmax`` and ``attention_diagnostics``.)
+    """
+    g_, nq = s.shape[0], s.shape[1]
+    s0 = s if mask is None else torch.where(mask, s, 0.0)
+    sm = s if mask is None else torch.where(mask, s, -_INF)
+    ns = s0.square().sum(-1).sqrt()  # ‖S_i‖, masked entries as 0; inf when a square overflows
+    gap = sm.amax(-1, keepdim=True) - sm  # masked: +inf (e = 0)
+    e = torch.exp(-gap)
+    z, e2 = e.sum(-1), e.square().sum(-1)
+    z64 = z.to(_F64)
+    p1, q = 1.0 / z64, e2.to(_F64) / (z64 * z64)
+    rel, eta = 1e-5 + acc, 2e-6 + acc
+    lb, ub, s2l = _cheap_bounds(p1, q, (4e-6 + 2.0 * acc) * q, rel, eta)
+    lb = torch.maximum(lb, _block_lower_bound(p1, q, s2l, rel, eta, acc))
+    if full:
+        ep = torch.where(gap > 0, e, 0.0)
+        tail = ep.sum(-1)
+        ties = (gap == 0).sum(-1).to(_F64) - 1.0  # further maximal entries (exact float ties)
+        r = (tail.to(_F64) + ties) / z64
+        p2 = torch.where(ties > 0, p1, ep.amax(-1).to(_F64) / z64)
+        s2 = (ep.square().sum(-1).to(_F64) + ties) / (z64 * z64)
+        lo3, hi3 = _lambda_bounds(*_widen(p1, r, p2, p2, s2, 1e-4 + 2.0 * acc, 0.0))
+        lb, ub = torch.maximum(lb, lo3), torch.minimum(ub, hi3)
+    ratio = ns.to(_F64) / q.sqrt()
+    margin = _BOUND_MARGIN + 2.0 * acc
+    fin = ns < _INF
+    valid = fin.new_ones(()) if mask is None else mask.any(-1).expand(g_, nq)
+    ok = fin & valid
+    lb = torch.where(ok, lb * ratio * (1.0 - margin), 0.0)
+    ub = torch.where(ok, ub * ratio * (1.0 + margin), -1.0)
+    cand = ub >= lb.amax(-1, keepdim=True)
+    bad = ~fin.all(-1)
+    entropy = None
+    if full:
+        eg = torch.where(e > 0, e * gap, 0.0).sum(-1)
+        h = torch.log1p(torch.where(z < 2.0, tail, z - 1.0)) + eg / z
+        h64 = torch.where(ok & torch.isfinite(h), h.clamp_min(0.0), 0.0).to(_F64)
+        mean = h64.mean(-1) if mask is None else h64.sum(-1) / valid.to(_F64).sum(-1).clamp_min(1.0)
+        entropy = torch.where(bad, _INF, mean)
+    return cand, bad, entropy
+
+
+# No vectorised loop tails: measured, a third less compile time (cold cache), same speed.
+_ROWS = Kernel(_fused_rows, "softmax_rows", {"cpp.enable_loop_tail_vec": False})
+_EXACT = Kernel(_exact_rows_fused, "softmax_exact", {"cpp.enable_loop_tail_vec": False})
+# Rows up to this length get every bound in the pass (``full``); longer rows the lean pass,
+# whose four reductions cost about one softmax (measured: 1.05× at n = 256 and 1024, against
+# 1.5× with the refining statistics), and their few candidates the eager refining stage.
+_FULL_MAX_NK = 128
+
+
+def _softmax_chunk_compiled(
+    s: Tensor, mask: Tensor | None, want_entropy: bool
+) -> tuple[Tensor, Tensor | None] | None:
+    """:func:`_softmax_chunk_eager` with its fixed-shape chains compiled: the row pass and the
+    bounds in one kernel, the exact float64 solve of the surviving rows in another (a fixed
+    number of Newton steps, continued eagerly in the rare case they do not converge). The
+    data-dependent steps (which rows survive, their gather, the refining stage for long rows) run eagerly
+    between them. ``None`` when the row kernel could not be compiled (the caller then runs the
+    eager path)."""
+    full = want_entropy or s.shape[-1] <= _FULL_MAX_NK
+    got = _ROWS(s.detach(), mask, _row_margin(s), full)
+    if got is None:
+        return None
+    cand, bad, entropy = got
+    return _finish_rows(s, mask, cand, bad, entropy if want_entropy else None, full)
+
+
+def _row_margin(s: Tensor) -> Tensor:
+    """The row kernel's ``acc`` for scores ``s``: ``n_k·ε`` of their dtype, a cached 0-d tensor."""
+    return constant(s.shape[-1] * torch.finfo(s.dtype).eps, _F64, s.device)
+
+
+def _finish_rows(
+    s: Tensor, mask: Tensor | None, cand: Tensor, bad: Tensor, entropy: Tensor | None, full: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The data-dependent rest of the compiled path after the row kernel (:func:`_fused_rows`):
+    the refining stage for long rows, then the exact solve of the surviving rows."""
+    g, nq, nk = s.shape
+    rows = cand.view(-1).nonzero().squeeze(-1)
+    if not full and rows.numel() > _REFINE_MIN_ROWS * g and rows.numel() * nk > _STAGED_MIN_ELEMS:
+        rows = _refine_candidates(s, mask, rows, nk * torch.finfo(s.dtype).eps)
+    out = torch.zeros(g, dtype=_F64, device=s.device)
+    batch = max(2, _EXACT_ELEMS // nk)  # rows per gather: temporaries stay O(_EXACT_ELEMS)
+    for a in range(0, rows.numel(), batch):
+        rb = rows[a : a + batch]
+        vals = _exact_solve(_gather_rows(s, mask, rb))
+        out.scatter_reduce_(0, rb // nq, vals, reduce="amax")
+    return torch.where(bad, _INF, out), entropy
+
+
+def _refine_candidates(s: Tensor, mask: Tensor | None, rows: Tensor, acc: float) -> Tensor:
+    """The refining stage of the eager path on candidate ``rows`` of ``s`` (their own softmax: p₂ and the
+    tail mass), after the lean pass; the rows that survive it."""
+    g, nq, nk = s.shape
+    margin = _BOUND_MARGIN + 2.0 * acc
+    batch = max(1, _EXACT_ELEMS // nk)
+    parts = [
+        _refine_rows(s, mask, rows[a : a + batch], None, None, None, acc, margin)
+        for a in range(0, rows.numel(), batch)
+    ]
+    lb, ub = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return rows[_candidates(lb, ub, g, nq, rows)]
+
+
+def _exact_solve(sr: Tensor) -> Tensor:
+    """Exact values of the rows ``sr`` (masked entries -inf) by the compiled float64 solve
+    (called on the compiled path, so the row kernel's decision holds; eager if this kernel
+    cannot be compiled)."""
+    if sr.shape[0] < 2 or sr.shape[1] < 2 or _EXACT.stats.broken is not None:
+        return _exact_rows(sr)  # size 1 would compile a graph of its own
+    got = _EXACT(sr)
+    if got is None:
+        return _exact_rows(sr)
+    vals, lam, converged = got
+    return vals if bool(converged) else _exact_rows_continue(sr.to(_F64), lam)
 
 
 def kappa_softmax(scores: Tensor, mask: Tensor | None = None, *, chunk_size: int | None = None) -> Tensor:
