@@ -154,3 +154,86 @@ class MemoryLogger(Logger):
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.records.append((step, dict(metrics)))
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU FFN; ``massive`` > 0 plants massive activations before the down-projection.
+
+    As in LLMs (Sun et al. 2024, "Massive activations in large language models"): the gate and
+    up outputs of ``channels`` at the first token of every sequence are multiplied by
+    ``massive``, so the down-projection's input carries ``massive²`` × its ordinary values there
+    (10³ → 10⁶: past E4M3's per-tensor range of 448/2⁻⁹ ≈ 2.3·10⁵).
+    """
+
+    def __init__(
+        self, d: int, hidden: int, massive: float = 0.0, channels: tuple[int, ...] = (3, 77)
+    ) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, hidden, bias=False)
+        self.up = nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+        gain = torch.ones(hidden)
+        if massive:
+            gain[list(channels)] = massive
+        self.register_buffer("gain", gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = F.silu(self.gate(x)), self.up(x)
+        boost = torch.ones_like(g[:1])
+        boost[:, 0] = self.gain
+        return self.down((g * boost) * (u * boost))
+
+
+class SwiGLUBlock(nn.Module):
+    def __init__(self, d: int, heads: int, massive: float) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(d), Attention(d, heads), nn.LayerNorm(d)
+        self.mlp = SwiGLU(d, 2 * d, massive)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class SwiGLULM(LightningModule):
+    """Pre-LN language model with SwiGLU FFNs; ``massive`` plants massive activations in block ``planted``."""
+
+    def __init__(
+        self,
+        massive: float = 0.0,
+        vocab: int = 64,
+        d: int = 64,
+        depth: int = 3,
+        heads: int = 4,
+        planted: int = 1,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(
+            SwiGLUBlock(d, heads, massive if i == planted else 0.0) for i in range(depth)
+        )
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        (ids,) = batch
+        logits = self(ids[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def token_loader(
+    n: int = 32, tokens: int = 33, vocab: int = 64, batch_size: int = 8, seed: int = 0
+) -> DataLoader:
+    """Random token sequences ``(ids,)`` for :class:`SwiGLULM` (next-token targets from the same ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        TensorDataset(torch.randint(0, vocab, (n, tokens), generator=gen)), batch_size=batch_size
+    )

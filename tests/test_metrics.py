@@ -13,12 +13,14 @@ import pytest
 from lightning_stability.metrics import (
     BLOCK_METRICS,
     HEAD_METRICS,
+    LAYER_METRICS,
     METRICS,
     MODEL_METRICS,
+    OPERAND_METRICS,
     RawKey,
     markdown_table,
 )
-from lightning_stability.stability_report import BlockReport, StabilityReport
+from lightning_stability.stability_report import BlockReport, LayerReport, OperandReport, StabilityReport
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +49,9 @@ def test_report_fields_are_the_table() -> None:
             assert (metric.attr or metric.name) in model_fields, metric.name
     assert set(HEAD_METRICS) <= set(BLOCK_METRICS)
     assert {"worst_block", "fp16_headroom", "r_block_mean_token", "attn_logit_max"} <= set(MODEL_METRICS)
+    assert [f.name for f in dataclasses.fields(LayerReport)] == ["name", *LAYER_METRICS, "operands"]
+    assert [f.name for f in dataclasses.fields(OperandReport)] == list(OPERAND_METRICS)
+    assert set(LAYER_METRICS).isdisjoint(BLOCK_METRICS) and set(OPERAND_METRICS).isdisjoint(MODEL_METRICS)
 
 
 def test_metrics_logs_tags_from_the_table() -> None:
@@ -67,11 +72,32 @@ def test_metrics_logs_tags_from_the_table() -> None:
     }
 
 
+def test_metrics_logs_layer_tags_from_the_table() -> None:
+    layer = LayerReport(
+        "h.0.mlp.c_proj",
+        fp8_error_token=0.9,
+        bf16_error=2e-3,
+        operands={"input": OperandReport(fp8_underflow=0.99, fp8_amax=1e6)},
+    )
+    report = StabilityReport(step=3, dtype="float8_e4m3fn", eps_mach=2**-3, blocks=[], layers=[layer])
+    assert report.metrics() == {
+        "stability/eps_mach": 2**-3,
+        "stability/nonfinite": 0.0,
+        "stability/layer/h.0.mlp.c_proj/fp8_error_token": 0.9,
+        "stability/layer/h.0.mlp.c_proj/bf16_error": 2e-3,
+        "stability/layer/h.0.mlp.c_proj/input/fp8_underflow": 0.99,
+        "stability/layer/h.0.mlp.c_proj/input/fp8_amax": 1e6,
+    }
+
+
 def test_every_raw_key_has_a_declared_reduction() -> None:
     assert RawKey("err_sq", 0, metric="r_block").ranks == "sum"
     assert RawKey("variance", module="blocks.0.norm1").ranks == "min"
     assert RawKey("amax", module="blocks.0.mlp.0").ranks == "max"
     assert RawKey("attention_entropy", 1, head=0).ranks == "min"
+    assert RawKey("underflow", module="h.0.mlp", operand="input", metric="fp8_underflow").ranks == "sum"
+    assert RawKey("fp8_scale_inv_min", module="h.0.mlp", operand="weight").ranks == "min"
+    assert RawKey("fp8_amax", module="h.0.mlp", operand="input").ranks == "max"
     with pytest.raises(KeyError, match="no declared cross-rank reduction"):
         RawKey("something_new", 0)
     with pytest.raises(KeyError):
@@ -116,9 +142,9 @@ def test_tensorboard_layout_has_a_chart_for_every_metric() -> None:
     metrics |= {f"stability/{name}": 1.0 for name in MODEL_METRICS}
     layout = custom_scalars_layout(metrics)
     regexes = " ".join(rx for section in layout.values() for _, tags in section.values() for rx in tags)
-    for name in (
-        BLOCK_METRICS
-    ):  # one chart each, one line per block sub-run (tests/callbacks/test_dashboard.py)
+    for (
+        name
+    ) in BLOCK_METRICS:  # one chart each, one line per block sub-run (tests/callbacks/test_dashboard.py)
         assert f"/{name}$" in regexes or f"/log10_{name}$" in regexes, name
 
 
@@ -126,6 +152,8 @@ def test_parse_tag_inverts_tag_for_every_row() -> None:
     from lightning_stability.metrics import METRICS, parse_tag, tag
 
     for m in METRICS:
+        if m.level in ("layer", "operand"):
+            continue  # test_parse_tag_inverts_layer_tags
         forms = []
         if m.level == "model" or m.blocks:
             forms.append((tag(m), None, None))
@@ -137,7 +165,29 @@ def test_parse_tag_inverts_tag_for_every_row() -> None:
             prefix = text.split("/", 1)[0]
             got = parse_tag(text, prefix=prefix)
             assert got is not None and (got.metric, got.block, got.head) == (m, block, head), text
+            assert got.layer is None and got.operand is None
             assert tag(got.metric, got.block, got.head, prefix=prefix) == text
+
+
+@pytest.mark.parametrize("layer", ["h.0.mlp.c_proj", "", "weird/name", "layer", "block3"])
+def test_parse_tag_inverts_layer_tags(layer: str) -> None:
+    from lightning_stability.metrics import parse_tag, tag
+
+    for m in METRICS:
+        if m.level not in ("layer", "operand"):
+            continue
+        operand = "weight" if m.level == "operand" else None
+        text = tag(m, prefix="p", layer=layer, operand=operand)
+        got = parse_tag(text, prefix="p")
+        assert got is not None and (got.metric, got.layer, got.operand, got.block) == (
+            m,
+            layer,
+            operand,
+            None,
+        )
+        assert tag(got.metric, prefix="p", layer=got.layer, operand=got.operand) == text
+        with pytest.raises(ValueError, match="layer"):
+            tag(m, 3)  # a per-layer metric has no block form
 
 
 def test_parse_tag_refuses_what_tag_cannot_produce() -> None:
@@ -152,5 +202,11 @@ def test_parse_tag_refuses_what_tag_cannot_produce() -> None:
         "stability/blockx/kappa_v",
         "other/block1/kappa_v",
         "stability/block1/head2/x/kappa_v",
+        "stability/fp8_error_token",  # a per-layer metric without its layer
+        "stability/block1/fp8_error_token",
+        "stability/layer/fp8_underflow",
+        "stability/layer/h.0.fc/fp8_underflow",  # an operand metric without its operand
+        "stability/layer/h.0.fc//fp8_underflow",
+        "stability/lair/h.0.fc/fp8_error",
     ):
         assert parse_tag(text) is None, text

@@ -18,7 +18,8 @@ Models: the Tiny-ViT of ``examples/tiny_vit.py`` and the scenario GPT of
     python examples/benchmarks/bench_fp8.py [--quick] [--reps N] [--out FILE.json]
 
 The committed ``examples/benchmarks/results/bench_fp8.json`` comes from
-``python examples/benchmarks/bench_fp8.py --out examples/benchmarks/results/bench_fp8.json``.
+``python examples/benchmarks/bench_fp8.py --out examples/benchmarks/results/bench_fp8.json``;
+``--render examples/benchmarks/results/bench_fp8.json`` prints the table of docs/FP8.md from it.
 """
 
 from __future__ import annotations
@@ -125,16 +126,39 @@ def describe(model: nn.Module, x: Tensor) -> dict[str, Any]:
     }
 
 
+def render(result: dict[str, Any]) -> str:
+    """Markdown: per model, seconds per forward and the ratio over BF16 autocast of every variant."""
+    names = list(next(iter(result["models"].values()))["seconds"])
+    lines = [
+        "| model (parameters, input, linear layers) | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for model, row in result["models"].items():
+        shape = "×".join(str(n) for n in row["input_shape"])
+        cells = [f"{model} ({row['parameters'] / 1e6:.2f} M, {shape}, {row['linear_layers']})"]
+        for k in names:
+            ratio = row["ratio_over_bf16"].get(k, 1.0)
+            cells.append(f"{row['seconds'][k]:.3g} s ({ratio:.1f}×)")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"{result['reps']} interleaved repetitions. {result['machine']}"]
+    return "\n".join(lines)
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny models, few repetitions (smoke test)")
     p.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 9, quick 2)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--render", type=Path, default=None, help="print the Markdown table of this JSON and exit")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    if args.render is not None:
+        result = json.loads(args.render.read_text())
+        print(render(result))
+        return dict(result)
     reps = args.reps or (2 if args.quick else 9)
     warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
     result: dict[str, Any] = {"machine": machine_line(CPU), "reps": reps, "models": {}}

@@ -406,7 +406,7 @@ class SampledStep:
             self.heads.setdefault(block, call.q.shape[1])
 
     def low_precision(self) -> Any:
-        return self.monitor._low_precision(self.trainer, self.model)
+        return self.monitor._low_precision(self.trainer, self.model)()
 
     def lp_pass(self) -> None:
         with torch.no_grad(), eval_mode(self.model), self.low_precision():

@@ -1,7 +1,8 @@
 """The one table of metrics: every logged value, declared once.
 
-Each :class:`Metric` row names a value, its level (``model``, ``block``, or ``head`` — a block
-value that also exists per attention head), how it is reduced over heads, over the sampled
+Each :class:`Metric` row names a value, its level (``model``, ``block``, ``head`` — a block
+value that also exists per attention head —, ``layer`` — one linear layer, named by its module —
+or ``operand`` — one quantized operand of a layer's FP8 GEMM), how it is reduced over heads, over the sampled
 examples, over a block's attention calls, over blocks (its model-level roll-up) and across
 ranks — typed fields the measurement reads — or, when it is not a measured value, how it is
 derived (:class:`Derivation`), and one line of doc. The table drives the probe's reductions of
@@ -20,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Level = Literal["model", "block", "head"]
+Level = Literal["model", "block", "head", "layer", "operand"]
 #: How a raw statistic is combined across ranks under DDP.
 RankOp = Literal["max", "min", "sum"]
 #: How a metric's per-head values combine into its block value: a fixed reduction, or the
@@ -64,7 +65,10 @@ class Metric:
     Attributes:
         name: the fixed name (``stability/<name>`` or ``stability/block{i}/<name>``).
         level: ``"model"``; ``"block"``; ``"head"`` (a block value also logged per head with
-            ``log_per_head``, as ``stability/block{i}/head{h}/<name>``).
+            ``log_per_head``, as ``stability/block{i}/head{h}/<name>``); ``"layer"`` (one linear
+            layer, ``stability/layer/<module name>/<name>``); ``"operand"`` (one quantized
+            operand of a layer's FP8 GEMM, ``stability/layer/<module name>/<operand>/<name>``,
+            operands ``input``/``weight``, or ``q``/``k``/``p``/``v`` of attention in FP8).
         doc: one line: what it is.
         heads: how per-head values combine into the block value (``None``: not per head).
         examples: how the sampled examples combine (``None``: not per example).
@@ -97,6 +101,8 @@ class Metric:
     def __post_init__(self) -> None:
         if self.derived is not None and self.ranks is not None:
             raise ValueError(f"metric {self.name!r}: a derived value has no cross-rank reduction of its own")
+        if self.level in LAYER_LEVELS and (self.heads or self.calls or self.blocks):
+            raise ValueError(f"metric {self.name!r}: a per-layer value has no head, call or block reduction")
 
     @property
     def measured(self) -> bool:
@@ -104,9 +110,14 @@ class Metric:
         return self.ranks is not None
 
 
+#: The levels whose tags name a layer by its module (``stability/layer/<module>/…``).
+LAYER_LEVELS: tuple[Level, ...] = ("layer", "operand")
+
 _ERR = "exact: Σ‖X̃−X‖², Σ‖X‖² summed over ranks"
 #: The error ratios: ``sqrt(Σ‖X̃−X‖² / Σ‖X‖²)`` of parts summed over examples and ranks.
 _ERROR_RATIO = Derivation(_ERR, "rms ratio", ("err_sq", "ref_sq"))
+#: The means over tokens of per-token relative errors: ``Σ ratios / Σ tokens`` over examples and ranks.
+_TOKEN_MEAN = Derivation("exact: token sums and counts", "mean", ("token_sum", "token_count"))
 
 #: Every logged metric, in the order of the docs tables.
 METRICS: tuple[Metric, ...] = (
@@ -227,7 +238,7 @@ METRICS: tuple[Metric, ...] = (
         examples="pooled tokens",
         blocks="last",
         ranks=None,
-        derived=Derivation("exact: token sums and counts", "mean", ("token_sum", "token_count")),
+        derived=_TOKEN_MEAN,
         log_scale=True,
     ),
     Metric(
@@ -367,6 +378,77 @@ METRICS: tuple[Metric, ...] = (
         ranks=None,
         unit="0/1",
     ),
+    # ---- per linear layer, under the FP8 what-if (precision="fp8"; docs/FP8.md)
+    Metric(
+        "fp8_error",
+        "layer",
+        "‖ỹ−y‖/‖y‖ of the layer's FP8 output against the layer in FP32 on the same input, whole sample "
+        "(a few huge rows dominate it: read fp8_error_token)",
+        examples="pooled",
+        ranks=None,
+        derived=_ERROR_RATIO,
+        log_scale=True,
+    ),
+    Metric(
+        "fp8_error_token",
+        "layer",
+        "mean over output rows (tokens) of the row's relative error in FP8 (the keep_bf16 rule reads it)",
+        examples="pooled tokens",
+        ranks=None,
+        derived=_TOKEN_MEAN,
+        log_scale=True,
+    ),
+    Metric(
+        "bf16_error",
+        "layer",
+        "fp8_error's contrast: the same layer call under BF16 autocast, against FP32",
+        examples="pooled",
+        ranks=None,
+        derived=_ERROR_RATIO,
+        log_scale=True,
+    ),
+    Metric(
+        "bf16_error_token",
+        "layer",
+        "fp8_error_token's contrast: the same layer call under BF16 autocast",
+        examples="pooled tokens",
+        ranks=None,
+        derived=_TOKEN_MEAN,
+        log_scale=True,
+    ),
+    Metric(
+        "fp8_underflow",
+        "operand",
+        "fraction of the operand's non-zero elements that become 0 in FP8",
+        examples="pooled",
+        ranks=None,
+        derived=Derivation("exact: counts summed over ranks", "mean", ("underflow", "nonzero")),
+    ),
+    Metric(
+        "fp8_saturation",
+        "operand",
+        "fraction of the operand's elements clipped at E4M3's ±448 (TE's overflows)",
+        examples="pooled",
+        ranks=None,
+        derived=Derivation("exact: counts summed over ranks", "mean", ("saturated", "numel")),
+    ),
+    Metric("fp8_amax", "operand", "max |operand|, the amax scaling reads", examples="max", log_scale=True),
+    Metric(
+        "fp8_scale_inv_min",
+        "operand",
+        "smallest dequantization factor 1/scale (per-tensor recipes: the one; MXFP8: over its blocks)",
+        examples="pooled",
+        ranks="min",
+        log_scale=True,
+    ),
+    Metric(
+        "fp8_scale_inv_max",
+        "operand",
+        "largest dequantization factor 1/scale",
+        examples="pooled",
+        ranks="max",
+        log_scale=True,
+    ),
 )
 
 
@@ -395,6 +477,10 @@ RAW_STATS: tuple[RawStat, ...] = (
     RawStat("example_sum", "sum", "batch_reduction='mean': Σ over one attention call's examples of a κ"),
     RawStat("example_count", "sum", "batch_reduction='mean': examples of one attention call"),
     RawStat("kappa_wo", "max", "κ(W_O) (a term of the unified bound)"),
+    RawStat("underflow", "sum", "FP8: non-zero elements of an operand that became 0"),
+    RawStat("nonzero", "sum", "FP8: finite non-zero elements of an operand"),
+    RawStat("saturated", "sum", "FP8: elements of an operand clipped at the format's max"),
+    RawStat("numel", "sum", "FP8: elements of an operand"),
     RawStat("variance", "min", "median normalization-input variance of one norm layer"),
 )
 RAW_BY_NAME: dict[str, RawStat] = {r.name: r for r in RAW_STATS}
@@ -405,11 +491,15 @@ if len(BY_NAME) != len(METRICS):  # pragma: no cover - a table typo
     raise ValueError("duplicate metric names in METRICS")
 
 #: Names of the ``BlockReport`` fields (block and head metrics), in table order.
-BLOCK_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.level != "model")
+BLOCK_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.level in ("block", "head"))
 #: Per-head metrics (``BlockReport.per_head`` keys).
 HEAD_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.level == "head")
 #: Metrics logged as ``stability/<name>``: model-level ones and block roll-ups.
 MODEL_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.level == "model" or m.blocks)
+#: Names of the ``LayerReport`` fields (per linear layer), in table order.
+LAYER_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.level == "layer")
+#: Names of the ``OperandReport`` fields (per quantized operand of a layer), in table order.
+OPERAND_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.level == "operand")
 
 
 @dataclass(frozen=True)
@@ -427,7 +517,8 @@ class RawKey:
         call: the block's attention call (per-call sums of ``batch_reduction="mean"``).
         metric: the metric a raw statistic is a part of (``err_sq`` of ``r_local``).
         module: the module a per-module statistic belongs to (a norm layer's ``variance``, any
-            module's ``amax``).
+            module's ``amax``, a linear layer's FP8 statistics).
+        operand: the quantized operand of that layer's FP8 GEMM (``input``, ``weight``…).
 
     Example:
         >>> RawKey("err_sq", block=2, metric="r_local").ranks, RawKey("attention_entropy", 0, head=3).ranks
@@ -440,6 +531,7 @@ class RawKey:
     call: int | None = None
     metric: str | None = None
     module: str | None = None
+    operand: str | None = None
 
     def __post_init__(self) -> None:
         self.ranks  # noqa: B018 - raises for a statistic declared nowhere
@@ -459,8 +551,34 @@ class RawKey:
         return metric.ranks
 
 
-def tag(metric: Metric, block: int | None = None, head: int | None = None, prefix: str = "stability") -> str:
-    """The logged tag of ``metric`` (model level when ``block`` is ``None``)."""
+#: The path segment that opens a per-layer tag: ``stability/layer/<module>/…``.
+LAYER_SEGMENT = "layer"
+
+
+def tag(
+    metric: Metric,
+    block: int | None = None,
+    head: int | None = None,
+    prefix: str = "stability",
+    *,
+    layer: str | None = None,
+    operand: str | None = None,
+) -> str:
+    """The logged tag of ``metric`` (model level when ``block`` is ``None``).
+
+    Per-layer metrics take the layer's module name (``layer``) and, per operand, the operand.
+
+    Example:
+        >>> tag(BY_NAME["fp8_underflow"], layer="h.0.mlp.c_proj", operand="input")
+        'stability/layer/h.0.mlp.c_proj/input/fp8_underflow'
+    """
+    if metric.level in LAYER_LEVELS:
+        if layer is None or (metric.level == "operand") != (operand is not None):
+            raise ValueError(f"metric {metric.name!r} ({metric.level}) needs its layer (and operand) named")
+        if operand is not None and ("/" in operand or not operand):
+            raise ValueError(f"an operand name is one non-empty path segment, got {operand!r}")
+        middle = layer if operand is None else f"{layer}/{operand}"
+        return f"{prefix}/{LAYER_SEGMENT}/{middle}/{metric.name}"
     if block is None:
         return f"{prefix}/{metric.name}"
     if head is None:
@@ -474,15 +592,19 @@ class Tag:
 
     Attributes:
         metric: the table's row.
-        block: block index, ``None`` for a model-level tag.
+        block: block index, ``None`` for a model-level or per-layer tag.
         head: head index, ``None`` unless a per-head tag.
         prefix: the tag's prefix (``"stability"``).
+        layer: the module name of a per-layer tag (``None`` otherwise; ``""`` is the root module).
+        operand: the operand of a per-operand tag.
     """
 
     metric: Metric
     block: int | None = None
     head: int | None = None
     prefix: str = "stability"
+    layer: str | None = None
+    operand: str | None = None
 
 
 def parse_tag(text: str, prefix: str = "stability") -> Tag | None:
@@ -494,6 +616,9 @@ def parse_tag(text: str, prefix: str = "stability") -> Tag | None:
         ('kappa_v', 3, 1)
         >>> parse_tag("stability/fp16_headroom").block is None, parse_tag("stability/guard/actions")
         (True, None)
+        >>> t = parse_tag("stability/layer/h.0.mlp.c_proj/input/fp8_underflow")
+        >>> (t.metric.name, t.layer, t.operand)
+        ('fp8_underflow', 'h.0.mlp.c_proj', 'input')
     """
     head_part, sep, rest = text.partition("/")
     if not sep or head_part != prefix:
@@ -502,6 +627,8 @@ def parse_tag(text: str, prefix: str = "stability") -> Tag | None:
     metric = BY_NAME.get(parts[-1])
     if metric is None:
         return None
+    if metric.level in LAYER_LEVELS:
+        return _parse_layer_tag(metric, parts, prefix)
     indices: list[int] = []
     for part, word in zip(parts[:-1], ("block", "head"), strict=False):
         number = part.removeprefix(word)
@@ -517,6 +644,18 @@ def parse_tag(text: str, prefix: str = "stability") -> Tag | None:
     return Tag(metric, block, head, prefix)
 
 
+def _parse_layer_tag(metric: Metric, parts: list[str], prefix: str) -> Tag | None:
+    """``layer/<module>/[<operand>/]<name>`` split into its parts (a module name may hold ``/``)."""
+    operand_level = metric.level == "operand"
+    if parts[0] != LAYER_SEGMENT or len(parts) < (4 if operand_level else 3):
+        return None
+    if operand_level:
+        if not parts[-2]:
+            return None
+        return Tag(metric, prefix=prefix, layer="/".join(parts[1:-2]), operand=parts[-2])
+    return Tag(metric, prefix=prefix, layer="/".join(parts[1:-1]))
+
+
 def markdown_table() -> str:
     """The metric table of docs/metrics.md and docs/DESIGN.md, generated from :data:`METRICS`."""
     rows = [
@@ -525,6 +664,10 @@ def markdown_table() -> str:
     ]
     for m in METRICS:
         name = f"`stability/{m.name}`" if m.level == "model" else f"`stability/block{{i}}/{m.name}`"
+        if m.level == "layer":
+            name = f"`stability/{LAYER_SEGMENT}/<module>/{m.name}`"
+        elif m.level == "operand":
+            name = f"`stability/{LAYER_SEGMENT}/<module>/<operand>/{m.name}`"
         if m.level == "head":
             name += " (+ `head{h}/`)"
         rollup = f"`stability/{m.name}` = {m.blocks}" if m.blocks else "—"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lightning_stability.metrics import METRICS, tag
+from lightning_stability.metrics import BY_NAME, LAYER_METRICS, METRICS, OPERAND_METRICS, tag
 
 
 @dataclass
@@ -70,6 +70,46 @@ class BlockReport:
 
 
 @dataclass
+class OperandReport:
+    """FP8 statistics of one quantized operand of a layer's GEMM (``None``: not measured).
+
+    Attributes:
+        fp8_underflow: non-zero elements that became 0, over the non-zero elements.
+        fp8_saturation: elements clipped at the format's max, over all elements.
+        fp8_amax: max ``|x|``.
+        fp8_scale_inv_min: smallest dequantization factor ``1/scale``.
+        fp8_scale_inv_max: largest dequantization factor.
+    """
+
+    fp8_underflow: float | None = None
+    fp8_saturation: float | None = None
+    fp8_amax: float | None = None
+    fp8_scale_inv_min: float | None = None
+    fp8_scale_inv_max: float | None = None
+
+
+@dataclass
+class LayerReport:
+    """One linear layer under the FP8 what-if (``precision="fp8"``; ``None``: not measured).
+
+    Attributes:
+        name: the layer's qualified module name.
+        fp8_error: ``‖ỹ−y‖/‖y‖`` of its FP8 output against FP32 on the same input, whole sample.
+        fp8_error_token: mean over output rows of the per-row relative error in FP8.
+        bf16_error: the same layer call under BF16 autocast (the contrast).
+        bf16_error_token: its mean over output rows.
+        operands: per quantized operand (``input``, ``weight``…), its statistics.
+    """
+
+    name: str
+    fp8_error: float | None = None
+    fp8_error_token: float | None = None
+    bf16_error: float | None = None
+    bf16_error_token: float | None = None
+    operands: dict[str, OperandReport] = field(default_factory=dict)
+
+
+@dataclass
 class StabilityReport:
     """One sampled step: model-level values and one :class:`BlockReport` per block, in model order.
 
@@ -107,6 +147,7 @@ class StabilityReport:
         batch_idx: index in its epoch of the batch the examples were sampled from (not logged);
             with gradient accumulation the last micro-batch of the accumulation window, the one
             after which the optimizer stepped.
+        layers: per linear layer, its FP8 what-if statistics (``precision="fp8"`` only), in model order.
     """
 
     step: int
@@ -135,6 +176,7 @@ class StabilityReport:
     first_nonfinite: str | None = None
     norm_dtypes: dict[str, str] = field(default_factory=dict)
     batch_idx: int | None = None
+    layers: list[LayerReport] = field(default_factory=list)
 
     def metrics(self, prefix: str = "stability") -> dict[str, float]:
         """Flat ``{tag: value}`` for the loggers, from the metric table; values not measured are left out."""
@@ -146,11 +188,28 @@ class StabilityReport:
                     out[tag(metric, prefix=prefix)] = float(value)
         for i, block in enumerate(self.blocks):
             for metric in METRICS:
-                if metric.level == "model":
+                if metric.level not in ("block", "head"):
                     continue
                 value = getattr(block, metric.attr or metric.name)
                 if value is not None:
                     out[tag(metric, i, prefix=prefix)] = float(value)
                 for h, v in enumerate(block.per_head.get(metric.name, ())):
                     out[tag(metric, i, h, prefix=prefix)] = float(v)
+        for layer in self.layers:
+            out.update(_layer_tags(layer, prefix))
         return out
+
+
+def _layer_tags(layer: LayerReport, prefix: str) -> dict[str, float]:
+    """``stability/layer/<name>/…`` tags of one layer's measured values."""
+    out: dict[str, float] = {}
+    for name in LAYER_METRICS:
+        value = getattr(layer, name)
+        if value is not None:
+            out[tag(BY_NAME[name], prefix=prefix, layer=layer.name)] = float(value)
+    for operand, stats in layer.operands.items():
+        for name in OPERAND_METRICS:
+            value = getattr(stats, name)
+            if value is not None:
+                out[tag(BY_NAME[name], prefix=prefix, layer=layer.name, operand=operand)] = float(value)
+    return out

@@ -35,7 +35,7 @@ def fit(model, tmp_path, monitor=None, steps=4, loader=None, **kw):  # type: ign
     [
         ("every_n_steps", 0),
         ("sample_size", -1),
-        ("precision", "fp8"),
+        ("precision", "fp4"),
         ("blocks", "blocks.*"),
         ("log_per_head", "yes"),
         ("seed", -1),

@@ -132,7 +132,7 @@ def test_rho_ln_of_an_fp32_pass_is_not_called_epsilon_dominated() -> None:
     blocks = [BlockReport("b0", r_local=0.0, rho_ln=0.3)]
     fp32 = _judge(StabilityReport(1, "float32", 2**-23, blocks)).judgement()
     assert fp32.status == "healthy" and not fp32.advice and not fp32.extremes["rho_ln"].applicable
-    assert "(judged on FP16/BF16 passes only)" in render.summary(fp32)
+    assert "(judged on FP16/BF16/FP8 passes only)" in render.summary(fp32)
     bf16 = _judge(StabilityReport(1, "bfloat16", 2**-7, blocks)).judgement()
     assert [(a.kind, a.block) for a in bf16.advice] == [("eps_bump", 0)]
 

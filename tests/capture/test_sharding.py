@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from lightning_stability.capture.probe import StabilityProbe
+from lightning_stability.capture.probe import FP8Precision, StabilityProbe
 from lightning_stability.capture.sharding import (
     UnsupportedSharding,
     full_weights,
@@ -137,3 +137,10 @@ def test_fsdp1_and_zero3_models_refused_by_the_probe() -> None:
     next(model.parameters()).ds_id = 0  # type: ignore[attr-defined]  # what DeepSpeed ZeRO-3 sets
     with pytest.raises(UnsupportedSharding, match=r"DeepSpeed.*single device"):
         StabilityProbe(model)
+
+
+def test_fp8_what_if_refuses_a_sharded_model(mesh: object) -> None:
+    FP8Precision(Model())  # a plain model: fine
+    model = parallel(Model(), mesh, {})
+    with pytest.raises(UnsupportedSharding, match=r"precision='fp8' does not run on a sharded model"):
+        FP8Precision(model, "mxfp8")

@@ -58,7 +58,13 @@ def inputs_or_raise(batch: Any, owner: str) -> tuple[tuple[Any, ...], dict[str, 
 def low_precision_context(
     trainer: Trainer, pl_module: LightningModule, precision: PrecisionName | None
 ) -> AbstractContextManager[Any]:
-    """The context of the low-precision pass: the trainer's own, or a forced autocast."""
+    """The context of the low-precision pass: the trainer's own, or a forced autocast.
+
+    ``"fp8"`` is not a context but a factory with state, which the monitor keeps
+    (:class:`~lightning_stability.capture.probe.FP8Precision`); here it raises.
+    """
+    if precision == "fp8":
+        raise ValueError("precision='fp8' runs under an FP8Precision factory, not a plain context")
     if precision is None:
         return trainer.precision_plugin.forward_context()
     return autocast_context(pl_module.device.type, precision)

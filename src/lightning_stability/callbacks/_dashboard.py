@@ -41,6 +41,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_stability.metrics import BY_NAME, METRICS, Metric, parse_tag
+from lightning_stability.rules.thresholds import FP8_EPS_MACH, FP8_LAYER_WATCH_EPS
 
 #: Tag prefix of the per-block values in the block sub-runs.
 BLOCK_PREFIX = "stability_block"
@@ -153,7 +154,7 @@ def split_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], list[dic
     per_block: dict[int, dict[str, float]] = {}
     for key, value in metrics.items():
         parsed = parse_tag(key)
-        if parsed is None or parsed.head is not None:  # per-head tags stay in the main run only
+        if parsed is None or parsed.head is not None or parsed.layer is not None:  # main run only
             continue
         metric = parsed.metric
         if parsed.block is not None:
@@ -170,7 +171,7 @@ def split_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], list[dic
 
 def _on(metrics: dict[str, float]) -> tuple[set[str], set[str]]:
     """Names of the block metrics and the model metrics present among ``metrics``' tags."""
-    parsed = [t for t in map(parse_tag, metrics) if t is not None and t.head is None]
+    parsed = [t for t in map(parse_tag, metrics) if t is not None and t.head is None and t.layer is None]
     block = {t.metric.name for t in parsed if t.block is not None}
     return block, {t.metric.name for t in parsed if t.block is None}
 
@@ -183,7 +184,8 @@ def custom_scalars_layout(metrics: dict[str, float]) -> dict[str, dict[str, list
     level: r_block against the ε_mach floor, the predictor, the bound, FP16 headroom, worst
     block, non-finite count), *where* (per block, one colour per block: the local and
     propagated errors, attention logits, activation maxima), and the per-block conditioning
-    diagnostics. Only metrics present in ``metrics`` get a chart.
+    diagnostics; FP8 passes add a fifth, the linear layers' FP8 errors and input underflow
+    (one line per layer). Only metrics present in ``metrics`` get a chart.
     """
     block_on, model_on = _on(metrics)
     layout = {
@@ -191,6 +193,7 @@ def custom_scalars_layout(metrics: dict[str, float]) -> dict[str, dict[str, list
         "stability · verdict": _verdict_charts(model_on),
         "stability · where (one colour per block)": _block_charts(block_on, where=True),
         "stability · conditioning per block": _block_charts(block_on, where=False),
+        "stability · FP8 per linear layer (one line per layer)": _layer_charts(metrics),
     }
     return {section: charts for section, charts in layout.items() if charts}
 
@@ -255,8 +258,34 @@ def _block_charts(block_on: set[str], where: bool) -> dict[str, list[Any]]:
     return {
         _title(metric): _lines(_block_tag(metric))
         for metric in block_metrics
-        if metric.level != "model" and metric.name in block_on and (metric.name in _WHERE) == where
+        if metric.level in ("block", "head") and metric.name in block_on and (metric.name in _WHERE) == where
     }
+
+
+#: The per-layer charts: (metric, operand or None, title).
+_LAYER_CHARTS = (
+    (
+        "fp8_error_token",
+        None,
+        "fp8_error_token — each linear layer's FP8 error per token "
+        f"(keep_bf16 from {FP8_LAYER_WATCH_EPS * FP8_EPS_MACH:g})",
+    ),
+    ("bf16_error_token", None, "bf16_error_token — the same layers under BF16 autocast"),
+    ("fp8_underflow", "input", "input fp8_underflow — fraction of each layer's input lost to 0"),
+    ("fp8_saturation", "input", "input fp8_saturation — fraction of each layer's input clipped at ±448"),
+)
+
+
+def _layer_charts(metrics: dict[str, float]) -> dict[str, list[Any]]:
+    """One multi-line chart per per-layer statistic present (a regular expression over the layers)."""
+    tags = [t for t in map(parse_tag, metrics) if t is not None and t.layer is not None]
+    present = {(t.metric.name, t.operand) for t in tags}
+    charts: dict[str, list[Any]] = {}
+    for name, operand, title in _LAYER_CHARTS:
+        if (name, operand) in present:
+            middle = ".*" if operand is None else f".*/{operand}"
+            charts[title] = ["Multiline", [f"^stability/layer/{middle}/{name}$"]]
+    return charts
 
 
 def _lines(tag: str) -> list[Any]:

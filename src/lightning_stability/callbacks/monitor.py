@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -19,12 +18,13 @@ from lightning_stability.callbacks._common import (
     unsupported_strategy,
 )
 from lightning_stability.callbacks._dashboard import TensorBoardDashboard, custom_scalars_layout
+from lightning_stability.capture.probe import FP8Precision
 from lightning_stability.capture.sharding import UnsupportedSharding
 from lightning_stability.meter._cli_types import NonNegativeInt, PositiveInt
 from lightning_stability.meter.checks import check_choice, check_int, check_patterns
 from lightning_stability.meter.measurer import Measurer
 from lightning_stability.meter.options import AlarmOptions, ProbeOptions, check_alarm, check_probe
-from lightning_stability.meter.precision import DTYPES, PrecisionName
+from lightning_stability.meter.precision import PRECISIONS, LowPrecision, PrecisionName
 from lightning_stability.meter.verdict import ReportJudge
 from lightning_stability.rules import Judgement
 from lightning_stability.stability_report import StabilityReport
@@ -61,14 +61,16 @@ class StabilityMonitor(Callback):
         sample_size: examples of the batch to measure (fewer if the batch is smaller).
         precision: low precision of the measured pass. None (default): the trainer's own;
             bf16 or fp16: that autocast, so an FP32 run can ask "what would BF16 do?";
-            fp32: plain FP32.
+            fp32: plain FP32; fp8: the FP8 what-if (every linear layer's GEMM on E4M3
+            operands with FP32 accumulation, the rest in BF16 autocast; the recipe is
+            probe.fp8_recipe), logging per-layer FP8 statistics (docs/FP8.md).
         blocks: name patterns of the blocks, e.g. [model.h.*] (* stays within one name
             segment, ** spans segments); None finds the repeated layers (docs/guide/models.md).
         log_per_head: also log stability/block{i}/head{h}/<name>.
         seed: seed of the private generator choosing the sampled examples.
         probe: what the probe measures (ProbeOptions: head_reduction, batch_reduction,
             residual_gain_iters, local_errors, balanced_mass, reuse_weight_spectra, weight_spectra,
-            eps_mach, ln_c1, ln_c2, ln_c3, bound_c).
+            eps_mach, ln_c1, ln_c2, ln_c3, bound_c, fp8_recipe, fp8_attention).
         alarm: the early warning (AlarmOptions: rule default or paper, and its levels;
             docs/RULES.md).
 
@@ -91,11 +93,11 @@ class StabilityMonitor(Callback):
     ) -> None:
         check_int("every_n_steps", every_n_steps)
         check_int("sample_size", sample_size)
-        check_choice("precision", precision, (None, *DTYPES))
+        check_choice("precision", precision, (None, *PRECISIONS))
         check_patterns("blocks", blocks)
         check_choice("log_per_head", log_per_head, (True, False))
         check_int("seed", seed, minimum=0)
-        check_probe(probe)
+        check_probe(probe, precision)
         check_alarm(alarm)
         self.every_n_steps = int(every_n_steps)  # plain ints also when LightningCLI passed PositiveInt
         self.sample_size = int(sample_size)
@@ -110,6 +112,8 @@ class StabilityMonitor(Callback):
         self.summary: str | None = None
         self._verdict = ReportJudge(alarm)
         self._measurer: Measurer | None = None
+        self._fp8: FP8Precision | None = None  # precision="fp8": the FP8 what-if's factory, kept
+        self._fp8_state: dict[str, Any] = {}  # a checkpoint's FP8 state, until the factory exists
         self._last_step = -1
         self._warned: set[str] = set()
         #: why nothing is measured in this fit (an unsupported strategy), else None
@@ -229,13 +233,17 @@ class StabilityMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step, **self._verdict.state_dict()}
+        fp8 = self._fp8.state_dict() if self._fp8 is not None else dict(self._fp8_state)
+        return {"last_step": self._last_step, **self._verdict.state_dict(), "fp8": fp8}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
         # the z-scores' history only when written by the same rules, an open episode of the same alarm
         self._verdict.load_state_dict(state_dict)
+        self._fp8_state = dict(state_dict.get("fp8") or {})  # delayed scaling's amax history
+        if self._fp8 is not None:
+            self._fp8.load_state_dict(self._fp8_state)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -281,7 +289,7 @@ class StabilityMonitor(Callback):
             kwargs,
             step=lightning_log_step(trainer),
             seed=self.seed + trainer.global_step,
-            low_precision=lambda: self._low_precision(trainer, pl_module),
+            low_precision=self._low_precision(trainer, pl_module),
         )
         self.last_report = report
         return report
@@ -300,8 +308,16 @@ class StabilityMonitor(Callback):
         self._measurer.tensor_parallel = tensor_parallel_size(trainer)
         return self._measurer
 
-    def _low_precision(self, trainer: Trainer, pl_module: LightningModule) -> AbstractContextManager[Any]:
-        return low_precision_context(trainer, pl_module, self.precision)
+    def _low_precision(self, trainer: Trainer, pl_module: LightningModule) -> LowPrecision:
+        """The context factory of the low-precision pass: the trainer's own or a forced autocast, or
+        the FP8 what-if's (kept across steps and in the checkpoint: delayed scaling's history)."""
+        if self.precision != "fp8":
+            return lambda: low_precision_context(trainer, pl_module, self.precision)
+        if self._fp8 is None or self._fp8.model is not pl_module:
+            opts = self.probe
+            self._fp8 = FP8Precision(pl_module, opts.fp8_recipe or "current", attention=opts.fp8_attention)
+            self._fp8.load_state_dict(self._fp8_state)
+        return self._fp8
 
     # ---------------------------------------------------------------- logging
     def _log(self, trainer: Trainer, pl_module: LightningModule, report: StabilityReport) -> None:

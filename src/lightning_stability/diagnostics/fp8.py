@@ -21,12 +21,14 @@ and the OCP Microscaling spec do it (which recipe uses which: :mod:`.fp8_recipe`
   to a power of two);
 * per block (:func:`quantize_mx`, MXFP8 — OCP Microscaling Formats spec v1.0 §5, §6.3):
   blocks of 32 consecutive elements along the GEMM's reduction (K) dimension share one
-  power-of-two E8M0 scale ``X``; elements are E4M3. The spec's scale (``"floor"``, torchao's
-  ``ScaleCalculationMode.FLOOR`` in ``torchao/prototype/mx_formats/mx_tensor.py::to_mx``) is
-  ``X = 2^(⌊log₂ amax⌋ − emax)``, ``emax = 8`` for E4M3, so the block's largest elements can
-  exceed 448 and saturate; TransformerEngine and cuBLAS on Blackwell round the scale up
-  instead (``"rceil"``: ``X = 2^⌈log₂(amax/448)⌉``, nothing saturates). A block holding
-  NaN or ±inf gets the NaN scale: every element of it becomes NaN (spec §5.3).
+  power-of-two E8M0 scale ``X``; elements are E4M3. The default scale is the one
+  TransformerEngine and cuBLAS on Blackwell compute, what MXFP8 training hardware does
+  (``"rceil"``: ``X = 2^⌈log₂(amax/448)⌉``, the scale rounded up, nothing saturates). The
+  OCP spec's own rule stays selectable (``"floor"``, torchao's ``ScaleCalculationMode.FLOOR``
+  in ``torchao/prototype/mx_formats/mx_tensor.py::to_mx``): ``X = 2^(⌊log₂ amax⌋ − emax)``,
+  ``emax = 8`` for E4M3, so the block's largest elements can exceed 448 and saturate (by up
+  to 12.5%). A block holding NaN or ±inf gets the NaN scale: every element of it becomes
+  NaN (spec §5.3).
 
 Statistics (:class:`FP8TensorStats`) follow TransformerEngine's FP8 debug statistics
 (``transformer_engine/debug/features/log_fp8_tensor_stats.py`` and
@@ -350,23 +352,23 @@ def quantize_current(
     return _per_tensor(x32, scale, fmt, amax)
 
 
-def mx_scale_exponent(block_amax: Tensor, fmt: FP8Format = E4M3, rounding: MXRounding = "floor") -> Tensor:
+def mx_scale_exponent(block_amax: Tensor, fmt: FP8Format = E4M3, rounding: MXRounding = "rceil") -> Tensor:
     """The E8M0 exponent ``e`` of each block's shared scale ``X = 2^e`` (float32; NaN for NaN scales).
 
     Args:
         block_amax: max |x| of each block (float32), NaN or inf for blocks holding non-finite values.
         fmt: the element format.
-        rounding: ``"floor"`` (OCP MX spec §6.3: ``⌊log₂ amax⌋ − emax``) or ``"rceil"``
-            (TransformerEngine / cuBLAS: ``⌈log₂(amax · (1/max))⌉``, the product in FP32).
+        rounding: ``"rceil"`` (default; TransformerEngine / cuBLAS: ``⌈log₂(amax · (1/max))⌉``,
+            the product in FP32) or ``"floor"`` (OCP MX spec §6.3: ``⌊log₂ amax⌋ − emax``).
 
     Returns:
         Exponents clamped to E8M0's ``[−127, 127]``; −127 for all-zero blocks.
 
     Example:
         >>> mx_scale_exponent(torch.tensor([448.0, 449.0, 1.0, 0.0]))
-        tensor([   0.,    0.,   -8., -127.])
-        >>> mx_scale_exponent(torch.tensor([448.0, 449.0, 1.0]), rounding="rceil")
-        tensor([ 0.,  1., -8.])
+        tensor([   0.,    1.,   -8., -127.])
+        >>> mx_scale_exponent(torch.tensor([448.0, 449.0, 1.0]), rounding="floor")
+        tensor([ 0.,  0., -8.])
     """
     a = block_amax.to(_F32)
     if rounding == "floor":
@@ -383,7 +385,7 @@ def mx_scale_exponent(block_amax: Tensor, fmt: FP8Format = E4M3, rounding: MXRou
 
 
 def quantize_mx(
-    x: Tensor, fmt: FP8Format = E4M3, *, block_size: int = 32, dim: int = -1, rounding: MXRounding = "floor"
+    x: Tensor, fmt: FP8Format = E4M3, *, block_size: int = 32, dim: int = -1, rounding: MXRounding = "rceil"
 ) -> FP8Quantized:
     """MX block scaling: blocks of ``block_size`` consecutive elements along ``dim``, one E8M0 scale each.
 
@@ -404,11 +406,11 @@ def quantize_mx(
 
     Example:
         >>> x = torch.cat([torch.full((32,), 1e-3), torch.full((32,), 1e3)])
-        >>> q = quantize_mx(x)  # the spec's scale: 1000/2 = 500 saturates at 448
+        >>> quantize_mx(x).dequantize()[[0, 32]].tolist()
+        [0.0009765625, 1024.0]
+        >>> q = quantize_mx(x, rounding="floor")  # the spec's scale: 1000/2 = 500 saturates at 448
         >>> q.scale_inv.tolist(), q.dequantize()[[0, 32]].tolist(), int(q.stats.saturated)
         ([3.814697265625e-06, 2.0], [0.0009765625, 896.0], 32)
-        >>> quantize_mx(x, rounding="rceil").dequantize()[[0, 32]].tolist()
-        [0.0009765625, 1024.0]
     """
     check_tensor("x", x, 1, "quantize_mx")
     if not isinstance(block_size, int) or block_size < 1:

@@ -12,7 +12,8 @@ all with E4M3 in the forward pass:
   ``scale = fp8_max · 2^(−margin) / amax`` (unchanged when that amax is 0 or not finite).
   The first step quantizes with scale 1. :class:`AmaxHistory` holds that state.
 * ``"mxfp8"`` — ``MXFP8BlockScaling`` (OCP MX): a power-of-two scale per 32 consecutive
-  elements along the reduction dimension (:func:`~.fp8.quantize_mx`).
+  elements along the reduction dimension (:func:`~.fp8.quantize_mx`), rounded up as
+  TransformerEngine and cuBLAS do (``mx_rounding="rceil"``; the spec's ``"floor"`` selectable).
 
 The GEMM (:func:`fp8_matmul`) multiplies the FP8 grid values in FP32 and applies the scales
 as ``torch._scaled_mm`` and the FP8 tensor cores do: per-tensor scales multiply the FP32
@@ -171,7 +172,8 @@ class FP8Recipe:
         amax_epsilon: current scaling's amax floor.
         power_2_scale: current scaling's power-of-two scales.
         block_size: MX block length.
-        mx_rounding: MX scale rule, ``"floor"`` (OCP spec) or ``"rceil"`` (TE / cuBLAS).
+        mx_rounding: MX scale rule, ``"rceil"`` (default: TE / cuBLAS, what MXFP8 hardware
+            computes) or ``"floor"`` (the OCP spec's rule, which lets block maxima saturate).
     """
 
     name: RecipeName = "current"
@@ -182,7 +184,7 @@ class FP8Recipe:
     amax_epsilon: float = 0.0
     power_2_scale: bool = False
     block_size: int = 32
-    mx_rounding: MXRounding = "floor"
+    mx_rounding: MXRounding = "rceil"
 
     def __post_init__(self) -> None:
         if self.name not in RECIPES:

@@ -41,7 +41,8 @@ def check_number(
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     """Raise ``MisconfigurationException`` naming ``name`` unless ``value`` is one of ``choices``."""
-    if value not in choices or (isinstance(value, bool) and not any(c is value for c in choices)):
+    strict = isinstance(value, bool) or any(isinstance(c, bool) for c in choices)  # 1 == True
+    if value not in choices or (strict and not any(c is value for c in choices)):
         raise MisconfigurationException(f"`{name}` must be one of {choices}, got {value!r}")
 
 

@@ -65,7 +65,8 @@ def measure(
             as its original module; pass ``precision=fabric.autocast`` for Fabric's precision).
         inputs: what its forward takes: a tensor, a tuple of positional arguments, or a dict of
             keyword arguments.
-        precision: ``"bf16"``, ``"fp16"`` (that autocast on the model's device), ``"fp32"``, or a
+        precision: ``"bf16"``, ``"fp16"`` (that autocast on the model's device), ``"fp32"``,
+            ``"fp8"`` (the FP8 what-if, recipe from ``probe.fp8_recipe``; docs/FP8.md), or a
             callable returning a fresh context manager (``fabric.autocast``).
         sample_size: examples of ``inputs`` to measure (a seeded choice along the leading axis of
             every tensor of the batch size); ``None``: all of them.
@@ -89,14 +90,18 @@ def measure(
         >>> report.step, report.dtype, 0 < report.r_block < 0.05
         (3, 'bfloat16', True)
     """
-    check_measure_arguments(model, sample_size, blocks, log_per_head, seed, probe)
+    check_measure_arguments(model, sample_size, blocks, log_per_head, seed, probe, precision)
     check_int("step", step, minimum=0)
     model = measured_module(model)
-    context = low_precision(model, precision)
-    judge = ReportJudge(alarm)
-    args, kwargs = call_arguments(inputs)
     config = (tuple(blocks) if blocks is not None else None, bool(log_per_head), probe)
     memory = _MEMORY.setdefault(model, {}).setdefault(config, MeasurerMemory())
+    if precision == "fp8":  # one FP8 factory per model and options: delayed scaling's history
+        memory.fp8 = memory.fp8 or low_precision(model, precision, probe=probe)
+        context = memory.fp8
+    else:
+        context = low_precision(model, precision)
+    judge = ReportJudge(alarm)
+    args, kwargs = call_arguments(inputs)
     measurer = Measurer(
         model,
         sample_size=None if sample_size is None else int(sample_size),

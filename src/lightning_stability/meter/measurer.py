@@ -54,10 +54,12 @@ class MeasurerMemory:
     Attributes:
         warned: the kinds of warning already given (each is given once).
         spectra: the weight spectra kept for reuse (``ProbeOptions.reuse_weight_spectra``).
+        fp8: the FP8 what-if's factory of ``precision="fp8"`` (delayed scaling's amax history).
     """
 
     warned: set[str] = field(default_factory=set)
     spectra: WeightSpectra | None = None
+    fp8: LowPrecision | None = None
 
 
 class Measurer:
@@ -201,6 +203,12 @@ class Measurer:
         raw = probe.measure(args, kwargs, low_precision, seed=seed)
         if raw.attention_calls == 0 and self.once("no_attention"):
             self.warn(NO_ATTENTION_WARNING.replace("StabilityMonitor", self.owner, 1))
+        if raw.fp8_unquantized and self.once("fp8_unquantized"):
+            self.warn(
+                f"{self.owner}: the FP8 what-if leaves {raw.fp8_unquantized} in BF16 autocast (a "
+                "linear layer with its own forward, or one whose weight its parent uses directly, e.g. "
+                "nn.MultiheadAttention's out_proj); they get no per-layer FP8 statistics."
+            )
         if self.once("unattended"):  # after the first measured step: who saw attention is known
             unattended = unattended_blocks(probe.blocks, raw.attended)
             if unattended:

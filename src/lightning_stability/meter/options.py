@@ -16,6 +16,7 @@ from typing import Literal
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from lightning_stability.diagnostics.fp8_recipe import RECIPES, RecipeName
 from lightning_stability.meter._cli_types import AtLeastTwoInt, NonNegativeFloat, NonNegativeInt
 from lightning_stability.meter.checks import check_choice, check_int, check_number
 from lightning_stability.rules.table import ALARM_NAMES, AlarmName
@@ -63,6 +64,12 @@ class ProbeOptions:
         ln_c2: constant C2 of C_LN.
         ln_c3: constant C3 of C_LN.
         bound_c: the absolute constant c of the unified bound.
+        fp8_recipe: precision=fp8 only: the FP8 scaling recipe, current (per-tensor scale from
+            each tensor's amax), delayed (per-tensor scale from an amax history of the sampled
+            steps) or mxfp8 (a power-of-two scale per 32 elements); None: current (docs/FP8.md).
+        fp8_attention: precision=fp8 only: also run the attention matmuls (QK^T, PV) of every
+            scaled_dot_product_attention call in FP8 (TransformerEngine's fp8_dpa; off in every
+            recipe by default).
     """
 
     head_reduction: Literal["max", "sum"] = "max"
@@ -77,6 +84,8 @@ class ProbeOptions:
     ln_c2: NonNegativeFloat = 1.0
     ln_c3: NonNegativeFloat = 1.0
     bound_c: NonNegativeFloat = 1.0
+    fp8_recipe: RecipeName | None = None
+    fp8_attention: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,9 +134,22 @@ def _options(name: str, value: object, kind: type) -> None:
         raise MisconfigurationException(f"`{name}` must be {kind.__name__}(...), got {value!r}")
 
 
-def check_probe(probe: ProbeOptions) -> None:
-    """Raise ``MisconfigurationException`` naming ``probe.<field>`` and the value for a bad field."""
+def check_probe(probe: ProbeOptions, precision: str | None = None) -> None:
+    """Raise ``MisconfigurationException`` naming ``probe.<field>`` and the value for a bad field.
+
+    The FP8 fields need ``precision="fp8"`` (the monitor's ``precision``): set with another
+    precision they would silently do nothing, so that is refused too.
+    """
     _options("probe", probe, ProbeOptions)
+    check_choice("probe.fp8_recipe", probe.fp8_recipe, (None, *RECIPES))
+    check_choice("probe.fp8_attention", probe.fp8_attention, (True, False))
+    for name, unset in (("fp8_recipe", None), ("fp8_attention", False)):
+        value = getattr(probe, name)
+        if value is not unset and precision != "fp8":
+            raise MisconfigurationException(
+                f"`probe.{name}` applies to precision='fp8' only, got probe.{name}={value!r} "
+                f"with precision={precision!r}"
+            )
     check_choice("probe.head_reduction", probe.head_reduction, ("max", "sum"))
     check_choice("probe.batch_reduction", probe.batch_reduction, ("max", "mean"))
     check_int("probe.residual_gain_iters", probe.residual_gain_iters, minimum=0)

@@ -28,7 +28,7 @@ __all__ = ["StabilityMeter", "check_measure_arguments"]
 
 
 def check_measure_arguments(
-    model: Any, sample_size: Any, blocks: Any, log_per_head: Any, seed: Any, probe: Any
+    model: Any, sample_size: Any, blocks: Any, log_per_head: Any, seed: Any, probe: Any, precision: Any
 ) -> None:
     """The arguments shared by :func:`~lightning_stability.measure` and :class:`StabilityMeter`,
     each named with its value in a ``MisconfigurationException`` when bad."""
@@ -39,7 +39,7 @@ def check_measure_arguments(
     check_patterns("blocks", blocks)
     check_choice("log_per_head", log_per_head, (True, False))
     check_int("seed", seed, minimum=0)
-    check_probe(probe)
+    check_probe(probe, precision if isinstance(precision, str) else None)
 
 
 class StabilityMeter:
@@ -95,10 +95,10 @@ class StabilityMeter:
         alarm: AlarmOptions = AlarmOptions(),  # noqa: B008
         group: Group = None,
     ) -> None:
-        check_measure_arguments(model, sample_size, blocks, log_per_head, seed, probe)
+        check_measure_arguments(model, sample_size, blocks, log_per_head, seed, probe, precision)
         model = measured_module(model)
         self.model = model
-        self.low_precision = low_precision(model, precision)
+        self.low_precision = low_precision(model, precision, probe=probe)  # "fp8": one, kept
         self.seed = int(seed)
         self.verdict = ReportJudge(alarm)
         self.measurer = Measurer(

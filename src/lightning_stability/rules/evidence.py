@@ -13,22 +13,25 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from lightning_stability.metrics import parse_tag
+from lightning_stability.metrics import BY_NAME, parse_tag
 from lightning_stability.rules.table import Rule
-from lightning_stability.rules.thresholds import FP16_EPS_MACH, LOW_PRECISION_EPS_MACH
+from lightning_stability.rules.thresholds import FP8_EPS_MACH, FP16_EPS_MACH, LOW_PRECISION_EPS_MACH
 
-__all__ = ["Evidence", "Reading", "applies", "median_of_others", "read"]
+__all__ = ["Evidence", "Reading", "applies", "median_of_other_layers", "median_of_others", "read"]
 
 
 @dataclass
 class Evidence:
-    """One sampled step: model-level values and per-block values by metric name.
+    """One sampled step: model-level, per-block and per-layer values by metric name.
 
     Attributes:
         step: the logged step.
         model: metric name → model-level value (``stability/<name>``).
         blocks: metric name → ``{block index: value}`` (``stability/block{i}/<name>``); per-head
             tags are left out.
+        layers: metric name → ``{layer module name: value}`` (``stability/layer/<module>/<name>``).
+        operands: metric name → ``{(layer, operand): value}``
+            (``stability/layer/<module>/<operand>/<name>``).
         names: block index → qualified module name (known online; the logs hold indices only).
         amax_module: the module holding the largest output (online only).
         first_nonfinite: the first module whose low-precision output went non-finite (online only).
@@ -37,6 +40,8 @@ class Evidence:
     step: int
     model: dict[str, float] = field(default_factory=dict)
     blocks: dict[str, dict[int, float]] = field(default_factory=dict)
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    operands: dict[str, dict[tuple[str, str], float]] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)
     amax_module: str | None = None
     first_nonfinite: str | None = None
@@ -61,7 +66,11 @@ class Evidence:
             tag = parse_tag(key, prefix)
             if tag is None or tag.head is not None:
                 continue
-            if tag.block is None:
+            if tag.layer is not None and tag.operand is not None:
+                ev.operands.setdefault(tag.metric.name, {})[(tag.layer, tag.operand)] = float(value)
+            elif tag.layer is not None:
+                ev.layers.setdefault(tag.metric.name, {})[tag.layer] = float(value)
+            elif tag.block is None:
                 ev.model[tag.metric.name] = float(value)
             else:
                 ev.blocks.setdefault(tag.metric.name, {})[tag.block] = float(value)
@@ -80,6 +89,10 @@ class Evidence:
         """``{block: value}`` of ``name`` over the blocks where it is finite, by block index."""
         return {i: v for i, v in self.blocks.get(name, {}).items() if math.isfinite(v)}
 
+    def finite_layers(self, name: str) -> dict[str, float]:
+        """``{layer: value}`` of the per-layer metric ``name`` over the layers where it is finite."""
+        return {k: v for k, v in self.layers.get(name, {}).items() if math.isfinite(v)}
+
     def name_of(self, block: int | None) -> str | None:
         """The module name of ``block`` when known."""
         return None if block is None else self.names.get(block)
@@ -97,6 +110,7 @@ class Reading:
         raw: the metric's own value.
         applicable: whether the rule judges this pass (:func:`applies`); a reading it does not judge
             is still a measured fact (FP16 headroom of a BF16 pass), but reaches no level.
+        layer: for a per-layer signal, the layer named (the most extreme one).
     """
 
     value: float
@@ -104,6 +118,7 @@ class Reading:
     signal: str
     raw: float
     applicable: bool = True
+    layer: str | None = None
 
 
 def applies(rule: Rule, eps_mach: float | None) -> bool:
@@ -116,6 +131,8 @@ def applies(rule: Rule, eps_mach: float | None) -> bool:
         return eps_mach == FP16_EPS_MACH
     if rule.applies == "not_fp16":
         return eps_mach != FP16_EPS_MACH
+    if rule.applies == "fp8":
+        return eps_mach == FP8_EPS_MACH
     return eps_mach >= LOW_PRECISION_EPS_MACH
 
 
@@ -124,6 +141,29 @@ def _extreme(values: Mapping[int, float], largest: bool) -> tuple[int, float]:
     pick = max if largest else min
     block = pick(values, key=lambda k: values[k])
     return block, values[block]
+
+
+def _per_eps(rule: Rule, ev: Evidence, raw: float) -> float | None:
+    """``raw`` in the units ``rule`` judges (``/ ε_mach`` for ``per_eps_mach`` rules); ``None``: no ε_mach."""
+    if not rule.per_eps_mach:
+        return raw
+    eps = ev.eps_mach
+    if eps is None or not math.isfinite(eps) or eps <= 0:
+        return None
+    return raw / eps
+
+
+def _read_layers(rule: Rule, ev: Evidence) -> Reading | None:
+    """A per-layer signal: the most extreme layer's value (the first in logged order on ties)."""
+    layers = ev.finite_layers(rule.signal)
+    if not layers:
+        return None
+    pick = max if rule.direction == "above" else min
+    layer = pick(layers, key=lambda k: layers[k])
+    value = _per_eps(rule, ev, layers[layer])
+    if value is None:
+        return None
+    return Reading(value, None, rule.signal, layers[layer], applies(rule, ev.eps_mach), layer)
 
 
 def _named_block(rule: Rule, ev: Evidence) -> int | None:
@@ -146,6 +186,9 @@ def read(rule: Rule, ev: Evidence) -> Reading | None:
     Rolling z-score rules are read by :class:`lightning_stability.rules.alarm.Alarm`, which keeps
     their history.
     """
+    row = BY_NAME.get(rule.signal)
+    if row is not None and row.level == "layer":
+        return _read_layers(rule, ev)
     signal = rule.signal
     if rule.fallback and signal not in ev.blocks and signal not in ev.model:
         signal = rule.fallback
@@ -158,16 +201,19 @@ def read(rule: Rule, ev: Evidence) -> Reading | None:
         if math.isnan(raw):
             return None
         block = _named_block(rule, ev)
-    value = raw
-    if rule.per_eps_mach:
-        eps = ev.eps_mach
-        if eps is None or not math.isfinite(eps) or eps <= 0:
-            return None
-        value = raw / eps
+    value = _per_eps(rule, ev, raw)
+    if value is None:
+        return None
     return Reading(value, block, signal, raw, applies(rule, ev.eps_mach))
 
 
 def median_of_others(ev: Evidence, signal: str, block: int) -> float | None:
     """The median (the upper one for an even count) of ``signal`` over the other blocks' finite values."""
     others = sorted(v for i, v in ev.finite(signal).items() if i != block)
+    return others[len(others) // 2] if others else None
+
+
+def median_of_other_layers(ev: Evidence, signal: str, layer: str) -> float | None:
+    """The median (the upper one for an even count) of a per-layer ``signal`` over the other layers."""
+    others = sorted(v for name, v in ev.finite_layers(signal).items() if name != layer)
     return others[len(others) // 2] if others else None

@@ -22,13 +22,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from lightning_stability.rules.alarm import Alarm, AlarmResult, ZScore
-from lightning_stability.rules.evidence import Evidence, Reading, median_of_others
-from lightning_stability.rules.table import SEVERITY, AdviceKind, AlarmName, RuleBook, Severity, Status
+from lightning_stability.rules.evidence import (
+    Evidence,
+    Reading,
+    applies,
+    median_of_other_layers,
+    median_of_others,
+)
+from lightning_stability.rules.table import SEVERITY, AdviceKind, AlarmName, Rule, RuleBook, Severity, Status
 
 __all__ = ["Advice", "AlarmRecord", "Extreme", "Finding", "Judge", "Judgement"]
 
 #: The sub-layers whose own errors say where a block's r_local comes from.
 PARTS = {"attention": "r_attention_local", "ffn": "r_ffn_local"}
+#: Beside a layer's FP8 error: the same layer's BF16 error (per token), its contrast.
+LAYER_PARTS = ("bf16_error_token",)
+#: Beside a layer's FP8 error: what its quantized operands lost.
+OPERAND_PARTS = ("fp8_underflow", "fp8_saturation")
 Part = Literal["attention", "ffn", "block", "norms", "module"]
 
 
@@ -50,6 +60,8 @@ class Extreme:
         block_name: the block's module name (online only).
         module: the module holding the value (online only: largest output, first non-finite output).
         applicable: whether the rule judges the pass this reading comes from.
+        layer: the layer it names (per-layer rules: its module name, online and offline).
+        operands: per-layer rules: per quantized operand of the layer, its :data:`OPERAND_PARTS`.
     """
 
     rule: str
@@ -65,6 +77,8 @@ class Extreme:
     block_name: str | None = None
     module: str | None = None
     applicable: bool = True
+    layer: str | None = None
+    operands: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,7 @@ class Finding:
         threshold: the level crossed.
         step: the step of the worst value.
         first_step: the first step at which the rule reached its watch level.
+        layer: the layer it names (per-layer rules).
     """
 
     rule: str
@@ -90,6 +105,7 @@ class Finding:
     threshold: float
     step: int
     first_step: int
+    layer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,12 +113,14 @@ class Advice:
     """What to try, and the finding it answers.
 
     Attributes:
-        kind: the action (``qk_norm_or_clip``, ``eps_bump``, ``fp32_region``, ``prefer_bf16``, ``lower_lr``).
+        kind: the action (``qk_norm_or_clip``, ``eps_bump``, ``fp32_region``, ``prefer_bf16``,
+            ``lower_lr``, ``keep_bf16``).
         answers: the name of the rule whose finding it answers.
-        block: the block it targets (``None``: the whole run).
+        block: the block it targets (``None``: the whole run, or a layer).
         part: the part of the block: ``attention``, ``ffn``, ``block``, ``norms``, ``module``.
         block_name: the block's module name (online only).
         module: the module it targets, when known (online only).
+        layer: the linear layer it targets (``keep_bf16``), by module name (online and offline).
     """
 
     kind: AdviceKind
@@ -111,6 +129,7 @@ class Advice:
     part: Part | None = None
     block_name: str | None = None
     module: str | None = None
+    layer: str | None = None
 
 
 @dataclass
@@ -149,6 +168,8 @@ class Judgement:
         last_r_block: the propagated error at the last block, at the last step.
         nonfinite_steps: steps whose low-precision forward went non-finite.
         worst_block_steps: block index → steps at which it had the largest ``r_local``.
+        layers: per-layer rules (FP8): each layer that stood out, by module name, at its worst
+            standing-out reading (the ``keep_bf16`` advice names them, largest first).
     """
 
     status: Status | None
@@ -161,13 +182,14 @@ class Judgement:
     last_r_block: float | None = None
     nonfinite_steps: int = 0
     worst_block_steps: dict[int, int] = field(default_factory=dict)
+    layers: dict[str, Extreme] = field(default_factory=dict)
 
     def key(self) -> tuple[Any, ...]:
         """What must agree between two judgements of one run: status, findings, advice, alarm."""
         return (
             self.status,
-            [(f.rule, f.level, f.block, f.step) for f in self.findings],
-            [(a.kind, a.answers, a.block, a.part) for a in self.advice],
+            [(f.rule, f.level, f.block, f.layer, f.step) for f in self.findings],
+            [(a.kind, a.answers, a.block, a.part, a.layer) for a in self.advice],
             (
                 self.alarm.name,
                 self.alarm.steps,
@@ -214,6 +236,7 @@ class Judge:
         self.last_r_block: float | None = None
         self.nonfinite_steps = 0
         self.worst_block_steps: dict[int, int] = {}
+        self.layers: dict[str, Extreme] = {}
 
     def observe(self, ev: Evidence) -> AlarmResult:
         """Judge one sampled step (in step order); returns the alarm's result at that step."""
@@ -230,6 +253,8 @@ class Judge:
             reading = check.readings[rule.name]
             if reading is not None:
                 self._fold(rule.name, reading, ev)
+                if reading.layer is not None and rule.stands_out is not None:
+                    self._fold_layers(rule.name, ev)
         if check.result.fired:
             if not self.alarm_record.steps:
                 self.alarm_record.first = check.result
@@ -255,6 +280,8 @@ class Judge:
             if median is not None and rule.per_eps_mach and ev.eps_mach:
                 median /= ev.eps_mach
             ext.others_median = median
+        if reading.layer is not None:
+            self._describe_layer(ext, rule.name, reading.layer, ev)
         if rule.advice == "fp32_region" and reading.block is not None:
             ext.parts = {p: v for p, s in PARTS.items() if (v := ev.finite(s).get(reading.block)) is not None}
         ext.module = (
@@ -263,6 +290,38 @@ class Judge:
             else (ev.amax_module if rule.names_block == "amax" else None)
         )
         self.extremes[name] = ext
+
+    def _describe_layer(self, ext: Extreme, name: str, layer: str, ev: Evidence) -> None:
+        """A per-layer reading: the layer, the other layers' median, its contrast and operands."""
+        rule = self.book.rule(name)
+        ext.layer = layer
+        median = median_of_other_layers(ev, rule.signal, layer)
+        if median is not None and rule.per_eps_mach and ev.eps_mach:
+            median /= ev.eps_mach
+        ext.others_median = median
+        ext.parts = {m: v for m in LAYER_PARTS if (v := ev.layers.get(m, {}).get(layer)) is not None}
+        for metric in OPERAND_PARTS:
+            for (at, operand), value in ev.operands.get(metric, {}).items():
+                if at == layer:
+                    ext.operands.setdefault(operand, {})[metric] = value
+
+    def _fold_layers(self, name: str, ev: Evidence) -> None:
+        """Every layer standing out at this step (advice floor and ``stands_out`` × the others' median),
+        kept at its largest such value."""
+        rule = self.book.rule(name)
+        eps = ev.eps_mach
+        if not applies(rule, eps) or (rule.per_eps_mach and not (eps and math.isfinite(eps) and eps > 0)):
+            return
+        for layer, raw in ev.finite_layers(rule.signal).items():
+            value = raw / eps if rule.per_eps_mach and eps else raw
+            old = self.layers.get(layer)
+            if old is not None and not value > old.value:
+                continue
+            ext = Extreme(name, value, None, ev.step, rule.signal, raw, rule.level_of(value))
+            self._describe_layer(ext, name, layer, ev)
+            if _stands_out(rule, ext):
+                ext.first_step = ev.step if old is None else old.first_step
+                self.layers[layer] = ext
 
     # ------------------------------------------------------------------ the judgement
     def judgement(self) -> Judgement:
@@ -284,6 +343,7 @@ class Judge:
                     threshold,
                     ext.step,
                     ext.first_step,
+                    ext.layer,
                 )
             )
         severity = max((SEVERITY[f.level] for f in findings), default=0)
@@ -302,6 +362,7 @@ class Judge:
             self.last_r_block,
             self.nonfinite_steps,
             dict(self.worst_block_steps),
+            {k: dataclasses.replace(v) for k, v in self.layers.items()},
         )
 
     def _advice(self, findings: list[Finding]) -> list[Advice]:
@@ -309,6 +370,10 @@ class Judge:
         for f in findings:
             rule, ext = self.book.rule(f.rule), self.extremes[f.rule]
             if rule.advice is None:
+                continue
+            if rule.advice == "keep_bf16":
+                flagged = sorted(self.layers.values(), key=lambda e: -e.value)
+                out += [Advice("keep_bf16", rule.name, layer=e.layer) for e in flagged if e.rule == rule.name]
                 continue
             advice = Advice(rule.advice, rule.name, f.block, None, f.block_name, ext.module)
             if rule.advice == "fp32_region":
@@ -345,6 +410,7 @@ class Judge:
             "last_r_block": self.last_r_block,
             "nonfinite_steps": self.nonfinite_steps,
             "worst_block_steps": dict(self.worst_block_steps),
+            "layers": {k: asdict(v) for k, v in self.layers.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -362,6 +428,17 @@ class Judge:
         self.last_r_block = state.get("last_r_block")
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.worst_block_steps = {int(k): int(v) for k, v in state.get("worst_block_steps", {}).items()}
+        self.layers = {k: Extreme(**v) for k, v in state.get("layers", {}).items() if v.get("rule") in names}
+
+
+def _stands_out(rule: Rule, ext: Extreme) -> bool:
+    """Whether a reading passes the rule's advice floor and stands out against the others' median."""
+    if rule.advice_floor is not None and not ext.value >= rule.advice_floor:
+        return False
+    if rule.stands_out is not None:
+        median = ext.others_median
+        return median is not None and median > 0 and ext.value / median >= rule.stands_out
+    return True
 
 
 def _fp32_part(name: str, book: RuleBook, ext: Extreme) -> Part | None:
@@ -371,14 +448,8 @@ def _fp32_part(name: str, book: RuleBook, ext: Extreme) -> Part | None:
     floor and stand out against the other blocks' median.
     """
     rule = book.rule(name)
-    if ext.signal != rule.signal or ext.block is None:
+    if ext.signal != rule.signal or ext.block is None or not _stands_out(rule, ext):
         return None
-    if rule.advice_floor is not None and not ext.value >= rule.advice_floor:
-        return None
-    if rule.stands_out is not None:
-        median = ext.others_median
-        if median is None or not median > 0 or not ext.value / median >= rule.stands_out:
-            return None
     att, ffn = ext.parts.get("attention"), ext.parts.get("ffn")
     if att is not None and ffn is not None:
         return "ffn" if ffn > att else "attention"

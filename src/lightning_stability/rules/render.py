@@ -35,7 +35,8 @@ _APPLIES = {
     "any": "all passes",
     "fp16": "FP16 passes",
     "not_fp16": "non-FP16 passes",
-    "low_precision": "FP16/BF16 passes",
+    "low_precision": "FP16/BF16/FP8 passes",
+    "fp8": "FP8 passes",
 }
 
 
@@ -57,7 +58,7 @@ class KappaLead:
 
 
 def precision_name(eps_mach: float | None) -> str:
-    """``"BF16"``, ``"FP16"``, ``"FP32"`` for their ε_mach; otherwise the number."""
+    """``"BF16"``, ``"FP16"``, ``"FP32"``, ``"FP8"`` (E4M3) for their ε_mach; otherwise the number."""
     if eps_mach is None or not math.isfinite(eps_mach) or eps_mach <= 0:
         return "unknown precision"
     name, ref = min(EPS_MACH.items(), key=lambda kv: abs(math.log2(eps_mach) - math.log2(kv[1])))
@@ -133,6 +134,8 @@ def _measured(rule: Rule, ext: Extreme) -> str:
         return f"smallest ρ_LN (below 1: ε-dominated): {_g(ext.value)} in {at} at step {ext.step}"
     if name == "r_local":
         return _error_fact(ext, at)
+    if ext.layer is not None:
+        return _layer_fact(ext)
     if rule.window:
         return f"z-score of {rule.signal}: {_g(ext.value)} at step {ext.step} (named block: {at})"
     return f"{rule.signal}: {_g(ext.value, 4)} in {at} at step {ext.step}"
@@ -155,6 +158,27 @@ def _error_fact(ext: Extreme, at: str) -> str:
     if att is not None and ffn is not None:
         text += f"; attention {_g(att)} vs FFN {_g(ffn)}"
     return text
+
+
+def _layer_fact(ext: Extreme) -> str:
+    text = (
+        f"largest FP8 error of a linear layer (mean over tokens): {ext.layer}, {ext.signal} = {_g(ext.raw)} "
+        f"= {_g(ext.value, 2)} × ε_mach at step {ext.step}"
+    )
+    bf16 = ext.parts.get("bf16_error_token")
+    return text + (f" (BF16: {_g(bf16, 2)})" if bf16 is not None else "")
+
+
+def _operands_text(ext: Extreme) -> str:
+    """``input: 99.5% underflow, 0% saturated`` for the operands that lost values."""
+    said = []
+    for operand, stats in ext.operands.items():
+        under, sat = stats.get("fp8_underflow", 0.0), stats.get("fp8_saturation", 0.0)
+        if under > 0 or sat > 0:
+            said.append(f"{operand}: {under:.3g} of its non-zero values underflow, {sat:.3g} saturate")
+        if len(said) == 2:
+            break
+    return "; ".join(said)
 
 
 def finding_text(f: Finding, j: Judgement) -> str:
@@ -182,7 +206,23 @@ def advice_text(a: Advice, j: Judgement) -> str:
         )
     if a.kind == "prefer_bf16":
         return f"train in BF16 rather than FP16, or scale the output of {a.module or at} down"
+    if a.kind == "keep_bf16":
+        return _keep_bf16_text(a, j)
     return "a lower learning rate (or a longer warm-up): the forward became fragile during training"
+
+
+def _keep_bf16_text(a: Advice, j: Judgement) -> str:
+    ext = j.layers.get(a.layer or "")
+    if ext is None:
+        return f"keep {a.layer} in BF16 (out of FP8)"
+    ratio = f", {ext.value / ext.others_median:.1f}× the other layers' median" if ext.others_median else ""
+    bf16 = ext.parts.get("bf16_error_token")
+    contrast = f"; in BF16 {_g(bf16, 2)}" if bf16 is not None else ""
+    lost = _operands_text(ext)
+    return (
+        f"keep {a.layer} in BF16 (out of FP8): its FP8 error per token is {_g(ext.raw, 3)} "
+        f"({_g(ext.value, 2)} × ε_mach{ratio}{contrast}) at step {ext.step}" + (f" — {lost}" if lost else "")
+    )
 
 
 def _alarm_text(j: Judgement) -> str:
@@ -297,11 +337,13 @@ def rule_sentence() -> str:
         return "; ".join(parts.values())
 
     fp32 = next(r for r in RULES if r.advice == "fp32_region")
+    bf16 = next(r for r in RULES if r.advice == "keep_bf16")
     return (
         f"*Rule* (`docs/RULES.md`): **at risk** when {levels('at_risk')}; **watch** when {levels('watch')}, "
         "or the early warning fired; otherwise **healthy**. Keeping a block in FP32 is advised only when "
         f"its {fp32.signal} is at least {fp32.advice_floor:g} × ε_mach and {fp32.stands_out:g}× the other "
-        "blocks' median."
+        f"blocks' median; keeping a linear layer in BF16 (FP8 passes) only when its {bf16.signal} is at "
+        f"least {bf16.advice_floor:g} × ε_mach (E4M3's) and {bf16.stands_out:g}× the other layers' median."
     )
 
 
@@ -319,7 +361,9 @@ def rule_table() -> str:
             signal += f" (else `{r.fallback}`)"
         advice = f"`{r.advice}`" if r.advice else "—"
         if r.advice_floor is not None or r.stands_out is not None:
-            advice += f" when ≥ {r.advice_floor:g} × ε_mach and ≥ {r.stands_out:g}× the other blocks' median"
+            others = "layers" if r.advice == "keep_bf16" else "blocks"
+            floor = f"≥ {r.advice_floor:g} × ε_mach"
+            advice += f" when {floor} and ≥ {r.stands_out:g}× the other {others}' median"
         alarm = f"`{r.alarm}`" if r.alarm else ("candidate" if r in CANDIDATES else "—")
         rows.append(
             f"| `{r.name}` | {signal} | {_level(r, r.watch)} | {_level(r, r.at_risk)} "

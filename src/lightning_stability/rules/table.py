@@ -19,6 +19,8 @@ from typing import Literal
 
 from lightning_stability.rules.thresholds import (
     ENTROPY_COLLAPSE,
+    FP8_LAYER_AT_RISK_EPS,
+    FP8_LAYER_WATCH_EPS,
     FP16_HEADROOM_AT_RISK_BITS,
     FP16_HEADROOM_WATCH_BITS,
     FP32_ADVICE_FLOOR_EPS,
@@ -34,10 +36,10 @@ from lightning_stability.rules.thresholds import (
 )
 
 Direction = Literal["above", "below"]
-#: Which passes a rule judges: any; FP16 only; any but FP16; low precision (ε_mach ≥ FP16's).
-Applies = Literal["any", "fp16", "not_fp16", "low_precision"]
+#: Which passes a rule judges: any; FP16 only; any but FP16; low precision (ε_mach ≥ FP16's); FP8 only.
+Applies = Literal["any", "fp16", "not_fp16", "low_precision", "fp8"]
 #: What to try, by kind; the renderer words it, the guard maps it to a mitigation.
-AdviceKind = Literal["qk_norm_or_clip", "eps_bump", "fp32_region", "prefer_bf16", "lower_lr"]
+AdviceKind = Literal["qk_norm_or_clip", "eps_bump", "fp32_region", "prefer_bf16", "lower_lr", "keep_bf16"]
 #: A finding's level; a judgement's status adds ``"healthy"`` (no finding).
 Severity = Literal["watch", "at risk"]
 Status = Literal["healthy", "watch", "at risk"]
@@ -55,7 +57,7 @@ class Rule:
         name: the rule's name (``attn_logit_max``…), as findings, alarms and guard actions carry it.
         signal: the metric it reads (a name of :data:`lightning_stability.metrics.METRICS`). Per-block
             values when the step has them (the most extreme block is judged and named), else the
-            model-level value.
+            model-level value; a per-layer metric is read per layer (the most extreme layer named).
         direction: ``"above"``: large values are bad; ``"below"``: small ones are.
         watch: the watch level (strict: ``value > watch`` above, ``<`` below); ``None``: none.
         at_risk: the at-risk level; ``None``: none.
@@ -74,7 +76,8 @@ class Rule:
         log: score ``log10`` of the signal (rolling z-score rules).
         advice_floor: the advice is given only from this value on (besides the watch level).
         stands_out: the advice is given only when the block's value is at least this many times the
-            median of the other blocks' values at the same step.
+            median of the other blocks' values at the same step (per-layer rules: the layer's against
+            the other layers'; the advice then names every layer that stood out).
         doc: one line: what it means.
     """
 
@@ -193,6 +196,20 @@ RULES: tuple[Rule, ...] = (
         advice_floor=FP32_ADVICE_FLOOR_EPS,
         stands_out=STANDS_OUT,
         doc="a block's own error on its exact input, in roundings (ε_mach); without r_local: r_block",
+    ),
+    Rule(
+        "fp8_layer",
+        "fp8_error_token",
+        "above",
+        watch=FP8_LAYER_WATCH_EPS,
+        at_risk=FP8_LAYER_AT_RISK_EPS,
+        applies="fp8",
+        advice="keep_bf16",
+        per_eps_mach=True,
+        advice_floor=FP8_LAYER_WATCH_EPS,
+        stands_out=STANDS_OUT,
+        doc="a linear layer's FP8 output error per token, in E4M3 roundings (FP8 what-if); the layers "
+        "standing out are kept in BF16",
     ),
     Rule(
         "kappa_softmax_z",

@@ -13,11 +13,16 @@ FP16_MAX = 65504.0
 #: ``log2(FP16_MAX)`` rounded up: the most FP16 headroom a value can have, in bits.
 FP16_MAX_BITS = 16.0
 #: Machine epsilon ``ε_mach`` (``torch.finfo(dtype).eps``) of each precision, by its short name.
-EPS_MACH: dict[str, float] = {"bf16": 2.0**-7, "fp16": 2.0**-10, "fp32": 2.0**-23}
+#: An FP8 pass takes E4M3's (``torch.finfo(torch.float8_e4m3fn).eps``): the format every FP8 recipe
+#: rounds the forward GEMMs' operands to (docs/FP8.md).
+EPS_MACH: dict[str, float] = {"bf16": 2.0**-7, "fp16": 2.0**-10, "fp32": 2.0**-23, "fp8": 2.0**-3}
 #: FP16's ε_mach: FP16-only rules apply to a pass with exactly this ε_mach.
 FP16_EPS_MACH = EPS_MACH["fp16"]
-#: ε_mach from which a pass is low precision (FP16's 2⁻¹⁰; BF16's 2⁻⁷ is larger): ρ_LN is judged there only.
+#: ε_mach from which a pass is low precision (FP16's 2⁻¹⁰; BF16's 2⁻⁷ and FP8's 2⁻³ are larger):
+#: ρ_LN is judged there only.
 LOW_PRECISION_EPS_MACH = FP16_EPS_MACH
+#: FP8's ε_mach (E4M3's 2⁻³): FP8-only rules apply to a pass with exactly this ε_mach.
+FP8_EPS_MACH = EPS_MACH["fp8"]
 
 # ------------------------------------------------------------------ attention logits
 #: QK-clip's τ (Megatron, Kimi K2): the logit rule's watch level (and the default alarm's) and
@@ -48,8 +53,20 @@ R_LOCAL_AT_RISK_EPS = 10.0
 #: r_local, in ε_mach, from which "keep this block in FP32" is advised (with :data:`STANDS_OUT`).
 #: A healthy BF16 Llama at initialisation measures up to 0.94 ε_mach in its first block.
 FP32_ADVICE_FLOOR_EPS = 2.0
-#: A block "stands out" when its r_local is at least this many times the other blocks' median.
+#: A block (a layer, under FP8) "stands out" when its r_local (its ``fp8_error_token``) is at least
+#: this many times the other blocks' (layers') median.
 STANDS_OUT = 2.0
+
+# ------------------------------------------------------------------ FP8 what-if
+#: A linear layer's FP8 error per token (``fp8_error_token``), in E4M3's ε_mach, above which the
+#: layer is "watch" and from which keeping it in BF16 is advised (with :data:`STANDS_OUT`): one
+#: E4M3 rounding's worth (12.5%, twice the largest relative rounding error 2⁻⁴ of one element).
+#: Healthy layers measure 0.23–0.30 ε_mach; a layer whose input loses its small values to
+#: per-tensor scaling, 7 (docs/FP8.md).
+FP8_LAYER_WATCH_EPS = 1.0
+#: ``fp8_error_token``, in E4M3's ε_mach, above which a layer is "at risk": half of each token's
+#: output lost (50%).
+FP8_LAYER_AT_RISK_EPS = 4.0
 
 # --------------------------------------------------------------- the paper's alarm
 #: Sampled steps of history of the paper's rolling z-score of κ_softmax (Exp. 2).

@@ -12,6 +12,7 @@ and ranks.
 """
 
 from lightning_stability.capture.probe.compose import compose_report, predictor_warnings
+from lightning_stability.capture.probe.fp8_pass import FP8Precision, fp8_statistics
 from lightning_stability.capture.probe.raw import RawMeasurement, ReduceOp
 from lightning_stability.capture.probe.spectra import WeightSpectra
 from lightning_stability.capture.probe.stability_probe import (
@@ -22,11 +23,13 @@ from lightning_stability.capture.probe.stability_probe import (
 
 __all__ = [
     "NO_ATTENTION_WARNING",
+    "FP8Precision",
     "RawMeasurement",
     "ReduceOp",
     "StabilityProbe",
     "WeightSpectra",
     "compose_report",
     "first_nonfinite_module",
+    "fp8_statistics",
     "predictor_warnings",
 ]

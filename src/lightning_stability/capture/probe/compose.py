@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING
 from lightning_stability import diagnostics as D
 from lightning_stability.capture.probe.raw import RawMeasurement
 from lightning_stability.capture.structure import MISSING_WO, Block
-from lightning_stability.metrics import BLOCK_METRICS, BY_NAME, HEAD_METRICS, RawKey
+from lightning_stability.metrics import BLOCK_METRICS, BY_NAME, HEAD_METRICS, LAYER_LEVELS, Metric, RawKey
 from lightning_stability.rules.thresholds import FP16_MAX
-from lightning_stability.stability_report import BlockReport, StabilityReport
+from lightning_stability.stability_report import BlockReport, LayerReport, OperandReport, StabilityReport
 
 if TYPE_CHECKING:
     from lightning_stability.capture.probe.stability_probe import StabilityProbe
-
 
 
 def predictor_warnings(blocks: Sequence[Block]) -> list[str]:
@@ -53,6 +52,17 @@ def _ratio(err_sq: float, ref_sq: float) -> float:
     if ref_sq > 0:
         return math.sqrt(err_sq / ref_sq)
     return 0.0 if err_sq == 0 else math.inf
+
+
+def _from_parts(row: Metric, a: float | None, b: float | None) -> float | None:
+    """A value derived from its two summed parts as its row says (``None``: a part is missing)."""
+    if row.derived is None or a is None or b is None:
+        return None
+    if row.derived.kind == "rms ratio":
+        return _ratio(a, b)
+    if row.derived.kind == "mean" and b:
+        return a / b
+    return None
 
 
 #: The reduced raw values of one measurement (host floats).
@@ -115,7 +125,31 @@ def compose_report(
         out.fp16_headroom = math.log2(FP16_MAX / top) if top > 0 else math.inf
     if blocks and all(b.residual_gain is not None for b in blocks):
         _bound(out, probe, values, bound_c)
+    out.layers = _layer_reports(values)
     return out
+
+
+def _layer_reports(values: Values) -> list[LayerReport]:
+    """Per linear layer (FP8 passes), the table's ``layer`` and ``operand`` rows, layers in measured order."""
+    got: dict[tuple[str, str | None, str], dict[str, float]] = {}
+    for key, raw in values.items():
+        name = key.metric or key.name
+        row = BY_NAME.get(name)
+        if key.module is None or row is None or row.level not in LAYER_LEVELS:
+            continue
+        got.setdefault((key.module, key.operand, name), {})[key.name] = raw
+    layers: dict[str, LayerReport] = {}
+    for (module, operand, name), parts in got.items():
+        row = BY_NAME[name]
+        layer = layers.setdefault(module, LayerReport(module))
+        target = layer if operand is None else layer.operands.setdefault(operand, OperandReport())
+        if row.measured or row.derived is None:
+            value = parts.get(name)
+        else:
+            a, b = (parts.get(part) for part in row.derived.parts)
+            value = _from_parts(row, a, b)
+        setattr(target, name, None if value is None or math.isnan(value) else value)
+    return list(layers.values())
 
 
 def _roll_up(out: StabilityReport) -> None:
@@ -157,10 +191,7 @@ def _block_report(
             setattr(report, name, None if value is None or math.isnan(value) else value)  # NaN: unknown
         elif row.derived is not None and row.derived.kind != "formula":
             a, b = (own.get(RawKey(part, i, metric=name)) for part in row.derived.parts)
-            if row.derived.kind == "rms ratio" and a is not None and b is not None:
-                setattr(report, name, _ratio(a, b))
-            elif row.derived.kind == "mean" and a is not None and b:
-                setattr(report, name, a / b)
+            setattr(report, name, _from_parts(row, a, b))
     _exact_means(report, own)
     report.c_ln, report.rho_ln = _norm_terms(probe, raw, values, i, eps, ln_constants)
     if own.get(RawKey("nonfinite", i, metric="r_block")):

@@ -4,7 +4,9 @@
 (attention, norm statistics, block outputs, module maxima), the residual gains, the
 low-precision pass compared block by block as it runs, the local (teacher-forced) passes, and
 :meth:`_Collector.finish` (the statistics). Every pass that runs in the low precision takes the
-context factory ``low_precision`` of :meth:`~.stability_probe.StabilityProbe.measure`.
+context factory ``low_precision`` of :meth:`~.stability_probe.StabilityProbe.measure`; an
+:class:`~.fp8_pass.FP8Precision` factory runs the propagated pass under its measured context
+(per-layer FP8 statistics) and every other low-precision forward under its plain one.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from lightning_stability.capture.attention import (
 )
 from lightning_stability.capture.batch import cast_floating
 from lightning_stability.capture.blocks import BlockTap, ModuleAmax, first_tensor
+from lightning_stability.capture.fp8 import FP8Record
 from lightning_stability.capture.hooks import HookContext
 from lightning_stability.capture.norms import NormCapture
 from lightning_stability.capture.probe.attention_stats import CallValues, block_statistics, call_values
+from lightning_stability.capture.probe.fp8_pass import FP8Precision, fp8_statistics
 from lightning_stability.capture.probe.raw import RawMeasurement
 from lightning_stability.capture.probe.spectra import weight_statistics
 from lightning_stability.capture.sharding import full_weights, gather_heads, unsharded
@@ -121,6 +125,7 @@ class _Collector:
         self.local_modules: dict[tuple[str, int], nn.Module] = {}
         self.norms: NormCapture | None = None
         self.lp_norms: NormCapture | None = None
+        self.fp8_records: dict[str, FP8Record] = {}
 
     # ----------------------------------------------------------- step 1: exact pass
     def exact_pass(
@@ -272,13 +277,18 @@ class _Collector:
             if x is not None:
                 self.mismatch[("r_block", i)].append(_mismatch(out, x))
 
+        fp8 = low_precision if isinstance(low_precision, FP8Precision) else None
+        measured = fp8.measured() if fp8 is not None else None
         with ExitStack() as stack:
-            stack.enter_context(low_precision())
-            self.raw.dtype = compute_dtype(probe.model)
+            stack.enter_context(low_precision() if measured is None else measured)
+            self.raw.dtype = compute_dtype(probe.model) if fp8 is None else fp8.dtype
             self.lp_norms = stack.enter_context(NormCapture(probe.norms, variances=False))
             stack.enter_context(BlockTap([b.module for b in blocks], on_output))
             same_stream()
             run(*args, **kwargs)
+        if measured is not None:
+            self.fp8_records = measured.records
+            self.raw.fp8_unquantized = [*measured.unsupported, *measured.not_called]
 
     # ----------------------------------------------------------- step 4: local errors
     def local_passes(self, low_precision: Callable[[], AbstractContextManager[Any]]) -> None:
@@ -346,6 +356,7 @@ class _Collector:
             raw.put(RawKey("residual_gain", index), torch.tensor(gain))
         self._mismatch_stats()
         self._amax_stats()
+        fp8_statistics(raw, self.fp8_records)
         for blocks in full_weights(probe.blocks):  # sharded: one block at a time, gathered in FP32
             weight_statistics(blocks, self.heads, probe.spectra_of(blocks), raw)
         return raw

@@ -30,6 +30,8 @@ class RawMeasurement:
         residual_gains: per block ``‖J_f‖₂`` when estimated (host floats).
         norm_meta: per normalization layer, ``(d, ε)`` as training uses them.
         attended: indices of the blocks that saw at least one attention call (exact pass).
+        fp8_unquantized: FP8 passes: linear layers left out of FP8 (their own ``forward``, or a
+            weight their parent uses directly), by module name.
     """
 
     values: dict[RawKey, Tensor] = field(default_factory=dict)
@@ -39,6 +41,7 @@ class RawMeasurement:
     residual_gains: dict[int, float] = field(default_factory=dict)
     norm_meta: dict[str, tuple[int, float]] = field(default_factory=dict)
     attended: set[int] = field(default_factory=set)
+    fp8_unquantized: list[str] = field(default_factory=list)
 
     def put(self, key: RawKey, value: Tensor) -> None:
         """Keep ``value`` (any 0-d or one-element tensor) under ``key``, as float64."""
