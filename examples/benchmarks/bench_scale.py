@@ -171,7 +171,7 @@ class Setup:
         with (
             torch.no_grad(),
             eval_mode(self.lm),
-            self.monitors["sampled"]._low_precision(self.trainer, self.lm),
+            self.monitors["sampled"]._low_precision(self.trainer, self.lm)(),
         ):
             self.lm(self.x)
 

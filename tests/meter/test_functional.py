@@ -160,3 +160,30 @@ def test_metrics_are_what_the_monitor_logs_on_a_real_fit(tmp_path: Path) -> None
         unmonitored, make_loader(n=48)
     )
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), unmonitored.parameters(), strict=True))
+
+
+def test_fp8_what_if_reports_every_linear_layer_and_keeps_delayed_scaling_history() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    x = torch.randn(8, 16)
+    before = copy.deepcopy(model.state_dict())
+    bf16 = measure(model, x).metrics()
+    current = measure(model, x, precision="fp8").metrics()
+    layer_tags = {t.split("/")[2] for t in current if t.startswith("stability/layer/")}
+    assert layer_tags == {"0", "2"}  # both linear layers, named by module
+    assert not any(t.startswith("stability/layer/") for t in bf16)
+    # E4M3 keeps 3 mantissa bits against BF16's 7: its error on the same layer is the larger
+    assert current["stability/layer/0/fp8_error"] > current["stability/layer/0/bf16_error"] > 0
+    delayed = ProbeOptions(fp8_recipe="delayed")
+    measure(model, x, precision="fp8", probe=delayed)
+    # the second call scales from the first call's amax: one factory per model and options
+    second = measure(model, 4 * x, precision="fp8", probe=delayed).metrics()
+    fresh = measure(copy.deepcopy(model), 4 * x, precision="fp8", probe=delayed).metrics()
+    assert second["stability/layer/0/input/fp8_amax"] == fresh["stability/layer/0/input/fp8_amax"]
+    assert second["stability/layer/0/input/fp8_saturation"] > fresh["stability/layer/0/input/fp8_saturation"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fp8_options_need_the_fp8_precision() -> None:
+    with pytest.raises(MisconfigurationException, match=r"probe.fp8_recipe.*precision='bf16'"):
+        measure(nn.Linear(4, 4), torch.randn(2, 4), probe=ProbeOptions(fp8_recipe="mxfp8"))

@@ -112,7 +112,7 @@ def reduce_across_ranks(
         >>> raw = RawMeasurement()
         >>> raw.put(RawKey("kappa_v", 0), torch.tensor(3.0))
         >>> reduce_across_ranks(raw)
-        {RawKey(name='kappa_v', block=0, head=None, call=None, metric=None, module=None): 3.0}
+        {RawKey(name='kappa_v', block=0, head=None, call=None, metric=None, module=None, operand=None): 3.0}
     """
     keys, vec = raw.flat()
     if keys and is_distributed(group):
