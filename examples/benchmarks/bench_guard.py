@@ -84,76 +84,103 @@ def train_step(model: TinyViT, batch: Any, opt: torch.optim.Optimizer) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def time_deciding(
+    cfg: argparse.Namespace, bench_setup: Setup, opt: torch.optim.Optimizer
+) -> dict[str, float]:
+    """A training step, the monitor's sampled step and the guard deciding (nothing fires), interleaved."""
+    trainer, model, batch, monitor, guard = bench_setup
+    args, kwargs = monitor.inputs_from_batch(batch)
+
+    def monitor_step() -> None:
+        report = monitor.measure(trainer, model, args, kwargs)
+        monitor._log(trainer, model, report)
+
+    def guard_step() -> None:
+        guard._last_step = -1  # decide again on the same report
+        guard.on_train_batch_end(trainer, model, None, batch, 0)
+
+    def plain_step() -> None:
+        train_step(model, batch, opt)
+
+    decide = interleaved(
+        {"train_step": plain_step, "monitor_sampled_step": monitor_step, "guard_decide": guard_step},
+        CPU,
+        cfg.reps,
+    )
+    assert not guard.actions, "nothing may fire on the healthy model"
+    return decide
+
+
+def time_acting(cfg: argparse.Namespace, bench_setup: Setup) -> dict[str, float]:
+    """Each action once on the first block (QK-clip, the ε rule, an FP32 override), undone each time."""
+    trainer, model, batch, monitor, _ = bench_setup
+    args, kwargs = monitor.inputs_from_batch(batch)
+    blocks = model_blocks(model)
+    heads = [150.0, 20.0, 120.0, 3.0]
+    bump = EpsilonBump(find_changeable_norms(model, include=[f"{blocks[0].name}.*"])[0])
+    bump.record_originals()
+    bump_args, bump_kwargs = sample_inputs(args, kwargs, cfg.sample_size, 0)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def qk_clip() -> None:
+        clip_block_qk(blocks[0], heads, QK_CLIP_TAU)
+        with torch.no_grad():  # undo, so every repetition clips the same weights
+            for n, p in model.named_parameters():
+                p.copy_(saved[n])
+
+    def eps_rule() -> None:
+        bump_norms(trainer, model, bump, bump_args, bump_kwargs, EPS_MACH["bf16"], "bench_guard")
+
+    def fp32_apply() -> None:
+        FP32Override(blocks[0].module).apply().restore()
+
+    act = interleaved(
+        {"qk_clip_block": qk_clip, "eps_rule_block": eps_rule, "fp32_apply": fp32_apply}, CPU, cfg.reps
+    )
+    bump.restore()
+    return act
+
+
+def time_living(
+    cfg: argparse.Namespace, model: TinyViT, batch: Any, opt: torch.optim.Optimizer
+) -> dict[str, float]:
+    """A BF16 training step with no block, the middle block and every block in FP32, interleaved."""
+    blocks = model_blocks(model)
+    one = FP32Override(blocks[cfg.depth // 2].module)
+    every = [FP32Override(b.module) for b in blocks]
+
+    def plain_step() -> None:
+        train_step(model, batch, opt)
+
+    def with_one() -> None:
+        with one:
+            train_step(model, batch, opt)
+
+    def with_every() -> None:
+        for o in every:
+            o.apply()
+        try:
+            train_step(model, batch, opt)
+        finally:
+            for o in every:
+                o.restore()
+
+    return interleaved(
+        {"bf16_step": plain_step, "one_block_fp32": with_one, "all_blocks_fp32": with_every},
+        CPU,
+        cfg.reps,
+    )
+
+
 def bench(cfg: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as log_dir, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer, model, batch, monitor, guard = setup(cfg, log_dir)
-        args, kwargs = monitor.inputs_from_batch(batch)
+        bench_setup = setup(cfg, log_dir)
+        model, batch = bench_setup[1], bench_setup[2]
         opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: repetitions see the same model
-        blocks = model_blocks(model)
-
-        def monitor_step() -> None:
-            report = monitor.measure(trainer, model, args, kwargs)
-            monitor._log(trainer, model, report)
-
-        def guard_step() -> None:
-            guard._last_step = -1  # decide again on the same report
-            guard.on_train_batch_end(trainer, model, None, batch, 0)
-
-        def plain_step() -> None:
-            train_step(model, batch, opt)
-
-        decide = interleaved(
-            {"train_step": plain_step, "monitor_sampled_step": monitor_step, "guard_decide": guard_step},
-            CPU,
-            cfg.reps,
-        )
-        assert not guard.actions, "nothing may fire on the healthy model"
-
-        heads = [150.0, 20.0, 120.0, 3.0]
-        bump = EpsilonBump(find_changeable_norms(model, include=[f"{blocks[0].name}.*"])[0])
-        bump.record_originals()
-        bump_args, bump_kwargs = sample_inputs(args, kwargs, cfg.sample_size, 0)
-        saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-        def qk_clip() -> None:
-            clip_block_qk(blocks[0], heads, QK_CLIP_TAU)
-            with torch.no_grad():  # undo, so every repetition clips the same weights
-                for n, p in model.named_parameters():
-                    p.copy_(saved[n])
-
-        def eps_rule() -> None:
-            bump_norms(trainer, model, bump, bump_args, bump_kwargs, EPS_MACH["bf16"], "bench_guard")
-
-        def fp32_apply() -> None:
-            FP32Override(blocks[0].module).apply().restore()
-
-        act = interleaved(
-            {"qk_clip_block": qk_clip, "eps_rule_block": eps_rule, "fp32_apply": fp32_apply}, CPU, cfg.reps
-        )
-        bump.restore()
-
-        one = FP32Override(blocks[cfg.depth // 2].module)
-        every = [FP32Override(b.module) for b in blocks]
-
-        def with_one() -> None:
-            with one:
-                train_step(model, batch, opt)
-
-        def with_every() -> None:
-            for o in every:
-                o.apply()
-            try:
-                train_step(model, batch, opt)
-            finally:
-                for o in every:
-                    o.restore()
-
-        live = interleaved(
-            {"bf16_step": plain_step, "one_block_fp32": with_one, "all_blocks_fp32": with_every},
-            CPU,
-            cfg.reps,
-        )
+        decide = time_deciding(cfg, bench_setup, opt)
+        act = time_acting(cfg, bench_setup)
+        live = time_living(cfg, model, batch, opt)
     base = decide["train_step"]
     return {
         "machine": machine_line(CPU),

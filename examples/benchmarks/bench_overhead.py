@@ -36,18 +36,20 @@ import sys
 import tempfile
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ → ``import tiny_vit``
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the dispatch counters beside this file
 
 import lightning.pytorch as pl
+from dispatch_counts import _SYNC_OPS as _SYNC_OPS  # re-exported: bench_compiled reads it here
+from dispatch_counts import _AllocTracker as _AllocTracker  # re-exported: bench_scale imports it here
+from dispatch_counts import host_syncs
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_stability import LNEpsilonBump, ProbeOptions, StabilityMonitor
@@ -124,60 +126,6 @@ def interleaved(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-class _AllocTracker(TorchDispatchMode):
-    """Live bytes of storages allocated by ops under the mode (peak kept); CPU memory stand-in."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._refs: dict[int, list[Any]] = {}  # storage ptr -> [bytes, tensor count]
-        self._seen: set[int] = set()
-        self._keep: dict[int, weakref.ref[torch.Tensor]] = {}
-
-    def _release(self, ptr: int, key: int) -> None:
-        self._keep.pop(key, None)
-        entry = self._refs.get(ptr)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live -= entry[0]
-            del self._refs[ptr]
-
-    def _track(self, t: torch.Tensor, input_ptrs: set[int]) -> None:
-        try:
-            storage = t.untyped_storage()
-        except Exception:
-            return
-        ptr = storage.data_ptr()
-        if ptr == 0:
-            return
-        if ptr not in self._refs:
-            if ptr in input_ptrs:
-                return  # a view of something allocated before the measurement
-            self._refs[ptr] = [storage.nbytes(), 0]
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-        key = id(t)
-        if key in self._keep and self._keep[key]() is t:
-            return
-        self._refs[ptr][1] += 1
-        self._keep[key] = weakref.ref(t, lambda _r, p=ptr, k=key: self._release(p, k))
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        input_ptrs = set()
-        for a in torch.utils._pytree.tree_leaves((args, kwargs)):
-            if isinstance(a, torch.Tensor):
-                with suppress(Exception):
-                    input_ptrs.add(a.untyped_storage().data_ptr())
-        for o in torch.utils._pytree.tree_leaves(out):
-            if isinstance(o, torch.Tensor):
-                self._track(o, input_ptrs)
-        return out
-
-
 def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes allocated during ``fn`` above what was allocated before it."""
     if device.type == "cuda":
@@ -191,59 +139,6 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     with tracker:
         fn()
     return tracker.peak
-
-
-#: Ops that make the host wait for the device on CUDA: a value read back (``.item()``, ``bool()``,
-#: ``allclose``, ``equal``), an output whose size depends on the data (``nonzero``, boolean
-#: indexing, ``masked_select``, ``repeat_interleave`` without ``output_size``), and the dense
-#: solvers, which read their LAPACK-style ``info`` back to raise on failure.
-_SYNC_OPS = {
-    "aten._local_scalar_dense": "value read back (.item(), bool(), allclose)",
-    "aten.equal": "value read back (.item(), bool(), allclose)",
-    "aten.is_nonzero": "value read back (.item(), bool(), allclose)",
-    "aten.nonzero": "data-dependent size (nonzero, boolean index)",
-    "aten.masked_select": "data-dependent size (nonzero, boolean index)",
-    "aten.repeat_interleave": "data-dependent size (nonzero, boolean index)",
-    "aten._linalg_eigh": "dense solver (eigvalsh/svdvals: info check)",
-    "aten._linalg_svd": "dense solver (eigvalsh/svdvals: info check)",
-    "aten.linalg_qr": "dense solver (eigvalsh/svdvals: info check)",
-}
-
-
-class _SyncCounter(TorchDispatchMode):
-    """Counts the ops of ``_SYNC_OPS`` (and boolean-mask indexing) dispatched under the mode.
-
-    On CPU nothing waits, but the same calls on CUDA each stall the host until the device has
-    caught up: this is the count a GPU run would pay, measured where no GPU is available. The
-    one explicit device-to-host transfer of the step (``.cpu().tolist()`` of the reduced
-    statistics) does not dispatch on a CPU tensor and is not counted here.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: dict[str, int] = {}
-        self.ops = 0  # every dispatched op: about one kernel launch each on CUDA
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops += 1
-        name = str(func.overloadpacket)
-        kind = _SYNC_OPS.get(name)
-        if kind is None and name in ("aten.index", "aten.index_put", "aten.index_put_"):
-            indices = args[1] if len(args) > 1 else ()
-            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()):
-                kind = _SYNC_OPS["aten.nonzero"]
-        if kind is not None:
-            self.counts[kind] = self.counts.get(kind, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
-def host_syncs(fn: Callable[[], Any]) -> dict[str, int]:
-    """Per kind, the number of host-syncing ops one call of ``fn`` dispatches (see ``_SyncCounter``),
-    and under ``"ops"`` the number of ops it dispatches in all (≈ kernel launches on CUDA)."""
-    counter = _SyncCounter()
-    with counter:
-        fn()
-    return {**dict(sorted(counter.counts.items())), "ops": counter.ops}
 
 
 # ------------------------------------------------------------------------------------ fitting
@@ -578,6 +473,89 @@ def _mb(b: float) -> str:
     return f"{b / 2**20:9.2f}"
 
 
+def overhead_ratios(fit: dict[str, Any], sampled: dict[str, Any]) -> dict[str, float]:
+    """The ratios of ``RATIO_KEYS`` from the fit and sampled-step figures."""
+    parts = sampled["parts_s"]
+    passes = parts["lp_pass"] + parts["fp32_pass"]
+    step = fit["step_s_none"]
+    default_n = fit["default_every_n_steps"]
+    ln_n = fit["ln_eps_every_n_steps"]
+    return {
+        "nonsampling_hook_ratio": (step + sampled["nonsampled_hook_s"]) / step,
+        "nonsampling_fit_ratio": fit["ratio"]["monitor_nonsampling"],
+        "fit_every_1_ratio": fit["ratio"]["monitor_every_1"],
+        "fit_every_10_ratio": fit["ratio"]["monitor_every_10"],
+        "fit_every_default_ratio": fit["ratio"][f"monitor_every_{default_n}"],
+        "fit_every_default_ratio_robust": fit["robust_ratio"][f"monitor_every_{default_n}"],
+        "ln_eps_default_ratio": fit["ratio"][f"ln_eps_every_{ln_n}"],
+        "sampled_step_over_passes": parts["sampled_step"] / passes,
+        "sampled_step_no_local_over_passes": parts["sampled_step_no_local"] / passes,
+    }
+
+
+def print_not_sampling(result: dict[str, Any]) -> None:
+    """Section 1: the hook at a non-sampled step and the fit that never samples."""
+    step, ratios = result["fit"]["step_s_none"], result["ratios"]
+    hook = result["sampled"]["nonsampled_hook_s"]
+    print("\n== not sampling (target <= 1.01x)")
+    print(f"  training step (no callback, median)     {step * 1e3:10.3f} ms")
+    print(f"  monitor hook at a non-sampled step      {hook * 1e6:10.3f} us")
+    print(f"  step + hook / step                      {ratios['nonsampling_hook_ratio']:10.5f} x")
+    print(f"  fit, every_n_steps > max_steps / none   {ratios['nonsampling_fit_ratio']:10.4f} x  (fit)")
+
+
+def print_fit(result: dict[str, Any]) -> None:
+    """Section 2: steps/s of each fit variant and the ratios predicted from the sampled step."""
+    fit = result["fit"]
+    print("\n== fit throughput (target <= 1.03x at the default every_n_steps)")
+    print(f"  {'variant':<26}{'steps/s':>9}{'time ratio':>12}{'robust':>9}{'sampled step ms':>17}")
+    for name, sps in fit["steps_per_s"].items():
+        rob = fit["robust_ratio"].get(name)
+        samp = fit["sampled_step_s"].get(name)
+        print(f"  {name:<26}{sps:9.3f}{fit['ratio'][name]:12.4f}"
+              f"{'' if rob is None else f'{rob:9.4f}':>9}{'' if samp is None else f'{samp * 1e3:17.2f}':>17}")
+    print("  (time ratio = steps/s(none) / steps/s(variant); robust = 1 + (median sampled interval -"
+          " median plain interval) / n / median step)")
+    print("  predicted from the sampled-step cost: "
+          + ", ".join(f"n={n}: {r:.4f}x" for n, r in result["predicted_ratio"].items()))
+
+
+def print_sampled(result: dict[str, Any]) -> None:
+    """Section 3: one sampled step's parts over the two passes, and its host syncs."""
+    sampled, ratios = result["sampled"], result["ratios"]
+    parts = sampled["parts_s"]
+    passes = parts["lp_pass"] + parts["fp32_pass"]
+    print("\n== one sampled step, decomposed (median, target whole/(LP+FP32) <= 1.5x)")
+    keys = ("lp_pass", "fp32_pass", "probe_measure", "diagnostics", "logging", "sampled_step",
+            "sampled_step_no_local")
+    for key in keys:
+        print(f"  {key:<26}{parts[key] * 1e3:10.3f} ms  {parts[key] / passes:7.3f} x passes")
+    print(f"  LP + FP32 passes          {passes * 1e3:10.3f} ms")
+    print(f"  sampled step / passes     {ratios['sampled_step_over_passes']:10.3f} x"
+          f"   (local_errors=False: {parts['sampled_step_no_local'] / passes:.3f} x)")
+    print(f"  floor with local errors: the passes + one more LP run of every block ~ "
+          f"{(passes + parts['lp_pass']) / passes:.2f} x passes, before any diagnostic")
+    print("\n== host syncs per sampled step (each would stall the host on CUDA; counted on CPU)")
+    for variant, counts in sampled["host_syncs"].items():
+        syncs = {kind: n for kind, n in counts.items() if kind != "ops"}
+        print(f"  {variant}: {sum(syncs.values())} = " + ", ".join(f"{n} {kind}" for kind, n in syncs.items())
+              + f"; {counts['ops']} ops dispatched in all (about one kernel launch each)")
+
+
+def print_scaling(result: dict[str, Any]) -> None:
+    """Section 4: sampled-step cost and peak extra memory per size."""
+    print("\n== scaling (sampled step; memory: peak extra allocation during the step)")
+    print(f"  {'d':>4}{'patch':>6}{'n':>6}{'passes ms':>11}{'step ms':>10}{'ratio':>7}"
+          f"{'peak MiB':>10}{'passes MiB':>11}{'1 layer MiB':>12}{'all MiB':>9}{'kept MiB':>9}"
+          f"{'peak/(layer+kept)':>18}")
+    for r in result["scaling"]:
+        print(f"  {r['d_model']:>4}{r['patch_size']:>6}{r['tokens']:>6}{r['passes_s'] * 1e3:11.2f}"
+              f"{r['sampled_step_s'] * 1e3:10.2f}{r['ratio']:7.2f}{_mb(r['peak_extra_bytes']):>10}"
+              f"{_mb(r['peak_passes_bytes']):>11}{_mb(r['layer_score_bytes']):>12}"
+              f"{_mb(r['all_layers_score_bytes']):>9}{_mb(r['kept_bytes']):>9}"
+              f"{r['peak_extra_bytes'] / (r['layer_score_bytes'] + r['kept_bytes']):18.2f}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse(argv)
     if cfg.threads:
@@ -594,68 +572,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sampled = bench_sampled(cfg, dm, log_dir)
         fit = bench_fit(cfg, dm, log_dir)
         scaling = bench_scaling(cfg, dm, log_dir)
-    parts = sampled["parts_s"]
-    passes = parts["lp_pass"] + parts["fp32_pass"]
-    step = fit["step_s_none"]
-    default_n = fit["default_every_n_steps"]
-    ln_n = fit["ln_eps_every_n_steps"]
-    ratios = {
-        "nonsampling_hook_ratio": (step + sampled["nonsampled_hook_s"]) / step,
-        "nonsampling_fit_ratio": fit["ratio"]["monitor_nonsampling"],
-        "fit_every_1_ratio": fit["ratio"]["monitor_every_1"],
-        "fit_every_10_ratio": fit["ratio"]["monitor_every_10"],
-        "fit_every_default_ratio": fit["ratio"][f"monitor_every_{default_n}"],
-        "fit_every_default_ratio_robust": fit["robust_ratio"][f"monitor_every_{default_n}"],
-        "ln_eps_default_ratio": fit["ratio"][f"ln_eps_every_{ln_n}"],
-        "sampled_step_over_passes": parts["sampled_step"] / passes,
-        "sampled_step_no_local_over_passes": parts["sampled_step_no_local"] / passes,
-    }
+    ratios = overhead_ratios(fit, sampled)
     # amortized overhead predicted from the sampled-step cost, for candidate intervals
-    extra = parts["sampled_step"]
+    extra, step = sampled["parts_s"]["sampled_step"], fit["step_s_none"]
     predicted = {n: 1.0 + extra / n / step for n in (1, 10, 20, 25, 50, 100)}
     result.update(fit=fit, sampled=sampled, scaling=scaling, ratios=ratios, predicted_ratio=predicted)
-
-    print("\n== not sampling (target <= 1.01x)")
-    print(f"  training step (no callback, median)     {step * 1e3:10.3f} ms")
-    print(f"  monitor hook at a non-sampled step      {sampled['nonsampled_hook_s'] * 1e6:10.3f} us")
-    print(f"  step + hook / step                      {ratios['nonsampling_hook_ratio']:10.5f} x")
-    print(f"  fit, every_n_steps > max_steps / none   {ratios['nonsampling_fit_ratio']:10.4f} x  (fit)")
-    print("\n== fit throughput (target <= 1.03x at the default every_n_steps)")
-    print(f"  {'variant':<26}{'steps/s':>9}{'time ratio':>12}{'robust':>9}{'sampled step ms':>17}")
-    for name, sps in fit["steps_per_s"].items():
-        rob = fit["robust_ratio"].get(name)
-        samp = fit["sampled_step_s"].get(name)
-        print(f"  {name:<26}{sps:9.3f}{fit['ratio'][name]:12.4f}"
-              f"{'' if rob is None else f'{rob:9.4f}':>9}{'' if samp is None else f'{samp * 1e3:17.2f}':>17}")
-    print("  (time ratio = steps/s(none) / steps/s(variant); robust = 1 + (median sampled interval -"
-          " median plain interval) / n / median step)")
-    print("  predicted from the sampled-step cost: "
-          + ", ".join(f"n={n}: {r:.4f}x" for n, r in predicted.items()))
-    print("\n== one sampled step, decomposed (median, target whole/(LP+FP32) <= 1.5x)")
-    keys = ("lp_pass", "fp32_pass", "probe_measure", "diagnostics", "logging", "sampled_step",
-            "sampled_step_no_local")
-    for key in keys:
-        print(f"  {key:<26}{parts[key] * 1e3:10.3f} ms  {parts[key] / passes:7.3f} x passes")
-    print(f"  LP + FP32 passes          {passes * 1e3:10.3f} ms")
-    print(f"  sampled step / passes     {ratios['sampled_step_over_passes']:10.3f} x"
-          f"   (local_errors=False: {parts['sampled_step_no_local'] / passes:.3f} x)")
-    print(f"  floor with local errors: the passes + one more LP run of every block ~ "
-          f"{(passes + parts['lp_pass']) / passes:.2f} x passes, before any diagnostic")
-    print("\n== host syncs per sampled step (each would stall the host on CUDA; counted on CPU)")
-    for variant, counts in sampled["host_syncs"].items():
-        syncs = {kind: n for kind, n in counts.items() if kind != "ops"}
-        print(f"  {variant}: {sum(syncs.values())} = " + ", ".join(f"{n} {kind}" for kind, n in syncs.items())
-              + f"; {counts['ops']} ops dispatched in all (about one kernel launch each)")
-    print("\n== scaling (sampled step; memory: peak extra allocation during the step)")
-    print(f"  {'d':>4}{'patch':>6}{'n':>6}{'passes ms':>11}{'step ms':>10}{'ratio':>7}"
-          f"{'peak MiB':>10}{'passes MiB':>11}{'1 layer MiB':>12}{'all MiB':>9}{'kept MiB':>9}"
-          f"{'peak/(layer+kept)':>18}")
-    for r in scaling:
-        print(f"  {r['d_model']:>4}{r['patch_size']:>6}{r['tokens']:>6}{r['passes_s'] * 1e3:11.2f}"
-              f"{r['sampled_step_s'] * 1e3:10.2f}{r['ratio']:7.2f}{_mb(r['peak_extra_bytes']):>10}"
-              f"{_mb(r['peak_passes_bytes']):>11}{_mb(r['layer_score_bytes']):>12}"
-              f"{_mb(r['all_layers_score_bytes']):>9}{_mb(r['kept_bytes']):>9}"
-              f"{r['peak_extra_bytes'] / (r['layer_score_bytes'] + r['kept_bytes']):18.2f}")
+    print_not_sampling(result)
+    print_fit(result)
+    print_sampled(result)
+    print_scaling(result)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     result["load_after"] = list(load)
     print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

@@ -166,22 +166,10 @@ def within_rows(points: list[dict], targets: list[str]) -> list[list[str]]:
     return rows
 
 
-def render(summary: dict[str, Any]) -> str:
-    """Markdown: configuration tails, then the regressions (mixed, within each precision, r_local)."""
-    points, setup, local = summary["points"], summary["setup"], summary["local"]
+def tails_table(points: list[dict], local: bool) -> str:
+    """Per (width, measured precision): mean ± std over seeds of each configuration's p95 tails."""
     widths = sorted({pt["d_model"] for pt in points})
     precs = [p for p in ("fp32", "bf16", "fp16") if any(pt["precision"] == p for pt in points)]
-    seeds = sorted({pt["seed"] for pt in points})
-    out = [
-        f"Trained: FP32 (`32-true`). Measured: {', '.join(p.upper() for p in precs)} autocast what-if "
-        f"vs exact FP32 on the same {setup['sample_size']} sampled examples, every {setup['every']} steps. "
-        f"Widths {widths}, seeds {seeds}, {setup['steps']} steps, "
-        f"{'real CIFAR-10' if setup['real_data'] else 'synthetic CIFAR-shaped data'}.",
-        provenance_line(summary["info"]),
-        "",
-        "**Per-configuration tails** (95th percentile over sampled steps; mean ± std over seeds):",
-        "",
-    ]
     rows = []
     for d in widths:
         for p in precs:
@@ -198,10 +186,17 @@ def render(summary: dict[str, Any]) -> str:
             rows.append(row)
     header = ["d_model", "measured", "ε_mach", "p95 r_block, block 0", "p95 r_block, last block"]
     header += ["p95 combined", "p95 combined·ε_mach"]
-    out.append(markdown_table(header + (["p95 max r_local"] if local else []), rows))
+    return markdown_table(header + (["p95 max r_local"] if local else []), rows)
+
+
+REGRESSION_HEADER = ["proxy", "Pearson_log", "Spearman", "R²", "slope", "n"]
+
+
+def regression_sections(points: list[dict], local: bool) -> list[str]:
+    """Table 2 on the mixed points, then within each low precision, then (if logged) on ``r_local``."""
     mixed = [pt for pt in points if pt["precision"] in LOW]
-    hdr = ["proxy", "Pearson_log", "Spearman", "R²", "slope", "n"]
-    out += [
+    hdr = REGRESSION_HEADER
+    out = [
         "",
         "**Table 2, mixed precision** (BF16 + FP16 points; target p95 `r_block`; "
         "paper: Pearson_log / Spearman / R² / slope):",
@@ -233,7 +228,26 @@ def render(summary: dict[str, Any]) -> str:
             "`stability/block{i}/r_local` was not logged by this version of the monitor: "
             "the r_local tables appear when it is (rerun this script).",
         ]
-    out += [
+    return out
+
+
+def render(summary: dict[str, Any]) -> str:
+    """Markdown: configuration tails, then the regressions (mixed, within each precision, r_local)."""
+    points, setup, local = summary["points"], summary["setup"], summary["local"]
+    widths = sorted({pt["d_model"] for pt in points})
+    precs = [p for p in ("fp32", "bf16", "fp16") if any(pt["precision"] == p for pt in points)]
+    seeds = sorted({pt["seed"] for pt in points})
+    out = [
+        f"Trained: FP32 (`32-true`). Measured: {', '.join(p.upper() for p in precs)} autocast what-if "
+        f"vs exact FP32 on the same {setup['sample_size']} sampled examples, every {setup['every']} steps. "
+        f"Widths {widths}, seeds {seeds}, {setup['steps']} steps, "
+        f"{'real CIFAR-10' if setup['real_data'] else 'synthetic CIFAR-shaped data'}.",
+        provenance_line(summary["info"]),
+        "",
+        "**Per-configuration tails** (95th percentile over sampled steps; mean ± std over seeds):",
+        "",
+        tails_table(points, local),
+        *regression_sections(points, local),
         "",
         "**Within one width and one precision** (`combined·ε_mach` against each target across the seeds; "
         "not in the paper):",

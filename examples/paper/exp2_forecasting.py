@@ -152,45 +152,49 @@ def summarize(results: list[RunResult], args: argparse.Namespace, finished: floa
     }
 
 
-def render(summary: dict) -> str:
-    """Markdown: one row per seed and (signal, target), the means, and the series' ends."""
-    setup, T = summary["setup"], summary["T"]
+def pair_rows(label: str, st: list[dict[str, float]]) -> list[list[str]]:
+    """One row per seed of one (signal, target) pair (beside the paper's where it has one), then the mean."""
     rows = []
-    for label, st in summary["rows"].items():
-        for x in st:
-            row = [
-                str(x["seed"]),
-                label,
-                fmt(x["lag"], 0) if math.isfinite(x["lag"]) else "—",
-                fmt(x["corr"]),
-                fmt(x["p"]),
-                fmt(x["prec"]),
-                fmt(x["chance"]),
-            ]
-            if label == "fwd error" and x["seed"] in PAPER:
-                lag, corr, p, prec = PAPER[x["seed"]]
-                row.append(f"{lag} / {fmt(corr)} / {fmt(p)} / {fmt(prec)}")
-            else:
-                row.append("")
-            rows.append(row)
-        mean = [float(np.nanmean([x[k] for x in st])) for k in ("lag", "corr", "prec", "chance")]
-        std = [float(np.nanstd([x[k] for x in st])) for k in ("lag", "corr", "prec", "chance")]
-        paper = "19.6 / 0.722 / — / 0.937" if label == "fwd error" else ""
-        rows.append(
-            [
-                "mean ± std",
-                label,
-                f"{mean[0]:.1f} ± {std[0]:.1f}",
-                f"{fmt(mean[1])} ± {fmt(std[1])}",
-                f"max {fmt(max(x['p'] for x in st))}",
-                f"{fmt(mean[2])} ± {fmt(std[2])}",
-                f"{fmt(mean[3])} ± {fmt(std[3])}",
-                paper,
-            ]
-        )
+    for x in st:
+        row = [
+            str(x["seed"]),
+            label,
+            fmt(x["lag"], 0) if math.isfinite(x["lag"]) else "—",
+            fmt(x["corr"]),
+            fmt(x["p"]),
+            fmt(x["prec"]),
+            fmt(x["chance"]),
+        ]
+        if label == "fwd error" and x["seed"] in PAPER:
+            lag, corr, p, prec = PAPER[x["seed"]]
+            row.append(f"{lag} / {fmt(corr)} / {fmt(p)} / {fmt(prec)}")
+        else:
+            row.append("")
+        rows.append(row)
+    mean = [float(np.nanmean([x[k] for x in st])) for k in ("lag", "corr", "prec", "chance")]
+    std = [float(np.nanstd([x[k] for x in st])) for k in ("lag", "corr", "prec", "chance")]
+    paper = "19.6 / 0.722 / — / 0.937" if label == "fwd error" else ""
+    rows.append(
+        [
+            "mean ± std",
+            label,
+            f"{mean[0]:.1f} ± {std[0]:.1f}",
+            f"{fmt(mean[1])} ± {fmt(std[1])}",
+            f"max {fmt(max(x['p'] for x in st))}",
+            f"{fmt(mean[2])} ± {fmt(std[2])}",
+            f"{fmt(mean[3])} ± {fmt(std[3])}",
+            paper,
+        ]
+    )
+    return rows
+
+
+def head_lines(summary: dict) -> list[str]:
+    """The set-up, the statistics' parameters and the provenance, above the table."""
+    setup, T = summary["setup"], summary["T"]
     seeds = [x["seed"] for x in summary["ends"]]
     k = math.ceil(0.1 * T)
-    head = [
+    return [
         f"Trained: FP32 (`32-true`). Measured: FP16 autocast what-if vs exact FP32, every "
         f"{setup['every']} step(s), {setup['sample_size']} sampled examples. d_model={setup['d_model']}, "
         f"{setup['steps']} steps (T = {T} measured), seeds {seeds}, "
@@ -203,20 +207,11 @@ def render(summary: dict) -> str:
         "without a signal.",
         "",
     ]
-    table = markdown_table(
-        [
-            "seed",
-            "target",
-            "best lag",
-            "best corr",
-            "p-value",
-            "Prec@K",
-            "chance Prec (K = T)",
-            "paper (lag / corr / p / Prec@K)",
-        ],
-        rows,
-    )
-    ends = markdown_table(
+
+
+def ends_table(ends: list[dict]) -> str:
+    """Per seed: the signal and the mismatch at the first step and over the last 20 measured steps."""
+    return markdown_table(
         [
             "seed",
             "max κ_softmax: first step",
@@ -232,15 +227,33 @@ def render(summary: dict) -> str:
                 fmt(e["r_block_first"]),
                 fmt(e["r_block_last20"]),
             ]
-            for e in summary["ends"]
+            for e in ends
         ],
     )
+
+
+def render(summary: dict) -> str:
+    """Markdown: one row per seed and (signal, target), the means, and the series' ends."""
+    rows = [row for label, st in summary["rows"].items() for row in pair_rows(label, st)]
+    table = markdown_table(
+        [
+            "seed",
+            "target",
+            "best lag",
+            "best corr",
+            "p-value",
+            "Prec@K",
+            "chance Prec (K = T)",
+            "paper (lag / corr / p / Prec@K)",
+        ],
+        rows,
+    )
     return (
-        "\n".join(head)
+        "\n".join(head_lines(summary))
         + "\n"
         + table
         + "\n\n**The two series over the run** (FP16 what-if; the first row's signal and target):\n\n"
-        + ends
+        + ends_table(summary["ends"])
         + "\n"
     )
 

@@ -255,7 +255,8 @@ def tables(results: list[RunResult], last: int) -> str:
     return render(summarize(results, last))
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (``--quick`` shrinks the sweep to one seed and one cell)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI smoke: tiny model, 20 steps, 1 seed, 1 cell")
     ap.add_argument("--seeds", type=int, default=5)
@@ -281,6 +282,67 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.d_model, args.rhos, args.caps, args.last = 1, 20, 32, [0.6], [1e-2], 10
+    return args
+
+
+def run_configs(args: argparse.Namespace) -> list[RunConfig]:
+    """Seed-major: per seed and configuration, the control then one run per (ρ*, cap) cell."""
+    small = {"depth": 2, "batch_size": 16, "synthetic_size": 256, "sample_size": 4} if args.quick else {}
+    configs = []
+    for seed, cname in itertools.product(range(args.seeds), args.configs):  # seed-major (see Exp-1)
+        if cname == "paper" and args.paper_seeds is not None and seed >= args.paper_seeds:
+            continue
+        scale = 1.0 if cname == "paper" else args.ours_embed_scale
+        bumps = [None] + [
+            {
+                "target_rho": rho,
+                "eps_min": 1e-6,
+                "eps_max": cap,
+                "every_n_steps": 5,
+                "sample_size": 16,
+                "eps_mach": EPS_MACH["fp16"],
+            }
+            for rho, cap in itertools.product(args.rhos, args.caps)
+        ]
+        configs += [
+            RunConfig(
+                seed=seed,
+                steps=args.steps,
+                d_model=args.d_model,
+                embed_scale=scale,
+                measure={"fp16": 5},
+                ln_bump=b,
+                data_dir=args.data_dir,
+                **small,
+            )
+            for b in bumps
+        ]
+    return configs
+
+
+def run_all(args: argparse.Namespace, raw: Path) -> list[RunResult]:
+    """Every run of the sweep (with ``--resume``, those not already in ``raw``), saved after each."""
+    configs = run_configs(args)
+    log(
+        f"Exp-3: {len(configs)} runs, expected wall time "
+        f"{eta(len(configs), SECONDS_PER_RUN * args.steps / 195 * (0.05 if args.quick else 1))}"
+    )
+    results = []
+    if args.resume and raw.exists():
+        results = load_raw(raw)
+        done = {key(r) for r in results}
+        configs = [c for c in configs if config_key(asdict(c)) not in done]
+        log(f"resuming: {len(results)} runs loaded, {len(configs)} to go")
+    for c in configs:
+        results.append(run_fit(c))
+        save_raw(args.out, args.name, results)
+        r = results[-1]
+        log(f"{key(r)}: {r.wall_s:.0f} s, bumped {len(r.bumped_layers)} layers")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     raw = args.out / f"{args.name}.json"
     if args.tables_only:
         if raw.exists():
@@ -288,52 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             summary = load_summary(args.out, args.name)
     else:
-        small = {"depth": 2, "batch_size": 16, "synthetic_size": 256, "sample_size": 4} if args.quick else {}
-        configs = []
-        for seed, cname in itertools.product(range(args.seeds), args.configs):  # seed-major (see Exp-1)
-            if cname == "paper" and args.paper_seeds is not None and seed >= args.paper_seeds:
-                continue
-            scale = 1.0 if cname == "paper" else args.ours_embed_scale
-            bumps = [None] + [
-                {
-                    "target_rho": rho,
-                    "eps_min": 1e-6,
-                    "eps_max": cap,
-                    "every_n_steps": 5,
-                    "sample_size": 16,
-                    "eps_mach": EPS_MACH["fp16"],
-                }
-                for rho, cap in itertools.product(args.rhos, args.caps)
-            ]
-            configs += [
-                RunConfig(
-                    seed=seed,
-                    steps=args.steps,
-                    d_model=args.d_model,
-                    embed_scale=scale,
-                    measure={"fp16": 5},
-                    ln_bump=b,
-                    data_dir=args.data_dir,
-                    **small,
-                )
-                for b in bumps
-            ]
-        log(
-            f"Exp-3: {len(configs)} runs, expected wall time "
-            f"{eta(len(configs), SECONDS_PER_RUN * args.steps / 195 * (0.05 if args.quick else 1))}"
-        )
-        results = []
-        if args.resume and raw.exists():
-            results = load_raw(raw)
-            done = {key(r) for r in results}
-            configs = [c for c in configs if config_key(asdict(c)) not in done]
-            log(f"resuming: {len(results)} runs loaded, {len(configs)} to go")
-        for c in configs:
-            results.append(run_fit(c))
-            save_raw(args.out, args.name, results)
-            r = results[-1]
-            log(f"{key(r)}: {r.wall_s:.0f} s, bumped {len(r.bumped_layers)} layers")
-        summary = summarize(results, args.last)
+        summary = summarize(run_all(args, raw), args.last)
     save_summary(args.out, args.name, summary)
     md = render(summary)
     (args.out / f"{args.name}.md").write_text(md)
