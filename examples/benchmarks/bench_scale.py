@@ -295,6 +295,17 @@ def fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def previous_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """With ``--resume``: the rows of ``--out`` measured with the same clock, threads, batch and sample."""
+    if not (args.resume and args.out and args.out.exists()):
+        return []
+    old = json.loads(args.out.read_text())
+    same = old.get("clock") == args.clock and old.get("threads") == args.threads
+    wanted = configs(args)
+    rows = [r for r in old.get("rows", []) if any(all(r[k] == v for k, v in c.items()) for c in wanted)]
+    return rows if same and all(r.get("batch", args.batch) == args.batch for r in rows) else []
+
+
 def configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     for axis in args.axes:
@@ -337,12 +348,19 @@ def main() -> None:
     )
     ap.add_argument("--one", help="measure one configuration (JSON) in this process and print it")
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the configurations --out already holds (same clock and threads)",
+    )
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure_one(json.loads(args.one), args.reps, args.batch, args.sample)))
         return
-    rows = []
+    rows = previous_rows(args)
     for cfg in configs(args):
+        if any(all(r[k] == v for k, v in cfg.items()) for r in rows):
+            continue  # measured by an earlier run into the same --out (--resume)
         print(f"  [{cfg}]", file=sys.stderr, flush=True)
         rows.append({**run_one({k: v for k, v in cfg.items() if k != "axis"}, args), "axis": cfg["axis"]})
         if args.out:  # keep what is done so far
