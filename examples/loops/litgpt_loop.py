@@ -16,6 +16,8 @@ Needs litgpt (``pip install --no-deps litgpt psutil``).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +27,9 @@ from torch import nn
 from lightning_stability import judge_reports, measure
 from lightning_stability.stability_report import StabilityReport
 
-VOCAB, SEQ = 64, 32
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the Fabric example beside it
+from fabric_loop import SEQ, VOCAB, markov_batches
+
 #: litgpt config name -> key/value head groups of the scaled-down model (4 query heads)
 MODELS = {"pythia-14m": 4, "Llama-3.2-1B": 2, "gemma-2-2b": 2}
 
@@ -45,25 +49,12 @@ def build(name: str, layers: int = 2) -> nn.Module:
     return GPT(Config.from_name(name, **kw))
 
 
-def markov_tokens(steps: int, batch: int, seed: int = 0) -> list[torch.Tensor]:
-    """``steps`` batches of ``(batch, SEQ + 1)`` tokens from a random transition table."""
-    g = torch.Generator().manual_seed(seed)
-    table = torch.softmax(3 * torch.randn(VOCAB, VOCAB, generator=g), -1)
-    out = []
-    for _ in range(steps):
-        tok = torch.randint(0, VOCAB, (batch, 1), generator=g)
-        for _ in range(SEQ):
-            tok = torch.cat([tok, torch.multinomial(table[tok[:, -1]], 1, generator=g)], 1)
-        out.append(tok)
-    return out
-
-
 def train(name: str, steps: int, every: int, batch: int) -> list[StabilityReport]:
     """Train ``name`` for ``steps`` steps in BF16 autocast; a report every ``every`` steps."""
     model = build(name)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     reports = []
-    for step, tokens in enumerate(markov_tokens(steps, batch), start=1):
+    for step, tokens in enumerate(markov_batches(steps, batch), start=1):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(inputs)
