@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -137,38 +139,21 @@ def test_rho_ln_of_an_fp32_pass_is_not_called_epsilon_dominated() -> None:
     assert [(a.kind, a.block) for a in bf16.advice] == [("eps_bump", 0)]
 
 
-class LlamaLM(LightningModule):
-    """A transformers Llama built from a config, random init; lr 0: it stays at initialisation."""
-
-    def __init__(self, hidden: int, layers: int) -> None:
-        super().__init__()
-        transformers = pytest.importorskip("transformers")
-        config = transformers.LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=hidden * 8 // 3 // 8 * 8,
-            num_hidden_layers=layers,
-            num_attention_heads=hidden // 64,
-            num_key_value_heads=hidden // 64,
-            vocab_size=1000,
-            max_position_embeddings=128,
-        )
-        self.model = transformers.LlamaForCausalLM(config)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        (x,) = batch
-        return self.model(input_ids=x, labels=x).loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.0)
+def _example_llama() -> type[LightningModule]:
+    """The Llama of ``examples/rules/llama_at_init.py`` (the same model its report was made with)."""
+    pytest.importorskip("transformers")
+    path = Path(__file__).resolve().parents[2] / "examples" / "rules" / "llama_at_init.py"
+    spec = importlib.util.spec_from_file_location("llama_at_init", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Llama  # type: ignore[no-any-return]
 
 
 @pytest.mark.timeout(600)
 def test_a_healthy_llama_at_initialisation_gets_no_advice(tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
-    model = LlamaLM(hidden=512, layers=4)
+    model = _example_llama()(hidden=512, layers=4)
     x = torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(0))
     monitor = StabilityMonitor(every_n_steps=1, sample_size=8, precision="bf16")
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=1), callbacks=[monitor])
