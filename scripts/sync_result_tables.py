@@ -6,20 +6,27 @@ A page marks each table it shows from an output file::
     ...
     <!-- /result -->
 
-The source is a path from the repository root: a Markdown file (the whole file), a Markdown file
-with ``#k`` (its k-th table, counted from 1), or a JSON file with a renderer below
-(``examples/benchmarks/results/bench_fp8.json``). Run after regenerating an output:
-``.venv/bin/python scripts/sync_result_tables.py`` (``tests/docs/test_result_tables.py`` fails
-until the pages agree with the files).
+The source is a path from the repository root:
+
+- a Markdown file: the whole file;
+- ``PATH.md#k``: its k-th table (runs of lines starting with ``|``), counted from 1;
+- a JSON file listed in ``RENDERERS``: the Markdown its script renders from it (the same function
+  the script's own ``--render`` prints, loaded from the script file);
+- ``PATH.json#k``: the k-th table of that rendering.
+
+Run after regenerating an output: ``.venv/bin/python scripts/sync_result_tables.py``
+(``tests/docs/test_result_tables.py`` fails until the pages agree with the files).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- result: (?P<source>\S+) -->\n\n)(?P<body>.*?)(\n\n<!-- /result -->)", re.S)
@@ -39,23 +46,35 @@ def markdown_tables(text: str) -> list[str]:
     return ["\n".join(t) for t in tables]
 
 
-def render_bench_fp8(body: dict[str, Any]) -> str:
-    """``bench_fp8.py``'s output: seconds per measurement and the ratio over the BF16 what-if."""
-    rows = [
-        "| model | parameters | what-if | seconds | × BF16 what-if |",
-        "|---|---|---|---|---|",
-    ]
-    for model, m in body["models"].items():
-        ratio = {"bf16": 1.0, **m["ratio_over_bf16"]}
-        for variant, seconds in m["seconds"].items():
-            rows.append(
-                f"| {model} | {m['parameters']:,} | {variant} | {seconds:.3g} | {ratio[variant]:.3g} |"
-            )
-    return "\n".join(rows) + f"\n\n{body['machine']}; {body['reps']} repetitions, medians."
+@functools.cache
+def script(path: str) -> ModuleType:
+    """The module of a script of the repository, loaded from its file (once)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
-    "examples/benchmarks/results/bench_fp8.json": render_bench_fp8,
+def of_json(path: str, name: str = "render") -> Callable[[Path], str]:
+    """A renderer that calls ``name`` of the script at ``path`` on the parsed JSON file."""
+    return lambda file: str(getattr(script(path), name)(json.loads(file.read_text())))
+
+
+def of_file(path: str, name: str = "render") -> Callable[[Path], str]:
+    """A renderer that calls ``name`` of the script at ``path`` on the file's path."""
+    return lambda file: str(getattr(script(path), name)(file))
+
+
+SCALE = "examples/benchmarks/scale_tables.py"
+SCALE_FILES = ("base", "extremal", "extremal_widths", "weight_reuse", "scale", "paper")
+#: How each committed JSON output becomes Markdown: its script's renderer.
+RENDERERS: dict[str, Callable[[Path], str]] = {
+    "examples/benchmarks/results/bench_fp8.json": of_json("examples/benchmarks/bench_fp8.py"),
+    "examples/benchmarks/results/bench_distributed.json": of_json("examples/benchmarks/bench_distributed.py"),
+    "examples/scenarios/results/fp8_whatif.json": of_json("examples/scenarios/fp8_whatif.py"),
+    "docs/perf/compiled_cpu.json": of_json("examples/benchmarks/bench_compiled.py"),
+    **{f"docs/scale/{name}.json": of_file(SCALE) for name in SCALE_FILES},
 }
 
 
@@ -63,9 +82,7 @@ def expected(source: str) -> str:
     """What a page shows between the markers of ``source``."""
     path, _, index = source.partition("#")
     file = ROOT / path
-    if path in RENDERERS:
-        return RENDERERS[path](json.loads(file.read_text()))
-    text = file.read_text()
+    text = RENDERERS[path](file) if path in RENDERERS else file.read_text()
     if index:
         return markdown_tables(text)[int(index) - 1]
     return text.rstrip("\n")

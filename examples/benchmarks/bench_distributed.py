@@ -181,6 +181,36 @@ def machine_line() -> str:
     )
 
 
+SETUPS = {"one": "one process", "ddp": "DDP, 2 processes", "fsdp2": "FSDP2, 2 processes"}
+
+
+def render(result: dict[str, Any]) -> str:
+    """Markdown: per set-up the median training and sampled step of rank 0, and the machine."""
+    lines = [
+        f"Tiny pre-LN Transformer d={D}, {HEADS} heads, {DEPTH} blocks, {TOKENS} tokens, batch {BATCH} "
+        f"per rank, sample {SAMPLE}, bf16-mixed; wall medians of rank 0.",
+        "",
+        f"- before: {result['machine_before']}",
+        f"- after: {result['machine_after']}",
+        "",
+        "| set-up | training step | sampled step | sampled / training | monitor's extra | "
+        "parameters held in full |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        lines.append(
+            f"| {SETUPS.get(r['setup'], r['setup'])} | {1e3 * r['train_step_s']:.1f} ms | "
+            f"{1e3 * r['sampled_step_s']:.1f} ms | {r['sampled_over_train']:.2f}× | "
+            f"{1e3 * r['monitor_s']:.1f} ms | "
+            f"{r['gathered_peak_bytes'] / 1024:.0f} of {r['model_fp32_bytes'] / 1024:.0f} KiB |"
+        )
+    first, *others = result["results"]
+    relative = ", ".join(f"{r['setup'].upper()} {r['monitor_s'] / first['monitor_s']:.2f}×" for r in others)
+    return "\n".join(
+        [*lines, "", f"The monitor's extra time relative to {SETUPS[first['setup']]}: {relative}."]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=24)
@@ -197,28 +227,11 @@ def main() -> None:
         return
     before = machine_line()
     results = [launch(setup, args.steps) for setup in ("one", "ddp", "fsdp2")]
-    print(before)
-    print(f"model: d={D}, {HEADS} heads, {DEPTH} blocks, {TOKENS} tokens, batch {BATCH}, sample {SAMPLE}")
-    print("| set-up | training step | sampled step | sampled / training | monitor's extra | held in full |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        print(
-            f"| {r['setup']} | {1e3 * r['train_step_s']:.1f} ms | {1e3 * r['sampled_step_s']:.1f} ms | "
-            f"{r['sampled_over_train']:.2f}× | {1e3 * r['monitor_s']:.1f} ms | "
-            f"{r['gathered_peak_bytes'] / 1024:.0f} KiB of {r['model_fp32_bytes'] / 1024:.0f} KiB |"
-        )
-    one = results[0]["monitor_s"]
-    print(
-        "monitor's extra time relative to one process: "
-        + ", ".join(f"{r['setup']} {r['monitor_s'] / one:.2f}×" for r in results)
-    )
+    result = {"machine_before": before, "machine_after": machine_line(), "results": results}
+    print(render(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            json.dumps(
-                {"machine_before": before, "machine_after": machine_line(), "results": results}, indent=2
-            )
-        )
+        args.out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,17 @@ SHOWN = {
     "docs/REPRODUCTION.md": [
         f"examples/paper/results/{n}.md" for n in ("exp1", "exp2", "exp3_paper", "exp3")
     ],
-    "docs/HELDOUT.md": [f"examples/heldout/results/tables.md#{k}" for k in (1, 2, 3, 4, 6, 8)],
-    "docs/performance.md": ["examples/benchmarks/results/bench_fp8.json"],
+    "docs/HELDOUT.md": [
+        *(f"examples/heldout/results/tables.md#{k}" for k in (1, 2, 3, 4, 6, 8)),
+        "examples/heldout/results/guard_tables.md#1",
+    ],
+    "docs/FP8.md": [
+        "examples/scenarios/results/fp8_whatif.json",
+        "examples/benchmarks/results/bench_fp8.json",
+    ],
+    "docs/compiled.md": ["docs/perf/compiled_cpu.json"],
+    "docs/DISTRIBUTED.md": ["examples/benchmarks/results/bench_distributed.json"],
+    "docs/SCALE.md": [f"docs/scale/{name}.json" for name in SYNC.SCALE_FILES],
 }
 
 
@@ -62,3 +71,10 @@ def test_sync_rewrites_a_stale_table(tmp_path: Path) -> None:
     assert SYNC.sync(page) is True
     assert SYNC.blocks(page) == [(source, SYNC.expected(source))]
     assert SYNC.sync(page) is False
+
+
+def test_a_json_source_with_k_selects_a_table_of_its_rendering() -> None:
+    rendered = SYNC.expected("docs/scale/scale.json")
+    growth = SYNC.expected("docs/scale/scale.json#2")
+    assert growth.startswith("| axis | train | monitor |") and growth in rendered
+    assert SYNC.markdown_tables(rendered)[1] == growth
