@@ -66,6 +66,18 @@ def of_file(path: str, name: str = "render") -> Callable[[Path], str]:
     return lambda file: str(getattr(script(path), name)(file))
 
 
+def render_two_commands(file: Path) -> str:
+    """``scripts/time_two_commands.sh``'s output (a shell script: its renderer lives here)."""
+    body = json.loads(file.read_text())
+    rows = ["| command | wall seconds | exit code | 1-minute load before → after |", "|---|---|---|---|"]
+    for name in ("main_job", "ci"):
+        r = body[name]
+        rows.append(
+            f"| `{r['command']}` | {r['wall_s']} | {r['rc']} | {r['load_before']} → {r['load_after']} |"
+        )
+    return "\n".join(rows) + f"\n\n{body['machine']}; {body['date']}, commit {body['commit']}."
+
+
 SCALE = "examples/benchmarks/scale_tables.py"
 SCALE_FILES = ("base", "extremal", "extremal_widths", "weight_reuse", "scale", "paper")
 #: How each committed JSON output becomes Markdown: its script's renderer.
@@ -74,6 +86,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "examples/benchmarks/results/bench_distributed.json": of_json("examples/benchmarks/bench_distributed.py"),
     "examples/scenarios/results/fp8_whatif.json": of_json("examples/scenarios/fp8_whatif.py"),
     "docs/perf/compiled_cpu.json": of_json("examples/benchmarks/bench_compiled.py"),
+    "docs/perf/two_commands.json": render_two_commands,
     **{f"docs/scale/{name}.json": of_file(SCALE) for name in SCALE_FILES},
 }
 

@@ -37,7 +37,11 @@ SHOWN = {
         "examples/benchmarks/results/bench_fp8.json",
     ],
     "docs/compiled.md": ["docs/perf/compiled_cpu.json"],
-    "docs/DISTRIBUTED.md": ["examples/benchmarks/results/bench_distributed.json"],
+    "docs/DISTRIBUTED.md": [
+        "examples/benchmarks/results/bench_distributed.json",
+        "docs/scale/paper.json#1",
+    ],
+    "docs/getting-started.md": ["docs/perf/two_commands.json"],
     "docs/SCALE.md": [f"docs/scale/{name}.json" for name in SYNC.SCALE_FILES],
 }
 
