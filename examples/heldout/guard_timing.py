@@ -2,17 +2,20 @@
 
 ::
 
-    nice -n 10 python examples/heldout/guard_timing.py > examples/heldout/results/guard_timing.json
+    nice -n 10 python examples/heldout/guard_timing.py --out examples/heldout/results/guard_timing.json
 
 For each run of :data:`TIMED` (seed 0, the first :data:`STEPS` steps), the unguarded and the guarded run
 (both with the monitor, as in the evaluation) alternate :data:`REPEATS` times, A B B A …, so that a
 change of the machine's load falls on both; the median wall-time ratio guarded / unguarded is
-printed with every time. The guarded runs also report whether the guard acted and whether the losses
-equal the unguarded ones step for step. Wall time of ``trainer.fit`` only (model built outside).
+printed with every time and written to ``--out`` (the monitor's verdicts at the end of each fit go
+to stdout too, so a redirect of stdout is no JSON file). The guarded runs also report whether the
+guard acted and whether the losses equal the unguarded ones step for step. Wall time of
+``trainer.fit`` only (model built outside).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -48,7 +51,10 @@ def _one(scenario: str, arm: str, guarded: bool, logs: Path) -> tuple[float, lis
 
 
 def main() -> None:
-    """Time every run of :data:`TIMED`; print one JSON document."""
+    """Time every run of :data:`TIMED`; print one JSON document and write it to ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="write the JSON document here")
+    args = parser.parse_args()
     _quiet()
     out: dict[str, object] = {
         "steps": STEPS,
@@ -78,6 +84,8 @@ def main() -> None:
             }
     out["load_after"] = os.getloadavg()
     print(json.dumps(out, indent=1))
+    if args.out is not None:
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
