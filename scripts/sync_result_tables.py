@@ -10,8 +10,8 @@ The source is a path from the repository root:
 
 - a Markdown file: the whole file;
 - ``PATH.md#k``: its k-th table (runs of lines starting with ``|``), counted from 1;
-- a JSON file listed in ``RENDERERS``: the Markdown its script renders from it (the same function
-  the script's own ``--render`` prints, loaded from the script file);
+- a JSON file listed in ``RENDERERS``: the Markdown its script renders from it (the script's own
+  function, loaded from the script file: no second copy of the rendering here);
 - ``PATH.json#k``: the k-th table of that rendering.
 
 Run after regenerating an output: ``.venv/bin/python scripts/sync_result_tables.py``
