@@ -98,9 +98,10 @@ def _loads(rows: list[dict[str, Any]]) -> str:
 
 def scale(data: dict[str, Any]) -> str:
     """The sweep's rows (one configuration each) and the growth law fitted to them per axis."""
-    from bench_scale import derived
+    from bench_scale import AXES, derived
 
-    rows = data["rows"]
+    order = list(AXES)  # rows by axis, then by the axis' value (a resumed sweep appends its rows)
+    rows = sorted(data["rows"], key=lambda r: (order.index(r["axis"]), r[AXES[r["axis"]][0]]))
     lines = [
         f"Clock: {data.get('clock', 'wall')} seconds, {data.get('threads', '?')} thread(s); {_loads(rows)}"
     ]
