@@ -59,8 +59,12 @@ class Variant:
 #: variant name → what it adds; the alarm's evaluation uses "none".
 VARIANTS: dict[str, Variant] = {
     "none": Variant(),
-    # the guard at its defaults (QK-clip by the block's maximum: the monitor logs no per-head values)
-    "guard": Variant(callbacks=lambda spec: [StabilityGuard()]),
+    # the guard, QK-clipping only at the monitor's sampled checks, by the block's maximum (the
+    # monitor logs no per-head values)
+    "guard": Variant(callbacks=lambda spec: [StabilityGuard(qk_clip_every_step=False)]),
+    # the guard, a block armed by its first QK-clip then clipped after every optimizer step by
+    # the per-head maxima of its own training forward (MuonClip's schedule)
+    "guard_every_step": Variant(callbacks=lambda spec: [StabilityGuard(qk_clip_every_step=True)]),
 }
 
 
