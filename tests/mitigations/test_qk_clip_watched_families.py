@@ -45,7 +45,9 @@ def _hf(name: str, impl: str) -> tuple[nn.Module, Callable[[nn.Module], Tensor]]
         cfg = transformers.BertConfig(**common, **drop, intermediate_size=64, vocab_size=60)
         model = transformers.BertForMaskedLM._from_config(cfg, attn_implementation=impl)
         return model, lambda m: m(ids, labels=ids).loss
-    cfg = transformers.ViTConfig(**common, **drop, intermediate_size=64, image_size=8, patch_size=2, num_channels=1)
+    cfg = transformers.ViTConfig(
+        **common, **drop, intermediate_size=64, image_size=8, patch_size=2, num_channels=1
+    )
     model = transformers.ViTForImageClassification._from_config(cfg, attn_implementation=impl)
     pixels, labels = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 0])
     return model, lambda m: m(pixel_values=pixels, labels=labels).loss

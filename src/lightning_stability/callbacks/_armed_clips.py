@@ -165,8 +165,10 @@ def _exchange(trainer: Trainer, clips: list[QKClip]) -> tuple[list[Tensor | None
         failures[j] or ("failed on another process" if bool((every[:, j] == _FAILED).any()) else None)
         for j in range(len(clips))
     ]
-    agreed = [failures[j] is None and bool((every[:, j] == every[0, j]).all()) and int(every[0, j]) > 0
-              for j in range(len(clips))]
+    agreed = [
+        failures[j] is None and bool((every[:, j] == every[0, j]).all()) and int(every[0, j]) > 0
+        for j in range(len(clips))
+    ]
     parts = [maxima[j] for j in range(len(clips)) if agreed[j]]
     if not parts:
         return [None] * len(clips), failures

@@ -178,9 +178,15 @@ class StabilityGuard(Callback):
         check_number("r_local_factor", r_local_factor, 0.0, math.inf, open_low=True, open_high=True)
         check_number("min_fp16_headroom", min_fp16_headroom, 0.0, FP16_MAX_BITS)
         check_choice("fp32_scope", fp32_scope, ("block", "attention"))
-        flags = {"qk_clip": qk_clip, "eps_bump": eps_bump, "fp32": fp32, "require_alarm": require_alarm,
-                 "dry_run": dry_run, "restore_on_fit_end": restore_on_fit_end,
-                 "qk_clip_every_step": qk_clip_every_step}
+        flags = {
+            "qk_clip": qk_clip,
+            "eps_bump": eps_bump,
+            "fp32": fp32,
+            "require_alarm": require_alarm,
+            "dry_run": dry_run,
+            "restore_on_fit_end": restore_on_fit_end,
+            "qk_clip_every_step": qk_clip_every_step,
+        }
         for name, flag in flags.items():
             if not isinstance(flag, bool):  # check_choice would take 1 for True
                 raise MisconfigurationException(f"`{name}` must be True or False, got {flag!r}")
