@@ -205,3 +205,36 @@ def test_ddp_two_processes_clip_every_step_alike(tmp_path: Path) -> None:
     assert ranks[0]["armed"]["steps_clipped"]["blocks.0"] >= 3
     # the maxima were reduced across ranks: the same heads rescaled by the same factors on both
     assert ranks[0] == ranks[1]
+
+
+class FailingOnRankOne(RecordingGuard):
+    """Breaks rank 1's watch of block 0 before the training step of global step 3."""
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, i: int) -> None:
+        clip = self.armed.clips.get("blocks.0")
+        if (
+            trainer.global_rank == 1
+            and trainer.global_step == 3
+            and clip is not None
+            and clip.watch is not None
+        ):
+            clip.watch.error = "broken on rank 1"
+
+
+@pytest.mark.timeout(240)
+def test_ddp_a_watch_failing_on_one_rank_stops_on_both_without_hanging(tmp_path: Path) -> None:
+    model = model_with_fragile_head()
+    model.lr = 0.05
+    guard = FailingOnRankOne(tau=TAU)
+    guard.out_dir = str(tmp_path)
+    monitor = StabilityMonitor(every_n_steps=2, sample_size=4, precision="bf16", log_per_head=True)
+    trainer = Trainer(
+        **{**trainer_kwargs(tmp_path, max_steps=6), "devices": 2, "strategy": "ddp_spawn"},
+        callbacks=[monitor, guard, Regrow()],
+    )
+    trainer.fit(model, make_loader(n=32, batch_size=4))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # armed by the first sampled clip, clipped at every step until rank 1's watch broke, then stopped on both
+    assert ranks[0]["armed"]["armed"] == [] and ranks[0]["armed"]["failed"] == ["blocks.0"]
+    assert ranks[0]["armed"]["steps_clipped"]["blocks.0"] == 1
+    assert ranks[0] == ranks[1]  # same weights: back to sampled clips, the same on both ranks
