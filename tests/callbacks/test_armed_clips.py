@@ -84,7 +84,7 @@ def guard_tags(trainer: Trainer, name: str) -> dict[int, float]:
 def test_armed_block_is_clipped_after_every_step_by_its_training_forward(tmp_path: Any) -> None:
     model = model_with_fragile_head()
     ref = training_logits(model)
-    guard = StabilityGuard(tau=TAU)  # qk_clip_every_step is the default
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
     trainer = fit(model, tmp_path, guard, steps=8)
     # armed by the first sampled clip (logged step 1), then clipped at every step 2..7
     assert [(a.step, a.block_name, a.action, a.applied) for a in guard.actions] == [
@@ -125,14 +125,14 @@ def test_sampled_only_lets_the_logits_regrow_between_checks(tmp_path: Any) -> No
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 def test_a_resumed_run_is_armed_from_its_first_step(tmp_path: Any) -> None:
     model = model_with_fragile_head()
-    guard = StabilityGuard(tau=TAU)
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
     trainer = fit(model, tmp_path, guard, steps=4)
     ckpt = str(tmp_path / "armed.ckpt")
     trainer.save_checkpoint(ckpt)
 
     resumed = model_with_fragile_head()
     ref = training_logits(resumed)
-    guard2 = StabilityGuard(tau=TAU)
+    guard2 = StabilityGuard(tau=TAU, qk_clip_every_step=True)
     trainer2 = fit(resumed, tmp_path, guard2, steps=6, ckpt_path=ckpt)
     logged = guard_tags(trainer2, "block0/train_logit_max")
     assert sorted(logged) == [4, 5]  # both resumed steps clipped, without waiting for a check
@@ -149,7 +149,7 @@ def test_a_failing_watch_disarms_once_and_training_goes_on(
 
     monkeypatch.setattr(logit_watch, "call_head_logit_max", broken)
     model = model_with_fragile_head()
-    guard = StabilityGuard(tau=TAU)
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
     with pytest.warns(UserWarning, match="QK-clip at every step stopped in block 'blocks.0'.*boom"):
         trainer = fit(model, tmp_path, guard, steps=8)
     assert trainer.global_step == 8
@@ -160,12 +160,12 @@ def test_a_failing_watch_disarms_once_and_training_goes_on(
 
 def test_dry_run_and_controls_arm_nothing(tmp_path: Any) -> None:
     model = model_with_fragile_head()
-    guard = StabilityGuard(tau=TAU, dry_run=True)
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True, dry_run=True)
     fit(model, tmp_path, guard, steps=4)
     assert not guard.armed.clips and not model.blocks[0]._forward_pre_hooks
     torch.manual_seed(0)
     control = TinyTransformer(lr=0.0)
-    guard_c = StabilityGuard(tau=TAU)
+    guard_c = StabilityGuard(tau=TAU, qk_clip_every_step=True)
     monitor = StabilityMonitor(every_n_steps=2, precision="bf16", log_per_head=True)
     Trainer(**trainer_kwargs(tmp_path, max_steps=4), callbacks=[monitor, guard_c]).fit(
         control, make_loader(n=8, batch_size=8)
@@ -192,7 +192,7 @@ class RecordingGuard(StabilityGuard):
 def test_ddp_two_processes_clip_every_step_alike(tmp_path: Path) -> None:
     model = model_with_fragile_head()
     model.lr = 0.05  # each rank's own examples: the gradients (averaged) and the logits differ per rank
-    guard = RecordingGuard(tau=TAU)
+    guard = RecordingGuard(tau=TAU, qk_clip_every_step=True)
     guard.out_dir = str(tmp_path)
     monitor = StabilityMonitor(every_n_steps=2, sample_size=4, precision="bf16", log_per_head=True)
     trainer = Trainer(
@@ -225,7 +225,7 @@ class FailingOnRankOne(RecordingGuard):
 def test_ddp_a_watch_failing_on_one_rank_stops_on_both_without_hanging(tmp_path: Path) -> None:
     model = model_with_fragile_head()
     model.lr = 0.05
-    guard = FailingOnRankOne(tau=TAU)
+    guard = FailingOnRankOne(tau=TAU, qk_clip_every_step=True)
     guard.out_dir = str(tmp_path)
     monitor = StabilityMonitor(every_n_steps=2, sample_size=4, precision="bf16", log_per_head=True)
     trainer = Trainer(
