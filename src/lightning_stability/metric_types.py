@@ -114,6 +114,7 @@ class Metric:
         return self.ranks is not None
 
 
+
 @dataclass(frozen=True)
 class RawStat:
     """An internal raw statistic (not logged): a part a derived metric is formed from.

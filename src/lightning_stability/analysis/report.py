@@ -207,8 +207,9 @@ def _regression_section(runs: Sequence[Run], reg: Sequence[RegressionRow]) -> li
         scaled = next((g for g in reg if g.proxy == "combined·ε_mach"), None)
         if scaled is not None and math.isfinite(scaled.pearson_log):
             tracks = scaled.pearson_log >= 0.5
-            lines[-1] += f" Here `Pearson_log` = {scaled.pearson_log:.2f}: the predictor " + (
-                "tracks the mismatch." if tracks else "does not track the mismatch over these steps."
+            lines[-1] += (
+                f" Here `Pearson_log` = {scaled.pearson_log:.2f}: the predictor "
+                + ("tracks the mismatch." if tracks else "does not track the mismatch over these steps.")
             )
     return lines
 

@@ -252,10 +252,8 @@ class LNEpsilonBump(Callback):
     def _fit_end_summary(self) -> str:
         """What changed, or why nothing did: the smallest ρ_LN seen against 1 and ρ*."""
         em = self._eps_mach_used
-        em_text = (
-            "ε_mach = ?"
-            if not em
-            else (f"ε_mach = 2^{math.log2(em):.0f}" if math.log2(em).is_integer() else f"ε_mach = {em:.3g}")
+        em_text = "ε_mach = ?" if not em else (
+            f"ε_mach = 2^{math.log2(em):.0f}" if math.log2(em).is_integer() else f"ε_mach = {em:.3g}"
         )
         if self.min_rho is None:
             return (

@@ -13,7 +13,9 @@ def check_tensor(name: str, x: object, min_dim: int, fn: str) -> Tensor:
     if not x.is_floating_point():
         raise ValueError(f"{fn}: {name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < min_dim:
-        raise ValueError(f"{fn}: {name} must have at least {min_dim} dims, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{fn}: {name} must have at least {min_dim} dims, got shape {tuple(x.shape)}"
+        )
     return x
 
 
@@ -33,7 +35,9 @@ def check_mask(mask: object, target: tuple[int, ...], fn: str, name: str = "mask
         except RuntimeError:
             ok = False
     if not ok:
-        raise ValueError(f"{fn}: {name} of shape {tuple(mask.shape)} is not broadcastable to {tuple(target)}")
+        raise ValueError(
+            f"{fn}: {name} of shape {tuple(mask.shape)} is not broadcastable to {tuple(target)}"
+        )
     return mask
 
 

@@ -184,12 +184,7 @@ def _check_bias(bias: Tensor | None, target: tuple[int, int, int, int], fn: str)
 
 
 def _logit_max_exact(
-    qc: Tensor,
-    kc: Tensor,
-    s: Tensor,
-    mc: Tensor | None,
-    sc: float,
-    bc: Tensor | None,
+    qc: Tensor, kc: Tensor, s: Tensor, mc: Tensor | None, sc: float, bc: Tensor | None,
     rows2: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``max |sc·q·kᵀ + b|`` over attended entries, per chunk element, exact in float64.
@@ -227,16 +222,8 @@ def _logit_threshold(
 
 
 def _logit_from_candidates(
-    qc: Tensor,
-    kc: Tensor,
-    s: Tensor,
-    a: Tensor | None,
-    mc: Tensor | None,
-    sc: float,
-    bc: Tensor | None,
-    row_top: Tensor,
-    top: Tensor,
-    thr: Tensor,
+    qc: Tensor, kc: Tensor, s: Tensor, a: Tensor | None, mc: Tensor | None, sc: float,
+    bc: Tensor | None, row_top: Tensor, top: Tensor, thr: Tensor,
 ) -> Tensor:
     """The exact maximum from the candidate entries (``≥ thr``), recomputed in float64.
     ``a``: ``|s|`` with masked entries −1 (``None``: taken from ``s`` and ``mc`` here)."""

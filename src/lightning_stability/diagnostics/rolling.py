@@ -32,10 +32,8 @@ import torch
 
 
 def _as_series(x: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    t = (
-        x.detach().to("cpu", torch.float64).clone()
-        if isinstance(x, torch.Tensor)
-        else torch.as_tensor(x, dtype=torch.float64)
+    t = x.detach().to("cpu", torch.float64).clone() if isinstance(x, torch.Tensor) else torch.as_tensor(
+        x, dtype=torch.float64
     )
     if t.dim() != 1:
         raise ValueError(f"`x` must be 1-D, got shape {tuple(t.shape)}")

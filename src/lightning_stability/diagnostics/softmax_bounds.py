@@ -19,14 +19,8 @@ Margin = float | Tensor
 
 
 def _lambda_bounds(
-    p1_lo: Tensor,
-    p1_hi: Tensor,
-    r_lo: Tensor,
-    r_hi: Tensor,
-    p2_lo: Tensor,
-    p2_hi: Tensor,
-    s2_lo: Tensor,
-    s2_hi: Tensor,
+    p1_lo: Tensor, p1_hi: Tensor, r_lo: Tensor, r_hi: Tensor,
+    p2_lo: Tensor, p2_hi: Tensor, s2_lo: Tensor, s2_hi: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Rigorous bounds ``lo ≤ ‖J(p)‖₂ ≤ hi`` from intervals on ``p1 = max p``, the tail mass
     ``r = 1 − p1``, the second largest ``p2`` and ``s2 = Σ_{i≠argmax} p_i²`` (float64).
@@ -60,14 +54,10 @@ def _widen(
     """Intervals around working-precision estimates (relative ``rel``, absolute ``eta`` on r)."""
     up, dn = 1.0 + rel, 1.0 - rel
     return (
-        p1 * dn,
-        (p1 * up).clamp_max(1.0),
-        (r * dn - eta).clamp_min(0.0),
-        (r * up + eta).clamp(0.0, 1.0),
-        p2_lo * dn,
-        (p2_hi * up).clamp_max(0.5),
-        s2 * dn,
-        s2 * up,
+        p1 * dn, (p1 * up).clamp_max(1.0),
+        (r * dn - eta).clamp_min(0.0), (r * up + eta).clamp(0.0, 1.0),
+        p2_lo * dn, (p2_hi * up).clamp_max(0.5),
+        s2 * dn, s2 * up,
     )
 
 

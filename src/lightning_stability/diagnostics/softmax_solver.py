@@ -90,7 +90,9 @@ def _row_stats_pass(
     return ns, p1, pn, ent
 
 
-def _row_entropy_terms(sm: Tensor, d: Tensor, p: Tensor, p1: Tensor, w: Tensor, masked: bool) -> Tensor:
+def _row_entropy_terms(
+    sm: Tensor, d: Tensor, p: Tensor, p1: Tensor, w: Tensor, masked: bool
+) -> Tensor:
     """Row entropies ``−Σ p log p`` from the scores ``sm`` (masked = -inf) and ``p = softmax``.
 
     Written as ``H = log1p(r/p₁) + Σ p_i·g_i`` with ``g_i = max − s_i ≥ 0`` and the tail mass
@@ -126,14 +128,8 @@ def _gather_rows(s: Tensor, mask: Tensor | None, rows: Tensor) -> Tensor:
 
 
 def _refine_rows(
-    s: Tensor,
-    mask: Tensor | None,
-    rows: Tensor,
-    lb: Tensor | None,
-    ub: Tensor | None,
-    ratio: Tensor | None,
-    acc: float,
-    margin: float,
+    s: Tensor, mask: Tensor | None, rows: Tensor, lb: Tensor | None, ub: Tensor | None,
+    ratio: Tensor | None, acc: float, margin: float,
 ) -> tuple[Tensor, Tensor]:
     """Tighter bounds ``(lb, ub)`` for ``rows`` from their own softmax (p2 and the tail mass).
 
@@ -171,7 +167,9 @@ def _candidates(lb: Tensor, ub: Tensor, g: int, nq: int, rows: Tensor | None) ->
     return (ub >= best[grp]).nonzero().squeeze(-1)
 
 
-def _softmax_chunk(s: Tensor, mask: Tensor | None, want_entropy: bool) -> tuple[Tensor, Tensor | None]:
+def _softmax_chunk(
+    s: Tensor, mask: Tensor | None, want_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
     """kappa_softmax (and mean row entropy) for ``s: (G, n_q, n_k)``; ``mask: (G|1, n_q|1, n_k)``.
 
     The compiled path (:func:`_softmax_chunk_compiled`) where :mod:`._compiled` allows it, else
@@ -187,7 +185,9 @@ def _softmax_chunk(s: Tensor, mask: Tensor | None, want_entropy: bool) -> tuple[
         return _softmax_chunk_eager(s, mask, want_entropy)
 
 
-def _softmax_chunk_eager(s: Tensor, mask: Tensor | None, want_entropy: bool) -> tuple[Tensor, Tensor | None]:
+def _softmax_chunk_eager(
+    s: Tensor, mask: Tensor | None, want_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
     """kappa_softmax (and mean row entropy) for ``s: (G, n_q, n_k)``; ``mask: (G|1, n_q|1, n_k)``.
 
     In stages of growing cost per row: cheap bounds (all rows, from one cache-blocked pass in

@@ -65,7 +65,6 @@ Known limitations:
     * MHA's ``need_weights=True`` path scales q by ``sqrt(1/d)``; the record reports ``1/sqrt(d)``
       (equal up to one ulp).
 """
-
 from lightning_stability.capture.attention.call import AttentionCall, call_diagnostics, call_probabilities
 from lightning_stability.capture.attention.context import AttentionCapture, observe_attention
 from lightning_stability.capture.attention.masks import (
