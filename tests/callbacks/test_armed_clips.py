@@ -188,11 +188,10 @@ class RecordingGuard(StabilityGuard):
         super().on_fit_end(trainer, pl_module)
 
 
-@pytest.mark.timeout(240)
-def test_ddp_two_processes_clip_every_step_alike(tmp_path: Path) -> None:
+def ddp_ranks(tmp_path: Path, guard: RecordingGuard) -> list[dict[str, Any]]:
+    """Fit the fragile model on two ``ddp_spawn`` ranks; each rank's record written at fit end."""
     model = model_with_fragile_head()
     model.lr = 0.05  # each rank's own examples: the gradients (averaged) and the logits differ per rank
-    guard = RecordingGuard(tau=TAU, qk_clip_every_step=True)
     guard.out_dir = str(tmp_path)
     monitor = StabilityMonitor(every_n_steps=2, sample_size=4, precision="bf16", log_per_head=True)
     trainer = Trainer(
@@ -200,7 +199,12 @@ def test_ddp_two_processes_clip_every_step_alike(tmp_path: Path) -> None:
         callbacks=[monitor, guard, Regrow()],
     )
     trainer.fit(model, make_loader(n=32, batch_size=4))
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.timeout(240)
+def test_ddp_two_processes_clip_every_step_alike(tmp_path: Path) -> None:
+    ranks = ddp_ranks(tmp_path, RecordingGuard(tau=TAU, qk_clip_every_step=True))
     assert ranks[0]["armed"]["armed"] == ["blocks.0"]
     assert ranks[0]["armed"]["steps_clipped"]["blocks.0"] >= 3
     # the maxima were reduced across ranks: the same heads rescaled by the same factors on both
@@ -223,17 +227,7 @@ class FailingOnRankOne(RecordingGuard):
 
 @pytest.mark.timeout(240)
 def test_ddp_a_watch_failing_on_one_rank_stops_on_both_without_hanging(tmp_path: Path) -> None:
-    model = model_with_fragile_head()
-    model.lr = 0.05
-    guard = FailingOnRankOne(tau=TAU, qk_clip_every_step=True)
-    guard.out_dir = str(tmp_path)
-    monitor = StabilityMonitor(every_n_steps=2, sample_size=4, precision="bf16", log_per_head=True)
-    trainer = Trainer(
-        **{**trainer_kwargs(tmp_path, max_steps=6), "devices": 2, "strategy": "ddp_spawn"},
-        callbacks=[monitor, guard, Regrow()],
-    )
-    trainer.fit(model, make_loader(n=32, batch_size=4))
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = ddp_ranks(tmp_path, FailingOnRankOne(tau=TAU, qk_clip_every_step=True))
     # armed by the first sampled clip, clipped at every step until rank 1's watch broke, then stopped on both
     assert ranks[0]["armed"]["armed"] == [] and ranks[0]["armed"]["failed"] == ["blocks.0"]
     assert ranks[0]["armed"]["steps_clipped"]["blocks.0"] == 1
