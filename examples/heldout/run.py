@@ -11,7 +11,12 @@
     python examples/heldout/run.py score
     # the guard: the same runs with each guard variant, then compared with the unguarded ones
     nice -n 10 python examples/heldout/run.py train --scenarios all --variant guard
+    nice -n 10 python examples/heldout/run.py train --scenarios all --variant guard_every_step
     python examples/heldout/run.py guard     # results/guard_summary.json, guard_tables.md, a figure
+    # fresh seeds, in their own directory (not scored with the alarm's runs), unguarded and guarded
+    F=examples/heldout/results/fresh; S="llama_logit_growth vit_fp16_overflow"
+    nice -n 10 python examples/heldout/run.py train --out $F --scenarios $S --seeds 5 6 7 8 9 [--variant NAME]
+    python examples/heldout/run.py guard --out $F  # results/fresh/guard_summary.json, guard_tables.md
     # CI: two tiny runs, a few steps, scored end to end into a temporary directory
     python examples/heldout/run.py quick --out /tmp/heldout_quick
 

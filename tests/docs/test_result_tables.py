@@ -28,7 +28,8 @@ SHOWN = {
     "docs/REPRODUCTION.md": [
         f"examples/paper/results/{n}.md" for n in ("exp1", "exp2", "exp3_paper", "exp3")
     ],
-    "docs/HELDOUT.md": [f"examples/heldout/results/tables.md#{k}" for k in (1, 2, 3, 4, 6, 8)],
+    "docs/HELDOUT.md": [f"examples/heldout/results/tables.md#{k}" for k in (1, 2, 3, 4, 6, 8)]
+    + ["examples/heldout/results/guard_tables.md#1", "examples/heldout/results/fresh/guard_tables.md#1"],
     "docs/performance.md": ["examples/benchmarks/results/bench_fp8.json"],
 }
 
