@@ -14,6 +14,7 @@ of ``trainer.fit`` only (model built outside).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -90,7 +91,8 @@ def main() -> None:
         "load_before": os.getloadavg(),
         "runs": {},
     }
-    with tempfile.TemporaryDirectory() as tmp:
+    # what the runs print (the monitor's verdict) goes to stderr: stdout is the JSON document only
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
         for scenario, arm in TIMED:
             out["runs"][f"{scenario}/{arm}"] = _time_run(scenario, arm, Path(tmp))  # type: ignore[index]
     out["load_after"] = os.getloadavg()
