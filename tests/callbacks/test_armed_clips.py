@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_stability import StabilityGuard, StabilityMonitor
 from lightning_stability.capture import logit_watch
+from lightning_stability.capture.attention.state import _STATE
 
 D, H = 32, 4
 DH = D // H
@@ -139,6 +140,42 @@ def test_a_resumed_run_is_armed_from_its_first_step(tmp_path: Any) -> None:
     assert logged[4] == pytest.approx(max(ref[0]), rel=1e-5)
     assert guard2.armed.steps_clipped == {"blocks.0": 2 + 2}
     assert [a.step for a in guard2.actions] == [1]  # kept, not repeated
+
+
+class Crash(Callback):
+    """Raises at global step 5 (after the block was armed): before the step, or inside block 0's attention."""
+
+    def __init__(self, inside_forward: bool) -> None:
+        self.inside_forward = inside_forward
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, i: int) -> None:
+        if trainer.global_step != 5:
+            return
+        if not self.inside_forward:
+            raise RuntimeError("crash in training")
+
+        def crash(module: nn.Module, args: Any) -> None:
+            raise RuntimeError("crash in training")
+
+        pl_module.blocks[0].attn.proj.register_forward_pre_hook(crash)  # type: ignore[index]
+
+
+@pytest.mark.parametrize("inside_forward", [False, True])
+def test_an_exception_in_training_leaves_no_hook(tmp_path: Any, inside_forward: bool) -> None:
+    model = model_with_fragile_head()
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
+    monitor = StabilityMonitor(every_n_steps=2, precision="bf16", log_per_head=True)
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, max_steps=8), callbacks=[monitor, guard, Regrow(), Crash(inside_forward)]
+    )
+    with pytest.raises(RuntimeError, match="crash in training"):
+        trainer.fit(model, make_loader(n=8, batch_size=8))
+    assert guard.armed.steps_clipped == {"blocks.0": 3}  # armed at step 1, clipped at steps 2, 3, 4
+    if inside_forward:  # the test's own crashing hook is the one left
+        assert len(model.blocks[0].attn.proj._forward_pre_hooks) == 1
+        model.blocks[0].attn.proj._forward_pre_hooks.clear()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not _STATE.captures and _STATE.machinery is None  # the attention capture's mode is gone too
 
 
 def test_a_failing_watch_disarms_once_and_training_goes_on(

@@ -22,6 +22,14 @@ from lightning_stability.diagnostics.attention import attention_logit_max
 __all__ = ["HeadLogitWatch", "call_head_logit_max"]
 
 
+def _children(module: nn.Module) -> nn.Module:
+    """A module holding ``module``'s children under their names (not ``module`` itself)."""
+    holder = nn.Module()
+    for name, child in module.named_children():
+        holder.add_module(name, child)
+    return holder
+
+
 @torch.no_grad()
 def call_head_logit_max(call: AttentionCall) -> Tensor:
     """Per head, the largest ``|attention logit|`` of one recorded call over its examples, ``(H,)`` float64.
@@ -103,7 +111,10 @@ class HeadLogitWatch(HookContext):
         if not (module.training and torch.is_grad_enabled()):
             return
         try:
-            capture = AttentionCapture(module, self._on_call)
+            # the capture hooks the block's children, not the block: it is entered and left inside
+            # the block's own hooks, and torch runs the always-call hooks of a forward that raised
+            # straight from the block's hook dict, which removing a hook there would mutate
+            capture = AttentionCapture(_children(module), self._on_call)
             capture.__enter__()
         except Exception as err:
             self.error = f"could not watch the forward: {type(err).__name__}: {err}"
