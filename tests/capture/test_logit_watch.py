@@ -115,8 +115,7 @@ def test_a_failure_never_reaches_the_forward(monkeypatch: pytest.MonkeyPatch) ->
         monkeypatch.setattr(logit_watch, "call_head_logit_max", broken)
         out = model(x)  # the forward completes
         assert watch.error == "RuntimeError: boom"
-        nan = watch.take()  # the head count is known: NaN per head, never a stale number
-        assert nan is not None and nan.shape == (H,) and bool(torch.isnan(nan).all())
+        assert watch.take() is None  # never a stale number
     assert torch.isfinite(out).all()
 
 

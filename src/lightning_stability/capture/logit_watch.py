@@ -55,12 +55,14 @@ class HeadLogitWatch(HookContext):
 
     A forward of ``module`` is watched when it runs in training mode with gradients enabled: the
     training forward, not the monitor's side forwards (eval mode, no gradients), validation, or a
-    loss evaluated under ``torch.no_grad()``. For its duration an :class:`AttentionCapture` of
-    ``module`` sees every attention call inside it (SDPA, transformers' attention, hand-written
-    softmax attention) as a neutral observer: outputs and gradients are those of the unwatched
-    forward. Each call's per-head maxima (:func:`call_head_logit_max`) are folded into a running
-    maximum that :meth:`take` hands over and resets, so several forwards before one optimizer step
-    (gradient accumulation, activation checkpointing's recomputation) give their maximum.
+    loss evaluated under ``torch.no_grad()``. For its duration an :class:`AttentionCapture` (of
+    ``module``'s children: no hook is added to or removed from ``module`` while it runs) sees every
+    attention call inside it (SDPA, transformers' attention, hand-written softmax attention) as a
+    neutral observer: outputs and gradients are those of the unwatched forward, and an exception
+    raised by the forward reaches the caller unchanged. Each call's per-head maxima
+    (:func:`call_head_logit_max`) are folded into a running maximum that :meth:`take` hands over
+    and resets, so several forwards before one optimizer step (gradient accumulation, activation
+    checkpointing's recomputation) give their maximum.
 
     Nothing raised while recording reaches the forward: the first failure is kept in
     :attr:`error` and recording stops. The hooks are removed on exit.
@@ -94,15 +96,11 @@ class HeadLogitWatch(HookContext):
     def take(self) -> Tensor | None:
         """The per-head maxima ``(H,)`` (float64) since the last call, then reset.
 
-        ``None`` when no call was recorded; all NaN when recording failed after the head count was
-        known (so that processes which must exchange the values still agree on their shape).
+        ``None`` when no call was recorded, and once recording failed (never a stale number:
+        see :attr:`error`).
         """
         out, self._max, self.forwards = self._max, None, 0
-        if self.error is not None:
-            return (
-                None if self.heads is None else torch.full((self.heads,), float("nan"), dtype=torch.float64)
-            )
-        return out
+        return None if self.error is not None else out
 
     # ------------------------------------------------------------------ hooks
     def _enter(self, module: nn.Module, args: Any) -> None:
