@@ -112,6 +112,24 @@ def test_armed_block_is_clipped_after_every_step_by_its_training_forward(tmp_pat
     assert guard.state_dict()["qk_every_step"]["armed"] == ["blocks.0"]
 
 
+def test_gradient_accumulation_clips_once_per_optimizer_step_by_all_its_forwards(tmp_path: Any) -> None:
+    model = model_with_fragile_head()
+    ref = training_logits(model)
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
+    monitor = StabilityMonitor(every_n_steps=1, precision="bf16", log_per_head=True)
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, max_steps=4, logger=MemoryLogger(), accumulate_grad_batches=2),
+        callbacks=[monitor, guard, Regrow()],
+    )
+    trainer.fit(model, make_loader(n=16, batch_size=8))  # two micro-batches per optimizer step
+    assert len(ref) == 8 and [a.step for a in guard.actions] == [0]  # armed at the first step
+    logged = guard_tags(trainer, "block0/train_logit_max")
+    assert sorted(logged) == [1, 2, 3]
+    for step, value in logged.items():  # the maximum over both forwards of the step
+        assert value == pytest.approx(max(ref[2 * step] + ref[2 * step + 1]), rel=1e-5)
+    assert guard.armed.steps_clipped == {"blocks.0": 3}
+
+
 def test_sampled_only_lets_the_logits_regrow_between_checks(tmp_path: Any) -> None:
     model = model_with_fragile_head()
     ref = training_logits(model)
