@@ -17,6 +17,12 @@ control of the same seed:
 * **logits** — the monitor's largest attention logit (over blocks) at its checks from the first check
   at which the *unguarded* run passed ``τ`` on (the same steps for both runs): median, 90th percentile
   and maximum;
+* **training-forward logits** — for a guard that clips at every step: the largest attention logit
+  (over blocks) of each step's own training forward, before that step's clip
+  (``stability/guard/block{i}/train_logit_max``), over the same steps; median, 90th percentile, maximum
+  (it is logged only once a block is armed);
+* **unchanged** — whether the guarded failing run's loss equals the unguarded one's step for step
+  (the guard never acted, or acted without effect);
 * **cost on the controls** — the control trained with the guard against the one without: actions
   taken, the final-loss difference, the wall-time ratio (one run each, on a shared machine: noisy).
 """
@@ -92,6 +98,18 @@ def logits_from(rec: Mapping[str, Any], start: int | None) -> dict[str, float] |
     return _spread([v for s, v in _block_logits(rec) if s >= start])
 
 
+def train_logits_from(rec: Mapping[str, Any], start: int | None) -> dict[str, float] | None:
+    """Median / p90 / max of the training forward's block-max attention logit (armed) from ``start``."""
+    if start is None:
+        return None
+    per_step: dict[int, float] = {}
+    for row in rec.get("guard", []):
+        for tag, v in row.items():
+            if tag.endswith("/train_logit_max") and math.isfinite(v) and int(row["step"]) >= start:
+                per_step[int(row["step"])] = max(per_step.get(int(row["step"]), v), v)
+    return _spread(list(per_step.values()))
+
+
 def actions(rec: Mapping[str, Any]) -> dict[str, int]:
     """How often each mitigation was logged in a guarded run (QK-clips counted per block and step)."""
     out: dict[str, int] = {}
@@ -126,6 +144,8 @@ def compare(base: Records, guarded: Records, scenario: str, seed: int) -> dict[s
         "first_past_tau": start,
         "logits_fail": logits_from(fail, start),
         "logits_guarded": logits_from(g_fail, start),
+        "train_logits_guarded": train_logits_from(g_fail, start),
+        "unchanged": g_fail["steps"]["train/loss"] == fail["steps"]["train/loss"],
         "actions": actions(g_fail),
         "wall_ratio_fail": g_fail["wall_s"] / fail["wall_s"],
     }
@@ -151,6 +171,7 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "final_closed": med([r["final_closed"] for r in rows]),
         "area_closed": med([r["area_closed"] for r in rows]),
         "guarded_events": sum(r["guarded_event"] is not None for r in rows),
+        "unchanged": sum(bool(r["unchanged"]) for r in rows),
         "events": sum(r["event"] is not None for r in rows),
         "control_runs": len(ctrl),
         "control_actions": sum(sum(c["actions"].values()) for c in ctrl),

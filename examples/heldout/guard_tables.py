@@ -22,8 +22,35 @@ def _logits(rows: list[dict[str, Any]], key: str) -> str:
     return f"{med:.3g} / {p90:.3g} / {top:.3g}"
 
 
+def _summary_cells(variant: str, scenario: str, d: dict[str, Any]) -> list[str]:
+    rows = d["rows"]
+    finals = [[r["final"][k] for r in rows] for k in ("fail", "guarded", "control")]
+    clips = sorted(r["actions"].get("qk_clip", 0) for r in rows)[len(rows) // 2]
+    ctrl = (
+        f"{d['control_actions']}, {d['control_identical']}/{d['control_runs']}, "
+        f"{_range(d['control_final_delta'], pct=False)}, "
+        f"{d['control_wall_ratio']['median']:.2f}"
+        if d["control_runs"]
+        else "—"
+    )
+    return [
+        variant,
+        scenario,
+        ", ".join(str(s) for s in d["seeds"]),
+        " / ".join(f"{sorted(v)[len(v) // 2]:.3f}" for v in finals),
+        _range(d["final_closed"]),
+        _range(d["area_closed"]),
+        f"{d['events']} → {d['guarded_events']}",
+        f"{_logits(rows, 'logits_fail')} → {_logits(rows, 'logits_guarded')}",
+        _logits(rows, "train_logits_guarded"),
+        str(clips),
+        f"{d['unchanged']}/{len(rows)}",
+        ctrl,
+    ]
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """Per variant and scenario: gap closed, events left, logits after τ was first passed, controls."""
+    """Per scenario, variant beside variant: gap closed, events left, logits past τ, controls."""
     head = [
         "variant",
         "scenario",
@@ -33,36 +60,19 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "area gap closed, median [range]",
         "events: unguarded → guarded",
         "monitor's max attn logit after τ first passed: median / p90 / max, unguarded → guarded",
+        "training forward's max attn logit (armed, before its clip): median / p90 / max",
         "QK-clips per run (median)",
+        "fail runs with the unguarded loss",
         "controls: actions, identical loss, Δ final loss, wall ratio (separate runs: noisy)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for variant, per in summary["variants"].items():
-        for scenario, d in per.items():
-            rows = d["rows"]
-            finals = [[r["final"][k] for r in rows] for k in ("fail", "guarded", "control")]
-            fl = " / ".join(f"{sorted(v)[len(v) // 2]:.3f}" for v in finals)
-            clips = sorted(r["actions"].get("qk_clip", 0) for r in rows)[len(rows) // 2]
-            ctrl = (
-                f"{d['control_actions']}, {d['control_identical']}/{d['control_runs']}, "
-                f"{_range(d['control_final_delta'], pct=False)}, "
-                f"{d['control_wall_ratio']['median']:.2f}"
-                if d["control_runs"]
-                else "—"
+    variants = summary["variants"]
+    scenarios = list(dict.fromkeys(sc for per in variants.values() for sc in per))
+    for scenario in scenarios:
+        for variant in (v for v in variants if scenario in variants[v]):
+            lines.append(
+                "| " + " | ".join(_summary_cells(variant, scenario, variants[variant][scenario])) + " |"
             )
-            cells = [
-                variant,
-                scenario,
-                ", ".join(str(s) for s in d["seeds"]),
-                fl,
-                _range(d["final_closed"]),
-                _range(d["area_closed"]),
-                f"{d['events']} → {d['guarded_events']}",
-                f"{_logits(rows, 'logits_fail')} → {_logits(rows, 'logits_guarded')}",
-                str(clips),
-                ctrl,
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -11,7 +11,12 @@
     python examples/heldout/run.py score
     # the guard: the same runs with each guard variant, then compared with the unguarded ones
     nice -n 10 python examples/heldout/run.py train --scenarios all --variant guard
+    nice -n 10 python examples/heldout/run.py train --scenarios all --variant guard_every_step
     python examples/heldout/run.py guard     # results/guard_summary.json, guard_tables.md, a figure
+    # fresh seeds, in their own directory (not scored with the alarm's runs), unguarded and guarded
+    F=examples/heldout/results/fresh; S="llama_logit_growth vit_fp16_overflow"
+    nice -n 10 python examples/heldout/run.py train --out $F --scenarios $S --seeds 5 6 7 8 9 [--variant NAME]
+    python examples/heldout/run.py guard --out $F  # results/fresh/guard_summary.json, guard_tables.md
     # CI: two tiny runs, a few steps, scored end to end into a temporary directory
     python examples/heldout/run.py quick --out /tmp/heldout_quick
 
@@ -59,8 +64,12 @@ class Variant:
 #: variant name → what it adds; the alarm's evaluation uses "none".
 VARIANTS: dict[str, Variant] = {
     "none": Variant(),
-    # the guard at its defaults (QK-clip by the block's maximum: the monitor logs no per-head values)
-    "guard": Variant(callbacks=lambda spec: [StabilityGuard()]),
+    # the guard, QK-clipping only at the monitor's sampled checks, by the block's maximum (the
+    # monitor logs no per-head values)
+    "guard": Variant(callbacks=lambda spec: [StabilityGuard(qk_clip_every_step=False)]),
+    # the guard, a block armed by its first QK-clip then clipped after every optimizer step by
+    # the per-head maxima of its own training forward (MuonClip's schedule)
+    "guard_every_step": Variant(callbacks=lambda spec: [StabilityGuard(qk_clip_every_step=True)]),
 }
 
 

@@ -31,6 +31,7 @@ SHOWN = {
     "docs/HELDOUT.md": [
         *(f"examples/heldout/results/tables.md#{k}" for k in (1, 2, 3, 4, 6, 8)),
         "examples/heldout/results/guard_tables.md#1",
+        "examples/heldout/results/fresh/guard_tables.md#1",
     ],
     "docs/FP8.md": [
         "examples/scenarios/results/fp8_whatif.json",

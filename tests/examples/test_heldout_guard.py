@@ -42,7 +42,17 @@ def test_compare_scores_the_gap_closed_logits_and_control_cost() -> None:
         [2.0] * 20 + [2.7] * 40,
         [50.0] * 5 + [120.0, 100.0] * 12 + [150.0],
         150.0,
-        guard=[{"step": 10.0, "stability/guard/block0/qk_clip": 0.5, "stability/guard/actions": 1.0}],
+        guard=[
+            {"step": 8.0, "stability/guard/block0/train_logit_max": 900.0},  # before τ was first passed
+            {"step": 10.0, "stability/guard/block0/qk_clip": 0.5, "stability/guard/actions": 1.0},
+            {"step": 11.0, "stability/guard/block0/train_logit_max": 130.0},
+            {
+                "step": 12.0,
+                "stability/guard/block0/train_logit_max": 110.0,
+                "stability/guard/block1/train_logit_max": 170.0,
+            },
+            {"step": 13.0, "stability/guard/block1/train_logit_max": 120.0},
+        ],
     )
     g_ctrl = _record([2.0] * 39 + [2.1] * 21, [10.0] * 30, 110.0)
     base = {("s", "fail", 0): fail, ("s", "control", 0): ctrl}
@@ -60,6 +70,9 @@ def test_compare_scores_the_gap_closed_logits_and_control_cost() -> None:
     assert row["logits_guarded"]["max"] == 150.0
     assert row["logits_guarded"]["median"] == 120.0  # 12 × 100, 12 × 120, one 150
     assert row["actions"] == {"qk_clip": 1, "sampled_actions": 1}
+    # per step the largest block, from step 10 on: 130, 170, 120
+    assert row["train_logits_guarded"] == pytest.approx({"median": 130.0, "p90": 162.0, "max": 170.0})
+    assert row["logits_fail"] is not None and row["unchanged"] is False
     assert row["wall_ratio_fail"] == pytest.approx(1.5)
     c = row["control"]
     assert c["actions"] == {"sampled_actions": 0}
@@ -75,6 +88,7 @@ def test_no_gap_is_not_scored_and_tables_render() -> None:
     assert row is not None
     assert row["final_closed"] is None and row["area_closed"] is None
     assert row["first_past_tau"] is None and row["logits_fail"] is None
+    assert row["train_logits_guarded"] is None and row["unchanged"] is True
     assert "control" not in row
     summary = {
         "final_steps": 20,

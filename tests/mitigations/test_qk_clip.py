@@ -233,3 +233,50 @@ def test_qk_clip_object_records_what_it_did_and_restore_undoes_nothing() -> None
     twin = QKClip(block)
     twin.load_state_dict(clip.state_dict())
     assert twin.factors == clip.factors
+
+
+def test_armed_qk_clip_clips_by_each_training_forward_and_disarms() -> None:
+    torch.manual_seed(0)
+    block = describe_block(0, "b", PreLNBlock(D, H))
+    with torch.no_grad():  # head 1 large by construction
+        w = block.module.attn.qkv.weight
+        w[D // H : 2 * D // H].mul_(8.0)
+        w[D + D // H : D + 2 * D // H].mul_(8.0)
+    x = torch.randn(2, N, D)
+
+    def logits() -> list[float]:
+        with torch.no_grad():
+            z = block.module.norm1(x)
+            q, k, _ = block.module.attn.qkv(z).reshape(2, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        return head_max_logits(q, k)
+
+    before = logits()
+    tau = sorted(before)[-2] * 1.5  # only head 1 above
+    clip = QKClip(block, tau=tau)
+    assert clip.clip_watched() is None  # not armed: nothing watched
+    clip.arm()
+    assert clip.armed
+    with torch.no_grad():
+        block.module(x)  # no gradients: not a training forward
+    assert clip.clip_watched() is None
+    block.module(x).sum().backward()  # the training forward
+    maxima, clipped = clip.clip_watched()  # type: ignore[misc]
+    assert maxima == pytest.approx(before, rel=1e-5)
+    assert clipped == {"b.attn.qkv": [1]} and clip.watched_clips == 1
+    after = logits()
+    assert after[1] == pytest.approx(tau, rel=1e-5)
+    assert [after[h] for h in (0, 2, 3)] == [before[h] for h in (0, 2, 3)]
+    block.module(x).sum().backward()  # at τ now: nothing rescaled
+    _, clipped = clip.clip_watched()  # type: ignore[misc]
+    assert clipped == {"b.attn.qkv": []} and clip.watched_clips == 1
+    # a reduction across processes sees the local maxima and decides what is used
+    block.module(x).sum().backward()
+    assert clip.clip_watched(lambda m: None) is None
+    clip.restore()  # stops watching; weights stay
+    assert not clip.armed and not block.module._forward_pre_hooks
+    assert logits() == after
+    twin = QKClip(block, tau=tau)
+    twin.load_state_dict(clip.state_dict())
+    assert twin.watched_clips == 1 and not twin.armed  # a record puts no hook on the block
+    with pytest.raises(ValueError, match="no query/key"):
+        QKClip(describe_block(0, "mlp", nn.Sequential(nn.Linear(D, D)))).arm()

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from lightning_stability.callbacks._armed_clips import ArmedClips
 from lightning_stability.callbacks._common import check_eps_rule, lightning_log_step, low_precision_dtype
 from lightning_stability.callbacks.ln_eps import bump_norms
 from lightning_stability.callbacks.monitor import StabilityMonitor
@@ -88,7 +89,15 @@ class StabilityGuard(Callback):
       Megatron's ``clip_qk``), so the head's max logit on the measured sample becomes ``τ``.
       Per-head maxima come from ``per_head["attn_logit_max"]`` (``log_per_head=True``); without
       them every head is scaled by the block's ``η``. It changes weights: **not reversible**.
-      It acts again whenever a block's logits pass ``τ`` again.
+      By default the block is clipped again whenever a sampled step finds its logits past ``τ``
+      again (the optimizer regrows them for ``every_n_steps`` steps in between). With
+      ``qk_clip_every_step=True`` the first clip also **arms** the block: from the next step on,
+      every training forward of the block is watched and, after each optimizer step, its heads
+      whose largest logit in that forward passed ``τ`` are rescaled by ``τ/S_h`` (MuonClip's
+      schedule: per-head maxima of the training forward itself), until fit ends; under DDP the
+      maxima are first reduced by a maximum over the ranks. On the held-out runs of
+      ``docs/HELDOUT.md`` the sampled schedule closed more of the loss gap (Llama, logit growth)
+      and neither helped at a too-high learning rate (ViT), so it stays the default.
     - ``rho_ln < rho_ln_threshold`` (an ε-dominated norm; judged on FP16/BF16 passes only) → raise
       the ε of that block's norms by Algorithm 1 (:class:`~lightning_stability.mitigations.EpsilonBump`,
       the object :class:`LNEpsilonBump` uses), for those norms only, with the report's ``ε_mach``;
@@ -116,6 +125,9 @@ class StabilityGuard(Callback):
         tau: QK-clip threshold ``τ`` on the maximum attention logit (Megatron/Kimi: 100; the logit
             rule's watch level).
         qk_clip_alpha: share ``α`` of the QK-clip factor put on the queries (0.5: ``√η`` on each).
+        qk_clip_every_step: once a block is QK-clipped, clip it after every optimizer step by its own
+            training forward's per-head maxima (MuonClip's schedule); ``False`` (default): only at
+            the monitor's sampled steps.
         rho_ln_threshold: a block with ``rho_ln`` below this has an ε-dominated norm.
         r_local_factor: ``r_local`` above this many ``ε_mach`` moves the block to FP32 (the r_local
             rule's at-risk level).
@@ -138,12 +150,15 @@ class StabilityGuard(Callback):
     Attributes:
         actions: every decision so far, in order (:class:`GuardAction`).
         fp32_blocks: names of the blocks running in FP32.
+        armed: the blocks QK-clipped at every step (``armed.clips``), with their record
+            (``armed.steps_clipped``, ``armed.max_seen``).
     """
 
     def __init__(
         self,
         tau: float = QK_CLIP_TAU,
         qk_clip_alpha: float = 0.5,
+        qk_clip_every_step: bool = False,
         rho_ln_threshold: float = RHO_LN_WATCH,
         r_local_factor: float = R_LOCAL_AT_RISK_EPS,
         min_fp16_headroom: float = FP16_HEADROOM_AT_RISK_BITS,
@@ -166,14 +181,22 @@ class StabilityGuard(Callback):
         check_number("r_local_factor", r_local_factor, 0.0, math.inf, open_low=True, open_high=True)
         check_number("min_fp16_headroom", min_fp16_headroom, 0.0, FP16_MAX_BITS)
         check_choice("fp32_scope", fp32_scope, ("block", "attention"))
-        flags = {"qk_clip": qk_clip, "eps_bump": eps_bump, "fp32": fp32, "require_alarm": require_alarm,
-                 "dry_run": dry_run, "restore_on_fit_end": restore_on_fit_end}
+        flags = {
+            "qk_clip": qk_clip,
+            "eps_bump": eps_bump,
+            "fp32": fp32,
+            "require_alarm": require_alarm,
+            "dry_run": dry_run,
+            "restore_on_fit_end": restore_on_fit_end,
+            "qk_clip_every_step": qk_clip_every_step,
+        }
         for name, flag in flags.items():
             if not isinstance(flag, bool):  # check_choice would take 1 for True
                 raise MisconfigurationException(f"`{name}` must be True or False, got {flag!r}")
         check_eps_rule(target_rho, eps_min, eps_max, sample_size, seed)
         self.tau = float(tau)
         self.qk_clip_alpha = float(qk_clip_alpha)
+        self.qk_clip_every_step = qk_clip_every_step
         self.rho_ln_threshold = float(rho_ln_threshold)
         self.r_local_factor = float(r_local_factor)
         self.min_fp16_headroom = float(min_fp16_headroom)
@@ -186,6 +209,8 @@ class StabilityGuard(Callback):
         self.fp32_blocks: list[str] = []
         self._overrides: dict[str, FP32Override] = {}
         self._clips: dict[str, QKClip] = {}
+        self.armed = ArmedClips()
+        self._optimizer_stepped = False
         self._eps: dict[str, EpsilonBump] = {}
         self._eps_state: dict[str, dict[str, Any]] = {}
         self._blocks: dict[str, Block] = {}
@@ -247,22 +272,34 @@ class StabilityGuard(Callback):
         monitor = self._monitor
         report = monitor.last_report if monitor is not None else None
         step = lightning_log_step(trainer)  # the step the monitor's report of this batch carries
-        if monitor is None or report is None or report.step != step or step == self._last_step:
-            return
-        self._last_step = step
-        decided = [self._act(trainer, pl_module, plan, monitor, batch) for plan in self.decide(report)]
-        self.actions += decided
-        self._log(trainer, step, decided)
+        if monitor is not None and report is not None and report.step == step and step != self._last_step:
+            self._last_step = step
+            decided = [self._act(trainer, pl_module, plan, monitor, batch) for plan in self.decide(report)]
+            self.actions += decided
+            self._log(trainer, step, decided)
+        if self._optimizer_stepped:  # an optimizer step since the last batch end: clip the armed blocks
+            self._optimizer_stepped = False
+            index = {name: b.index for name, b in self._blocks.items()}
+            metrics = self.armed.step(trainer, index)
+            if metrics:
+                for logger in trainer.loggers:
+                    logger.log_metrics({f"stability/guard/{k}": v for k, v in metrics.items()}, step=step)
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        self._optimizer_stepped = True
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fitting = False
+        self.armed.disarm_all()  # no hook outlives the fit; a next fit re-arms from the record
         if self.restore_on_fit_end:
             self.restore()
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._fitting = False
+        self.armed.disarm_all()
         if self.restore_on_fit_end:
             self.restore()
 
@@ -280,7 +317,8 @@ class StabilityGuard(Callback):
             self._pending = dict(state_dict)
 
     def restore(self) -> None:
-        """Undo what can be undone: FP32 overrides removed, raised ε put back. QK-clip stays.
+        """Undo what can be undone: FP32 overrides removed, raised ε put back. QK-clip stays
+        (its every-step watches are removed at fit end in any case).
 
         Idempotent. :attr:`fp32_blocks` and :attr:`actions` keep the record.
         """
@@ -339,7 +377,8 @@ class StabilityGuard(Callback):
             action = found.mitigation
             done = name in self._eps if action == "eps_bump" else name in self.fp32_blocks
             once = action != "qk_clip" and (done or (action == "fp32" and name in self._fp32_refused))
-            if not self.enabled[action] or once or any(p.action == action for p in plans):
+            armed = action == "qk_clip" and name in self.armed.clips  # clipped at every step already
+            if not self.enabled[action] or once or armed or any(p.action == action for p in plans):
                 continue
             cause = condition(RULE_BY_NAME[found.rule], found.value, found.threshold)
             heads: list[float] = []
@@ -403,6 +442,16 @@ class StabilityGuard(Callback):
         )
         plan.applied = any(clipped.values())
         plan.value = min(eta)
+        if plan.applied and self.qk_clip_every_step and self.armed.can_arm(block.name):
+            try:
+                self.armed.arm(block.name, clip)
+            except ValueError as err:
+                plan.detail += f"; not armed for every step: {err}"
+                return
+            plan.detail += (
+                "; armed: from the next step on, the heads past tau in each training forward are "
+                "QK-clipped after every optimizer step"
+            )
 
     def _bump(
         self,
@@ -468,6 +517,7 @@ class StabilityGuard(Callback):
             "fp32_blocks": list(self.fp32_blocks),
             "eps": {**self._eps_state, **eps},
             "last_step": self._last_step,
+            "qk_every_step": self.armed.state_dict(),
         }
 
     def _apply_state(self, state: dict[str, Any]) -> None:
@@ -491,6 +541,18 @@ class StabilityGuard(Callback):
                 self._eps_state[name] = helper_state  # kept for a later fit of the full model
                 continue
             self._new_bump(name, self._module).load_state_dict(helper_state)
+        self._apply_armed(state.get("qk_every_step", {}))
+
+    def _apply_armed(self, state: dict[str, Any]) -> None:
+        """Arm again the blocks the record has armed (those of this model; dry runs, and a guard
+        without ``qk_clip_every_step``, arm nothing)."""
+        clips = {}
+        for name in state.get("armed", []):
+            block = self._blocks.get(name)
+            if block is not None and self.qk_clip_every_step and not self.dry_run:
+                clips[name] = self._clips.setdefault(name, QKClip(block, self.tau, self.qk_clip_alpha))
+        self.armed.load_state_dict(state, clips)
+        self.armed.rearm()
 
     def _log(self, trainer: Trainer, step: int, decided: list[GuardAction]) -> None:
         prefix = "stability/guard/dry_run" if self.dry_run else "stability/guard"

@@ -6,19 +6,26 @@ rescaled by ``η_h = min(1, τ/S_h)``, ``W_Q^h ← η_h^α W_Q^h`` and ``W_K^h �
 exactly ``η_h`` and its maximum becomes ``τ`` on the same input. Not reversible: it changes
 weights, which training then moves on from (:meth:`QKClip.restore` undoes nothing, and says so).
 
+Two schedules: :meth:`QKClip.apply` clips by maxima measured elsewhere (the monitor's sampled
+steps); once armed (:meth:`QKClip.arm`), :meth:`QKClip.clip_watched` clips after every optimizer step by
+the per-head maxima of the block's own training forwards (:class:`HeadLogitWatch`), as MuonClip
+does, so the optimizer cannot regrow the logits for several steps between two measurements.
+
 Pure model mutation, no Lightning.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_stability.capture.logit_watch import HeadLogitWatch
 from lightning_stability.capture.structure import Block, QKProjection
 from lightning_stability.rules.thresholds import QK_CLIP_TAU
 
@@ -130,10 +137,11 @@ def clip_block_qk(
 
 
 class QKClip:
-    """QK-clip of one block as a mitigation object: :meth:`apply` at each measured step past τ.
+    """QK-clip of one block as a mitigation object: at each measured step past τ, or at every step once armed.
 
     Not reversible: the clipped weights are the model's from then on (the optimizer moves on
-    from them), so :meth:`restore` undoes nothing. :meth:`state_dict` keeps the record.
+    from them), so :meth:`restore` undoes no weight; it only stops watching (:meth:`disarm`).
+    :meth:`state_dict` keeps the record.
 
     Args:
         block: the block whose query/key projections are clipped.
@@ -141,12 +149,16 @@ class QKClip:
         alpha: the queries' share of the rescaling.
 
     Attributes:
-        factors: the smallest ``η`` of each application that rescaled a head.
+        factors: the smallest ``η`` of each :meth:`apply` that rescaled a head.
+        watched_clips: optimizer steps at which :meth:`clip_watched` rescaled a head.
     """
 
     def __init__(self, block: Block, tau: float = QK_CLIP_TAU, alpha: float = 0.5) -> None:
         self.block, self.tau, self.alpha = block, float(tau), float(alpha)
         self.factors: list[float] = []
+        self.watched_clips = 0
+        self._watch: HeadLogitWatch | None = None
+        self._stack = ExitStack()
 
     def apply(self, max_logits: Sequence[float]) -> dict[str, list[int]]:
         """Clip the heads whose ``S_h > τ``; ``{projection name: heads rescaled}`` (:func:`clip_block_qk`)."""
@@ -155,11 +167,80 @@ class QKClip:
             self.factors.append(min(qk_clip_factors(max_logits, self.tau)))
         return clipped
 
+    # ------------------------------------------------------------ every step
+    @property
+    def armed(self) -> bool:
+        """Whether the block's training forwards are watched (:meth:`arm`)."""
+        return self._watch is not None
+
+    @property
+    def watch(self) -> HeadLogitWatch | None:
+        """The watch of the block's training forwards while armed."""
+        return self._watch
+
+    def arm(self) -> None:
+        """Watch the block's training forwards, so that :meth:`clip_watched` can clip after every step.
+
+        Raises:
+            ValueError: when the block's query/key weights cannot be rescaled in place (checked
+                now, not at the first step).
+        """
+        if self._watch is not None:
+            return
+        for proj in self.block.qk:
+            qk_params(self.block, proj)
+        if not self.block.qk:
+            raise ValueError(f"no query/key projections found in {self.block.name!r}")
+        self._watch = self._stack.enter_context(HeadLogitWatch(self.block.module))
+
+    def disarm(self) -> None:
+        """Stop watching: the hooks are removed. Idempotent."""
+        self._watch = None
+        self._stack.close()
+
+    def clip_watched(
+        self, reduce: Callable[[Tensor | None], Tensor | None] | None = None
+    ) -> tuple[list[float], dict[str, list[int]]] | None:
+        """Clip by the per-head maxima of the training forwards since the last call (MuonClip's schedule).
+
+        Call it after each optimizer step: the maxima were computed by the forward of that step,
+        the clip applies to the weights the step produced.
+
+        Args:
+            reduce: combines the maxima across processes before they are used (a maximum over
+                DDP ranks, so that every rank clips alike); every process must call it.
+
+        Returns:
+            As :meth:`clip_by`.
+        """
+        if self._watch is None:
+            return None
+        maxima = self._watch.take()
+        return self.clip_by(reduce(maxima) if reduce is not None else maxima)
+
+    def clip_by(self, maxima: Tensor | None) -> tuple[list[float], dict[str, list[int]]] | None:
+        """Clip the heads whose watched maximum ``S_h`` passed ``τ`` (NaN or inf: left alone).
+
+        Returns:
+            ``(maxima, {projection: heads rescaled})``, or ``None`` when there is no finite maximum
+            (no training forward watched, or a failed watch: see ``watch.error``).
+        """
+        if maxima is None or not bool(torch.isfinite(maxima).any()):
+            return None
+        values = [float(v) for v in maxima.nan_to_num(nan=0.0, posinf=math.inf).tolist()]
+        clipped = clip_block_qk(self.block, values, self.tau, self.alpha)
+        if any(clipped.values()):
+            self.watched_clips += 1
+        return values, clipped
+
     def restore(self) -> None:
-        """Nothing to undo: QK-clip changes weights for good."""
+        """Nothing to undo in the weights (QK-clip changes them for good); stops watching."""
+        self.disarm()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"factors": list(self.factors)}
+        return {"factors": list(self.factors), "watched_clips": self.watched_clips}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Adopt a record (the numbers only: arming, which puts hooks on the block, is :meth:`arm`'s)."""
         self.factors = [float(f) for f in state.get("factors", [])]
+        self.watched_clips = int(state.get("watched_clips", 0))

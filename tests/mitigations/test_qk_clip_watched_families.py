@@ -1,0 +1,121 @@
+"""QK-clip by the training forward's own per-head maxima, on models this project did not write.
+
+For each family (transformers GPT-2, Llama, BERT, ViT built from configs, eager and SDPA attention,
+and the scenarios' own GPT), one head of block 0 is made large; an armed :class:`QKClip` watches a
+training forward, clips by what it saw, and the next training forward on the same batch must find
+that head's maximum at ``τ`` (float tolerance) while every other head is untouched bit for bit.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_stability.capture.structure import model_blocks
+from lightning_stability.mitigations import QKClip, qk_params
+
+H, D = 4, 32
+GROW = 6.0  # head 1's query and key rows (and biases): its logits by 36
+SCEN_DIR = Path(__file__).resolve().parents[2] / "examples" / "scenarios"
+
+
+def _hf(name: str, impl: str) -> tuple[nn.Module, Callable[[nn.Module], Tensor]]:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common: dict[str, Any] = {"hidden_size": D, "num_attention_heads": H, "num_hidden_layers": 2}
+    ids = torch.randint(0, 60, (3, 10))
+    if name == "gpt2":
+        cfg: Any = transformers.GPT2Config(
+            n_embd=D, n_head=H, n_layer=2, vocab_size=60, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0
+        )
+        model = transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation=impl)
+        return model, lambda m: m(ids, labels=ids).loss
+    if name == "llama":
+        cfg = transformers.LlamaConfig(**common, intermediate_size=64, vocab_size=60)
+        model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=impl)
+        return model, lambda m: m(ids, labels=ids).loss
+    drop = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    if name == "bert":
+        cfg = transformers.BertConfig(**common, **drop, intermediate_size=64, vocab_size=60)
+        model = transformers.BertForMaskedLM._from_config(cfg, attn_implementation=impl)
+        return model, lambda m: m(ids, labels=ids).loss
+    cfg = transformers.ViTConfig(
+        **common, **drop, intermediate_size=64, image_size=8, patch_size=2, num_channels=1
+    )
+    model = transformers.ViTForImageClassification._from_config(cfg, attn_implementation=impl)
+    pixels, labels = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 0])
+    return model, lambda m: m(pixel_values=pixels, labels=labels).loss
+
+
+def _scenario_gpt() -> tuple[nn.Module, Callable[[nn.Module], Tensor]]:
+    if str(SCEN_DIR) not in sys.path:
+        sys.path.insert(0, str(SCEN_DIR))
+    import gpt
+
+    torch.manual_seed(0)
+    model = gpt.ScenarioGPT(vocab_size=60, d_model=D, n_layers=2, n_heads=H, max_len=16)
+    ids = torch.randint(0, 60, (3, 10))
+    return model, lambda m: nn.functional.cross_entropy(m(ids).flatten(0, 1), ids.flatten())
+
+
+FAMILIES = [(f, impl) for f in ("gpt2", "llama", "bert", "vit") for impl in ("eager", "sdpa")]
+
+
+def _watched(clip: QKClip, model: nn.Module, loss: Callable[[nn.Module], Tensor]) -> Tensor:
+    model.zero_grad()
+    loss(model).backward()
+    watch = clip.watch
+    assert watch is not None and watch.error is None
+    got = watch.take()
+    assert got is not None and got.shape == (H,)
+    return got
+
+
+def _qk_rows(clip: QKClip) -> list[list[Tensor]]:
+    """Per head, copies of every query/key weight and bias row block of the block."""
+    out: list[list[Tensor]] = [[] for _ in range(H)]
+    for proj in clip.block.qk:
+        p = qk_params(clip.block, proj)
+        for t in (p.w_q, p.w_k, p.b_q, p.b_k):
+            if t is not None:
+                for h, rows in enumerate(t.chunk(H, dim=0)):
+                    out[h].append(rows.detach().clone())
+    return out
+
+
+@pytest.mark.parametrize(("family", "impl"), [*FAMILIES, ("scenario_gpt", "sdpa")])
+def test_next_training_forward_finds_the_clipped_head_at_tau(family: str, impl: str) -> None:
+    model, loss = _scenario_gpt() if family == "scenario_gpt" else _hf(family, impl)
+    model.train()
+    block = model_blocks(model)[0]
+    with torch.no_grad():  # head 1 of block 0 large: its logits by GROW²
+        for proj in block.qk:
+            p = qk_params(block, proj)
+            for t in (p.w_q, p.w_k, p.b_q, p.b_k):
+                if t is not None:
+                    t.chunk(H, dim=0)[1].mul_(GROW)
+    clip = QKClip(block, tau=1.0)
+    clip.arm()
+    try:
+        before = _watched(clip, model, loss)
+        others = max(v for h, v in enumerate(before.tolist()) if h != 1)
+        assert before[1] > 4 * others  # the grown head stands out
+        clip.tau = float(before[1]) / 2  # head 1 above τ, every other head below
+        rows = _qk_rows(clip)
+        done = clip.clip_by(before)
+        assert done is not None and all(heads == [1] for heads in done[1].values())
+        after = _watched(clip, model, loss)
+    finally:
+        clip.disarm()
+    assert float(after[1]) == pytest.approx(clip.tau, rel=1e-5)
+    for h in (0, 2, 3):  # untouched: same weights bit for bit, same maxima
+        assert float(after[h]) == float(before[h])
+        for old, new in zip(rows[h], _qk_rows(clip)[h], strict=True):
+            assert torch.equal(old, new)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
