@@ -18,7 +18,7 @@ from lightning_stability.callbacks.ln_eps import bump_norms
 from lightning_stability.callbacks.monitor import StabilityMonitor
 from lightning_stability.capture.batch import sample_inputs
 from lightning_stability.capture.structure import Block, model_blocks
-from lightning_stability.meter.checks import check_choice, check_number
+from lightning_stability.meter.checks import check_choice, check_flags, check_number
 from lightning_stability.mitigations import (
     EpsilonBump,
     FP32Override,
@@ -175,24 +175,17 @@ class StabilityGuard(Callback):
         sample_size: int = 16,
         seed: int = 0,
     ) -> None:
-        check_number("tau", tau, 0.0, math.inf, open_low=True, open_high=True)
-        check_number("qk_clip_alpha", qk_clip_alpha, 0.0, 1.0)
-        check_number("rho_ln_threshold", rho_ln_threshold, 0.0, math.inf, open_low=True, open_high=True)
-        check_number("r_local_factor", r_local_factor, 0.0, math.inf, open_low=True, open_high=True)
-        check_number("min_fp16_headroom", min_fp16_headroom, 0.0, FP16_MAX_BITS)
+        _check_levels(tau, qk_clip_alpha, rho_ln_threshold, r_local_factor, min_fp16_headroom)
         check_choice("fp32_scope", fp32_scope, ("block", "attention"))
-        flags = {
-            "qk_clip": qk_clip,
-            "eps_bump": eps_bump,
-            "fp32": fp32,
-            "require_alarm": require_alarm,
-            "dry_run": dry_run,
-            "restore_on_fit_end": restore_on_fit_end,
-            "qk_clip_every_step": qk_clip_every_step,
-        }
-        for name, flag in flags.items():
-            if not isinstance(flag, bool):  # check_choice would take 1 for True
-                raise MisconfigurationException(f"`{name}` must be True or False, got {flag!r}")
+        check_flags(
+            qk_clip=qk_clip,
+            eps_bump=eps_bump,
+            fp32=fp32,
+            require_alarm=require_alarm,
+            dry_run=dry_run,
+            restore_on_fit_end=restore_on_fit_end,
+            qk_clip_every_step=qk_clip_every_step,
+        )
         check_eps_rule(target_rho, eps_min, eps_max, sample_size, seed)
         self.tau = float(tau)
         self.qk_clip_alpha = float(qk_clip_alpha)
@@ -597,3 +590,12 @@ def _would(plan: GuardAction, guard: StabilityGuard) -> str:
         return f"raise the block's norm ε by Algorithm 1 (target_rho {guard.target_rho:g})"
     plan.value = 1.0
     return f"run the {guard.fp32_scope} in float32"
+
+
+def _check_levels(tau: float, alpha: float, rho_ln: float, r_local: float, headroom: float) -> None:
+    """``MisconfigurationException`` naming the first level of the guard out of its range."""
+    check_number("tau", tau, 0.0, math.inf, open_low=True, open_high=True)
+    check_number("qk_clip_alpha", alpha, 0.0, 1.0)
+    check_number("rho_ln_threshold", rho_ln, 0.0, math.inf, open_low=True, open_high=True)
+    check_number("r_local_factor", r_local, 0.0, math.inf, open_low=True, open_high=True)
+    check_number("min_fp16_headroom", headroom, 0.0, FP16_MAX_BITS)

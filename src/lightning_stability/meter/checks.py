@@ -46,6 +46,16 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
         raise MisconfigurationException(f"`{name}` must be one of {choices}, got {value!r}")
 
 
+def check_flags(**flags: Any) -> None:
+    """Raise ``MisconfigurationException`` naming the first flag that is not a ``bool``.
+
+    A separate check from :func:`check_choice`, which would take ``1`` for ``True``.
+    """
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise MisconfigurationException(f"`{name}` must be True or False, got {flag!r}")
+
+
 def check_patterns(name: str, value: Any) -> None:
     """``None`` or a non-empty list of ``fnmatch`` pattern strings."""
     if value is not None and (
