@@ -6,14 +6,14 @@ Llama's configs; ``W_O`` ``d × d``), at random init (Gaussian, std 0.02, as tra
 initializes) and with a prescribed ill-conditioned spectrum (``κ = 100``, log-spaced: small gaps
 at the bottom):
 
-- both ends: ``main`` (``linear.extreme_singular_values``: float64 Gram ``eigvalsh``, ``svdvals``
+- both ends: ``exact`` (``linear.extreme_singular_values``: float64 Gram ``eigvalsh``, ``svdvals``
   above κ = 10³), ``svdvals`` (float64), ``dense`` (``extremal``'s dense route: upper block
   triangle of the Gram, ``eigvalsh``, rounding-model bound), ``mixed`` (``extremal``'s float32 Gram
   + Cholesky + block Krylov, float64 certificate, fallbacks), ``certified`` (what the probe
   calls: ``extremal.singular_value_bounds`` with its thresholds — LU route for square matrices
   from ``SQUARE_MIN_N``, mixed from ``MIXED_MIN_N``), ``lobpcg`` (``torch.lobpcg`` on the
   float64 Gram, both ends; with ``--lobpcg``, up to d = 1024);
-- ``σmax`` alone: ``main`` (the same call as above: what the probe pays for ``‖W_O‖₂`` today),
+- ``σmax`` alone: ``exact`` (the same call as above: what ``weight_spectra="exact"`` pays for ``‖W_O‖₂``),
   ``dense``, ``krylov`` (``extremal.largest_singular_value``: float32 block Krylov on ``WᵀW``
   without forming it, float64 certificate), ``power`` (float64 power iteration to a relative
   change below 1e-7: no certificate, for the iteration count).
@@ -121,14 +121,14 @@ def certified(w: Tensor) -> Result:
 
 def candidates(d: int, lobpcg: bool = False) -> dict[str, dict[str, Callable[[Tensor], Any]]]:
     """The candidates run at width ``d`` (the slow ones only where they finish in seconds)."""
-    both: dict[str, Callable[[Tensor], Any]] = {"main": linear.extreme_singular_values}
+    both: dict[str, Callable[[Tensor], Any]] = {"exact": linear.extreme_singular_values}
     if d <= 2048:
         both["svdvals"] = lambda w: (lambda s: (s[..., 0], s[..., -1]))(torch.linalg.svdvals(w))
     both.update({"dense": dense, "mixed": mixed, "certified": certified})
     if lobpcg and d <= 1024:
         both["lobpcg"] = lobpcg_both
     top: dict[str, Callable[[Tensor], Any]] = {
-        "main": linear.extreme_singular_values,
+        "exact": linear.extreme_singular_values,
         "dense": lambda w: extremal._dense(extremal.tall(w))[:1],
         "krylov": extremal.largest_singular_value,
     }

@@ -103,11 +103,11 @@ def weight_fits(extremal: dict[str, Any]) -> dict[str, tuple[float, float]]:
     """Per route, ``(a, p)`` of seconds per matrix against ``d`` (random init, d ≥ 768)."""
     out: dict[str, tuple[float, float]] = {}
     for key, (matrix, need, candidate) in {
-        "ffn_main": ("ffn", "both", "main"),
+        "ffn_exact": ("ffn", "both", "exact"),
         "ffn_dense": ("ffn", "both", "dense"),
         "ffn_mixed": ("ffn", "both", "mixed"),
         "ffn_certified": ("ffn", "both", "certified"),
-        "wo_main": ("wo", "both", "main"),
+        "wo_exact": ("wo", "both", "exact"),
         "wo_certified": ("wo", "both", "certified"),
     }.items():
         pts = [
@@ -178,13 +178,13 @@ def per_rank(
         row["cpu_seconds_per_matrix"] = cpu
         # κ(W_O) is logged too: W_O needs both ends
         weights = m["layers"] * (3 * cpu.get("ffn_certified", math.nan) + cpu.get("wo_certified", math.nan))
-        weights_main = m["layers"] * (3 * cpu.get("ffn_main", math.nan) + cpu.get("wo_main", math.nan))
+        weights_exact = m["layers"] * (3 * cpu.get("ffn_exact", math.nan) + cpu.get("wo_exact", math.nan))
         row["cpu_seconds"] = {
             "fp32_pass": fl["fp32_pass"] / rate["fp32"],
             "lp_pass": fl["lp_pass"] / rate["bf16"],
             "local_errors": (fl["local_errors"] / rate["bf16"]) if local else 0.0,
             "weight_terms": weights,
-            "weight_terms_main": weights_main,
+            "weight_terms_exact": weights_exact,
             "training_step": fl["training_step"] / rate["train_bf16"],
         }
     return row

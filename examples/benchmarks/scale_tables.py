@@ -19,7 +19,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ``bench_scale`` beside this file
 
 MiB = 2.0**20
-#: The file holding the earlier main's run of the base configuration, beside ``base.json``.
+#: The base configuration with the weight terms from full float64 spectra, beside ``base.json``.
 BEFORE = "before_base.json"
 
 
@@ -145,8 +145,8 @@ BASE_LABELS = {
 
 def base(now: dict[str, Any], before: dict[str, Any] | None) -> str:
     """The base configuration's sampled step, parts side by side: before (``before_base.json``,
-    measured on an earlier main) and now (``base.json``; its ``exact`` variant is today's probe
-    with ``weight_spectra="exact"``, in the same run)."""
+    the weight terms from full float64 spectra of every weight) and now (``base.json``; its
+    ``exact`` variant is the probe with ``weight_spectra="exact"``, in the same run)."""
     from bench_scale import derived
 
     cols = ([("before", before)] if before else []) + [("now", now)]
@@ -211,7 +211,7 @@ def paper(data: dict[str, Any]) -> str:
             c = r["cpu_seconds"]
             lines.append(
                 f"| {r['model']} | {r['sample']} | {c['fp32_pass']:.0f} | {c['lp_pass']:.0f} | "
-                f"{c['local_errors']:.0f} | {c['weight_terms']:.0f} | {c['weight_terms_main']:.0f} | "
+                f"{c['local_errors']:.0f} | {c['weight_terms']:.0f} | {c['weight_terms_exact']:.0f} | "
                 f"{c['training_step']:.0f} |"
             )
     return "\n".join(lines)
@@ -238,8 +238,8 @@ FILES: dict[str, Callable[[Path], str]] = {
 
 
 def render(path: Path) -> str:
-    """The Markdown of one committed file of ``docs/scale/`` (``base.json`` with the earlier
-    main's run beside it, ``BEFORE``).
+    """The Markdown of one committed file of ``docs/scale/`` (``base.json`` with the full-spectra
+    run beside it, ``BEFORE``).
 
     Args:
         path: one of the files named in ``FILES``.
