@@ -287,3 +287,75 @@ def test_ddp_a_watch_failing_on_one_rank_stops_on_both_without_hanging(tmp_path:
     assert ranks[0]["armed"]["armed"] == [] and ranks[0]["armed"]["failed"] == ["blocks.0"]
     assert ranks[0]["armed"]["steps_clipped"]["blocks.0"] == 1
     assert ranks[0] == ranks[1]  # same weights: back to sampled clips, the same on both ranks
+
+
+# ------------------------------------------------------------------------------ compiled
+def compiled_fit(
+    tmp_path: Any, guard: StabilityGuard | None, steps: int, ckpt_path: str | None = None
+) -> Any:
+    """Fit ``torch.compile(fragile model)``; the compile counter, the trainer and the model."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = model_with_fragile_head()
+    monitor = StabilityMonitor(every_n_steps=2, precision="bf16", log_per_head=True)
+    callbacks = [monitor, guard, Regrow()] if guard is not None else [monitor, Regrow()]
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=steps, logger=MemoryLogger()), callbacks=callbacks)
+    trainer.fit(torch.compile(model, backend=counter), make_loader(n=8, batch_size=8), ckpt_path=ckpt_path)
+    torch._dynamo.reset()
+    return counter, trainer, model
+
+
+def test_a_compiled_model_is_not_armed_and_stays_clipped_at_sampled_steps(tmp_path: Any) -> None:
+    alone, _, _ = compiled_fit(tmp_path, None, steps=8)
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
+    with pytest.warns(UserWarning, match="not armed for every step: the block runs compiled") as record:
+        counter, trainer, model = compiled_fit(tmp_path, guard, steps=8)
+    assert sum("runs compiled" in str(w.message) for w in record) == 1  # said once
+    assert not guard.armed.clips and guard.armed.failed == {"blocks.0"}
+    # the compiled forward never ran the watch's hooks: an armed block would never have been clipped again
+    assert [a.step for a in guard.actions] == [1, 3, 5, 7] and all(a.applied for a in guard.actions)
+    assert guard_tags(trainer, "block0/train_logit_max") == {}
+    assert counter.frame_count == alone.frame_count == 1  # no recompilation
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_a_compiled_run_resumed_armed_trains_on_and_says_so_once(tmp_path: Any) -> None:
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
+    trainer = fit(model_with_fragile_head(), tmp_path, guard, steps=4)
+    ckpt = str(tmp_path / "armed.ckpt")
+    trainer.save_checkpoint(ckpt)
+    guard2 = StabilityGuard(tau=TAU, qk_clip_every_step=True)
+    with pytest.warns(UserWarning, match="every step stopped in block 'blocks.0' \\(the block runs compiled"):
+        counter, trainer2, model = compiled_fit(tmp_path, guard2, steps=8, ckpt_path=ckpt)
+    assert trainer2.global_step == 8 and counter.frame_count == 1
+    assert not guard2.armed.clips and guard2.armed.failed == {"blocks.0"}
+    assert [a.step for a in guard2.actions] == [1, 5, 7]  # back to the sampled clips after the resume
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class SkipsBlockZero(TinyTransformer):
+    """From global step 4 on, block 0 no longer runs (a layer dropped from the training forward)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.embed(x)
+        for i, block in enumerate(self.blocks):
+            if i > 0 or self.trainer.global_step < 4:
+                x = block(x)
+        return self.head(self.norm(x).mean(1))
+
+
+def test_an_armed_block_whose_forward_is_never_seen_stops_and_says_so(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    model = SkipsBlockZero(lr=0.0)
+    model.load_state_dict(model_with_fragile_head().state_dict())
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
+    with pytest.warns(
+        UserWarning, match="stopped in block 'blocks.0' \\(no training forward of the block was seen"
+    ):
+        trainer = fit(model, tmp_path, guard, steps=8)
+    assert guard.armed.failed == {"blocks.0"} and not guard.armed.clips
+    assert sorted(guard_tags(trainer, "block0/train_logit_max")) == [2, 3]  # steps 4 and 5 saw nothing
+    assert trainer.global_step == 8

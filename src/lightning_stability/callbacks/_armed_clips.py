@@ -7,6 +7,10 @@ rescaled (:meth:`~lightning_stability.mitigations.QKClip.clip_by`). Under DDP th
 exchange what each watch saw (two small collectives per step, every rank in the same block order):
 the per-head maxima are reduced by a maximum over the ranks, so every rank rescales the same heads
 by the same factors, and a block whose watch failed on any rank stops on every rank.
+
+A compiled model cannot be watched (``torch.compile`` never runs hooks added after it traced a
+forward, and cannot trace the watch's own): such a block is not armed, or stops, and says so once;
+so does an armed block no training forward of which is seen at two optimizer steps in a row.
 """
 
 from __future__ import annotations
@@ -17,13 +21,30 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_stability.callbacks._common import is_distributed
+from lightning_stability.capture.logit_watch import COMPILED
 from lightning_stability.mitigations import QKClip, qk_clip_factors
 
 #: A block's status in the exchange: its head count when a training forward was watched, else one of these.
 _NOTHING, _FAILED = 0, -1
+#: Optimizer steps in a row without a watched training forward after which an armed block stops.
+MAX_UNSEEN_STEPS = 2
+_UNSEEN = (
+    f"no training forward of the block was seen at {MAX_UNSEEN_STEPS} optimizer steps in a row "
+    "(is the model compiled? torch.compile does not run hooks added after it traced a forward)"
+)
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model``'s forward, or one of its modules', runs through ``torch.compile``."""
+    if getattr(model, "_compiler_ctx", None):  # Lightning's record of a compiled LightningModule
+        return True
+    return any(
+        isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None)
+        for m in model.modules()
+    )
 
 
 class ArmedClips:
@@ -45,15 +66,28 @@ class ArmedClips:
         self.max_seen: dict[str, float] = {}
         self.failed: set[str] = set()
         self._last_step = -1
+        self._unseen: dict[str, int] = {}
 
     def can_arm(self, name: str) -> bool:
-        """Whether ``name`` may be armed (not armed yet, no failed watch)."""
+        """Whether ``name`` may be armed (not armed yet, not refused or failed before)."""
         return name not in self.clips and name not in self.failed
 
-    def arm(self, name: str, clip: QKClip) -> None:
-        """Watch ``clip``'s block from its next training forward on (``ValueError`` as :meth:`QKClip.arm`)."""
-        clip.arm()
+    def arm(self, name: str, clip: QKClip, model: nn.Module) -> None:
+        """Watch ``clip``'s block (of ``model``) from its next training forward on.
+
+        Raises:
+            ValueError: as :meth:`QKClip.arm`, or when ``model`` runs compiled; the block is then
+                not armed again (the caller says so once).
+        """
+        try:
+            if is_compiled(model):
+                raise ValueError(f"{COMPILED}; compile it after the fit, or leave qk_clip_every_step off")
+            clip.arm()
+        except ValueError:
+            self.failed.add(name)
+            raise
         self.clips[name] = clip
+        self._unseen[name] = -1  # the step it is armed at has no watched forward yet
         self.steps_clipped.setdefault(name, 0)
 
     def disarm_all(self) -> None:
@@ -61,11 +95,14 @@ class ArmedClips:
         for clip in self.clips.values():
             clip.disarm()
 
-    def rearm(self) -> None:
-        """Watch every block of the record again (a new fit, a resumed run)."""
+    def rearm(self, model: nn.Module | None) -> None:
+        """Watch every block of the record (blocks of ``model``) again: a new fit, a resumed run."""
         for name, clip in list(self.clips.items()):
             try:
+                if model is not None and is_compiled(model):
+                    raise ValueError(COMPILED)
                 clip.arm()
+                self._unseen[name] = 0
             except ValueError as err:
                 self._stop(name, str(err))
 
@@ -83,6 +120,10 @@ class ArmedClips:
         maxima, failures = _exchange(trainer, [self.clips[n] for n in names])
         metrics: dict[str, float] = {}
         for name, values, failure in zip(names, maxima, failures, strict=True):
+            unseen = self._unseen.get(name, 0) + 1 if values is None else 0
+            self._unseen[name] = unseen
+            if failure is None and unseen >= MAX_UNSEEN_STEPS:
+                failure = _UNSEEN
             if failure is not None:
                 self._stop(name, failure)
                 continue
@@ -132,7 +173,7 @@ class ArmedClips:
         self.steps_clipped = {k: int(v) for k, v in state.get("steps_clipped", {}).items()}
         self.max_seen = {k: float(v) for k, v in state.get("max_seen", {}).items()}
         self.failed = set(state.get("failed", []))
-        self._last_step = -1
+        self._last_step, self._unseen = -1, {}
 
 
 def _local(clip: QKClip) -> tuple[Tensor | None, str | None]:

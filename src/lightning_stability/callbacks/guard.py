@@ -437,7 +437,7 @@ class StabilityGuard(Callback):
         plan.value = min(eta)
         if plan.applied and self.qk_clip_every_step and self.armed.can_arm(block.name):
             try:
-                self.armed.arm(block.name, clip)
+                self.armed.arm(block.name, clip, self._module or block.module)
             except ValueError as err:
                 plan.detail += f"; not armed for every step: {err}"
                 return
@@ -545,7 +545,7 @@ class StabilityGuard(Callback):
             if block is not None and self.qk_clip_every_step and not self.dry_run:
                 clips[name] = self._clips.setdefault(name, QKClip(block, self.tau, self.qk_clip_alpha))
         self.armed.load_state_dict(state, clips)
-        self.armed.rearm()
+        self.armed.rearm(self._module)
 
     def _log(self, trainer: Trainer, step: int, decided: list[GuardAction]) -> None:
         prefix = "stability/guard/dry_run" if self.dry_run else "stability/guard"

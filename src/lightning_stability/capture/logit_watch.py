@@ -19,7 +19,10 @@ from lightning_stability.capture.attention import AttentionCall, AttentionCaptur
 from lightning_stability.capture.hooks import HookContext
 from lightning_stability.diagnostics.attention import attention_logit_max
 
-__all__ = ["HeadLogitWatch", "call_head_logit_max"]
+__all__ = ["COMPILED", "HeadLogitWatch", "call_head_logit_max"]
+
+#: :attr:`HeadLogitWatch.error` when the watched forward runs compiled.
+COMPILED = "the block runs compiled (torch.compile): its training forward cannot be watched"
 
 
 def _children(module: nn.Module) -> nn.Module:
@@ -65,7 +68,10 @@ class HeadLogitWatch(HookContext):
     checkpointing's recomputation) give their maximum.
 
     Nothing raised while recording reaches the forward: the first failure is kept in
-    :attr:`error` and recording stops. The hooks are removed on exit.
+    :attr:`error` and recording stops. A forward traced by ``torch.compile`` cannot be watched
+    (the capture is Python that runs beside each attention call): its hooks do nothing then but set
+    :attr:`error`, so that the traced graph is that of the unwatched forward. The hooks are removed
+    on exit.
 
     Args:
         module: the block (or the attention) whose attention calls are watched.
@@ -104,6 +110,9 @@ class HeadLogitWatch(HookContext):
 
     # ------------------------------------------------------------------ hooks
     def _enter(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():  # first: a traced hook reads no state (no guard on it)
+            self.error = COMPILED
+            return
         if self.error is not None or self._capture is not None:
             return
         if not (module.training and torch.is_grad_enabled()):
