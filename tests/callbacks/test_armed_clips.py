@@ -359,3 +359,41 @@ def test_an_armed_block_whose_forward_is_never_seen_stops_and_says_so(tmp_path: 
     assert guard.armed.failed == {"blocks.0"} and not guard.armed.clips
     assert sorted(guard_tags(trainer, "block0/train_logit_max")) == [2, 3]  # steps 4 and 5 saw nothing
     assert trainer.global_step == 8
+
+
+# ------------------------------------------------------------------------------ qk-norm
+class QKNormAttention(nn.Module):
+    """The suite's attention with a per-head LayerNorm of the queries and keys (qk-norm), gains of 9:
+    logits up to 81·√d_h whatever W_Q and W_K are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.q_norm, self.k_norm = nn.LayerNorm(DH), nn.LayerNorm(DH)
+        with torch.no_grad():
+            self.q_norm.weight.fill_(9.0)
+            self.k_norm.weight.fill_(9.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, H, DH).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, D))
+
+
+@pytest.mark.parametrize("every_step", [False, True])
+def test_a_qk_normed_block_is_not_clipped_and_says_so_once(tmp_path: Any, every_step: bool) -> None:
+    torch.manual_seed(0)
+    model = TinyTransformer(lr=0.0)
+    model.blocks[0].attn = QKNormAttention()
+    qkv = model.blocks[0].attn.qkv.weight.detach().clone()
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=every_step)
+    monitor = StabilityMonitor(every_n_steps=2, precision="bf16", log_per_head=True)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=8), callbacks=[monitor, guard])
+    with pytest.warns(UserWarning, match="blocks.0.attn.q_norm.*qk-norm.*cannot lower the logits") as record:
+        trainer.fit(model, make_loader(n=8, batch_size=8))
+    assert sum("qk-norm" in str(w.message) for w in record) == 1  # said once, not at every sampled step
+    assert monitor.last_report is not None and (monitor.last_report.blocks[0].attn_logit_max or 0.0) > TAU
+    assert [(a.step, a.action, a.applied) for a in guard.actions] == [(1, "qk_clip", False)]
+    assert torch.equal(model.blocks[0].attn.qkv.weight, qkv)  # W_Q/W_K never shrunk for nothing
+    assert not guard.armed.clips and not model.blocks[0]._forward_pre_hooks

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from lightning_stability.capture.logit_watch import HeadLogitWatch
 from lightning_stability.capture.structure import model_blocks
 from lightning_stability.mitigations import QKClip, qk_params
 
@@ -119,3 +120,43 @@ def test_next_training_forward_finds_the_clipped_head_at_tau(family: str, impl: 
         for old, new in zip(rows[h], _qk_rows(clip)[h], strict=True):
             assert torch.equal(old, new)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _qk_normed(family: str) -> tuple[nn.Module, Callable[[nn.Module], Tensor]]:
+    """Models normalizing queries and keys after their projection: transformers Qwen3, litgpt ``norm_qk``."""
+    ids = torch.randint(0, 60, (3, 10))
+    torch.manual_seed(0)
+    if family == "qwen3":
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.Qwen3Config(
+            hidden_size=D, num_attention_heads=H, num_key_value_heads=2, head_dim=D // H,
+            num_hidden_layers=2, intermediate_size=64, vocab_size=60,
+        )  # fmt: skip
+        model: nn.Module = transformers.Qwen3ForCausalLM._from_config(cfg, attn_implementation="sdpa")
+        return model, lambda m: m(ids, labels=ids).loss
+    litgpt = pytest.importorskip("litgpt")
+    model = litgpt.GPT(litgpt.Config.from_name("pythia-14m", norm_qk=True))
+    return model, lambda m: nn.functional.cross_entropy(m(ids).flatten(0, 1), ids.flatten())
+
+
+@pytest.mark.parametrize(("family", "norm"), [("qwen3", "self_attn.q_norm"), ("litgpt", "attn.norm_q")])
+def test_a_qk_normed_block_is_neither_armed_nor_clipped(family: str, norm: str) -> None:
+    """Rescaling W_Q/W_K before a qk-norm cannot lower the logits: QK-clip refuses (arm, clip_by, apply)
+    rather than shrinking the weights at every step for nothing."""
+    model, loss = _qk_normed(family)
+    model.train()
+    block = model_blocks(model)[0]
+    clip = QKClip(block, tau=1.0)
+    with pytest.raises(ValueError, match=f"{block.name}.{norm}.*qk-norm.*cannot lower"):
+        clip.arm()
+    assert not clip.armed
+    weights = [p.detach().clone() for p in block.module.parameters()]
+    with HeadLogitWatch(block.module) as watch:
+        loss(model).backward()
+    maxima = watch.take()
+    assert maxima is not None and float(maxima.max()) > 2.0  # far above τ = 1
+    with pytest.raises(ValueError, match="qk-norm"):
+        clip.clip_by(maxima)
+    with pytest.raises(ValueError, match="qk-norm"):
+        clip.apply(maxima.tolist())
+    assert all(torch.equal(a, b) for a, b in zip(weights, block.module.parameters(), strict=True))

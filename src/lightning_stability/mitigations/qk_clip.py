@@ -23,13 +23,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_stability.capture.logit_watch import HeadLogitWatch
 from lightning_stability.capture.structure import Block, QKProjection
 from lightning_stability.rules.thresholds import QK_CLIP_TAU
 
-__all__ = ["QKClip", "QKParams", "clip_block_qk", "qk_clip_", "qk_clip_factors", "qk_params"]
+__all__ = ["QKClip", "QKParams", "clip_block_qk", "qk_clip_", "qk_clip_factors", "qk_norm", "qk_params"]
+
+#: Names under which attention modules keep a norm of their queries or keys, applied after the
+#: projection (transformers Qwen3/OLMo2/Gemma3/Cohere ``q_norm``, Llama 4 ``qk_norm``, litgpt
+#: ``norm_q``, Megatron ``q_layernorm``, timm ``q_norm``, an ``nn.Identity`` when off).
+QK_NORM_NAMES = frozenset(
+    {
+        "q_norm",
+        "k_norm",
+        "qk_norm",
+        "norm_q",
+        "norm_k",
+        "query_norm",
+        "key_norm",
+        "q_layernorm",
+        "k_layernorm",
+    }
+)
 
 
 @dataclass
@@ -61,6 +78,29 @@ def qk_params(block: Block, proj: QKProjection) -> QKParams:
         if t is not None and t.untyped_storage().data_ptr() not in storages:
             raise ValueError(f"{label} of {proj.name!r} is a copy, not a view of the block's parameters")
     return params
+
+
+def qk_norm(block: Block) -> str | None:
+    """The qualified name of a query or key norm in ``block`` (:data:`QK_NORM_NAMES`), else ``None``.
+
+    Such a norm divides the projected queries (keys) by their own scale: rescaling W_Q and W_K
+    before it leaves the logits as they were, so QK-clip cannot lower them.
+    """
+    for name, module in block.module.named_modules():
+        if name.rpartition(".")[2] in QK_NORM_NAMES and not isinstance(module, nn.Identity):
+            return f"{block.name}.{name}"
+    return None
+
+
+def _check_clippable(block: Block) -> None:
+    """``ValueError`` when rescaling ``block``'s W_Q/W_K cannot lower its logits (a qk-norm after them)."""
+    norm = qk_norm(block)
+    if norm is not None:
+        raise ValueError(
+            f"{norm!r} normalizes the queries or keys after their projection (qk-norm): rescaling "
+            "W_Q/W_K cannot lower the logits, so QK-clip does not change the block (lower the "
+            "learning rate, or the norm's gain, instead)"
+        )
 
 
 def qk_clip_factors(max_logits: Sequence[float], tau: float) -> list[float]:
@@ -130,7 +170,12 @@ def clip_block_qk(
     """QK-clip every query/key projection of ``block``; ``{projection name: heads rescaled}``.
 
     ``max_logits`` holds ``S_h`` per head (or one value applied to every head).
+
+    Raises:
+        ValueError: when a weight cannot be rescaled in place (:func:`qk_params`), or when a
+            qk-norm after the projections makes the rescaling useless (:func:`qk_norm`).
     """
+    _check_clippable(block)
     factors = qk_clip_factors(max_logits, tau)
     resolved = [qk_params(block, proj) for proj in block.qk]  # all resolved before any is changed
     return {params.name: qk_clip_(params, factors, alpha) for params in resolved}
@@ -182,11 +227,12 @@ class QKClip:
         """Watch the block's training forwards, so that :meth:`clip_watched` can clip after every step.
 
         Raises:
-            ValueError: when the block's query/key weights cannot be rescaled in place (checked
-                now, not at the first step).
+            ValueError: when the block's query/key weights cannot be rescaled in place, or a
+                qk-norm makes rescaling them useless (checked now, not at the first step).
         """
         if self._watch is not None:
             return
+        _check_clippable(self.block)
         for proj in self.block.qk:
             qk_params(self.block, proj)
         if not self.block.qk:
