@@ -397,3 +397,21 @@ def test_a_qk_normed_block_is_not_clipped_and_says_so_once(tmp_path: Any, every_
     assert [(a.step, a.action, a.applied) for a in guard.actions] == [(1, "qk_clip", False)]
     assert torch.equal(model.blocks[0].attn.qkv.weight, qkv)  # W_Q/W_K never shrunk for nothing
     assert not guard.armed.clips and not model.blocks[0]._forward_pre_hooks
+
+
+def test_a_guard_fitting_another_model_clips_that_model(tmp_path: Any) -> None:
+    """The record carries over to the next fit (armed from its first step); the clips are the new model's."""
+    first = model_with_fragile_head()
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
+    fit(first, tmp_path, guard, steps=4)
+    kept = first.blocks[0].attn.qkv.weight.detach().clone()
+    second = model_with_fragile_head()
+    ref = training_logits(second)
+    trainer = fit(second, tmp_path, guard, steps=4)
+    logged = guard_tags(trainer, "block0/train_logit_max")
+    assert sorted(logged) == [0, 1, 2, 3]  # the second model's own training forwards, clipped at every step
+    for step, value in logged.items():
+        assert value == pytest.approx(max(ref[step]), rel=1e-5)
+    assert max(ref[3]) == pytest.approx(TAU * GROWTH**2, rel=1e-5)  # regrown from τ once, not 1.69⁴ × 141
+    assert torch.equal(first.blocks[0].attn.qkv.weight, kept)  # the first model is left alone
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in first.modules())

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_stability.callbacks._common import is_distributed
 from lightning_stability.capture.logit_watch import COMPILED
+from lightning_stability.capture.structure import Block
 from lightning_stability.mitigations import QKClip, qk_clip_factors
 
 #: A block's status in the exchange: its head count when a training forward was watched, else one of these.
@@ -45,6 +46,12 @@ def is_compiled(model: nn.Module) -> bool:
         isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None)
         for m in model.modules()
     )
+
+
+def own_clips(clips: dict[str, QKClip], blocks: dict[str, Block]) -> dict[str, QKClip]:
+    """The clips of ``clips`` that act on ``blocks`` (a guard fitting another model drops the others:
+    clipping, or watching, a block of a model not being trained would leave this one unclipped)."""
+    return {n: c for n, c in clips.items() if n in blocks and c.block.module is blocks[n].module}
 
 
 class ArmedClips:

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_stability.callbacks._armed_clips import ArmedClips
+from lightning_stability.callbacks._armed_clips import ArmedClips, own_clips
 from lightning_stability.callbacks._common import (
     check_eps_rule,
     check_guard_levels,
@@ -255,6 +255,7 @@ class StabilityGuard(Callback):
         assert self._monitor is not None
         self._module = pl_module
         self._blocks = {b.name: b for b in model_blocks(pl_module, self._monitor.blocks)}
+        self._clips = own_clips(self._clips, self._blocks)  # none of another model (an earlier fit)
         self._trains_fp32 = low_precision_dtype(trainer, pl_module, None) == torch.float32
         self._fitting = True
         state = self._pending if self._pending is not None else self._current_state()
