@@ -160,3 +160,51 @@ def test_a_qk_normed_block_is_neither_armed_nor_clipped(family: str, norm: str) 
     with pytest.raises(ValueError, match="qk-norm"):
         clip.apply(maxima.tolist())
     assert all(torch.equal(a, b) for a, b in zip(weights, block.module.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_each_attention_of_a_block_is_clipped_by_its_own_logits(impl: str) -> None:
+    """A BART decoder block holds a self-attention and a cross-attention: the self-attention's large head
+    is clipped to τ by its own maximum, the cross-attention (far below τ) is left bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(
+        d_model=D, encoder_attention_heads=H, decoder_attention_heads=H, encoder_layers=1, decoder_layers=1,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=60, max_position_embeddings=32,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    )  # fmt: skip
+    model = transformers.BartForConditionalGeneration._from_config(cfg, attn_implementation=impl).double()
+    model.train()
+    ids = torch.randint(4, 60, (3, 10))
+    block = next(b for b in model_blocks(model) if b.name == "model.decoder.layers.0")
+    self_attn, cross = (qk_params(block, p) for p in block.qk)
+    assert [self_attn.name, cross.name] == [f"{block.name}.self_attn", f"{block.name}.encoder_attn"]
+    with torch.no_grad():
+        for t in (self_attn.w_q, self_attn.w_k, self_attn.b_q, self_attn.b_k):
+            assert t is not None
+            t.chunk(H, dim=0)[1].mul_(GROW)
+    cross_qk = [t for t in (cross.w_q, cross.w_k, cross.b_q, cross.b_k) if t is not None]
+    kept = [t.detach().clone() for t in cross_qk]
+    clip = QKClip(block, tau=1.0)
+    clip.arm()
+    try:
+        model(input_ids=ids, labels=ids).loss.backward()
+        watch = clip.watch
+        assert watch is not None
+        each = watch.take_each() if hasattr(watch, "take_each") else {"": watch.take()}
+        model(input_ids=ids, labels=ids).loss.backward()
+        top = max(float(m[1]) for m in each.values())  # the self-attention's head 1
+        clip.tau = top / 2  # only that head above τ
+        done = clip.clip_watched()
+        assert done is not None and done[1] == {self_attn.name: [1], cross.name: []}
+        assert sorted(each) == ["encoder_attn", "self_attn"]
+        assert float(each["self_attn"][1]) == top
+        assert 4 * float(each["encoder_attn"].max()) < clip.tau  # the cross-attention far below τ
+        model(input_ids=ids, labels=ids).loss.backward()
+        after = watch.take_each()
+    finally:
+        clip.disarm()
+    assert float(after["self_attn"][1]) == pytest.approx(clip.tau, rel=1e-12)
+    assert float(after["encoder_attn"].max()) < clip.tau  # its input changed, its weights did not
+    for old, new in zip(kept, cross_qk, strict=True):
+        assert torch.equal(old, new)

@@ -28,8 +28,8 @@ from lightning_stability.capture.logit_watch import COMPILED
 from lightning_stability.capture.structure import Block
 from lightning_stability.mitigations import QKClip, qk_clip_factors
 
-#: A block's status in the exchange: its head count when a training forward was watched, else one of these.
-_NOTHING, _FAILED = 0, -1
+#: A block's status in the exchange when its watch failed (else its number of maxima, 0 when nothing watched).
+_FAILED = -1
 #: Optimizer steps in a row without a watched training forward after which an armed block stops.
 MAX_UNSEEN_STEPS = 2
 _UNSEEN = (
@@ -183,31 +183,36 @@ class ArmedClips:
         self._last_step, self._unseen = -1, {}
 
 
-def _local(clip: QKClip) -> tuple[Tensor | None, str | None]:
+#: One block's per-head maxima since the last step, per attention of the block (HeadLogitWatch.take_each).
+Maxima = dict[str, Tensor]
+
+
+def _local(clip: QKClip) -> tuple[Maxima | None, str | None]:
     """One block's per-head maxima since the last step on this process, or why there are none."""
     watch = clip.watch
     if watch is None:
         return None, "not watched"
     if watch.error is not None:
         return None, watch.error
-    return watch.take(), None
+    return watch.take_each() or None, None
 
 
-def _exchange(trainer: Trainer, clips: list[QKClip]) -> tuple[list[Tensor | None], list[str | None]]:
+def _exchange(trainer: Trainer, clips: list[QKClip]) -> tuple[list[Maxima | None], list[str | None]]:
     """Per block: the per-head maxima to clip by (the maximum over every rank's), and a failure if any.
 
     Without DDP these are the local ones. Under DDP every rank calls this with the same blocks in
-    the same order: first the status of each block (head count, nothing watched, failed) is
-    gathered — a block that failed on any rank fails on all, a block whose head counts differ or
-    that some rank did not watch is skipped on all — then the maxima of the blocks all ranks
-    watched alike, reduced by a maximum.
+    the same order: first the status of each block (its number of maxima, nothing watched, failed)
+    is gathered — a block that failed on any rank fails on all, a block whose counts differ or that
+    some rank did not watch is skipped on all — then the maxima of the blocks all ranks watched
+    alike, reduced by a maximum (each block's attentions in name order).
     """
     local = [_local(c) for c in clips]
     maxima = [m for m, _ in local]
     failures = [f for _, f in local]
     if not is_distributed(trainer):
         return maxima, failures
-    status = [_FAILED if f is not None else _NOTHING if m is None else m.numel() for m, f in local]
+    sizes = [0 if m is None else sum(t.numel() for t in m.values()) for m in maxima]
+    status = [_FAILED if f is not None else n for n, f in zip(sizes, failures, strict=True)]
     every = trainer.strategy.all_gather(torch.tensor(status, dtype=torch.int64)).reshape(-1, len(clips)).cpu()
     failures = [
         failures[j] or ("failed on another process" if bool((every[:, j] == _FAILED).any()) else None)
@@ -217,17 +222,20 @@ def _exchange(trainer: Trainer, clips: list[QKClip]) -> tuple[list[Tensor | None
         failures[j] is None and bool((every[:, j] == every[0, j]).all()) and int(every[0, j]) > 0
         for j in range(len(clips))
     ]
-    parts = [maxima[j] for j in range(len(clips)) if agreed[j]]
+    parts = [m[k].double() for m, ok in zip(maxima, agreed, strict=True) if ok and m for k in sorted(m)]
     if not parts:
         return [None] * len(clips), failures
-    flat = torch.cat([p.double() for p in parts if p is not None])
+    flat = torch.cat(parts)
     reduced = trainer.strategy.all_gather(flat).reshape(-1, flat.numel()).cpu().amax(dim=0)
-    out: list[Tensor | None] = []
+    out: list[Maxima | None] = []
     offset = 0
-    for j, m in enumerate(maxima):
-        if not agreed[j] or m is None:
+    for m, ok in zip(maxima, agreed, strict=True):
+        if not ok or not m:
             out.append(None)
             continue
-        out.append(reduced[offset : offset + m.numel()])
-        offset += m.numel()
+        block: Maxima = {}
+        for k in sorted(m):
+            block[k] = reduced[offset : offset + m[k].numel()]
+            offset += m[k].numel()
+        out.append(block)
     return out, failures

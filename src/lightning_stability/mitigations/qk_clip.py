@@ -17,7 +17,7 @@ Pure model mutation, no Lightning.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +111,11 @@ def qk_clip_factors(max_logits: Sequence[float], tau: float) -> list[float]:
         [0.6666666666666666, 1.0]
     """
     return [tau / s if math.isfinite(s) and s > tau else 1.0 for s in max_logits]
+
+
+def _as_values(maxima: Tensor) -> list[float]:
+    """Per-head maxima as floats, NaN as 0 (a head with NaN logits is left alone)."""
+    return [float(v) for v in maxima.nan_to_num(nan=0.0, posinf=math.inf).tolist()]
 
 
 def _head_rows(t: Tensor, n_heads: int) -> list[Tensor]:
@@ -245,7 +250,7 @@ class QKClip:
         self._stack.close()
 
     def clip_watched(
-        self, reduce: Callable[[Tensor | None], Tensor | None] | None = None
+        self, reduce: Callable[[dict[str, Tensor]], Mapping[str, Tensor] | Tensor | None] | None = None
     ) -> tuple[list[float], dict[str, list[int]]] | None:
         """Clip by the per-head maxima of the training forwards since the last call (MuonClip's schedule).
 
@@ -253,31 +258,57 @@ class QKClip:
         the clip applies to the weights the step produced.
 
         Args:
-            reduce: combines the maxima across processes before they are used (a maximum over
-                DDP ranks, so that every rank clips alike); every process must call it.
+            reduce: combines the maxima (per attention, :meth:`HeadLogitWatch.take_each`) across
+                processes before they are used (a maximum over DDP ranks, so that every rank clips
+                alike); every process must call it.
 
         Returns:
             As :meth:`clip_by`.
         """
         if self._watch is None:
             return None
-        maxima = self._watch.take()
+        maxima = self._watch.take_each()
         return self.clip_by(reduce(maxima) if reduce is not None else maxima)
 
-    def clip_by(self, maxima: Tensor | None) -> tuple[list[float], dict[str, list[int]]] | None:
+    def clip_by(
+        self, maxima: Mapping[str, Tensor] | Tensor | None
+    ) -> tuple[list[float], dict[str, list[int]]] | None:
         """Clip the heads whose watched maximum ``S_h`` passed ``τ`` (NaN or inf: left alone).
 
+        Args:
+            maxima: per-head maxima ``(H,)``, or per attention of the block (keyed by the name,
+                inside the block, of the module making the attention call:
+                :meth:`HeadLogitWatch.take_each`); then each query/key projection is clipped by the
+                maxima of the attention it belongs to (a decoder block's self- and
+                cross-attention each by its own), or by their maximum when none matches.
+
         Returns:
-            ``(maxima, {projection: heads rescaled})``, or ``None`` when there is no finite maximum
-            (no training forward watched, or a failed watch: see ``watch.error``).
+            ``(maxima, {projection: heads rescaled})`` (``maxima``: over the block's attentions),
+            or ``None`` when there is no finite maximum (no training forward watched, or a failed
+            watch: see ``watch.error``).
+
+        Raises:
+            ValueError: as :func:`clip_block_qk`.
         """
-        if maxima is None or not bool(torch.isfinite(maxima).any()):
+        each = dict(maxima) if isinstance(maxima, Mapping) else {}
+        top = torch.stack(list(each.values())).amax(dim=0) if each else maxima
+        if not isinstance(top, Tensor) or not bool(torch.isfinite(top).any()):
             return None
-        values = [float(v) for v in maxima.nan_to_num(nan=0.0, posinf=math.inf).tolist()]
-        clipped = clip_block_qk(self.block, values, self.tau, self.alpha)
+        values = _as_values(top)
+        _check_clippable(self.block)
+        resolved = [(qk_params(self.block, p), self._own_maxima(p.name, each, values)) for p in self.block.qk]
+        clipped = {p.name: qk_clip_(p, qk_clip_factors(heads, self.tau), self.alpha) for p, heads in resolved}
         if any(clipped.values()):
             self.watched_clips += 1
         return values, clipped
+
+    def _own_maxima(self, proj: str, each: Mapping[str, Tensor], values: list[float]) -> list[float]:
+        """The maxima of the attention whose module holds projection ``proj``, else ``values`` (all)."""
+        inside = proj.removeprefix(self.block.name + ".")
+        owners = [name for name in each if name and (inside == name or inside.startswith(name + "."))]
+        if len(each) < 2 or not owners:
+            return values
+        return _as_values(each[max(owners, key=len)])
 
     def restore(self) -> None:
         """Nothing to undo in the weights (QK-clip changes them for good); stops watching."""
