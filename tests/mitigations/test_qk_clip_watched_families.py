@@ -208,3 +208,55 @@ def test_each_attention_of_a_block_is_clipped_by_its_own_logits(impl: str) -> No
     assert float(after["encoder_attn"].max()) < clip.tau  # its input changed, its weights did not
     for old, new in zip(kept, cross_qk, strict=True):
         assert torch.equal(old, new)
+
+
+def _grouped(family: str, impl: str) -> tuple[nn.Module, Callable[[nn.Module], Tensor]]:
+    """Grouped-query attention, 4 query heads sharing 2 key/value heads: transformers Llama, litgpt."""
+    ids = torch.randint(0, 60, (3, 10))
+    torch.manual_seed(0)
+    if family == "llama":
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.LlamaConfig(
+            hidden_size=D, num_attention_heads=H, num_key_value_heads=2, num_hidden_layers=2,
+            intermediate_size=64, vocab_size=60,
+        )  # fmt: skip
+        model: nn.Module = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=impl)
+        return model.double(), lambda m: m(ids, labels=ids).loss
+    litgpt = pytest.importorskip("litgpt")
+    cfg = litgpt.Config(
+        n_layer=2, n_head=H, n_query_groups=2, n_embd=D, block_size=16, vocab_size=60, padded_vocab_size=60
+    )
+    model = litgpt.GPT(cfg).double()
+    return model, lambda m: nn.functional.cross_entropy(m(ids).flatten(0, 1), ids.flatten())
+
+
+@pytest.mark.parametrize(("family", "impl"), [("llama", "eager"), ("llama", "sdpa"), ("litgpt", "sdpa")])
+def test_grouped_query_heads_are_clipped_one_by_one_keys_shared_untouched(family: str, impl: str) -> None:
+    """Query head 1 shares key head 0 with query head 0: only head 1's query rows take η (the shared key
+    is left alone), so head 1 lands on τ and head 0 — same key — keeps its logits and weights bit for bit."""
+    model, loss = _grouped(family, impl)
+    model.train()
+    block = model_blocks(model)[0]
+    (proj,) = block.qk
+    assert proj.n_heads == H and proj.n_kv_heads == 2
+    p = qk_params(block, proj)
+    with torch.no_grad():
+        p.w_q.chunk(H, dim=0)[1].mul_(GROW**2)  # head 1's logits by 36
+    w_q, w_k = p.w_q.detach().clone(), p.w_k.detach().clone()
+    clip = QKClip(block, tau=1.0)
+    clip.arm()
+    try:
+        before = _watched(clip, model, loss)
+        assert float(before[1]) > 4 * max(float(before[h]) for h in (0, 2, 3))
+        clip.tau = float(before[1]) / 2
+        done = clip.clip_by(before)
+        assert done is not None and done[1] == {proj.name: [1]}
+        after = _watched(clip, model, loss)
+    finally:
+        clip.disarm()
+    assert float(after[1]) == pytest.approx(clip.tau, rel=1e-12)
+    assert [float(after[h]) for h in (0, 2, 3)] == [float(before[h]) for h in (0, 2, 3)]
+    assert torch.equal(p.w_k, w_k)  # the shared keys: untouched
+    rows, old = p.w_q.chunk(H, dim=0), w_q.chunk(H, dim=0)
+    assert torch.equal(rows[1], old[1] * (clip.tau / float(before[1])))  # the whole η on head 1's queries
+    assert all(torch.equal(rows[h], old[h]) for h in (0, 2, 3))
