@@ -415,3 +415,66 @@ def test_a_guard_fitting_another_model_clips_that_model(tmp_path: Any) -> None:
     assert max(ref[3]) == pytest.approx(TAU * GROWTH**2, rel=1e-5)  # regrown from τ once, not 1.69⁴ × 141
     assert torch.equal(first.blocks[0].attn.qkv.weight, kept)  # the first model is left alone
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in first.modules())
+
+
+# ------------------------------------------------------------------------- optimization loops
+def fragile(cls: type[TinyTransformer]) -> TinyTransformer:
+    torch.manual_seed(0)
+    model = cls(lr=0.0)
+    model.load_state_dict(model_with_fragile_head().state_dict())
+    return model
+
+
+class ManualOptimization(TinyTransformer):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        opt.zero_grad()  # type: ignore[union-attr]
+        self.manual_backward(loss)
+        opt.step()  # type: ignore[union-attr]
+
+
+def test_manual_optimization_is_clipped_after_every_optimizer_step(tmp_path: Any) -> None:
+    model = fragile(ManualOptimization)
+    ref = training_logits(model)
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
+    trainer = fit(model, tmp_path, guard, steps=8)
+    logged = guard_tags(trainer, "block0/train_logit_max")
+    assert sorted(logged) == [2, 3, 4, 5, 6, 7]
+    for step, value in logged.items():
+        assert value == pytest.approx(max(ref[step]), rel=1e-5)
+        assert value == pytest.approx(TAU * GROWTH**2, rel=1e-5 if step > 2 else 2.0**-7)
+    assert guard.armed.steps_clipped == {"blocks.0": 6}
+
+
+class SkipsOddSteps(TinyTransformer):
+    """``optimizer_step`` overridden: at odd batches the gradients are computed, no step is taken."""
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, closure: Any = None) -> None:
+        if batch_idx % 2:
+            closure()
+        else:
+            optimizer.step(closure=closure)
+
+
+def test_a_skipped_optimizer_step_is_not_clipped_its_forward_counts_at_the_next(tmp_path: Any) -> None:
+    """No step, no clip (the weights did not move); the skipped batch's forward ran on the weights the next
+    step updates, so its logits count there, as a micro-batch's under gradient accumulation."""
+    model = fragile(SkipsOddSteps)
+    ref = training_logits(model)
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
+    monitor = StabilityMonitor(every_n_steps=2, precision="bf16", log_per_head=True)
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, max_steps=6, logger=MemoryLogger()), callbacks=[monitor, guard, Regrow()]
+    )
+    trainer.fit(model, make_loader(n=48, batch_size=8))  # batches 0..5, one per global step
+    assert len(ref) == 6
+    logged = guard_tags(trainer, "block0/train_logit_max")
+    assert sorted(logged) == [2, 4]  # armed at 1 (a skipped step's sampled clip): the even batches step
+    assert logged[2] == pytest.approx(max(ref[2]), rel=1e-5)
+    assert logged[4] == pytest.approx(max(ref[3] + ref[4]), rel=1e-5)
