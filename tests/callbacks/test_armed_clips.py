@@ -478,3 +478,16 @@ def test_a_skipped_optimizer_step_is_not_clipped_its_forward_counts_at_the_next(
     assert sorted(logged) == [2, 4]  # armed at 1 (a skipped step's sampled clip): the even batches step
     assert logged[2] == pytest.approx(max(ref[2]), rel=1e-5)
     assert logged[4] == pytest.approx(max(ref[3] + ref[4]), rel=1e-5)
+
+
+def test_a_model_compiled_elsewhere_than_the_block_is_armed(tmp_path: Any) -> None:
+    """Only the classifier head compiled: the block runs eagerly, its hooks run, it is clipped every step."""
+    model = model_with_fragile_head()
+    model.head.compile(backend="eager")
+    ref = training_logits(model)
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
+    trainer = fit(model, tmp_path, guard, steps=4)
+    torch._dynamo.reset()
+    logged = guard_tags(trainer, "block0/train_logit_max")
+    assert sorted(logged) == [2, 3] and guard.armed.steps_clipped == {"blocks.0": 2}
+    assert logged[3] == pytest.approx(max(ref[3]), rel=1e-5)

@@ -38,14 +38,18 @@ _UNSEEN = (
 )
 
 
-def is_compiled(model: nn.Module) -> bool:
-    """Whether ``model``'s forward, or one of its modules', runs through ``torch.compile``."""
+def is_compiled(model: nn.Module, block: nn.Module) -> bool:
+    """Whether ``block`` of ``model`` runs through ``torch.compile``: the model's forward, the block,
+    a module holding it, or one inside it is compiled (a compiled classifier head does not count)."""
     if getattr(model, "_compiler_ctx", None):  # Lightning's record of a compiled LightningModule
         return True
-    return any(
-        isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None)
+    inside = {id(m) for m in block.modules()}
+    compiled = (
+        m
         for m in model.modules()
+        if isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None)
     )
+    return any(id(m) in inside or any(sub is block for sub in m.modules()) for m in compiled)
 
 
 def own_clips(clips: dict[str, QKClip], blocks: dict[str, Block]) -> dict[str, QKClip]:
@@ -87,7 +91,7 @@ class ArmedClips:
                 not armed again (the caller says so once).
         """
         try:
-            if is_compiled(model):
+            if is_compiled(model, clip.block.module):
                 raise ValueError(f"{COMPILED}; compile it after the fit, or leave qk_clip_every_step off")
             clip.arm()
         except ValueError:
@@ -106,7 +110,7 @@ class ArmedClips:
         """Watch every block of the record (blocks of ``model``) again: a new fit, a resumed run."""
         for name, clip in list(self.clips.items()):
             try:
-                if model is not None and is_compiled(model):
+                if model is not None and is_compiled(model, clip.block.module):
                     raise ValueError(COMPILED)
                 clip.arm()
                 self._unseen[name] = 0
