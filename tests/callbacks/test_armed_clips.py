@@ -491,3 +491,51 @@ def test_a_model_compiled_elsewhere_than_the_block_is_armed(tmp_path: Any) -> No
     logged = guard_tags(trainer, "block0/train_logit_max")
     assert sorted(logged) == [2, 3] and guard.armed.steps_clipped == {"blocks.0": 2}
     assert logged[3] == pytest.approx(max(ref[3]), rel=1e-5)
+
+
+# ------------------------------------------------------------------------- fits in a row, resume
+class WithEval(TinyTransformer):
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self(batch[0])
+
+
+def test_fits_in_a_row_with_validate_and_predict_between_leave_no_hook(tmp_path: Any) -> None:
+    model = fragile(WithEval)
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
+    monitor = StabilityMonitor(every_n_steps=2, precision="bf16", log_per_head=True)
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, max_steps=4, logger=MemoryLogger(), limit_val_batches=0),
+        callbacks=[monitor, guard, Regrow()],
+    )
+    loader = make_loader(n=8, batch_size=8)
+
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    trainer.fit(model, loader)
+    assert hooks() == 0 and guard.armed.steps_clipped == {"blocks.0": 2}
+    trainer.validate(model, loader, verbose=False)
+    trainer.predict(model, loader)
+    assert hooks() == 0 and guard.armed.steps_clipped == {"blocks.0": 2}  # nothing watched, nothing clipped
+    trainer.fit_loop.epoch_loop.max_steps = 8
+    trainer.fit(model, loader)  # the same fit goes on: armed again from its first step
+    assert hooks() == 0 and guard.armed.steps_clipped == {"blocks.0": 6}
+    assert sorted(guard_tags(trainer, "block0/train_logit_max")) == [2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_a_run_resumed_without_the_option_is_not_armed(tmp_path: Any) -> None:
+    guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
+    trainer = fit(model_with_fragile_head(), tmp_path, guard, steps=4)
+    ckpt = str(tmp_path / "armed.ckpt")
+    trainer.save_checkpoint(ckpt)
+    resumed = model_with_fragile_head()
+    guard2 = StabilityGuard(tau=TAU, qk_clip_every_step=False)
+    trainer2 = fit(resumed, tmp_path, guard2, steps=8, ckpt_path=ckpt)
+    assert not guard2.armed.clips and guard_tags(trainer2, "block0/train_logit_max") == {}
+    assert [a.step for a in guard2.actions] == [1, 5, 7]  # the record, then the sampled clips
+    assert guard2.armed.steps_clipped == {"blocks.0": 2}  # the record is kept
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in resumed.modules())
