@@ -539,3 +539,40 @@ def test_a_run_resumed_without_the_option_is_not_armed(tmp_path: Any) -> None:
     assert [a.step for a in guard2.actions] == [1, 5, 7]  # the record, then the sampled clips
     assert guard2.armed.steps_clipped == {"blocks.0": 2}  # the record is kept
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in resumed.modules())
+
+
+def test_the_step_clips_each_attention_of_a_decoder_block_by_its_own_logits() -> None:
+    """ArmedClips.step on a transformers BART decoder block: the self-attention's large head is clipped, the
+    cross-attention (its logits far below τ) keeps its weights bit for bit."""
+    from types import SimpleNamespace
+
+    from lightning_stability.callbacks._armed_clips import ArmedClips
+    from lightning_stability.capture.structure import model_blocks
+    from lightning_stability.mitigations import QKClip, qk_params
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(
+        d_model=D, encoder_attention_heads=H, decoder_attention_heads=H, encoder_layers=1, decoder_layers=1,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=60, max_position_embeddings=32, dropout=0.0,
+    )  # fmt: skip
+    model = transformers.BartForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").double()
+    model.train()
+    ids = torch.randint(4, 60, (3, 10))
+    block = next(b for b in model_blocks(model) if b.name == "model.decoder.layers.0")
+    own, cross = (qk_params(block, p) for p in block.qk)
+    with torch.no_grad():
+        own.w_q.chunk(H, dim=0)[1].mul_(40.0)
+    kept = [t.detach().clone() for t in (cross.w_q, cross.w_k)]
+    q1 = own.w_q.chunk(H, dim=0)[1].detach().clone()
+    armed = ArmedClips()
+    armed.arm(block.name, QKClip(block, tau=1.0), model)
+    try:
+        model(input_ids=ids, labels=ids).loss.backward()
+        metrics = armed.step(SimpleNamespace(global_step=1, world_size=1), {block.name: 1})  # type: ignore[arg-type]
+    finally:
+        armed.disarm_all()
+    assert metrics["block1/train_logit_max"] > 1.0 and armed.steps_clipped == {block.name: 1}
+    eta = 1.0 / metrics["block1/train_logit_max"]  # head 1 of the self-attention, the largest
+    assert torch.equal(own.w_q.chunk(H, dim=0)[1], q1 * eta**0.5)
+    assert all(torch.equal(a, b) for a, b in zip(kept, (cross.w_q, cross.w_k), strict=True))
