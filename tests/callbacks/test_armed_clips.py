@@ -291,9 +291,10 @@ def test_ddp_a_watch_failing_on_one_rank_stops_on_both_without_hanging(tmp_path:
 
 # ------------------------------------------------------------------------------ compiled
 def compiled_fit(
-    tmp_path: Any, guard: StabilityGuard | None, steps: int, ckpt_path: str | None = None
+    tmp_path: Any, guard: StabilityGuard | None, steps: int, ckpt_path: str | None = None, how: str = "model"
 ) -> Any:
-    """Fit ``torch.compile(fragile model)``; the compile counter, the trainer and the model."""
+    """Fit the fragile model compiled whole (``how="model"``) or block by block; the compile counter, the
+    trainer and the model."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
@@ -302,16 +303,21 @@ def compiled_fit(
     monitor = StabilityMonitor(every_n_steps=2, precision="bf16", log_per_head=True)
     callbacks = [monitor, guard, Regrow()] if guard is not None else [monitor, Regrow()]
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=steps, logger=MemoryLogger()), callbacks=callbacks)
-    trainer.fit(torch.compile(model, backend=counter), make_loader(n=8, batch_size=8), ckpt_path=ckpt_path)
+    if how == "blocks":
+        for block in model.blocks:
+            block.compile(backend=counter)
+    fitted = torch.compile(model, backend=counter) if how == "model" else model
+    trainer.fit(fitted, make_loader(n=8, batch_size=8), ckpt_path=ckpt_path)
     torch._dynamo.reset()
     return counter, trainer, model
 
 
-def test_a_compiled_model_is_not_armed_and_stays_clipped_at_sampled_steps(tmp_path: Any) -> None:
-    alone, _, _ = compiled_fit(tmp_path, None, steps=8)
+@pytest.mark.parametrize("how", ["model", "blocks"])
+def test_a_compiled_model_is_not_armed_and_stays_clipped_at_sampled_steps(tmp_path: Any, how: str) -> None:
+    alone, _, _ = compiled_fit(tmp_path, None, steps=8, how=how)
     guard = StabilityGuard(tau=TAU, qk_clip_every_step=True)
     with pytest.warns(UserWarning, match="not armed for every step: the block runs compiled") as record:
-        counter, trainer, model = compiled_fit(tmp_path, guard, steps=8)
+        counter, trainer, model = compiled_fit(tmp_path, guard, steps=8, how=how)
     assert sum("runs compiled" in str(w.message) for w in record) == 1  # said once
     assert not guard.armed.clips and guard.armed.failed == {"blocks.0"}
     # the compiled forward never ran the watch's hooks: an armed block would never have been clipped again
