@@ -193,3 +193,25 @@ def test_llama_grouped_query_attention_with_rope() -> None:
     finally:
         handle.remove()
     assert got is not None and got.tolist() == pytest.approx(seen[0], rel=1e-5)
+
+
+def test_a_compiled_forward_is_not_watched_and_never_breaks() -> None:
+    """Traced by ``torch.compile`` with the watch's hooks on (a run resumed armed), the hooks do nothing but
+    say why: the forward compiles once, without the capture, and gives the unwatched model's output."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    x = torch.randn(2, 6, 8)
+    expected = model(x)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    with HeadLogitWatch(model.blocks[0]) as watch:
+        outs = [compiled(x) for _ in range(3)]
+    assert watch.error == logit_watch.COMPILED and watch.take() is None
+    assert counter.frame_count == 1  # traced once, not at every forward
+    for out in outs:
+        torch.testing.assert_close(out, expected)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    torch._dynamo.reset()

@@ -7,6 +7,10 @@ rescaled (:meth:`~lightning_stability.mitigations.QKClip.clip_by`). Under DDP th
 exchange what each watch saw (two small collectives per step, every rank in the same block order):
 the per-head maxima are reduced by a maximum over the ranks, so every rank rescales the same heads
 by the same factors, and a block whose watch failed on any rank stops on every rank.
+
+A compiled model cannot be watched (``torch.compile`` never runs hooks added after it traced a
+forward, and cannot trace the watch's own): such a block is not armed, or stops, and says so once;
+so does an armed block no training forward of which is seen at two optimizer steps in a row.
 """
 
 from __future__ import annotations
@@ -17,13 +21,41 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_stability.callbacks._common import is_distributed
+from lightning_stability.capture.logit_watch import COMPILED
+from lightning_stability.capture.structure import Block
 from lightning_stability.mitigations import QKClip, qk_clip_factors
 
-#: A block's status in the exchange: its head count when a training forward was watched, else one of these.
-_NOTHING, _FAILED = 0, -1
+#: A block's status in the exchange when its watch failed (else its number of maxima, 0 when nothing watched).
+_FAILED = -1
+#: Optimizer steps in a row without a watched training forward after which an armed block stops.
+MAX_UNSEEN_STEPS = 2
+_UNSEEN = (
+    f"no training forward of the block was seen at {MAX_UNSEEN_STEPS} optimizer steps in a row "
+    "(is the model compiled? torch.compile does not run hooks added after it traced a forward)"
+)
+
+
+def is_compiled(model: nn.Module, block: nn.Module) -> bool:
+    """Whether ``block`` of ``model`` runs through ``torch.compile``: the model's forward, the block,
+    a module holding it, or one inside it is compiled (a compiled classifier head does not count)."""
+    if getattr(model, "_compiler_ctx", None):  # Lightning's record of a compiled LightningModule
+        return True
+    inside = {id(m) for m in block.modules()}
+    compiled = (
+        m
+        for m in model.modules()
+        if isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None)
+    )
+    return any(id(m) in inside or any(sub is block for sub in m.modules()) for m in compiled)
+
+
+def own_clips(clips: dict[str, QKClip], blocks: dict[str, Block]) -> dict[str, QKClip]:
+    """The clips of ``clips`` that act on ``blocks`` (a guard fitting another model drops the others:
+    clipping, or watching, a block of a model not being trained would leave this one unclipped)."""
+    return {n: c for n, c in clips.items() if n in blocks and c.block.module is blocks[n].module}
 
 
 class ArmedClips:
@@ -45,15 +77,28 @@ class ArmedClips:
         self.max_seen: dict[str, float] = {}
         self.failed: set[str] = set()
         self._last_step = -1
+        self._unseen: dict[str, int] = {}
 
     def can_arm(self, name: str) -> bool:
-        """Whether ``name`` may be armed (not armed yet, no failed watch)."""
+        """Whether ``name`` may be armed (not armed yet, not refused or failed before)."""
         return name not in self.clips and name not in self.failed
 
-    def arm(self, name: str, clip: QKClip) -> None:
-        """Watch ``clip``'s block from its next training forward on (``ValueError`` as :meth:`QKClip.arm`)."""
-        clip.arm()
+    def arm(self, name: str, clip: QKClip, model: nn.Module) -> None:
+        """Watch ``clip``'s block (of ``model``) from its next training forward on.
+
+        Raises:
+            ValueError: as :meth:`QKClip.arm`, or when ``model`` runs compiled; the block is then
+                not armed again (the caller says so once).
+        """
+        try:
+            if is_compiled(model, clip.block.module):
+                raise ValueError(f"{COMPILED}; compile it after the fit, or leave qk_clip_every_step off")
+            clip.arm()
+        except ValueError:
+            self.failed.add(name)
+            raise
         self.clips[name] = clip
+        self._unseen[name] = -1  # the step it is armed at has no watched forward yet
         self.steps_clipped.setdefault(name, 0)
 
     def disarm_all(self) -> None:
@@ -61,11 +106,14 @@ class ArmedClips:
         for clip in self.clips.values():
             clip.disarm()
 
-    def rearm(self) -> None:
-        """Watch every block of the record again (a new fit, a resumed run)."""
+    def rearm(self, model: nn.Module | None) -> None:
+        """Watch every block of the record (blocks of ``model``) again: a new fit, a resumed run."""
         for name, clip in list(self.clips.items()):
             try:
+                if model is not None and is_compiled(model, clip.block.module):
+                    raise ValueError(COMPILED)
                 clip.arm()
+                self._unseen[name] = 0
             except ValueError as err:
                 self._stop(name, str(err))
 
@@ -83,6 +131,10 @@ class ArmedClips:
         maxima, failures = _exchange(trainer, [self.clips[n] for n in names])
         metrics: dict[str, float] = {}
         for name, values, failure in zip(names, maxima, failures, strict=True):
+            unseen = self._unseen.get(name, 0) + 1 if values is None else 0
+            self._unseen[name] = unseen
+            if failure is None and unseen >= MAX_UNSEEN_STEPS:
+                failure = _UNSEEN
             if failure is not None:
                 self._stop(name, failure)
                 continue
@@ -132,34 +184,39 @@ class ArmedClips:
         self.steps_clipped = {k: int(v) for k, v in state.get("steps_clipped", {}).items()}
         self.max_seen = {k: float(v) for k, v in state.get("max_seen", {}).items()}
         self.failed = set(state.get("failed", []))
-        self._last_step = -1
+        self._last_step, self._unseen = -1, {}
 
 
-def _local(clip: QKClip) -> tuple[Tensor | None, str | None]:
+#: One block's per-head maxima since the last step, per attention of the block (HeadLogitWatch.take_each).
+Maxima = dict[str, Tensor]
+
+
+def _local(clip: QKClip) -> tuple[Maxima | None, str | None]:
     """One block's per-head maxima since the last step on this process, or why there are none."""
     watch = clip.watch
     if watch is None:
         return None, "not watched"
     if watch.error is not None:
         return None, watch.error
-    return watch.take(), None
+    return watch.take_each() or None, None
 
 
-def _exchange(trainer: Trainer, clips: list[QKClip]) -> tuple[list[Tensor | None], list[str | None]]:
+def _exchange(trainer: Trainer, clips: list[QKClip]) -> tuple[list[Maxima | None], list[str | None]]:
     """Per block: the per-head maxima to clip by (the maximum over every rank's), and a failure if any.
 
     Without DDP these are the local ones. Under DDP every rank calls this with the same blocks in
-    the same order: first the status of each block (head count, nothing watched, failed) is
-    gathered — a block that failed on any rank fails on all, a block whose head counts differ or
-    that some rank did not watch is skipped on all — then the maxima of the blocks all ranks
-    watched alike, reduced by a maximum.
+    the same order: first the status of each block (its number of maxima, nothing watched, failed)
+    is gathered — a block that failed on any rank fails on all, a block whose counts differ or that
+    some rank did not watch is skipped on all — then the maxima of the blocks all ranks watched
+    alike, reduced by a maximum (each block's attentions in name order).
     """
     local = [_local(c) for c in clips]
     maxima = [m for m, _ in local]
     failures = [f for _, f in local]
     if not is_distributed(trainer):
         return maxima, failures
-    status = [_FAILED if f is not None else _NOTHING if m is None else m.numel() for m, f in local]
+    sizes = [0 if m is None else sum(t.numel() for t in m.values()) for m in maxima]
+    status = [_FAILED if f is not None else n for n, f in zip(sizes, failures, strict=True)]
     every = trainer.strategy.all_gather(torch.tensor(status, dtype=torch.int64)).reshape(-1, len(clips)).cpu()
     failures = [
         failures[j] or ("failed on another process" if bool((every[:, j] == _FAILED).any()) else None)
@@ -169,17 +226,20 @@ def _exchange(trainer: Trainer, clips: list[QKClip]) -> tuple[list[Tensor | None
         failures[j] is None and bool((every[:, j] == every[0, j]).all()) and int(every[0, j]) > 0
         for j in range(len(clips))
     ]
-    parts = [maxima[j] for j in range(len(clips)) if agreed[j]]
+    parts = [m[k].double() for m, ok in zip(maxima, agreed, strict=True) if ok and m for k in sorted(m)]
     if not parts:
         return [None] * len(clips), failures
-    flat = torch.cat([p.double() for p in parts if p is not None])
+    flat = torch.cat(parts)
     reduced = trainer.strategy.all_gather(flat).reshape(-1, flat.numel()).cpu().amax(dim=0)
-    out: list[Tensor | None] = []
+    out: list[Maxima | None] = []
     offset = 0
-    for j, m in enumerate(maxima):
-        if not agreed[j] or m is None:
+    for m, ok in zip(maxima, agreed, strict=True):
+        if not ok or not m:
             out.append(None)
             continue
-        out.append(reduced[offset : offset + m.numel()])
-        offset += m.numel()
+        block: Maxima = {}
+        for k in sorted(m):
+            block[k] = reduced[offset : offset + m[k].numel()]
+            offset += m[k].numel()
+        out.append(block)
     return out, failures

@@ -15,6 +15,7 @@ from lightning_stability.capture.sharding import DEEPSPEED_MESSAGE, FSDP1_MESSAG
 from lightning_stability.capture.side_forward import compute_dtype
 from lightning_stability.meter.checks import check_int, check_number
 from lightning_stability.meter.precision import PrecisionName, autocast_context
+from lightning_stability.rules.thresholds import FP16_MAX_BITS
 
 
 def is_distributed(trainer: Trainer) -> bool:
@@ -106,3 +107,12 @@ def check_eps_rule(target_rho: Any, eps_min: Any, eps_max: Any, sample_size: Any
         )
     check_int("sample_size", sample_size)
     check_int("seed", seed, minimum=0)
+
+
+def check_guard_levels(tau: float, alpha: float, rho_ln: float, r_local: float, headroom: float) -> None:
+    """``MisconfigurationException`` naming the first level of the guard out of its range."""
+    check_number("tau", tau, 0.0, math.inf, open_low=True, open_high=True)
+    check_number("qk_clip_alpha", alpha, 0.0, 1.0)
+    check_number("rho_ln_threshold", rho_ln, 0.0, math.inf, open_low=True, open_high=True)
+    check_number("r_local_factor", r_local, 0.0, math.inf, open_low=True, open_high=True)
+    check_number("min_fp16_headroom", headroom, 0.0, FP16_MAX_BITS)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -12,13 +11,18 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_stability.callbacks._armed_clips import ArmedClips
-from lightning_stability.callbacks._common import check_eps_rule, lightning_log_step, low_precision_dtype
+from lightning_stability.callbacks._armed_clips import ArmedClips, own_clips
+from lightning_stability.callbacks._common import (
+    check_eps_rule,
+    check_guard_levels,
+    lightning_log_step,
+    low_precision_dtype,
+)
 from lightning_stability.callbacks.ln_eps import bump_norms
 from lightning_stability.callbacks.monitor import StabilityMonitor
 from lightning_stability.capture.batch import sample_inputs
 from lightning_stability.capture.structure import Block, model_blocks
-from lightning_stability.meter.checks import check_choice, check_flags, check_number
+from lightning_stability.meter.checks import check_choice, check_flags
 from lightning_stability.mitigations import (
     EpsilonBump,
     FP32Override,
@@ -35,7 +39,6 @@ from lightning_stability.rules.thresholds import (
     EPS_BUMP_MIN,
     EPS_BUMP_TARGET_RHO,
     FP16_HEADROOM_AT_RISK_BITS,
-    FP16_MAX_BITS,
     QK_CLIP_TAU,
     R_LOCAL_AT_RISK_EPS,
     RHO_LN_WATCH,
@@ -175,7 +178,7 @@ class StabilityGuard(Callback):
         sample_size: int = 16,
         seed: int = 0,
     ) -> None:
-        _check_levels(tau, qk_clip_alpha, rho_ln_threshold, r_local_factor, min_fp16_headroom)
+        check_guard_levels(tau, qk_clip_alpha, rho_ln_threshold, r_local_factor, min_fp16_headroom)
         check_choice("fp32_scope", fp32_scope, ("block", "attention"))
         check_flags(
             qk_clip=qk_clip,
@@ -210,7 +213,7 @@ class StabilityGuard(Callback):
         self._monitor: StabilityMonitor | None = None
         self._module: LightningModule | None = None
         self._trains_fp32 = False
-        self._fp32_refused: set[str] = set()  # blocks whose FP32 decision could not apply: decided once
+        self._refused: set[tuple[str, str]] = set()  # (block, action) that could not apply: decided once
         self._last_step = -1
         self._pending: dict[str, Any] | None = None
         self._fitting = False
@@ -252,6 +255,7 @@ class StabilityGuard(Callback):
         assert self._monitor is not None
         self._module = pl_module
         self._blocks = {b.name: b for b in model_blocks(pl_module, self._monitor.blocks)}
+        self._clips = own_clips(self._clips, self._blocks)  # none of another model (an earlier fit)
         self._trains_fp32 = low_precision_dtype(trainer, pl_module, None) == torch.float32
         self._fitting = True
         state = self._pending if self._pending is not None else self._current_state()
@@ -343,7 +347,9 @@ class StabilityGuard(Callback):
         where = report.blocks[alarm_block] if alarm_block is not None else None
         # an alarm that keeps firing in a block already acted on (or whose action was refused, and
         # said so once) is explained: not "unmatched"
-        acted = {a.block_name for a in self.actions if a.applied and a.action != "none"} | self._fp32_refused
+        acted = {a.block_name for a in self.actions if a.applied and a.action != "none"} | {
+            name for name, _ in self._refused
+        }
         if fired and not matched and not (where is not None and where.name in acted):
             plans.append(
                 GuardAction(
@@ -369,7 +375,7 @@ class StabilityGuard(Callback):
         for found in block_findings(ev, i, self.levels, owner):
             action = found.mitigation
             done = name in self._eps if action == "eps_bump" else name in self.fp32_blocks
-            once = action != "qk_clip" and (done or (action == "fp32" and name in self._fp32_refused))
+            once = (name, action) in self._refused or (action != "qk_clip" and done)
             armed = action == "qk_clip" and name in self.armed.clips  # clipped at every step already
             if not self.enabled[action] or once or armed or any(p.action == action for p in plans):
                 continue
@@ -421,8 +427,9 @@ class StabilityGuard(Callback):
         clip = self._clips.setdefault(block.name, QKClip(block, self.tau, self.qk_clip_alpha))
         try:
             clipped = clip.apply(plan.heads)
-        except ValueError as err:
+        except ValueError as err:  # the block's weights cannot be QK-clipped (usefully): said once
             plan.detail = str(err)
+            self._refused.add((block.name, "qk_clip"))
             return
         eta = qk_clip_factors(plan.heads, self.tau)
         if len(eta) == 1:
@@ -437,7 +444,7 @@ class StabilityGuard(Callback):
         plan.value = min(eta)
         if plan.applied and self.qk_clip_every_step and self.armed.can_arm(block.name):
             try:
-                self.armed.arm(block.name, clip)
+                self.armed.arm(block.name, clip, self._module or block.module)
             except ValueError as err:
                 plan.detail += f"; not armed for every step: {err}"
                 return
@@ -481,7 +488,7 @@ class StabilityGuard(Callback):
     def _fp32(self, plan: GuardAction, block: Block) -> None:
         if self._trains_fp32:
             plan.detail = "training already computes in float32"
-            self._fp32_refused.add(block.name)  # said once, not at every later check
+            self._refused.add((block.name, "fp32"))  # said once, not at every later check
             return
         target, label = self._fp32_target(block)
         if target is None:
@@ -545,7 +552,7 @@ class StabilityGuard(Callback):
             if block is not None and self.qk_clip_every_step and not self.dry_run:
                 clips[name] = self._clips.setdefault(name, QKClip(block, self.tau, self.qk_clip_alpha))
         self.armed.load_state_dict(state, clips)
-        self.armed.rearm()
+        self.armed.rearm(self._module)
 
     def _log(self, trainer: Trainer, step: int, decided: list[GuardAction]) -> None:
         prefix = "stability/guard/dry_run" if self.dry_run else "stability/guard"
@@ -590,12 +597,3 @@ def _would(plan: GuardAction, guard: StabilityGuard) -> str:
         return f"raise the block's norm ε by Algorithm 1 (target_rho {guard.target_rho:g})"
     plan.value = 1.0
     return f"run the {guard.fp32_scope} in float32"
-
-
-def _check_levels(tau: float, alpha: float, rho_ln: float, r_local: float, headroom: float) -> None:
-    """``MisconfigurationException`` naming the first level of the guard out of its range."""
-    check_number("tau", tau, 0.0, math.inf, open_low=True, open_high=True)
-    check_number("qk_clip_alpha", alpha, 0.0, 1.0)
-    check_number("rho_ln_threshold", rho_ln, 0.0, math.inf, open_low=True, open_high=True)
-    check_number("r_local_factor", r_local, 0.0, math.inf, open_low=True, open_high=True)
-    check_number("min_fp16_headroom", headroom, 0.0, FP16_MAX_BITS)

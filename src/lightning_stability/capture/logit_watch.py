@@ -17,9 +17,13 @@ from torch import Tensor, nn
 
 from lightning_stability.capture.attention import AttentionCall, AttentionCapture
 from lightning_stability.capture.hooks import HookContext
+from lightning_stability.capture.stacks import plain_name
 from lightning_stability.diagnostics.attention import attention_logit_max
 
-__all__ = ["HeadLogitWatch", "call_head_logit_max"]
+__all__ = ["COMPILED", "HeadLogitWatch", "call_head_logit_max"]
+
+#: :attr:`HeadLogitWatch.error` when the watched forward runs compiled.
+COMPILED = "the block runs compiled (torch.compile): its training forward cannot be watched"
 
 
 def _children(module: nn.Module) -> nn.Module:
@@ -60,12 +64,16 @@ class HeadLogitWatch(HookContext):
     attention call inside it (SDPA, transformers' attention, hand-written softmax attention) as a
     neutral observer: outputs and gradients are those of the unwatched forward, and an exception
     raised by the forward reaches the caller unchanged. Each call's per-head maxima
-    (:func:`call_head_logit_max`) are folded into a running maximum that :meth:`take` hands over
-    and resets, so several forwards before one optimizer step (gradient accumulation, activation
+    (:func:`call_head_logit_max`) are folded into a running maximum per attention (the module
+    making the call), that :meth:`take_each` (or :meth:`take`, over all of them) hands over and
+    resets, so several forwards before one optimizer step (gradient accumulation, activation
     checkpointing's recomputation) give their maximum.
 
     Nothing raised while recording reaches the forward: the first failure is kept in
-    :attr:`error` and recording stops. The hooks are removed on exit.
+    :attr:`error` and recording stops. A forward traced by ``torch.compile`` cannot be watched
+    (the capture is Python that runs beside each attention call): its hooks do nothing then but set
+    :attr:`error`, so that the traced graph is that of the unwatched forward. The hooks are removed
+    on exit.
 
     Args:
         module: the block (or the attention) whose attention calls are watched.
@@ -82,28 +90,40 @@ class HeadLogitWatch(HookContext):
         self.error: str | None = None
         self.forwards = 0
         self.heads: int | None = None
-        self._max: Tensor | None = None
+        self._max: dict[str, Tensor] = {}
         self._capture: AttentionCapture | None = None
 
     def _reset(self) -> None:
-        self.error, self.forwards, self._max, self._capture = None, 0, None, None
+        self.error, self.forwards, self._max, self._capture = None, 0, {}, None
 
     def _install(self, stack: ExitStack) -> None:
         stack.enter_context(self.module.register_forward_pre_hook(self._enter))
         stack.enter_context(self.module.register_forward_hook(self._leave, always_call=True))
         stack.callback(self._close_capture)
 
-    def take(self) -> Tensor | None:
-        """The per-head maxima ``(H,)`` (float64) since the last call, then reset.
+    def take_each(self) -> dict[str, Tensor]:
+        """Per attention, its per-head maxima ``(H,)`` (float64) since the last take, then reset.
 
-        ``None`` when no call was recorded, and once recording failed (never a stale number:
-        see :attr:`error`).
+        Keyed by the name, inside the watched module, of the module that made the attention call
+        (``"self_attn"``, ``"encoder_attn"``, ``"attn"``). Empty when no call was recorded, and
+        once recording failed (never a stale number: see :attr:`error`).
         """
-        out, self._max, self.forwards = self._max, None, 0
-        return None if self.error is not None else out
+        out, self._max, self.forwards = self._max, {}, 0
+        return {} if self.error is not None else out
+
+    def take(self) -> Tensor | None:
+        """The per-head maxima ``(H,)`` over every attention since the last take, then reset.
+
+        ``None`` when no call was recorded, and once recording failed (:meth:`take_each`).
+        """
+        each = list(self.take_each().values())
+        return torch.stack(each).amax(dim=0) if each else None
 
     # ------------------------------------------------------------------ hooks
     def _enter(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():  # first: a traced hook reads no state (no guard on it)
+            self.error = COMPILED
+            return
         if self.error is not None or self._capture is not None:
             return
         if not (module.training and torch.is_grad_enabled()):
@@ -141,4 +161,6 @@ class HeadLogitWatch(HookContext):
             self.heads = int(heads.numel())
         if heads.numel() != self.heads:  # calls with another head count: the first call's heads
             return
-        self._max = heads if self._max is None else torch.maximum(self._max, heads)
+        name = plain_name(call.name)  # as the block's projections are named (no wrapper segments)
+        seen = self._max.get(name)
+        self._max[name] = heads if seen is None else torch.maximum(seen, heads)

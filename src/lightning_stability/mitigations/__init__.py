@@ -16,6 +16,7 @@ from lightning_stability.mitigations.qk_clip import (
     clip_block_qk,
     qk_clip_,
     qk_clip_factors,
+    qk_norm,
     qk_params,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "find_changeable_norms",
     "qk_clip_",
     "qk_clip_factors",
+    "qk_norm",
     "qk_params",
 ]

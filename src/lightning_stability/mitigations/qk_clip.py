@@ -17,19 +17,36 @@ Pure model mutation, no Lightning.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_stability.capture.logit_watch import HeadLogitWatch
 from lightning_stability.capture.structure import Block, QKProjection
 from lightning_stability.rules.thresholds import QK_CLIP_TAU
 
-__all__ = ["QKClip", "QKParams", "clip_block_qk", "qk_clip_", "qk_clip_factors", "qk_params"]
+__all__ = ["QKClip", "QKParams", "clip_block_qk", "qk_clip_", "qk_clip_factors", "qk_norm", "qk_params"]
+
+#: Names under which attention modules keep a norm of their queries or keys, applied after the
+#: projection (transformers Qwen3/OLMo2/Gemma3/Cohere ``q_norm``, Llama 4 ``qk_norm``, litgpt
+#: ``norm_q``, Megatron ``q_layernorm``, timm ``q_norm``, an ``nn.Identity`` when off).
+QK_NORM_NAMES = frozenset(
+    {
+        "q_norm",
+        "k_norm",
+        "qk_norm",
+        "norm_q",
+        "norm_k",
+        "query_norm",
+        "key_norm",
+        "q_layernorm",
+        "k_layernorm",
+    }
+)
 
 
 @dataclass
@@ -63,6 +80,29 @@ def qk_params(block: Block, proj: QKProjection) -> QKParams:
     return params
 
 
+def qk_norm(block: Block) -> str | None:
+    """The qualified name of a query or key norm in ``block`` (:data:`QK_NORM_NAMES`), else ``None``.
+
+    Such a norm divides the projected queries (keys) by their own scale: rescaling W_Q and W_K
+    before it leaves the logits as they were, so QK-clip cannot lower them.
+    """
+    for name, module in block.module.named_modules():
+        if name.rpartition(".")[2] in QK_NORM_NAMES and not isinstance(module, nn.Identity):
+            return f"{block.name}.{name}"
+    return None
+
+
+def _check_clippable(block: Block) -> None:
+    """``ValueError`` when rescaling ``block``'s W_Q/W_K cannot lower its logits (a qk-norm after them)."""
+    norm = qk_norm(block)
+    if norm is not None:
+        raise ValueError(
+            f"{norm!r} normalizes the queries or keys after their projection (qk-norm): rescaling "
+            "W_Q/W_K cannot lower the logits, so QK-clip does not change the block (lower the "
+            "learning rate, or the norm's gain, instead)"
+        )
+
+
 def qk_clip_factors(max_logits: Sequence[float], tau: float) -> list[float]:
     """``η_h = min(1, τ/S_h)`` per head (1 for a non-finite or non-positive ``S_h``).
 
@@ -71,6 +111,11 @@ def qk_clip_factors(max_logits: Sequence[float], tau: float) -> list[float]:
         [0.6666666666666666, 1.0]
     """
     return [tau / s if math.isfinite(s) and s > tau else 1.0 for s in max_logits]
+
+
+def _as_values(maxima: Tensor) -> list[float]:
+    """Per-head maxima as floats, NaN as 0 (a head with NaN logits is left alone)."""
+    return [float(v) for v in maxima.nan_to_num(nan=0.0, posinf=math.inf).tolist()]
 
 
 def _head_rows(t: Tensor, n_heads: int) -> list[Tensor]:
@@ -130,7 +175,12 @@ def clip_block_qk(
     """QK-clip every query/key projection of ``block``; ``{projection name: heads rescaled}``.
 
     ``max_logits`` holds ``S_h`` per head (or one value applied to every head).
+
+    Raises:
+        ValueError: when a weight cannot be rescaled in place (:func:`qk_params`), or when a
+            qk-norm after the projections makes the rescaling useless (:func:`qk_norm`).
     """
+    _check_clippable(block)
     factors = qk_clip_factors(max_logits, tau)
     resolved = [qk_params(block, proj) for proj in block.qk]  # all resolved before any is changed
     return {params.name: qk_clip_(params, factors, alpha) for params in resolved}
@@ -182,11 +232,12 @@ class QKClip:
         """Watch the block's training forwards, so that :meth:`clip_watched` can clip after every step.
 
         Raises:
-            ValueError: when the block's query/key weights cannot be rescaled in place (checked
-                now, not at the first step).
+            ValueError: when the block's query/key weights cannot be rescaled in place, or a
+                qk-norm makes rescaling them useless (checked now, not at the first step).
         """
         if self._watch is not None:
             return
+        _check_clippable(self.block)
         for proj in self.block.qk:
             qk_params(self.block, proj)
         if not self.block.qk:
@@ -199,7 +250,7 @@ class QKClip:
         self._stack.close()
 
     def clip_watched(
-        self, reduce: Callable[[Tensor | None], Tensor | None] | None = None
+        self, reduce: Callable[[dict[str, Tensor]], Mapping[str, Tensor] | Tensor | None] | None = None
     ) -> tuple[list[float], dict[str, list[int]]] | None:
         """Clip by the per-head maxima of the training forwards since the last call (MuonClip's schedule).
 
@@ -207,31 +258,57 @@ class QKClip:
         the clip applies to the weights the step produced.
 
         Args:
-            reduce: combines the maxima across processes before they are used (a maximum over
-                DDP ranks, so that every rank clips alike); every process must call it.
+            reduce: combines the maxima (per attention, :meth:`HeadLogitWatch.take_each`) across
+                processes before they are used (a maximum over DDP ranks, so that every rank clips
+                alike); every process must call it.
 
         Returns:
             As :meth:`clip_by`.
         """
         if self._watch is None:
             return None
-        maxima = self._watch.take()
+        maxima = self._watch.take_each()
         return self.clip_by(reduce(maxima) if reduce is not None else maxima)
 
-    def clip_by(self, maxima: Tensor | None) -> tuple[list[float], dict[str, list[int]]] | None:
+    def clip_by(
+        self, maxima: Mapping[str, Tensor] | Tensor | None
+    ) -> tuple[list[float], dict[str, list[int]]] | None:
         """Clip the heads whose watched maximum ``S_h`` passed ``τ`` (NaN or inf: left alone).
 
+        Args:
+            maxima: per-head maxima ``(H,)``, or per attention of the block (keyed by the name,
+                inside the block, of the module making the attention call:
+                :meth:`HeadLogitWatch.take_each`); then each query/key projection is clipped by the
+                maxima of the attention it belongs to (a decoder block's self- and
+                cross-attention each by its own), or by their maximum when none matches.
+
         Returns:
-            ``(maxima, {projection: heads rescaled})``, or ``None`` when there is no finite maximum
-            (no training forward watched, or a failed watch: see ``watch.error``).
+            ``(maxima, {projection: heads rescaled})`` (``maxima``: over the block's attentions),
+            or ``None`` when there is no finite maximum (no training forward watched, or a failed
+            watch: see ``watch.error``).
+
+        Raises:
+            ValueError: as :func:`clip_block_qk`.
         """
-        if maxima is None or not bool(torch.isfinite(maxima).any()):
+        each = dict(maxima) if isinstance(maxima, Mapping) else {}
+        top = torch.stack(list(each.values())).amax(dim=0) if each else maxima
+        if not isinstance(top, Tensor) or not bool(torch.isfinite(top).any()):
             return None
-        values = [float(v) for v in maxima.nan_to_num(nan=0.0, posinf=math.inf).tolist()]
-        clipped = clip_block_qk(self.block, values, self.tau, self.alpha)
+        values = _as_values(top)
+        _check_clippable(self.block)
+        resolved = [(qk_params(self.block, p), self._own_maxima(p.name, each, values)) for p in self.block.qk]
+        clipped = {p.name: qk_clip_(p, qk_clip_factors(heads, self.tau), self.alpha) for p, heads in resolved}
         if any(clipped.values()):
             self.watched_clips += 1
         return values, clipped
+
+    def _own_maxima(self, proj: str, each: Mapping[str, Tensor], values: list[float]) -> list[float]:
+        """The maxima of the attention whose module holds projection ``proj``, else ``values`` (all)."""
+        inside = proj.removeprefix(self.block.name + ".")
+        owners = [name for name in each if name and (inside == name or inside.startswith(name + "."))]
+        if len(each) < 2 or not owners:
+            return values
+        return _as_values(each[max(owners, key=len)])
 
     def restore(self) -> None:
         """Nothing to undo in the weights (QK-clip changes them for good); stops watching."""
