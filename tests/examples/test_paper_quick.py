@@ -102,3 +102,22 @@ def test_exp3_quick_matched_control_and_bumps(tmp_path: Path, common: ModuleType
     md = (tmp_path / "exp3.md").read_text()
     assert "ours, not in the paper" in md and math.isfinite(exp3.tail_means(ours_int, 10)[0])
     _tables_rebuild_from_the_summary_alone(exp3, tmp_path, "exp3")
+
+
+@pytest.mark.parametrize(
+    ("script", "name", "extra"),
+    [
+        ("exp1_cross_precision", "exp1", []),
+        ("exp2_forecasting", "exp2", []),
+        ("exp3_ln_eps", "exp3", ["--configs", "ours", "--name", "exp3"]),
+        ("exp3_ln_eps", "exp3_paper", ["--configs", "paper", "--name", "exp3_paper"]),
+    ],
+)
+def test_committed_tables_are_the_committed_summaries_rendered(
+    tmp_path: Path, script: str, name: str, extra: list[str]
+) -> None:
+    """Each committed table (shown in docs/REPRODUCTION.md) is what its committed summary renders to."""
+    results = PAPER_DIR / "results"
+    (tmp_path / f"{name}_summary.json").write_text((results / f"{name}_summary.json").read_text())
+    _load(script).main(["--tables_only", "--out", str(tmp_path), *extra])
+    assert (tmp_path / f"{name}.md").read_text() == (results / f"{name}.md").read_text()
