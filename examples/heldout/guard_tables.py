@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from heldout.tables import markdown_table
+
 
 def _range(d: dict[str, float] | None, pct: bool = True) -> str:
     if d is None:
@@ -65,15 +67,14 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "fail runs with the unguarded loss",
         "controls: actions, identical loss, Δ final loss, wall ratio (separate runs: noisy)",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     variants = summary["variants"]
     scenarios = list(dict.fromkeys(sc for per in variants.values() for sc in per))
-    for scenario in scenarios:
-        for variant in (v for v in variants if scenario in variants[v]):
-            lines.append(
-                "| " + " | ".join(_summary_cells(variant, scenario, variants[variant][scenario])) + " |"
-            )
-    return "\n".join(lines)
+    rows = [
+        _summary_cells(variant, scenario, variants[variant][scenario])
+        for scenario in scenarios
+        for variant in (v for v in variants if scenario in variants[v])
+    ]
+    return markdown_table(head, rows)
 
 
 def seeds_markdown(summary: dict[str, Any]) -> str:
@@ -87,7 +88,7 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
         "event unguarded → guarded",
         "guard actions",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for variant, per in summary["variants"].items():
         for scenario, d in per.items():
             for r in d["rows"]:
@@ -100,11 +101,9 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
                     for e in (r["event"], r["guarded_event"])
                 )
                 acts = ", ".join(f"{k} {v}" for k, v in r["actions"].items() if v) or "none"
-                lines.append(
-                    f"| {variant} | {scenario} | {r['seed']} | {f['fail']:.3f} / {f['guarded']:.3f} / "
-                    f"{f['control']:.3f} | {closed} | {ev} | {acts} |"
-                )
-    return "\n".join(lines)
+                finals = f"{f['fail']:.3f} / {f['guarded']:.3f} / {f['control']:.3f}"
+                rows.append([variant, scenario, str(r["seed"]), finals, closed, ev, acts])
+    return markdown_table(head, rows)
 
 
 def guard_markdown(summary: dict[str, Any]) -> str:

@@ -20,6 +20,12 @@ def _lead_cell(d: dict[str, Any]) -> str:
     return text
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A GitHub Markdown table of ``rows`` under ``head``."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def _events(row: dict[str, Any]) -> str:
     ev = row["events"]
     parts = [f"{e['step']} ({e['kind']})" if e else "—" for e in ev]
@@ -30,7 +36,7 @@ def scenario_markdown(summary: dict[str, Any]) -> str:
     """Per scenario: events per seed, then per rule the lead on the failing arms and control firings."""
     rules = list(summary["false_alarms"])
     head = ["scenario (what-if)", "events, seeds 0–4 (step, kind)", "control events", *rules]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for row in summary["scenarios"]:
         ctrl_ev = [e for e in row["control_events"] if e]
         cells = [
@@ -44,8 +50,8 @@ def scenario_markdown(summary: dict[str, Any]) -> str:
             quiet = d["fail_without_event_firing"]
             extra = f"; fired on {sum(x > 0 for x in quiet)}/{len(quiet)} no-event fail runs" if quiet else ""
             cells.append(f"{_lead_cell(d['fail'])}{extra}; {ctrl}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def peaks_markdown(summary: dict[str, Any]) -> str:
@@ -56,15 +62,15 @@ def peaks_markdown(summary: dict[str, Any]) -> str:
         "min FP16 headroom (bits) fail / ctrl",
         "min ρ_LN fail / ctrl",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for row in summary["scenarios"]:
         cells = [row["scenario"]]
         for key in ("attn_logit_max", "fp16_headroom", "rho_ln"):
             f = _median([p[key] for p in row["peaks_fail"]])
             c = _median([p[key] for p in row["peaks_control"]])
             cells.append(f"{f:.3g} / {c:.3g}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def _median(xs: list[float]) -> float:
