@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from tests.scripts import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "examples" / "benchmarks"
 VARIANTS = {"fp32", "fp8_current", "fp8_delayed", "fp8_mxfp8", "fp8_current_no_error", "fp8_mxfp8_attention"}
@@ -25,11 +24,7 @@ def check(result: dict) -> None:  # type: ignore[type-arg]
 
 @pytest.mark.timeout(240)
 def test_bench_fp8_quick(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_fp8", BENCH / "bench_fp8.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_fp8", module)
-    spec.loader.exec_module(module)
+    module = load_script(BENCH / "bench_fp8.py")
     out = tmp_path / "bench.json"
     result = module.main(["--quick", "--reps", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))

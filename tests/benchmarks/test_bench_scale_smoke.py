@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from tests.scripts import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "examples" / "benchmarks"
 
@@ -19,12 +19,7 @@ BENCH = Path(__file__).resolve().parents[2] / "examples" / "benchmarks"
 def _load(name: str) -> ModuleType:
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH / f"{name}.py")
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tests.conftest import MemoryLogger, TinyTransformer, make_loader, trainer_kwargs
+from tests.scripts import load_script
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
@@ -463,13 +464,8 @@ def test_ddp_two_processes_take_the_same_action(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ benchmark
 @pytest.mark.timeout(240)
 def test_bench_guard_quick_runs(tmp_path: Path) -> None:
-    import importlib.util
-
     script = Path(__file__).resolve().parents[2] / "examples" / "benchmarks" / "bench_guard.py"
-    spec = importlib.util.spec_from_file_location("bench_guard", script)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(script)
     out = tmp_path / "guard.json"
     result = bench.main(["--quick", "--reps", "1", "--out", str(out)])
     assert json.loads(out.read_text())["ratios"] == result["ratios"]

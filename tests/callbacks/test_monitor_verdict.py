@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from tests.conftest import TinyTransformer, make_loader, trainer_kwargs
+from tests.scripts import load_script
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stability import StabilityMonitor
@@ -143,11 +143,7 @@ def _example_llama() -> type[LightningModule]:
     """The Llama of ``examples/rules/llama_at_init.py`` (the same model its report was made with)."""
     pytest.importorskip("transformers")
     path = Path(__file__).resolve().parents[2] / "examples" / "rules" / "llama_at_init.py"
-    spec = importlib.util.spec_from_file_location("llama_at_init", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Llama  # type: ignore[no-any-return]
+    return load_script(path).Llama  # type: ignore[no-any-return]
 
 
 @pytest.mark.timeout(600)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,11 +27,7 @@ def test_site_builds_strict(tmp_path: Path) -> None:
 
 def test_docstrings_read_as_markdown_on_the_site() -> None:
     path = ROOT / "scripts" / "griffe_docstrings.py"
-    spec = importlib.util.spec_from_file_location("griffe_docstrings", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    md = module.markdown_docstring
+    md = load_script(path).markdown_docstring
     assert md("See :class:`~a.b.C` and :func:`f`.") == "See `C` and `f`."
     assert md("Example:\n    >>> 1\n    1") == "Examples:\n    >>> 1\n    1"
     assert md("Usage::\n\n    run()") == "Usage:\n\n    run()"
