@@ -109,7 +109,7 @@ class HeadLogitWatch(HookContext):
         once recording failed (never a stale number: see :attr:`error`).
         """
         out, self._max, self.forwards = self._max, {}, 0
-        return {} if self.error is not None else out
+        return {} if self.error is not None else {name: m.cpu() for name, m in out.items()}
 
     def take(self) -> Tensor | None:
         """The per-head maxima ``(H,)`` over every attention since the last take, then reset.
@@ -153,7 +153,7 @@ class HeadLogitWatch(HookContext):
         if self.error is not None:
             return
         try:
-            heads = call_head_logit_max(call).cpu()
+            heads = call_head_logit_max(call)  # kept on its device: one copy to the host per take
         except Exception as err:  # an observer never breaks the forward
             self.error = f"{type(err).__name__}: {err}"
             return
