@@ -217,7 +217,9 @@ def _exchange(trainer: Trainer, clips: list[QKClip]) -> tuple[list[Maxima | None
         return maxima, failures
     sizes = [0 if m is None else sum(t.numel() for t in m.values()) for m in maxima]
     status = [_FAILED if f is not None else n for n, f in zip(sizes, failures, strict=True)]
-    every = trainer.strategy.all_gather(torch.tensor(status, dtype=torch.int64)).reshape(-1, len(clips)).cpu()
+    device = trainer.strategy.root_device  # NCCL gathers tensors of the process's device only
+    every = trainer.strategy.all_gather(torch.tensor(status, dtype=torch.int64, device=device))
+    every = every.reshape(-1, len(clips)).cpu()
     failures = [
         failures[j] or ("failed on another process" if bool((every[:, j] == _FAILED).any()) else None)
         for j in range(len(clips))
@@ -229,7 +231,7 @@ def _exchange(trainer: Trainer, clips: list[QKClip]) -> tuple[list[Maxima | None
     parts = [m[k].double() for m, ok in zip(maxima, agreed, strict=True) if ok and m for k in sorted(m)]
     if not parts:
         return [None] * len(clips), failures
-    flat = torch.cat(parts)
+    flat = torch.cat(parts).to(device)
     reduced = trainer.strategy.all_gather(flat).reshape(-1, flat.numel()).cpu().amax(dim=0)
     out: list[Maxima | None] = []
     offset = 0
